@@ -1,0 +1,53 @@
+"""The HTTP service: ``create_app(settings)`` builds a FastAPI app around a :class:`Runtime`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from broker import __version__
+from broker.api.errors import install_error_handlers
+from broker.api.routes import health, ledger, token, wellknown
+from broker.clock import Clock
+from broker.config import Settings
+from broker.runtime import Runtime
+
+__all__ = ["SETTINGS_ENV", "app_from_environment", "create_app"]
+
+# `nhi-broker serve` hands the exact settings to every uvicorn worker process through this variable.
+SETTINGS_ENV = "NHI_BROKER_SETTINGS_JSON"
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clock | None = None) -> FastAPI:
+    """A FastAPI app for ``settings``; the runtime is opened in the lifespan unless given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = runtime is None
+        app.state.runtime = runtime if runtime is not None else Runtime.open(settings, clock=clock)
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.runtime.close()
+
+    app = FastAPI(
+        title="nhi-broker",
+        version=__version__,
+        summary="Workload identity and ephemeral credential broker for AI assistants",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(token.router)
+    app.include_router(wellknown.router)
+    app.include_router(ledger.router)
+    app.include_router(health.router)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn factory for worker processes: settings come from ``$NHI_BROKER_SETTINGS_JSON``."""
+    return create_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]))

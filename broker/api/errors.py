@@ -1,0 +1,54 @@
+"""The one place where errors become HTTP responses (RFC 6749 §5.2 JSON, never a stack trace)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker.errors import BrokerError
+
+__all__ = ["NO_STORE", "error_response", "install_error_handlers"]
+
+log = logging.getLogger("nhi_broker.api")
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request", 415: "invalid_request"}
+
+
+def error_response(status: int, error: str, description: str) -> JSONResponse:
+    """An RFC 6749 §5.2 error body with ``no-store`` caching."""
+    return JSONResponse({"error": error, "error_description": description}, status_code=status, headers=NO_STORE)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to a precise JSON error; unexpected ones to a bare 500."""
+
+    @app.exception_handler(BrokerError)
+    async def _broker_error(request: Request, exc: BrokerError) -> JSONResponse:
+        headers = dict(NO_STORE)
+        if exc.status == 503:
+            headers["Retry-After"] = "1"
+        return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body", "path"))
+        message = str(first.get("msg", "invalid value"))
+        return error_response(400, "invalid_request", f"{where}: {message}" if where else message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "server_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Log the type only: exception text may carry request data.
+        log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return error_response(500, "server_error", "internal error; nothing was issued")

@@ -1,0 +1,167 @@
+"""``POST /v1/token``: RFC 8693 token exchange with RFC 9396 intents.
+
+The form body is parsed here, not by a generic form library, so that every malformed input gets its
+own precise error: wrong media type (415), oversized body (413), undecodable or repeated parameters
+(RFC 6749 §3.2: parameters MUST NOT be included more than once), unknown grant types.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from broker.api.deps import RuntimeDep
+from broker.api.errors import NO_STORE
+from broker.errors import (
+    InvalidRequest,
+    InvalidTarget,
+    RequestTooLarge,
+    UnsupportedGrantType,
+    UnsupportedMediaType,
+)
+from broker.intent import parse_authorization_details
+from broker.mint.jwt import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE
+from broker.pipeline import ExchangeRequest
+
+__all__ = ["TOKEN_EXCHANGE_GRANT", "router"]
+
+router = APIRouter()
+
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+_ISSUABLE = {ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE}
+_MAX_FIELDS = 32
+_UNSUPPORTED_PARAMS = {
+    "actor_token": "actor_token is not supported; the subject token is the workload identity",
+    "actor_token_type": "actor_token is not supported; the subject token is the workload identity",
+}
+
+_FORM_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "required": ["grant_type", "subject_token", "subject_token_type", "audience",
+                                 "authorization_details"],
+                    "properties": {
+                        "grant_type": {"type": "string", "enum": [TOKEN_EXCHANGE_GRANT]},
+                        "subject_token": {"type": "string", "description": "The workload identity JWT."},
+                        "subject_token_type": {
+                            "type": "string",
+                            "enum": ["urn:ietf:params:oauth:token-type:jwt",
+                                     "urn:ietf:params:oauth:token-type:id_token"],
+                        },
+                        "audience": {"type": "string", "description": "The target service."},
+                        "authorization_details": {
+                            "type": "string",
+                            "description": 'JSON array with one {"type":"intent","action","resource","context"}.',
+                        },
+                        "requested_token_type": {"type": "string", "enum": sorted(_ISSUABLE)},
+                        "scope": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequest("Content-Length is not a number")
+        if int(declared) > limit:
+            raise RequestTooLarge(f"request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLarge(f"request body is larger than {limit} bytes")
+    return bytes(body)
+
+
+def _parse_form(content_type: str, body: bytes) -> dict[str, str]:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType("the token endpoint takes application/x-www-form-urlencoded")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not UTF-8") from None
+    if not text:
+        raise InvalidRequest("request body is empty")
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=_MAX_FIELDS,
+                          errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest("a form parameter is not UTF-8 after percent-decoding") from None
+    except ValueError:
+        raise InvalidRequest("request body is not a valid form encoding") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            raise InvalidRequest(f"parameter {name[:40]!r} is repeated")
+        form[name] = value
+    return form
+
+
+def _required(form: dict[str, str], name: str) -> str:
+    value = form.get(name)
+    if not value:
+        raise InvalidRequest(f"{name} is required")
+    return value
+
+
+def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
+    grant_type = _required(form, "grant_type")
+    if grant_type != TOKEN_EXCHANGE_GRANT:
+        raise UnsupportedGrantType(f"grant_type must be {TOKEN_EXCHANGE_GRANT}")
+    for name, why in _UNSUPPORTED_PARAMS.items():
+        if name in form:
+            raise InvalidRequest(why)
+    subject_token = _required(form, "subject_token")
+    subject_token_type = _required(form, "subject_token_type")
+    audience = _required(form, "audience")
+    if len(audience) > 256 or not audience.isprintable() or " " in audience:
+        raise InvalidTarget("audience must be one service name without spaces")
+    requested = form.get("requested_token_type")
+    if requested is not None and requested not in _ISSUABLE:
+        raise InvalidTarget("requested_token_type is not one this broker issues")
+    intent = parse_authorization_details(form.get("authorization_details"))
+    return ExchangeRequest(
+        subject_token=subject_token,
+        subject_token_type=subject_token_type,
+        audience=audience,
+        intent=intent,
+        request_id=request_id,
+    )
+
+
+@router.post(
+    "/v1/token",
+    openapi_extra=_FORM_SCHEMA,
+    summary="Exchange a workload identity and an intent for a task token (RFC 8693, RFC 9396)",
+    responses={400: {"description": "RFC 6749 error"}, 403: {"description": "access_denied"},
+               503: {"description": "a backend is unavailable; nothing was issued"}},
+)
+async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    """RFC 8693 token exchange. Answers the RFC 8693 §2.2.1 response plus the ledger receipt."""
+    request_id = uuid.uuid4().hex
+    body = await _read_body(request, runtime.settings.max_body_bytes)
+    form = _parse_form(request.headers.get("content-type", ""), body)
+    issued = await runtime.broker.exchange(_exchange_request(form, request_id))
+    payload = {
+        "access_token": issued.access_token,
+        "issued_token_type": issued.issued_token_type,
+        "token_type": issued.token_type,
+        "expires_in": issued.expires_in,
+        "authorization_details": [issued.grant.intent.to_json()],
+        "receipt": {"index": issued.receipt.index, "leaf_hash": issued.receipt.leaf_hash},
+    }
+    return JSONResponse(payload, headers={**NO_STORE, "X-Request-Id": request_id})

@@ -1,0 +1,41 @@
+"""Discovery: the JWKS (RFC 7517) and authorization-server metadata (RFC 8414)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from broker.api.deps import RuntimeDep
+from broker.api.routes.token import TOKEN_EXCHANGE_GRANT
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/.well-known/jwks.json", summary="Public keys that verify task tokens (kid = RFC 7638 thumbprint)")
+def jwks(runtime: RuntimeDep) -> JSONResponse:
+    return JSONResponse(runtime.keys.jwks(), headers={"Cache-Control": "public, max-age=300"})
+
+
+@router.get("/.well-known/oauth-authorization-server", summary="RFC 8414 authorization server metadata")
+def metadata(runtime: RuntimeDep) -> dict[str, Any]:
+    base = runtime.settings.issuer_url
+    return {
+        "issuer": base,
+        "token_endpoint": f"{base}/v1/token",
+        "jwks_uri": f"{base}/.well-known/jwks.json",
+        "grant_types_supported": [TOKEN_EXCHANGE_GRANT],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "authorization_details_types_supported": ["intent"],
+        "response_types_supported": [],
+        "token_endpoint_auth_signing_alg_values_supported": [runtime.keys.alg],
+        "subject_token_types_supported": [
+            "urn:ietf:params:oauth:token-type:jwt",
+            "urn:ietf:params:oauth:token-type:id_token",
+        ],
+        "ledger_checkpoint_endpoint": f"{base}/v1/ledger/checkpoint",
+        "ledger_verifier_key": runtime.ledger_verifier_key,
+    }

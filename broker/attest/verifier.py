@@ -1,0 +1,415 @@
+"""Workload attestation: a subject token in, a :class:`~broker.models.WorkloadIdentity` out, or an error.
+
+:meth:`Attestor.verify` is the only way the broker obtains a ``WorkloadIdentity``. It runs the
+numbered steps below in order and raises at the first failure:
+
+- :class:`~broker.errors.InvalidRequest` for an unsupported ``subject_token_type`` (RFC 8693 §2.2.2);
+- :class:`~broker.errors.AttestationError` (``invalid_grant``) for every token that does not prove an
+  identity, with a precise description that never contains the token;
+- :class:`~broker.errors.ReplayDetected` for a single-use token presented again;
+- :class:`~broker.errors.TemporarilyUnavailable` when the issuer's keys or the replay store cannot be
+  reached (fail closed: 503, never an allow).
+
+pyjwt checks the signature, ``iss``, ``aud`` and required claims in one call; it is not trusted with
+the rest (see DESIGN "Library notes"): claim types, time (pyjwt reads the wall clock, we use the
+injected :class:`~broker.clock.Clock`), lifetime, duplicate names, ``typ`` and size are checked here,
+inside the same private function, so no caller can skip them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from broker.attest.issuers import ALLOWED_ALGORITHMS, IssuerConfig
+from broker.attest.jwks import JwksSource
+from broker.attest.spiffe import SpiffeId, parse_spiffe_id
+from broker.attest.template import SpiffeIdTemplate, TemplateError
+from broker.clock import Clock
+from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
+from broker.models import WorkloadIdentity
+from broker.store.base import StateStore
+
+__all__ = ["JTI_NAMESPACE", "SUBJECT_TOKEN_TYPES", "Attestor"]
+
+logger = logging.getLogger(__name__)
+
+SUBJECT_TOKEN_TYPES = frozenset(
+    {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
+)
+#: The replay-store namespace of identity token ``jti`` values.
+JTI_NAMESPACE = "identity-jti"
+
+_DEFAULT_MAX_TOKEN_BYTES = 8192
+# Compact JWS (RFC 7515 §7.1): three non-empty base64url parts without padding.
+_COMPACT_JWS_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# Header parameters that would make the token choose its own key, or change how it is processed.
+_REFUSED_HEADER_PARAMS = ("crit", "jku", "x5u", "jwk", "x5c", "b64", "zip", "enc", "cty")
+# RFC 7515 §4.1.9: "JWT" or "JOSE", optionally with the "application/" prefix; compared case-insensitively.
+_ACCEPTED_TYP = frozenset({"jwt", "jose", "application/jwt", "application/jose"})
+_KID_RE = re.compile(r"[\x20-\x7e]{1,256}")
+_JTI_RE = re.compile(r"[\x21-\x7e]{1,256}")
+_SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
+_MAX_NUMERIC_DATE = 2**53
+# Kubernetes names: a namespace is an RFC 1123 label, a service account an RFC 1123 subdomain.
+_K8S_LABEL_RE = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_K8S_SUBDOMAIN_RE = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+)
+_K8S_UID_RE = re.compile(r"[A-Za-z0-9-]{1,128}")
+
+
+def _printable(name: Any) -> str:
+    """``name`` for an error description if it is a short plain identifier, else a placeholder.
+
+    Names come from the token (claim names, ``alg``): echo only what cannot smuggle content.
+    """
+    return name if isinstance(name, str) and _SAFE_NAME_RE.fullmatch(name) else "(unprintable)"
+
+
+class _Duplicate(Exception):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _Duplicate(name)
+        out[name] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _b64url_segment(segment: str) -> bytes | None:
+    """Decode one base64url segment, or ``None`` if it is not canonical unpadded base64url."""
+    if len(segment) % 4 == 1:
+        return None
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
+        return None
+    return raw
+
+
+def _json_object(segment: str, what: str, dup_label: str) -> dict[str, Any]:
+    raw = _b64url_segment(segment)
+    if raw is None:
+        raise AttestationError(f"subject_token {what} is not base64url")
+    try:
+        value = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+        )
+    except _Duplicate as dup:
+        raise AttestationError(f"duplicate {dup_label} '{_printable(dup.name)}'") from None
+    except UnicodeDecodeError:
+        raise AttestationError(f"subject_token {what} is not UTF-8") from None
+    except RecursionError:
+        raise AttestationError(f"subject_token {what} is nested too deeply") from None
+    except ValueError:
+        raise AttestationError(f"subject_token {what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise AttestationError(f"subject_token {what} is not a JSON object")
+    return value
+
+
+def _peek_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The token's header and claims, parsed strictly but NOT verified: use only to pick issuer and key."""
+    header_segment, payload_segment, signature_segment = token.split(".")
+    _unverified_header = _json_object(header_segment, "header", "header parameter")
+    _unverified_claims = _json_object(payload_segment, "payload", "claim")
+    if _b64url_segment(signature_segment) is None:
+        raise AttestationError("subject_token signature is not base64url")
+    return _unverified_header, _unverified_claims
+
+
+@contextmanager
+def _pyjwt_errors() -> Iterator[None]:
+    """The one place pyjwt exceptions become broker errors (most specific first)."""
+    try:
+        yield
+    except jwt.exceptions.InvalidSignatureError:
+        raise AttestationError("signature verification failed") from None
+    except jwt.exceptions.ExpiredSignatureError:
+        raise AttestationError("subject_token has expired") from None
+    except jwt.exceptions.ImmatureSignatureError:
+        raise AttestationError("subject_token is not yet valid") from None
+    except jwt.exceptions.InvalidAudienceError:
+        raise AttestationError("audience mismatch") from None
+    except jwt.exceptions.InvalidIssuerError:
+        raise AttestationError("issuer mismatch") from None
+    except jwt.exceptions.MissingRequiredClaimError as exc:
+        raise AttestationError(f"missing required claim '{_printable(exc.claim)}'") from None
+    except jwt.exceptions.InvalidAlgorithmError:
+        raise AttestationError("algorithm is not allowed") from None
+    except jwt.exceptions.InvalidSubjectError:
+        raise AttestationError("claim 'sub' must be a string") from None
+    except jwt.exceptions.InvalidJTIError:
+        raise AttestationError("claim 'jti' must be a string") from None
+    except jwt.exceptions.InvalidKeyError:
+        raise AttestationError("issuer key is unusable") from None
+    except jwt.exceptions.DecodeError:
+        raise AttestationError("subject_token is malformed") from None
+    except jwt.exceptions.PyJWTError:
+        raise AttestationError("subject_token is invalid") from None
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> int:
+    # pyjwt would take "1700000000", 1e20 or True here; a NumericDate is a JSON integer for us.
+    value = claims[name]
+    if type(value) is not int or not 0 <= value <= _MAX_NUMERIC_DATE:
+        raise AttestationError(f"claim '{name}' must be an integer NumericDate")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Issuer:
+    config: IssuerConfig
+    keys: JwksSource
+    template: SpiffeIdTemplate | None
+
+
+class Attestor:
+    """Verifies subject tokens from a fixed allow-list of issuers.
+
+    ``replay`` records single-use ``jti`` values; ``clock`` is the only source of time;
+    ``jwks_sources`` maps an issuer string to its key source (required for ``dev`` issuers without a
+    JWKS location; otherwise built from the config). Sources built here are closed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        issuers: Sequence[IssuerConfig],
+        replay: StateStore,
+        clock: Clock,
+        *,
+        max_token_bytes: int = _DEFAULT_MAX_TOKEN_BYTES,
+        jwks_sources: Mapping[str, JwksSource] | None = None,
+    ) -> None:
+        if not 1024 <= max_token_bytes <= 65536:
+            raise ConfigError("max_token_bytes must be 1024..65536")
+        given = dict(jwks_sources or {})
+        self._owned: list[JwksSource] = []
+        self._issuers: dict[str, _Issuer] = {}
+        for config in issuers:
+            if config.issuer in self._issuers:
+                raise ConfigError(f"issuer {config.issuer!r} is configured twice")
+            source = given.pop(config.issuer, None)
+            if source is None:
+                source = JwksSource.for_issuer(config, clock)
+                self._owned.append(source)
+            if config.kind == "dev":
+                logger.warning(
+                    "dev issuer %r is trusted: for trials only, never in production", config.issuer
+                )
+            self._issuers[config.issuer] = _Issuer(config, source, config.compiled_template())
+        if given:
+            raise ConfigError(f"JWKS sources given for unconfigured issuers: {sorted(given)!r}")
+        self._replay = replay
+        self._clock = clock
+        self._max_token_bytes = max_token_bytes
+
+    def close(self) -> None:
+        """Release the HTTP clients of the key sources this attestor built."""
+        for source in self._owned:
+            source.close()
+
+    def verify(self, subject_token: str, subject_token_type: str) -> WorkloadIdentity:
+        """Verify ``subject_token`` and return the workload identity it proves (see module docstring)."""
+        # (1) Only JWT-shaped subject tokens are supported (RFC 8693 §3 type URIs).
+        if subject_token_type not in SUBJECT_TOKEN_TYPES:
+            raise InvalidRequest(
+                "unsupported subject_token_type: use urn:ietf:params:oauth:token-type:jwt or "
+                "urn:ietf:params:oauth:token-type:id_token"
+            )
+        if not isinstance(subject_token, str):
+            raise InvalidRequest("subject_token must be a string")
+
+        # (2) Size cap before any decoding (characters first, so a huge string is never encoded).
+        if len(subject_token) > self._max_token_bytes or (
+            len(subject_token.encode("utf-8", "surrogatepass")) > self._max_token_bytes
+        ):
+            raise AttestationError(f"subject_token exceeds {self._max_token_bytes} bytes")
+
+        # (3) Compact JWS: three non-empty unpadded base64url parts, nothing else (no whitespace).
+        if _COMPACT_JWS_RE.fullmatch(subject_token) is None:
+            raise AttestationError("subject_token is not a compact JWS")
+
+        # (4) Peek at header and claims (strict JSON, no duplicate names) to choose issuer and key.
+        _unverified_header, _unverified_claims = _peek_unverified(subject_token)
+        alg = self._check_header(_unverified_header)
+
+        # (5) The issuer must be on the allow-list, and allow this algorithm.
+        unverified_iss = _unverified_claims.get("iss")
+        if unverified_iss is None:
+            raise AttestationError("missing required claim 'iss'")
+        if not isinstance(unverified_iss, str):
+            raise AttestationError("claim 'iss' must be a string")
+        issuer = self._issuers.get(unverified_iss)
+        if issuer is None:
+            raise AttestationError("unknown issuer")
+        cfg = issuer.config
+        if alg not in cfg.algorithms:
+            raise AttestationError(f"algorithm {alg} is not allowed for this issuer")
+
+        # (6) The issuer's key named by kid (a one-key JWKS may be used without kid), fit for alg.
+        key = issuer.keys.get_key(_unverified_header.get("kid"))
+        key.check_algorithm(alg)
+
+        # (7)+(8) Signature, iss, aud, required claims; then types, time and lifetime.
+        claims = self._decode(subject_token, key.key, alg, cfg)
+        exp = claims["exp"]
+        sub = claims["sub"]
+
+        # (9) Subject -> SPIFFE ID, by issuer kind.
+        spiffe_id = self._spiffe_id(issuer, claims)
+
+        # (10) Single use: the jti is consumed last, so a token refused above is not burnt.
+        jti = claims.get("jti")
+        if jti is None:
+            if cfg.require_jti:
+                raise AttestationError("missing required claim 'jti'")
+        elif not isinstance(jti, str) or _JTI_RE.fullmatch(jti) is None:
+            raise AttestationError("claim 'jti' must be 1..256 printable ASCII characters")
+        if cfg.require_jti:
+            # Remember it for as long as the token could still be accepted (exp + leeway).
+            if not self._replay.consume_once(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway):
+                raise ReplayDetected("subject_token has already been used")
+
+        # (11) The identity, with a digest of the evidence (never the token itself).
+        digest = hashlib.sha256(subject_token.encode("ascii")).hexdigest()
+        return WorkloadIdentity(
+            spiffe_id=str(spiffe_id),
+            issuer=cfg.issuer,
+            method=cfg.kind,
+            subject=sub,
+            evidence_digest=f"sha256:{digest}",
+            expires_at=exp,
+            jti=jti,
+        )
+
+    @staticmethod
+    def _check_header(_unverified_header: Mapping[str, Any]) -> str:
+        alg = _unverified_header.get("alg")
+        if not isinstance(alg, str) or not alg:
+            raise AttestationError("header parameter 'alg' is missing")
+        if alg.lower() == "none":
+            raise AttestationError("algorithm none is not allowed")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise AttestationError(f"algorithm {_printable(alg)} is not allowed")
+        for name in _REFUSED_HEADER_PARAMS:
+            if name in _unverified_header:
+                raise AttestationError(f"header parameter '{name}' is not allowed")
+        typ = _unverified_header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP):
+            # E.g. "at+jwt": an access token is not a workload identity.
+            raise AttestationError("header parameter 'typ' is not accepted for a subject token")
+        kid = _unverified_header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None):
+            raise AttestationError("header parameter 'kid' must be 1..256 printable characters")
+        return alg
+
+    def _decode(self, token: str, key: Any, alg: str, cfg: IssuerConfig) -> dict[str, Any]:
+        # (7) One pyjwt call: signature with the one allow-listed alg, exact iss, our aud, required claims.
+        # pyjwt's own time checks read the wall clock, so they are off; (8) does them with self._clock.
+        with _pyjwt_errors():
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                audience=cfg.audience,
+                issuer=cfg.issuer,
+                options={
+                    "verify_signature": True,
+                    "verify_aud": True,
+                    "verify_iss": True,
+                    "verify_sub": True,
+                    "verify_jti": True,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "require": ["iss", "aud", "exp", "sub"],
+                    "strict_aud": False,
+                    "enforce_minimum_key_length": True,
+                },
+            )
+
+        # (8) Types and time, against the injected clock.
+        now = self._clock.now()
+        leeway = cfg.leeway
+        exp = _numeric_date(claims, "exp")
+        iat = _numeric_date(claims, "iat") if "iat" in claims else None
+        nbf = _numeric_date(claims, "nbf") if "nbf" in claims else None
+        if not claims["sub"]:
+            raise AttestationError("claim 'sub' is empty")
+        if now >= exp + leeway:
+            raise AttestationError("subject_token has expired")
+        if nbf is not None and nbf > now + leeway:
+            raise AttestationError("subject_token is not yet valid (nbf)")
+        if iat is not None:
+            if iat > now + leeway:
+                raise AttestationError("subject_token was issued in the future (iat)")
+            if iat > exp:
+                raise AttestationError("claim 'iat' is after 'exp'")
+            if exp - iat > cfg.max_lifetime:
+                raise AttestationError(f"token lifetime exceeds {cfg.max_lifetime} s")
+        if exp - now > cfg.max_lifetime + leeway:
+            raise AttestationError(f"token lifetime exceeds {cfg.max_lifetime} s")
+        return claims
+
+    @staticmethod
+    def _spiffe_id(issuer: _Issuer, claims: Mapping[str, Any]) -> SpiffeId:
+        cfg = issuer.config
+        sub: str = claims["sub"]
+        if cfg.kind == "kubernetes":
+            assert cfg.trust_domain is not None  # IssuerConfig requires it for this kind
+            return _kubernetes_spiffe_id(claims, sub, cfg.trust_domain)
+        if cfg.kind == "oidc":
+            assert issuer.template is not None  # IssuerConfig requires it for this kind
+            try:
+                return issuer.template.render(claims)
+            except TemplateError as exc:
+                raise AttestationError(str(exc)) from None
+        # spiffe-jwt (JWT-SVID: sub is the SPIFFE ID) and dev.
+        try:
+            spiffe_id = parse_spiffe_id(sub)
+        except ValueError as exc:
+            raise AttestationError(f"sub is not a valid SPIFFE ID: {exc}") from None
+        if cfg.trust_domain is not None and spiffe_id.trust_domain != cfg.trust_domain:
+            raise AttestationError("SPIFFE ID trust domain does not match the issuer's trust domain")
+        return spiffe_id
+
+
+def _kubernetes_spiffe_id(claims: Mapping[str, Any], sub: str, trust_domain: str) -> SpiffeId:
+    """``spiffe://<td>/ns/<namespace>/sa/<name>`` from a projected service account token."""
+    k8s = claims.get("kubernetes.io")
+    if not isinstance(k8s, dict):
+        raise AttestationError("claim 'kubernetes.io' is missing or not an object")
+    namespace = k8s.get("namespace")
+    account = k8s.get("serviceaccount")
+    if not isinstance(account, dict):
+        raise AttestationError("claim 'kubernetes.io.serviceaccount' is missing or not an object")
+    name = account.get("name")
+    uid = account.get("uid")
+    if not isinstance(namespace, str) or _K8S_LABEL_RE.fullmatch(namespace) is None:
+        raise AttestationError("claim 'kubernetes.io.namespace' is not a valid namespace")
+    if not isinstance(name, str) or _K8S_SUBDOMAIN_RE.fullmatch(name) is None:
+        raise AttestationError("claim 'kubernetes.io.serviceaccount.name' is not a valid name")
+    if not isinstance(uid, str) or _K8S_UID_RE.fullmatch(uid) is None:
+        raise AttestationError("claim 'kubernetes.io.serviceaccount.uid' is missing or invalid")
+    # The API server writes both; a token where they disagree was not made by it.
+    if sub != f"system:serviceaccount:{namespace}:{name}":
+        raise AttestationError("claim 'kubernetes.io' does not match sub")
+    return SpiffeId(trust_domain, f"/ns/{namespace}/sa/{name}")

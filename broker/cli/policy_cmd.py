@@ -1,0 +1,165 @@
+"""``nhi-broker policy test|explain|lint``: the security engineer's tools for a policy directory.
+
+Exit codes: 0 success; 1 a refused policy set, a failing test case or bad input; 2 usage errors
+(from argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from broker.errors import BrokerError, InvalidAuthorizationDetails, PolicyLoadError
+from broker.intent import parse_intent
+from broker.models import WorkloadIdentity
+from broker.policy import PolicySet, load_policies
+from broker.policy.registry import ATTESTATION_METHODS
+from broker.policy.testing import load_cases, run_policy_tests
+
+__all__ = ["register"]
+
+DEFAULT_POLICIES = Path("policies")
+
+
+def _print_refusal(exc: PolicyLoadError, out: TextIO) -> None:
+    print(
+        f"policy set refused ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):", file=out
+    )
+    for problem in exc.problems:
+        print(f"  {problem}", file=out)
+
+
+def _load(directory: Path) -> PolicySet | None:
+    try:
+        return load_policies(directory)
+    except PolicyLoadError as exc:
+        _print_refusal(exc, sys.stderr)
+        return None
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    policy_set = _load(args.policies)
+    if policy_set is None:
+        return 1
+    tests = args.policies / "tests.toml"
+    cases = 0
+    if tests.is_file():
+        try:
+            cases = len(load_cases(tests))
+        except PolicyLoadError as exc:
+            _print_refusal(exc, sys.stderr)
+            return 1
+    print(f"ok: {len(policy_set.rules)} rules, {len(policy_set.registry)} workloads, {cases} test cases")
+    print(f"version {policy_set.version}")
+    return 0
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    policy_set = _load(args.policies)
+    if policy_set is None:
+        return 1
+    try:
+        results = run_policy_tests(policy_set, args.policies / "tests.toml")
+    except PolicyLoadError as exc:
+        _print_refusal(exc, sys.stderr)
+        return 1
+    failed = 0
+    for result in results:
+        if result.passed:
+            print(f"PASS  {result.name}")
+        else:
+            failed += 1
+            print(f"FAIL  {result.name}: {result.message}  [{result.case.source}]")
+    passed = len(results) - failed
+    print(f"\n{passed} passed, {failed} failed ({policy_set.version})")
+    if not results:
+        print("no test cases: add [[case]] tables to tests.toml", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    context: Any = {}
+    if args.context is not None:
+        try:
+            context = json.loads(args.context)
+        except ValueError:
+            print("--context must be a JSON object", file=sys.stderr)
+            return 1
+    try:
+        intent = parse_intent(
+            {"type": "intent", "action": args.action, "resource": args.resource, "context": context}
+        )
+    except InvalidAuthorizationDetails as exc:
+        # The broker answers such requests before the policy runs; say so rather than explain.
+        print(f"the broker refuses this intent before policy: {exc.description}", file=sys.stderr)
+        return 1
+    policy_set = _load(args.policies)
+    if policy_set is None:
+        return 1
+    identity = WorkloadIdentity(
+        spiffe_id=args.workload,
+        issuer="nhi-broker policy explain",
+        method=args.method,
+        subject=args.workload,
+        evidence_digest="sha256:" + "0" * 64,
+        expires_at=0,
+    )
+    try:
+        workload = policy_set.resolve_workload(identity)
+    except BrokerError as exc:
+        print(f"unregistered: {exc.description}")
+        return 1
+    if args.audience not in workload.audiences:
+        print(
+            f"note: {args.audience!r} is not one of {workload.name}'s audiences "
+            f"({', '.join(workload.audiences) or 'none'}): the broker answers invalid_target before policy\n"
+        )
+    print(policy_set.explain(workload, args.audience, intent).render())
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``policy test|explain|lint`` to the ``nhi-broker`` subcommands."""
+    policy = subparsers.add_parser(
+        "policy",
+        help="test, explain and lint intent policies",
+        description="Test, explain and lint an intent-policy directory (model.conf, policy.csv, "
+        "workloads.toml, tests.toml).",
+    )
+    commands = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+
+    def add_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--policies",
+            type=Path,
+            default=DEFAULT_POLICIES,
+            metavar="DIR",
+            help="policy directory (default: ./policies)",
+        )
+
+    test = commands.add_parser("test", help="run the cases in tests.toml; exit 1 on any failure")
+    add_dir(test)
+    test.set_defaults(func=_cmd_test)
+
+    explain = commands.add_parser("explain", help="show which rule decides a request, and why")
+    explain.add_argument("--workload", required=True, metavar="SPIFFE_ID", help="the attested SPIFFE ID")
+    explain.add_argument("--audience", required=True, metavar="A", help="the requested audience")
+    explain.add_argument("--action", required=True, metavar="X", help="e.g. payments.refund")
+    explain.add_argument("--resource", required=True, metavar="R", help="e.g. customers/c-1/orders/o-9")
+    explain.add_argument("--context", metavar="JSON", help="intent context, e.g. '{\"amount\": 20}'")
+    explain.add_argument(
+        "--method",
+        default="spiffe-jwt",
+        choices=sorted(ATTESTATION_METHODS),
+        help="attestation method of the identity (default: spiffe-jwt)",
+    )
+    add_dir(explain)
+    explain.set_defaults(func=_cmd_explain)
+
+    lint = commands.add_parser("lint", help="load and validate the policy directory; print its version")
+    add_dir(lint)
+    lint.set_defaults(func=_cmd_lint)

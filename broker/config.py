@@ -1,0 +1,124 @@
+"""Broker settings: embedded defaults, a TOML file, environment overrides.
+
+Precedence, highest first: explicit arguments (the CLI's flags), ``NHI_BROKER_*`` environment
+variables (nested with ``__``), the TOML file named by ``--config`` or ``NHI_BROKER_CONFIG``, defaults.
+Settings are frozen and passed to ``create_app(settings)``; nothing reads them at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from broker.attest.issuers import IssuerConfig
+from broker.errors import ConfigError
+
+__all__ = ["CONFIG_ENV", "Settings", "load_settings"]
+
+CONFIG_ENV = "NHI_BROKER_CONFIG"
+_ORIGIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,254}")
+
+
+class Settings(BaseSettings):
+    """Everything the broker needs to run; every field has an embedded default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NHI_BROKER_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    data_dir: Path = Field(Path(".nhi-broker"), description="Keys, SQLite ledger and state live here.")
+    policies_dir: Path = Field(Path("policies"), description="Casbin model, policy lines, registry, tests.")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    public_url: str | None = Field(None, description="Issuer URL; defaults to http://host:port.")
+    audience: str = Field("nhi-broker", description="The `aud` subject tokens must carry for this broker.")
+    token_alg: Literal["ES256", "EdDSA"] = "ES256"
+    token_ttl: int = Field(300, ge=10, le=3600, description="Default task-token lifetime; rules cap it.")
+    ledger_origin: str = Field("nhi-broker.local/ledger", description="Checkpoint origin line.")
+    ledger_key_name: str | None = Field(None, description="Signed-note key name; defaults to the origin.")
+    trust: list[IssuerConfig] = Field(default_factory=list, description="Trusted workload-identity issuers.")
+    dev_issuer: bool | None = Field(
+        None, description="Trust the local trial issuer. Default: on only when `trust` is empty."
+    )
+    max_body_bytes: int = Field(65536, ge=1024, le=1048576)
+    max_subject_token_bytes: int = Field(8192, ge=1024, le=65536)
+
+    @field_validator("ledger_origin")
+    @classmethod
+    def _origin(cls, value: str) -> str:
+        if _ORIGIN_RE.fullmatch(value) is None:
+            raise ValueError("ledger_origin must be a schema-less URL-like name without spaces")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("public_url must be an http(s) URL without query or fragment")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _dev_issuer_only_without_trust(self) -> Settings:
+        if self.dev_issuer and self.trust:
+            raise ValueError("dev_issuer is for trials only and cannot be combined with configured trust")
+        return self
+
+    @property
+    def issuer_url(self) -> str:
+        """The ``iss`` of task tokens and the RFC 8414 issuer."""
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def dev_issuer_enabled(self) -> bool:
+        return self.dev_issuer if self.dev_issuer is not None else not self.trust
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get(CONFIG_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from ``config`` (or ``$NHI_BROKER_CONFIG``), the environment and ``overrides``.
+
+    Raises :class:`ConfigError` with every problem, never a traceback.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    previous = os.environ.get(CONFIG_ENV)
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"configuration file {config} does not exist")
+        os.environ[CONFIG_ENV] = str(config)
+    elif previous and not Path(previous).is_file():
+        raise ConfigError(f"configuration file {previous} (from {CONFIG_ENV}) does not exist")
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    finally:
+        if config is not None:
+            if previous is None:
+                os.environ.pop(CONFIG_ENV, None)
+            else:
+                os.environ[CONFIG_ENV] = previous

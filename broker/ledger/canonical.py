@@ -1,0 +1,79 @@
+"""Ledger leaves: one entry as RFC 8785 (JSON Canonicalization Scheme) bytes.
+
+A leaf hash commits to exact bytes, so an auditor must be able to rebuild them from the entry it
+reads. RFC 8785 fixes key order (§3.2.3, UTF-16 code units), number form (§3.2.2.3, ECMAScript),
+string escapes (§3.2.2.2) and whitespace (none). :func:`decode_entry` accepts only bytes that are
+already in that form, so one entry has exactly one leaf and therefore one leaf hash.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+import rfc8785
+
+from broker.errors import VerificationError
+
+__all__ = ["decode_entry", "encode_entry"]
+
+
+def encode_entry(entry: dict[str, Any]) -> bytes:
+    """The RFC 8785 canonical JSON of one ledger entry (a JSON object).
+
+    Raises :class:`ValueError` for anything JSON cannot carry exactly: a non-object entry,
+    non-string keys, NaN or infinite floats (RFC 8785 §3.2.2.3), integers beyond ±(2**53 - 1)
+    (I-JSON, RFC 7493 §2.2), lone surrogates, or values of other types (bytes, sets, ...).
+    """
+    if not isinstance(entry, dict):
+        raise ValueError("a ledger entry is a JSON object (dict)")
+    try:
+        return rfc8785.dumps(entry)
+    except rfc8785.CanonicalizationError as exc:
+        raise ValueError(f"entry cannot be canonicalised: {exc}") from None
+    except RecursionError:
+        raise ValueError("entry is nested too deeply") from None
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise VerificationError(f"leaf contains the non-JSON number {name}")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        # json.loads would keep the last duplicate silently; two readers could then see two
+        # different entries behind one leaf hash (RFC 8785 §3.1 requires I-JSON: unique names).
+        if key in obj:
+            raise VerificationError(f"leaf has a duplicate member name {key!r}")
+        obj[key] = value
+    return obj
+
+
+def decode_entry(data: bytes) -> dict[str, Any]:
+    """Parse a leaf back into its entry, refusing anything but canonical RFC 8785 JSON.
+
+    Raises :class:`VerificationError` for invalid UTF-8, invalid JSON, duplicate member names,
+    a non-object top level, or bytes that differ from the canonical encoding of what they parse to.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise VerificationError("a leaf is bytes")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise VerificationError("leaf is not valid UTF-8") from None
+    try:
+        entry = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise VerificationError(f"leaf is not valid JSON ({exc.msg} at offset {exc.pos})") from None
+    except RecursionError:
+        raise VerificationError("leaf is nested too deeply") from None
+    if not isinstance(entry, dict):
+        raise VerificationError("leaf is not a JSON object")
+    try:
+        canonical = encode_entry(entry)
+    except ValueError as exc:
+        raise VerificationError(f"leaf cannot be canonicalised: {exc}") from None
+    if canonical != data:
+        raise VerificationError("leaf is not in RFC 8785 canonical form")
+    return entry

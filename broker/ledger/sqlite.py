@@ -1,0 +1,197 @@
+"""SQLite ledger storage: the embedded default, one file shared by every worker process.
+
+Durability: WAL journal with ``synchronous=FULL``, so a returned :meth:`append_batch` has been
+fsynced and survives a power loss, not only a process crash. Ordering: the next index is read
+inside a ``BEGIN IMMEDIATE`` transaction, which holds SQLite's single write lock, so several
+processes appending to the same file get disjoint, gapless index ranges. Append-only: triggers
+refuse ``UPDATE`` and ``DELETE`` on the table, whoever connects.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from broker.errors import InvalidRequest, LedgerUnavailable
+from broker.ledger.merkle import HASH_SIZE, leaf_hash
+from broker.ledger.storage import DuplicateLeaf
+
+__all__ = ["SqliteLedgerStorage"]
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS entries (
+    idx       INTEGER PRIMARY KEY CHECK (idx >= 0),
+    leaf      BLOB    NOT NULL,
+    leaf_hash BLOB    NOT NULL CHECK (length(leaf_hash) = {HASH_SIZE})
+);
+CREATE UNIQUE INDEX IF NOT EXISTS entries_leaf_hash ON entries (leaf_hash);
+CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+"""
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    # The SQLite error name (SQLITE_BUSY, SQLITE_IOERR_FSYNC, ...) tells an operator what broke
+    # without exposing the file path or the SQL text.
+    return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+
+
+@contextmanager
+def _sqlite_errors() -> Iterator[None]:
+    """The one place where sqlite3 exceptions become ledger errors."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE":
+            raise DuplicateLeaf("ledger already holds an identical entry") from None
+        raise LedgerUnavailable(f"ledger storage refused the write ({_describe(exc)})") from None
+    except sqlite3.Error as exc:
+        raise LedgerUnavailable(f"ledger storage unavailable ({_describe(exc)})") from None
+
+
+class SqliteLedgerStorage:
+    """Leaves in one SQLite file (see the module docstring for the guarantees).
+
+    Thread-safe: one connection writes and one reads, each behind its own lock; WAL lets readers
+    see the last commit while a write is in progress.
+    """
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 10.0) -> None:
+        """Open (or create) the ledger file at ``path``.
+
+        ``busy_timeout`` is how long, in seconds, a write waits for another process's write lock
+        before the append fails with :class:`LedgerUnavailable`.
+        """
+        self._path = str(path)
+        self._busy_timeout_ms = max(0, int(busy_timeout * 1000))
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._closed = False
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        with _sqlite_errors():
+            try:
+                self._writer = self._connect()
+                self._writer.executescript(_SCHEMA)
+                self._reader = self._connect()
+            except BaseException:
+                self._close_connections()
+                raise
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
+        # one batch.
+        conn = sqlite3.connect(
+            self._path, timeout=self._busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if str(mode).lower() != "wal":
+                # Without WAL, readers block writers and the durability argument above changes:
+                # refuse rather than run weaker than documented.
+                raise LedgerUnavailable("ledger storage cannot use write-ahead logging")
+            conn.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _conn(self, which: sqlite3.Connection | None) -> sqlite3.Connection:
+        if self._closed or which is None:
+            raise LedgerUnavailable("ledger storage is closed")
+        return which
+
+    def append_batch(self, leaves: list[bytes]) -> int:
+        """Store ``leaves`` at consecutive indexes in one fsynced transaction; the first index."""
+        rows = []
+        for leaf in leaves:
+            if not isinstance(leaf, bytes):
+                raise TypeError("ledger leaves are bytes")
+            rows.append((leaf, leaf_hash(leaf)))
+        with self._write_lock, _sqlite_errors():
+            conn = self._conn(self._writer)
+            if not rows:
+                return self._count(conn)
+            # IMMEDIATE takes the write lock now, so no other process can append between reading
+            # the next index and inserting at it.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                first = self._count(conn)
+                conn.executemany(
+                    "INSERT INTO entries (idx, leaf, leaf_hash) VALUES (?, ?, ?)",
+                    ((first + i, leaf, digest) for i, (leaf, digest) in enumerate(rows)),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return first
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection) -> int:
+        # Indexes are gapless from 0 and never deleted, so MAX + 1 is the size (O(log n) on the key).
+        (n,) = conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM entries").fetchone()
+        return int(n)
+
+    def size(self) -> int:
+        """Number of committed leaves, as seen by a fresh read."""
+        with self._read_lock, _sqlite_errors():
+            return self._count(self._conn(self._reader))
+
+    def _range(self, column: str, start: int, end: int) -> list[bytes]:
+        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start <= end:
+            raise InvalidRequest("entry range must satisfy 0 <= start <= end")
+        with self._read_lock, _sqlite_errors():
+            rows = (
+                self._conn(self._reader)
+                .execute(
+                    f"SELECT {column} FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",  # noqa: S608 -- column is ours
+                    (start, end),
+                )
+                .fetchall()
+            )
+        if len(rows) != end - start:
+            raise LedgerUnavailable("ledger storage does not hold the requested entries")
+        return [bytes(row[0]) for row in rows]
+
+    def leaf_hashes(self, start: int, end: int) -> list[bytes]:
+        """Leaf hashes of ``[start, end)``."""
+        return self._range("leaf_hash", start, end)
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Leaves of ``[start, end)``."""
+        return self._range("leaf", start, end)
+
+    def index_of(self, leaf_hash: bytes) -> int | None:
+        """The index of the leaf with this hash, or ``None``."""
+        if not isinstance(leaf_hash, bytes) or len(leaf_hash) != HASH_SIZE:
+            return None
+        with self._read_lock, _sqlite_errors():
+            row = (
+                self._conn(self._reader)
+                .execute("SELECT idx FROM entries WHERE leaf_hash = ?", (leaf_hash,))
+                .fetchone()
+            )
+        return None if row is None else int(row[0])
+
+    def close(self) -> None:
+        """Close both connections; idempotent."""
+        with self._write_lock, self._read_lock:
+            self._closed = True
+            self._close_connections()
+
+    def _close_connections(self) -> None:
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass  # closing is best effort; the connection is unusable either way
+        self._writer = self._reader = None

@@ -1,0 +1,54 @@
+"""The ledger's storage interface: an append-only, durable array of leaves.
+
+The embedded default is :class:`broker.ledger.sqlite.SqliteLedgerStorage`; a PostgreSQL
+implementation for many replicas implements the same Protocol. Storage knows nothing of trees or
+signatures: it assigns indexes, keeps bytes and their leaf hashes, and says when it cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from broker.errors import LedgerUnavailable
+
+__all__ = ["DuplicateLeaf", "LedgerStorage"]
+
+
+class DuplicateLeaf(LedgerUnavailable):
+    """A batch held a leaf whose hash is already stored (or twice); nothing was written.
+
+    A leaf hash names exactly one index, so auditors can look entries up by hash. The ledger
+    resolves this by answering the existing index for the identical entry.
+    """
+
+
+class LedgerStorage(Protocol):
+    """Durable, append-only leaves. Every method raises :class:`LedgerUnavailable` on failure."""
+
+    def append_batch(self, leaves: list[bytes]) -> int:
+        """Store ``leaves`` at consecutive indexes in one durable transaction; the first index.
+
+        Several writers (threads or processes) may call it at once: indexes are decided inside
+        the write transaction. Raises :class:`DuplicateLeaf` if a leaf hash is already present.
+        """
+        ...
+
+    def size(self) -> int:
+        """Number of durable leaves."""
+        ...
+
+    def leaf_hashes(self, start: int, end: int) -> list[bytes]:
+        """Leaf hashes of indexes ``[start, end)``, all of them or an error."""
+        ...
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Leaves of indexes ``[start, end)``, all of them or an error."""
+        ...
+
+    def index_of(self, leaf_hash: bytes) -> int | None:
+        """The index of the leaf with this hash, if stored."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; later calls raise :class:`LedgerUnavailable`."""
+        ...

@@ -1,0 +1,1 @@
+"""mint stage of the broker."""

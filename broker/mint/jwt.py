@@ -1,0 +1,82 @@
+"""Task tokens: short-lived RFC 9068 JWT access tokens carrying exactly the granted intent.
+
+Minting is two steps so that the ledger entry is durable before a signature exists:
+:meth:`TaskTokenMinter.prepare` fixes every claim but ``txn``; the caller appends the ledger entry
+(which records ``claims_sha256`` of the prepared claims); :meth:`TaskTokenMinter.sign` adds ``txn``
+(the entry's leaf hash) and signs. If the append fails, nothing was ever signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+import rfc8785
+
+from broker.clock import Clock, SystemClock
+from broker.mint.keys import KeySet, b64url
+from broker.models import Grant
+
+__all__ = ["ACCESS_TOKEN_TYPE", "JWT_TOKEN_TYPE", "PreparedToken", "TaskTokenMinter"]
+
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+
+@dataclass(frozen=True)
+class PreparedToken:
+    """The claims of a task token before it is signed (no ``txn`` yet)."""
+
+    claims: dict[str, Any]
+    kid: str
+    alg: str
+
+    @property
+    def jti(self) -> str:
+        return str(self.claims["jti"])
+
+    @property
+    def expires_in(self) -> int:
+        return int(self.claims["exp"]) - int(self.claims["iat"])
+
+    def claims_sha256(self) -> str:
+        """SHA-256 of the RFC 8785 canonical claims without ``txn``: what the ledger commits to."""
+        return "sha256:" + hashlib.sha256(rfc8785.dumps(self.claims)).hexdigest()
+
+
+class TaskTokenMinter:
+    """Mints task JWTs signed by the active key of a :class:`KeySet`."""
+
+    def __init__(self, keys: KeySet, issuer: str, *, default_ttl: int = 300, clock: Clock | None = None) -> None:
+        self._keys = keys
+        self._issuer = issuer
+        self._default_ttl = default_ttl
+        self._clock = clock or SystemClock()
+
+    def prepare(self, grant: Grant) -> PreparedToken:
+        """Fix the claims for ``grant``; the lifetime is the default TTL, never above the rule's cap."""
+        now = int(self._clock.now())
+        ttl = min(self._default_ttl, grant.max_ttl)
+        claims: dict[str, Any] = {
+            "iss": self._issuer,
+            "sub": grant.identity.spiffe_id,
+            "aud": grant.audience,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "jti": b64url(secrets.token_bytes(16)),
+            "client_id": grant.workload.name,
+            "owner": grant.workload.owner,
+            "authorization_details": [grant.intent.to_json()],
+        }
+        active = self._keys.active
+        return PreparedToken(claims=claims, kid=active.kid, alg=active.alg)
+
+    def sign(self, prepared: PreparedToken, txn: str) -> str:
+        """Sign the prepared claims with ``txn`` (the ledger leaf hash) added."""
+        key = next(k for k in self._keys.keys if k.kid == prepared.kid)
+        claims = dict(prepared.claims, txn=txn)
+        return jwt.encode(claims, key.private_key, algorithm=prepared.alg, headers={"typ": "at+jwt", "kid": key.kid})

@@ -1,0 +1,153 @@
+"""The broker's one request path, without HTTP: attest -> authorize -> mint -> ledger.
+
+:meth:`Broker.exchange` returns an :class:`~broker.models.Issued` credential or raises a
+:class:`~broker.errors.BrokerError`. The order is what the auditors' contract needs:
+
+1. attest the subject token (an unauthenticated caller never writes to the ledger);
+2. resolve the workload in the registry and ask the intent policy (a refusal of an attested
+   workload is a ``denial`` entry);
+3. fix the task token's claims, append the ``issuance`` entry and wait until it is durable;
+4. only then sign the token, binding the entry's leaf hash as ``txn``.
+
+If step 3 fails nothing was signed: the caller gets 503 and no credential exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio.to_thread
+
+from broker.clock import Clock, SystemClock
+from broker.entries import denial_entry, issuance_entry
+from broker.errors import AccessDenied, InvalidTarget, PolicyDenied
+from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
+from broker.models import Grant, Intent, Issued, Receipt, RegisteredWorkload, WorkloadIdentity
+
+__all__ = ["Broker", "ExchangeRequest"]
+
+log = logging.getLogger("nhi_broker.pipeline")
+
+
+class IdentityVerifier(Protocol):
+    def verify(self, subject_token: str, subject_token_type: str) -> WorkloadIdentity: ...
+
+
+class IntentPolicy(Protocol):
+    version: str
+
+    def resolve_workload(self, identity: WorkloadIdentity) -> RegisteredWorkload: ...
+
+    def authorize(
+        self, identity: WorkloadIdentity, workload: RegisteredWorkload, audience: str, intent: Intent
+    ) -> Grant: ...
+
+
+class AppendOnlyLog(Protocol):
+    async def append_async(self, entry: dict) -> Receipt: ...  # type: ignore[type-arg]
+
+
+@dataclass(frozen=True)
+class ExchangeRequest:
+    """A parsed RFC 8693 token-exchange request (the wire form is parsed in ``broker.api``)."""
+
+    subject_token: str
+    subject_token_type: str
+    audience: str
+    intent: Intent
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    identity: WorkloadIdentity
+    workload: RegisteredWorkload | None
+    error: AccessDenied | InvalidTarget
+
+
+class Broker:
+    """Exchanges attested workload identities for task tokens, recording every decision."""
+
+    def __init__(
+        self,
+        attestor: IdentityVerifier,
+        policies: IntentPolicy,
+        minter: TaskTokenMinter,
+        ledger: AppendOnlyLog,
+        clock: Clock | None = None,
+    ) -> None:
+        self.attestor = attestor
+        self.policies = policies
+        self.minter = minter
+        self.ledger = ledger
+        self.clock = clock or SystemClock()
+
+    def _decide(self, request: ExchangeRequest) -> tuple[Grant, PreparedToken] | _Refusal:
+        # (1) attestation errors propagate: no identity, no ledger entry.
+        identity = self.attestor.verify(request.subject_token, request.subject_token_type)
+        workload: RegisteredWorkload | None = None
+        try:
+            # (2) registry, then intent policy.
+            workload = self.policies.resolve_workload(identity)
+            grant = self.policies.authorize(identity, workload, request.audience, request.intent)
+        except (AccessDenied, InvalidTarget) as exc:
+            return _Refusal(identity, workload, exc)
+        return grant, self.minter.prepare(grant)
+
+    async def exchange(self, request: ExchangeRequest) -> Issued:
+        """Attest, authorize, record and mint; see the module docstring for the order."""
+        # Attestation may fetch a JWKS and the policy engine is CPU work: keep the event loop free.
+        outcome = await anyio.to_thread.run_sync(self._decide, request)
+        if isinstance(outcome, _Refusal):
+            await self._record_refusal(request, outcome)
+            raise outcome.error
+        grant, prepared = outcome
+        # (3) durable before the credential exists.
+        credential = {
+            "kind": "jwt",
+            "jti": prepared.jti,
+            "kid": prepared.kid,
+            "iat": prepared.claims["iat"],
+            "exp": prepared.claims["exp"],
+            "claims_sha256": prepared.claims_sha256(),
+        }
+        entry = issuance_entry(grant=grant, now=self.clock.now(), request_id=request.request_id, credential=credential)
+        receipt = await self.ledger.append_async(entry)
+        # (4) sign, binding the leaf hash.
+        token = self.minter.sign(prepared, txn=receipt.leaf_hash)
+        log.info(
+            "issued jti=%s workload=%s action=%s rule=%s index=%d",
+            prepared.jti, grant.workload.name, grant.intent.action, grant.rule_id, receipt.index,
+        )
+        return Issued(
+            access_token=token,
+            issued_token_type=ACCESS_TOKEN_TYPE,
+            token_type="Bearer",  # noqa: S106 - the RFC 6750 token type name, not a secret
+            expires_in=prepared.expires_in,
+            jti=prepared.jti,
+            receipt=receipt,
+            grant=grant,
+        )
+
+    async def _record_refusal(self, request: ExchangeRequest, refusal: _Refusal) -> None:
+        error = refusal.error
+        rule_id = error.rule_id if isinstance(error, PolicyDenied) else None
+        entry = denial_entry(
+            identity=refusal.identity,
+            workload=refusal.workload,
+            audience=request.audience,
+            intent=request.intent,
+            now=self.clock.now(),
+            request_id=request.request_id,
+            error=error.code,
+            reason=error.description,
+            rule_id=rule_id,
+            policy_version=self.policies.version,
+        )
+        receipt = await self.ledger.append_async(entry)
+        log.info(
+            "denied workload=%s action=%s rule=%s index=%d",
+            refusal.identity.spiffe_id, request.intent.action, rule_id, receipt.index,
+        )

@@ -1,0 +1,124 @@
+"""Wiring: builds the broker's components from :class:`~broker.config.Settings`.
+
+Everything on the embedded default lives under ``settings.data_dir``::
+
+    keys/token/*.pem        ES256 (or EdDSA) task-token signing keys, mode 0600
+    keys/ledger-key.pem     Ed25519 signed-note key of the ledger, mode 0600
+    dev-issuer-key.pem      trial-only workload-identity issuer (when enabled)
+    ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL)
+    state.sqlite3           single-use values (identity jti)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.attest.dev import DevIssuer
+from broker.attest.verifier import Attestor
+from broker.clock import Clock, SystemClock
+from broker.config import Settings
+from broker.entries import key_rotation_entry, policy_load_entry
+from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
+from broker.mint.jwt import TaskTokenMinter
+from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, public_jwk
+from broker.pipeline import Broker
+from broker.policy import PolicySet, load_policies
+from broker.store.sqlite import SqliteStateStore
+
+__all__ = ["Runtime", "policy_file_digests"]
+
+log = logging.getLogger("nhi_broker")
+
+POLICY_FILES = ("model.conf", "policy.csv", "workloads.toml", "tests.toml")
+
+
+def policy_file_digests(directory: Path) -> dict[str, str]:
+    """``sha256:<hex>`` of each policy file present, by name."""
+    return {
+        name: "sha256:" + hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        for name in POLICY_FILES
+        if (directory / name).is_file()
+    }
+
+
+@dataclass
+class Runtime:
+    """The assembled components of one broker process."""
+
+    settings: Settings
+    clock: Clock
+    keys: KeySet
+    ledger: Ledger
+    store: SqliteStateStore
+    policies: PolicySet
+    attestor: Attestor
+    minter: TaskTokenMinter
+    broker: Broker
+    dev_issuer: DevIssuer | None
+    ledger_signer: NoteSigner | None = None
+    ledger_signer_key: PrivateKey | None = None
+    ledger_key_created: bool = False
+
+    @classmethod
+    def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
+        """Create or reuse everything under ``settings.data_dir`` and assemble the broker."""
+        clock = clock or SystemClock()
+        data_dir = settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        policies = load_policies(settings.policies_dir)
+        keys = KeySet(data_dir / "keys" / "token", alg=settings.token_alg)
+        ledger_key, ledger_key_created = load_or_create_private_key(data_dir / "keys" / "ledger-key.pem", "EdDSA")
+        signer = NoteSigner(settings.ledger_key_name or settings.ledger_origin, ledger_key)  # type: ignore[arg-type]
+        ledger = Ledger(SqliteLedgerStorage(data_dir / "ledger.sqlite3"), signer, settings.ledger_origin, clock)
+        store = SqliteStateStore(data_dir / "state.sqlite3", clock=clock)
+        issuers = list(settings.trust)
+        dev_issuer = None
+        sources = {}
+        if settings.dev_issuer_enabled:
+            dev_issuer = DevIssuer.load_or_create(data_dir)
+            issuers.append(dev_issuer.issuer_config(settings.audience))
+            sources[dev_issuer.issuer] = dev_issuer.jwks_source()
+        attestor = Attestor(
+            issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, jwks_sources=sources
+        )
+        minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
+        broker = Broker(attestor, policies, minter, ledger, clock)
+        return cls(
+            settings=settings, clock=clock, keys=keys, ledger=ledger, store=store, policies=policies,
+            attestor=attestor, minter=minter, broker=broker, dev_issuer=dev_issuer,
+            ledger_signer=signer, ledger_signer_key=ledger_key, ledger_key_created=ledger_key_created,
+        )
+
+    @property
+    def ledger_verifier_key(self) -> str:
+        """The ledger's signed-note verifier key, ``<name>+<keyid>+<base64>``."""
+        assert self.ledger_signer is not None
+        return str(self.ledger_signer.verifier_key)
+
+    def record_startup(self) -> None:
+        """Ledger entries for what went live at this start: new keys and the policy set."""
+        now = self.clock.now()
+        if self.ledger_key_created:
+            jwk = public_jwk(self.ledger_signer_key)
+            self.ledger.append(key_rotation_entry(now=now, purpose="ledger", kid=jwk["kid"], alg="EdDSA", jwk=jwk))
+        if self.keys.created:
+            active = self.keys.active
+            entry = key_rotation_entry(now=now, purpose="task-token", kid=active.kid, alg=active.alg, jwk=active.jwk)
+            self.ledger.append(entry)
+        self.ledger.append(
+            policy_load_entry(
+                now=now,
+                policy_version=self.policies.version,
+                files=policy_file_digests(self.settings.policies_dir),
+                source=str(self.settings.policies_dir),
+            )
+        )
+
+    def close(self) -> None:
+        """Stop the ledger writer and release connections."""
+        self.attestor.close()
+        self.ledger.close()
+        self.store.close()

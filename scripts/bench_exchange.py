@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Token-exchange throughput of a live ``nhi-broker serve`` over loopback, driven by ``wrk``.
+
+A Python load client saturates near 500 requests/s on a 2-core machine, so the load comes from wrk
+(Debian package ``wrk``). Each identity ``jti`` is single-use, so this script pre-mints a pool of
+dev-issuer identity tokens and a Lua script hands each request its own body. Every run is bounded
+in time; the broker is stopped at the end.
+
+    python scripts/bench_exchange.py [--workers 2] [--duration 8] [--connections 4,16,64]
+
+Prints exchanges/s, p50 and p99 latency and non-200 answers for each concurrency level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.attest.dev import DevIssuer  # noqa: E402
+from broker.clock import SystemClock  # noqa: E402
+
+WORKLOAD = "spiffe://example.org/ns/support/sa/support-assistant"
+INTENT = [{"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/ord-1001",
+           "context": {"customer": "c-42"}}]
+AUDIENCE = "orders-api"
+
+LUA = r"""
+local bodies = {}
+local counter = 0
+errors = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("id", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local n = tonumber(args[2])
+  local f = assert(io.open(args[1], "r"))
+  local i = 0
+  for line in f:lines() do
+    if i % n == id then table.insert(bodies, line) end
+    i = i + 1
+  end
+  f:close()
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+end
+
+function request()
+  counter = counter + 1
+  if counter > #bodies then counter = 1 end
+  return wrk.format(nil, "/v1/token", nil, bodies[counter])
+end
+
+function response(status, headers, body)
+  if status ~= 200 then errors = errors + 1 end
+end
+
+function done(summary, latency, requests)
+  local errs = 0
+  for _, t in ipairs(threads) do errs = errs + t:get("errors") end
+  io.write(string.format(
+    "JSON {\"requests\": %d, \"duration_us\": %d, \"p50_us\": %d, \"p99_us\": %d, "
+    .. "\"non200\": %d, \"socket_errors\": %d}\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), errs,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as r:  # noqa: S310 - loopback
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("broker did not become ready")
+
+
+def make_bodies(data_dir: Path, count: int, path: Path) -> None:
+    issuer = DevIssuer.load_or_create(data_dir)
+    clock = SystemClock()
+    details = json.dumps(INTENT, separators=(",", ":"))
+    with path.open("w") as out:
+        for _ in range(count):
+            token = issuer.mint(WORKLOAD, "nhi-broker", ttl=600, clock=clock)
+            out.write(urllib.parse.urlencode({
+                "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                "subject_token": token,
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "audience": AUDIENCE,
+                "authorization_details": details,
+            }) + "\n")
+
+
+def run_wrk(url: str, lua: Path, bodies: Path, connections: int, duration: int, threads: int) -> dict:
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua),
+           url, "--", str(bodies), str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"wrk failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    out = proc.stdout
+    line = next(line for line in out.splitlines() if line.startswith("JSON "))
+    return json.loads(line[5:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--duration", type=int, default=8, help="seconds per level")
+    parser.add_argument("--connections", default="4,16,64")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--tokens", type=int, default=0, help="identity tokens to pre-mint (default: sized to the run)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is required: apt-get install wrk", file=sys.stderr)
+        return 2
+    levels = [int(c) for c in args.connections.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
+    data_dir = work / "data"
+    lua = work / "exchange.lua"
+    lua.write_text(LUA)
+    # One file per level: every identity jti is used once; wrk wraps around only if the pool runs dry,
+    # and those replays show up as non-200 answers.
+    count = args.tokens or 3000 * args.duration
+    t0 = time.monotonic()
+    pools = []
+    for c in levels:
+        pools.append(work / f"bodies-{c}.txt")
+        make_bodies(data_dir, count, pools[-1])
+    print(f"pre-minted {count * len(levels)} identity tokens in {time.monotonic() - t0:.1f}s")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = Path(sys.executable).with_name("nhi-broker")
+    server = subprocess.Popen(
+        [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--workers", str(args.workers),
+         "--policies", str(ROOT / "policies")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        wait_ready(url)
+        print(f"broker: {args.workers} worker(s), durable SQLite ledger (synchronous=FULL), SQLite replay store")
+        print(f"{'connections':>11} {'exchanges/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}")
+        for c, bodies in zip(levels, pools, strict=True):
+            r = run_wrk(url, lua, bodies, c, args.duration, min(args.threads, c))
+            rate = r["requests"] / (r["duration_us"] / 1e6)
+            print(f"{c:>11} {rate:>12.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} "
+                  f"{r['non200'] + r['socket_errors']:>8}")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

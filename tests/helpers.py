@@ -1,0 +1,92 @@
+"""Test helpers: constants, form builders and a live broker process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+POLICIES = REPO / "policies"
+SUPPORT = "spiffe://example.org/ns/support/sa/support-assistant"
+TRIAGE = "spiffe://example.org/ns/helpdesk/sa/ticket-triage"
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def intent(action: str, resource: str, **context: Any) -> str:
+    """``authorization_details`` with one intent."""
+    return json.dumps([{"type": "intent", "action": action, "resource": resource, "context": context}])
+
+
+def exchange_form(subject_token: str, audience: str, details: str, **extra: str) -> dict[str, str]:
+    """A complete RFC 8693 form."""
+    return {
+        "grant_type": EXCHANGE,
+        "subject_token": subject_token,
+        "subject_token_type": JWT_TYPE,
+        "audience": audience,
+        "authorization_details": details,
+        **extra,
+    }
+
+
+def form_body(form: dict[str, str]) -> bytes:
+    return urllib.parse.urlencode(form).encode()
+
+
+class LiveBroker:
+    """A ``nhi-broker serve`` process on a free loopback port, stopped by its fixture."""
+
+    def __init__(self, data_dir: Path, policies: Path = POLICIES, workers: int = 1) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).with_name("nhi-broker")
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--policies", str(policies),
+             "--workers", str(workers)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")},
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("broker did not become ready")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.stdout.read() if self.proc.stdout else ""

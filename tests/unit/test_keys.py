@@ -1,0 +1,78 @@
+"""Signing keys: RFC 7638 thumbprint vector, file modes, rotation."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from broker.errors import ConfigError
+from broker.mint.keys import KeySet, jwk_thumbprint, load_or_create_private_key, public_jwk
+
+# RFC 7638 §3.1: the example RSA key and its SHA-256 thumbprint.
+RFC7638_JWK = {
+    "kty": "RSA",
+    "n": (
+        "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECP"
+        "ebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY"
+        "368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0f"
+        "M4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
+    ),
+    "e": "AQAB",
+    "alg": "RS256",
+    "kid": "2011-04-29",
+}
+
+
+def test_rfc7638_thumbprint_vector() -> None:
+    assert jwk_thumbprint(RFC7638_JWK) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+def test_thumbprint_ignores_optional_members() -> None:
+    bare = {k: RFC7638_JWK[k] for k in ("kty", "n", "e")}
+    assert jwk_thumbprint(bare) == jwk_thumbprint(RFC7638_JWK)
+
+
+@pytest.mark.parametrize("jwk", [{"kty": "oct", "k": "AAAA"}, {"kty": "EC", "crv": "P-256", "x": "AA"}, {}])
+def test_thumbprint_refuses_symmetric_and_incomplete_keys(jwk: dict) -> None:
+    with pytest.raises((ValueError, KeyError)):
+        jwk_thumbprint(jwk)
+
+
+def test_key_file_created_0600_and_reused(tmp_path) -> None:
+    path = tmp_path / "k" / "key.pem"
+    key, created = load_or_create_private_key(path, "ES256")
+    assert created
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again, created_again = load_or_create_private_key(path, "ES256")
+    assert not created_again
+    assert public_jwk(again)["kid"] == public_jwk(key)["kid"]
+
+
+def test_world_readable_key_is_refused(tmp_path) -> None:
+    path = tmp_path / "key.pem"
+    load_or_create_private_key(path, "EdDSA")
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        load_or_create_private_key(path, "EdDSA")
+
+
+def test_public_jwk_has_no_private_members(tmp_path) -> None:
+    key, _ = load_or_create_private_key(tmp_path / "key.pem", "ES256")
+    jwk = public_jwk(key)
+    assert "d" not in jwk
+    assert jwk["kid"] == jwk_thumbprint(jwk)
+    assert (jwk["kty"], jwk["crv"], jwk["alg"]) == ("EC", "P-256", "ES256")
+
+
+def test_rotation_keeps_previous_key_published(tmp_path) -> None:
+    keys = KeySet(tmp_path / "token")
+    first = keys.active.kid
+    keys.rotate(now=2_000_000_000)
+    keys.rotate(now=2_000_000_100)
+    published = [k["kid"] for k in keys.jwks()["keys"]]
+    assert published[0] == keys.active.kid
+    assert len(published) == 2 and first not in published
+    reloaded = KeySet(tmp_path / "token")
+    assert reloaded.active.kid == keys.active.kid and not reloaded.created
