@@ -86,21 +86,31 @@ def denial_entry(
     }
 
 
-def policy_load_entry(*, now: float, policy_version: str, files: dict[str, str], source: str) -> dict[str, Any]:
-    """A policy set went live: its version and the digest of every file in it."""
+def policy_load_entry(
+    *, now: float, request_id: str, policy_version: str, files: dict[str, str], source: str
+) -> dict[str, Any]:
+    """A policy set went live: its version and the digest of every file in it.
+
+    ``request_id`` names the start (or reload) that loaded it, so two starts within one second
+    are two entries, not one deduplicated leaf.
+    """
     return {
         "v": ENTRY_VERSION,
         "kind": "policy_load",
         "time": rfc3339(now),
+        "request_id": request_id,
         "policy": {"version": policy_version, "files": files, "source": source},
     }
 
 
-def key_rotation_entry(*, now: float, purpose: str, kid: str, alg: str, jwk: dict[str, Any]) -> dict[str, Any]:
+def key_rotation_entry(
+    *, now: float, request_id: str, purpose: str, kid: str, alg: str, jwk: dict[str, Any]
+) -> dict[str, Any]:
     """A new signing key went live (public part only)."""
     return {
         "v": ENTRY_VERSION,
         "kind": "key_rotation",
         "time": rfc3339(now),
+        "request_id": request_id,
         "key": {"purpose": purpose, "kid": kid, "alg": alg, "public_jwk": jwk},
     }

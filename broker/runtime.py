@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,16 +102,23 @@ class Runtime:
     def record_startup(self) -> None:
         """Ledger entries for what went live at this start: new keys and the policy set."""
         now = self.clock.now()
+        start_id = f"start-{uuid.uuid4().hex}"
         if self.ledger_key_created:
             jwk = public_jwk(self.ledger_signer_key)
-            self.ledger.append(key_rotation_entry(now=now, purpose="ledger", kid=jwk["kid"], alg="EdDSA", jwk=jwk))
+            entry = key_rotation_entry(
+                now=now, request_id=start_id, purpose="ledger", kid=jwk["kid"], alg="EdDSA", jwk=jwk
+            )
+            self.ledger.append(entry)
         if self.keys.created:
             active = self.keys.active
-            entry = key_rotation_entry(now=now, purpose="task-token", kid=active.kid, alg=active.alg, jwk=active.jwk)
+            entry = key_rotation_entry(
+                now=now, request_id=start_id, purpose="task-token", kid=active.kid, alg=active.alg, jwk=active.jwk
+            )
             self.ledger.append(entry)
         self.ledger.append(
             policy_load_entry(
                 now=now,
+                request_id=start_id,
                 policy_version=self.policies.version,
                 files=policy_file_digests(self.settings.policies_dir),
                 source=str(self.settings.policies_dir),

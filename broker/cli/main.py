@@ -103,6 +103,8 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_rotate(args: argparse.Namespace) -> int:
+    import uuid
+
     from broker.entries import key_rotation_entry
     from broker.runtime import Runtime
 
@@ -110,9 +112,11 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     runtime = Runtime.open(settings)
     try:
         key = runtime.keys.rotate(runtime.clock.now())
-        runtime.ledger.append(
-            key_rotation_entry(now=runtime.clock.now(), purpose="task-token", kid=key.kid, alg=key.alg, jwk=key.jwk)
+        entry = key_rotation_entry(
+            now=runtime.clock.now(), request_id=f"cli-{uuid.uuid4().hex}",
+            purpose="task-token", kid=key.kid, alg=key.alg, jwk=key.jwk,
         )
+        runtime.ledger.append(entry)
     finally:
         runtime.close()
     print(f"new signing key {key.kid}; running brokers use it after a restart")
