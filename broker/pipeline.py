@@ -10,6 +10,11 @@
 4. only then sign the token, binding the entry's leaf hash as ``txn``.
 
 If step 3 fails nothing was signed: the caller gets 503 and no credential exists.
+
+Steps 1 and 2 are CPU work on cached keys and local state, so they run on the event loop: a hop to
+a worker thread costs more than it saves and, under load, makes every thread queue for the GIL.
+They move to a worker thread only when attestation must fetch an issuer's JWKS over the network,
+or when the broker is built with ``decide_in_thread=True`` (a state store across the network).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Protocol
 
 import anyio.to_thread
 
+from broker.attest.jwks import FetchRequired
 from broker.clock import Clock, SystemClock
 from broker.entries import denial_entry, issuance_entry
 from broker.errors import AccessDenied, InvalidTarget, PolicyDenied
@@ -32,7 +38,7 @@ log = logging.getLogger("nhi_broker.pipeline")
 
 
 class IdentityVerifier(Protocol):
-    def verify(self, subject_token: str, subject_token_type: str) -> WorkloadIdentity: ...
+    def verify(self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True) -> WorkloadIdentity: ...
 
 
 class IntentPolicy(Protocol):
@@ -77,16 +83,19 @@ class Broker:
         minter: TaskTokenMinter,
         ledger: AppendOnlyLog,
         clock: Clock | None = None,
+        *,
+        decide_in_thread: bool = False,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
         self.minter = minter
         self.ledger = ledger
         self.clock = clock or SystemClock()
+        self.decide_in_thread = decide_in_thread
 
-    def _decide(self, request: ExchangeRequest) -> tuple[Grant, PreparedToken] | _Refusal:
+    def _decide(self, request: ExchangeRequest, may_fetch: bool = True) -> tuple[Grant, PreparedToken] | _Refusal:
         # (1) attestation errors propagate: no identity, no ledger entry.
-        identity = self.attestor.verify(request.subject_token, request.subject_token_type)
+        identity = self.attestor.verify(request.subject_token, request.subject_token_type, may_fetch=may_fetch)
         workload: RegisteredWorkload | None = None
         try:
             # (2) registry, then intent policy.
@@ -98,8 +107,14 @@ class Broker:
 
     async def exchange(self, request: ExchangeRequest) -> Issued:
         """Attest, authorize, record and mint; see the module docstring for the order."""
-        # Attestation may fetch a JWKS and the policy engine is CPU work: keep the event loop free.
-        outcome = await anyio.to_thread.run_sync(self._decide, request)
+        if self.decide_in_thread:
+            outcome = await anyio.to_thread.run_sync(self._decide, request)
+        else:
+            try:
+                outcome = self._decide(request, may_fetch=False)
+            except FetchRequired:
+                # The issuer's keys must come over the network: wait for them off the event loop.
+                outcome = await anyio.to_thread.run_sync(self._decide, request)
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error

@@ -157,10 +157,12 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).with_name("nhi-broker")
+    # The server's log goes to a file: an unread pipe fills up and stalls the server mid-run.
+    server_log = (work / "server.log").open("wb")
     server = subprocess.Popen(
         [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--workers", str(args.workers),
          "--policies", str(ROOT / "policies")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         wait_ready(url)
@@ -178,6 +180,9 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        server_log.close()
+        if server.returncode not in (0, -signal.SIGTERM):
+            sys.stderr.write((work / "server.log").read_text(errors="replace")[-4000:])
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -59,19 +59,27 @@ class LiveBroker:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("nhi-broker")
+        # Output goes to a file, never an unread pipe: a full pipe would stall the broker under load.
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = data_dir.parent / f"broker-{self.port}.log"
+        self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--policies", str(policies),
              "--workers", str(workers)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")},
         )
         self._wait_ready()
+
+    def output(self) -> str:
+        """Everything the broker printed so far."""
+        return self.log_path.read_text(errors="replace")
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
+                raise RuntimeError(f"broker exited: {self.output()}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return
@@ -89,4 +97,5 @@ class LiveBroker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        return self.proc.stdout.read() if self.proc.stdout else ""
+        self._log.close()
+        return self.output()

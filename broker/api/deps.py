@@ -11,8 +11,8 @@ from broker.runtime import Runtime
 __all__ = ["RuntimeDep", "get_runtime"]
 
 
-def get_runtime(request: Request) -> Runtime:
-    """The :class:`Runtime` built by the app's lifespan."""
+async def get_runtime(request: Request) -> Runtime:
+    """The :class:`Runtime` built by the app's lifespan (async: resolving it needs no thread hop)."""
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 

@@ -264,6 +264,14 @@ class _FetchError(Exception):
     pass
 
 
+class FetchRequired(Exception):
+    """Only a network fetch of the issuer's JWKS could answer, and the caller did not allow one.
+
+    Raised by :meth:`JwksSource.get_key` with ``may_fetch=False``, so that an event-loop caller
+    can verify cached keys inline and move to a worker thread only when it must wait on the network.
+    """
+
+
 class JwksSource:
     """The public keys of one issuer, from ``jwks_url``, ``jwks_file`` or memory (:meth:`from_jwks`).
 
@@ -343,19 +351,22 @@ class JwksSource:
     def _refreshable(self) -> bool:
         return self._url is not None or self._file is not None
 
-    def get_key(self, kid: str | None) -> VerificationKey:
+    def get_key(self, kid: str | None, *, may_fetch: bool = True) -> VerificationKey:
         """The key for ``kid`` (``None``: the issuer's only key).
 
         Raises :class:`~broker.errors.AttestationError` when no key matches and
-        :class:`~broker.errors.TemporarilyUnavailable` when no valid keys can be had.
+        :class:`~broker.errors.TemporarilyUnavailable` when no valid keys can be had. With
+        ``may_fetch=False`` a URL source raises :class:`FetchRequired` instead of going to the network.
         """
         now = self._clock.now()
         snapshot = self._snapshot
         if snapshot is None or self._expired(snapshot, now):
+            self._check_may_fetch(may_fetch)
             snapshot = self._refresh(now, unknown_kid=False)
         key = snapshot.find(kid)
         if key is None and self._refreshable:
             # (rotation) The issuer may have published a new key since we last looked.
+            self._check_may_fetch(may_fetch)
             snapshot = self._refresh(now, unknown_kid=True)
             key = snapshot.find(kid)
         if key is None:
@@ -375,6 +386,10 @@ class JwksSource:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def _check_may_fetch(self, may_fetch: bool) -> None:
+        if not may_fetch and self._url is not None:
+            raise FetchRequired(self._url)
 
     def _expired(self, snapshot: _Snapshot, now: float) -> bool:
         return now - snapshot.fetched_at >= self._cache_ttl

@@ -226,8 +226,12 @@ class Attestor:
         for source in self._owned:
             source.close()
 
-    def verify(self, subject_token: str, subject_token_type: str) -> WorkloadIdentity:
-        """Verify ``subject_token`` and return the workload identity it proves (see module docstring)."""
+    def verify(self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True) -> WorkloadIdentity:
+        """Verify ``subject_token`` and return the workload identity it proves (see module docstring).
+
+        With ``may_fetch=False``, :class:`~broker.attest.jwks.FetchRequired` is raised (before any
+        state changes) when only fetching the issuer's JWKS over the network could answer.
+        """
         # (1) Only JWT-shaped subject tokens are supported (RFC 8693 §3 type URIs).
         if subject_token_type not in SUBJECT_TOKEN_TYPES:
             raise InvalidRequest(
@@ -265,7 +269,7 @@ class Attestor:
             raise AttestationError(f"algorithm {alg} is not allowed for this issuer")
 
         # (6) The issuer's key named by kid (a one-key JWKS may be used without kid), fit for alg.
-        key = issuer.keys.get_key(_unverified_header.get("kid"))
+        key = issuer.keys.get_key(_unverified_header.get("kid"), may_fetch=may_fetch)
         key.check_algorithm(alg)
 
         # (7)+(8) Signature, iss, aud, required claims; then types, time and lifetime.

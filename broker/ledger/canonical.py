@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, NoReturn
 
-import rfc8785
-
 from broker.errors import VerificationError
+from broker.jcs import CanonicalizationError, canonical_json
 
 __all__ = ["decode_entry", "encode_entry"]
 
@@ -28,8 +27,8 @@ def encode_entry(entry: dict[str, Any]) -> bytes:
     if not isinstance(entry, dict):
         raise ValueError("a ledger entry is a JSON object (dict)")
     try:
-        return rfc8785.dumps(entry)
-    except rfc8785.CanonicalizationError as exc:
+        return canonical_json(entry)
+    except CanonicalizationError as exc:
         raise ValueError(f"entry cannot be canonicalised: {exc}") from None
     except RecursionError:
         raise ValueError("entry is nested too deeply") from None

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
-import rfc8785
 
 from broker.clock import Clock, SystemClock
+from broker.jcs import canonical_json
 from broker.mint.keys import KeySet, b64url
 from broker.models import Grant
 
@@ -44,7 +44,7 @@ class PreparedToken:
 
     def claims_sha256(self) -> str:
         """SHA-256 of the RFC 8785 canonical claims without ``txn``: what the ledger commits to."""
-        return "sha256:" + hashlib.sha256(rfc8785.dumps(self.claims)).hexdigest()
+        return "sha256:" + hashlib.sha256(canonical_json(self.claims)).hexdigest()
 
 
 class TaskTokenMinter:

@@ -13,7 +13,7 @@ from jwcrypto import jwk as jwcrypto_jwk
 from jwt.algorithms import get_default_algorithms
 
 from broker.attest.issuers import IssuerConfig
-from broker.attest.jwks import JwksError, JwksSource, jwk_thumbprint, parse_jwks
+from broker.attest.jwks import FetchRequired, JwksError, JwksSource, jwk_thumbprint, parse_jwks
 from broker.attest.verifier import Attestor
 from broker.errors import AttestationError, ConfigError, TemporarilyUnavailable
 
@@ -275,6 +275,42 @@ def test_attestor_end_to_end_over_http_with_rotation(
         assert jwks_server.requests == 2
     finally:
         attestor.close()
+
+
+def test_no_network_fetch_unless_allowed(jwks_server: Any, clock: Any, store: Any, kit: Any) -> None:
+    """The event-loop path (may_fetch=False) uses cached keys and names every fetch it would need."""
+    a, b = kit.make_signer("ES256"), kit.make_signer("ES256")
+    jwks_server.document = {"keys": [a.public_jwk, b.public_jwk]}
+    config = IssuerConfig(
+        issuer=kit.SPIFFE_ISS, kind="spiffe-jwt", audience=kit.AUDIENCE, jwks_url=jwks_server.url,
+        trust_domain="example.org",
+    )
+    attestor = Attestor([config], store, clock)
+    try:
+        token = a.sign(kit.claims())
+        with pytest.raises(FetchRequired):  # nothing cached yet
+            attestor.verify(token, kit.JWT_TYPE, may_fetch=False)
+        assert jwks_server.requests == 0
+        # Refused before the jti was consumed: the same token still verifies with a fetch.
+        assert attestor.verify(token, kit.JWT_TYPE).method == "spiffe-jwt"
+        assert attestor.verify(b.sign(kit.claims()), kit.JWT_TYPE, may_fetch=False).method == "spiffe-jwt"
+        c = kit.make_signer("ES256")
+        with pytest.raises(FetchRequired):  # an unknown kid would need a refetch
+            attestor.verify(c.sign(kit.claims()), kit.JWT_TYPE, may_fetch=False)
+        clock.advance(300)
+        with pytest.raises(FetchRequired):  # the cache expired
+            attestor.verify(a.sign(kit.claims()), kit.JWT_TYPE, may_fetch=False)
+        assert jwks_server.requests == 1
+    finally:
+        attestor.close()
+
+
+def test_file_source_reads_without_fetch_permission(tmp_path: Path, clock: Any, kit: Any) -> None:
+    a = kit.make_signer("ES256")
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(a.jwks()))
+    source = JwksSource(jwks_file=path, clock=clock)
+    assert source.get_key(a.kid, may_fetch=False).kid == a.kid
 
 
 # --- file source -----------------------------------------------------------------------------

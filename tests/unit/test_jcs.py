@@ -1,0 +1,93 @@
+"""The fast RFC 8785 path must produce the reference encoder's bytes, or defer to it."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import rfc8785
+
+from broker.jcs import CanonicalizationError, canonical_json
+
+# Characters where encoders tend to disagree: controls, escapes, DEL, the Latin-1 and BMP edges,
+# line separators, a private-use character above the surrogates, and astral-plane characters.
+TRICKY = [
+    "\x00", "\x01", "\x07", "\b", "\t", "\n", "\x0b", "\f", "\r", "\x1f", " ", '"', "\\", "/", "\x7f",
+    "\x80", "\xe9", "\u2028", "\u2029", "\ud7ff", "\ue000", "\uffef", "\uffff", "\U0001f600", "\U00010000",
+    "a", "Z", "0", "€",
+]
+
+
+def random_string(rng: random.Random) -> str:
+    return "".join(rng.choice(TRICKY) for _ in range(rng.randint(0, 6)))
+
+
+def random_value(rng: random.Random, depth: int = 0) -> Any:
+    roll = rng.random()
+    if depth > 4 or roll < 0.45:
+        return rng.choice([
+            lambda: random_string(rng),
+            lambda: rng.randint(-(2**53) - 2, 2**53 + 2),
+            lambda: rng.randint(-1000, 1000),
+            lambda: rng.choice([True, False, None]),
+            lambda: rng.choice([0.0, -0.0, 1.0, 0.5, 1e21, 1e-7, 123456789.125, 5e-324, 2.0**60]),
+        ])()
+    if roll < 0.75:
+        return {random_string(rng): random_value(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+    return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 5))]
+
+
+def reference(value: Any) -> bytes | type[Exception]:
+    try:
+        return rfc8785.dumps(value)
+    except CanonicalizationError as exc:
+        return type(exc)
+
+
+def fast(value: Any) -> bytes | type[Exception]:
+    try:
+        return canonical_json(value)
+    except CanonicalizationError as exc:
+        return type(exc)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_values_match_the_reference_encoder(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(500):
+        value = {random_string(rng): random_value(rng) for _ in range(rng.randint(0, 6))}
+        assert fast(value) == reference(value), value
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # RFC 8785 §3.2.3: keys sort by UTF-16 code units, so U+1F600 (D83D DE00) sorts before U+E000.
+        ({"\ue000": 1, "\U0001f600": 2}, '{"\U0001f600":2,"\ue000":1}'.encode()),
+        ({"b": [], "a": {}, "c": ""}, b'{"a":{},"b":[],"c":""}'),
+        ({"s": "\u2028\x7f\x1f\n"}, b'{"s":"\xe2\x80\xa8\x7f\\u001f\\n"}'),
+        ({"n": 2**53 - 1, "m": -(2**53 - 1)}, b'{"m":-9007199254740991,"n":9007199254740991}'),
+        # Numbers take the ECMAScript form (RFC 8785 §3.2.2.3), not Python's repr.
+        ({"f": 1.0, "g": 1e21, "h": 1e-7}, b'{"f":1,"g":1e+21,"h":1e-7}'),
+        ({"t": (1, 2)}, b'{"t":[1,2]}'),
+    ],
+)
+def test_known_encodings(value: Any, expected: bytes) -> None:
+    assert canonical_json(value) == expected == rfc8785.dumps(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ({"big": 2**53}, rfc8785.IntegerDomainError),
+        ({"nan": float("nan")}, rfc8785.FloatDomainError),
+        ({"lone": "\ud800"}, CanonicalizationError),
+        ({"\udfff": 1}, CanonicalizationError),
+        ({1: "key"}, CanonicalizationError),
+        ({"bytes": b"x"}, CanonicalizationError),
+    ],
+)
+def test_what_json_cannot_carry_is_refused(value: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        canonical_json(value)
