@@ -59,7 +59,8 @@ _CASBIN_SILENT.disabled = True
 # Casbin re-parses the matcher with ast.parse() on every enforce(). On CPython 3.11 the AST
 # constructor's recursion-depth counter is shared by all threads, and concurrent parses fail at
 # random with "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905); the
-# broker decides in a thread pool. Such a failure would be a (spurious) deny, so serialise our
+# broker may decide in worker threads (a JWKS fetch, a remote state store, the CLI's probes).
+# Such a failure would be a (spurious) deny, so serialise our
 # Casbin calls: process-wide, since a reload probes a new set while the old one serves. Casbin's
 # evaluation is pure Python under the GIL, so the lock costs no throughput.
 _CASBIN_LOCK = threading.Lock()
