@@ -10,9 +10,10 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import health, ledger, token, wellknown
+from broker.api.routes import health, ledger, metrics, token, wellknown
 from broker.clock import Clock
 from broker.config import Settings
+from broker.metrics import BrokerMetrics, MetricsMiddleware
 from broker.runtime import Runtime
 
 __all__ = ["SETTINGS_ENV", "app_from_environment", "create_app"]
@@ -28,6 +29,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = runtime is None
         app.state.runtime = runtime if runtime is not None else Runtime.open(settings, clock=clock)
+        live = app.state.runtime
+        app.state.metrics = BrokerMetrics(live.ledger.size, lambda: live.policies.version)
         try:
             yield
         finally:
@@ -41,10 +44,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=lambda: getattr(app.state, "metrics", None))
     app.include_router(token.router)
     app.include_router(wellknown.router)
     app.include_router(ledger.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     return app
 
 

@@ -20,6 +20,12 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request", 415: "invalid_request"}
 
 
+def _count(request: Request, error: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(error).inc()
+
+
 def error_response(status: int, error: str, description: str) -> JSONResponse:
     """An RFC 6749 §5.2 error body with ``no-store`` caching."""
     return JSONResponse({"error": error, "error_description": description}, status_code=status, headers=NO_STORE)
@@ -30,6 +36,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BrokerError)
     async def _broker_error(request: Request, exc: BrokerError) -> JSONResponse:
+        _count(request, exc.code)
         headers = dict(NO_STORE)
         if exc.status == 503:
             headers["Retry-After"] = "1"
@@ -40,15 +47,18 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body", "path"))
         message = str(first.get("msg", "invalid value"))
+        _count(request, "invalid_request")
         return error_response(400, "invalid_request", f"{where}: {message}" if where else message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "server_error")
+        _count(request, code)
         return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Log the type only: exception text may carry request data.
         log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        _count(request, "server_error")
         return error_response(500, "server_error", "internal error; nothing was issued")
