@@ -4,6 +4,8 @@
     dev identity ID        print a short-lived workload JWT from the trial issuer
     keys list|rotate       task-token signing keys
     policy test|explain|lint
+    audit verify|prove|consistency|witness
+    ledger export
 """
 
 from __future__ import annotations
@@ -165,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(krot)
     krot.set_defaults(func=_cmd_keys_rotate)
 
-    from broker.cli import policy_cmd
+    from broker.cli import audit_cmd, policy_cmd
 
     policy_cmd.register(sub)
+    audit_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,102 @@
+"""``audit consistency``: append-only monitoring with a local state file.
+
+The state file holds the last checkpoint this monitor verified (the signed note, verbatim). Each
+run (1) verifies the source's latest checkpoint with the auditor's key, (2) re-verifies the stored
+one with the same key, (3) checks that the new tree extends the old one — a smaller tree is a
+rollback, the same size with another root or a consistency proof that fails is a fork — and only
+then (4) replaces the state, atomically. A violation leaves the state untouched and carries both
+signed notes: two statements by the log's key that no append-only log can both have made.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.audit.errors import AuditFailure, ConsistencyViolation
+from broker.audit.source import LedgerSource
+from broker.audit.verify import verify_checkpoint_from
+from broker.errors import VerificationError
+from broker.ledger.checkpoint import Checkpoint, verify_checkpoint
+from broker.ledger.merkle import verify_consistency
+
+__all__ = ["ConsistentCheckpoint", "check_consistency", "load_state", "save_state"]
+
+_STATE_FORMAT = "nhi-broker-monitor-state"
+
+
+@dataclass(frozen=True)
+class ConsistentCheckpoint:
+    """A checkpoint verified as extending the previously verified one. Built by :func:`check_consistency`."""
+
+    checkpoint: Checkpoint
+    note: str
+    previous: Checkpoint | None
+
+
+def load_state(path: Path) -> str | None:
+    """The checkpoint note stored at ``path`` (``None`` when there is no state yet); unverified."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise AuditFailure(f"cannot read monitor state {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != _STATE_FORMAT or not isinstance(data.get("checkpoint"), str):
+        raise AuditFailure(f"{path} is not a monitor state file")
+    return str(data["checkpoint"])
+
+
+def save_state(path: Path, note: str) -> None:
+    """Store ``note`` as the last verified checkpoint: write a temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": _STATE_FORMAT, "checkpoint": note}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_consistency(source: LedgerSource, verifier_key: str, state: Path, *, origin: str | None = None,
+                      update: bool = True) -> ConsistentCheckpoint:
+    """Verify that the source's latest checkpoint extends the one in ``state``; then store it.
+
+    Raises :class:`ConsistencyViolation` (rollback, fork, origin) with both notes, or
+    :class:`AuditFailure` when a checkpoint does not verify.
+    """
+    # (1) the latest signed checkpoint.
+    latest, note = verify_checkpoint_from(source, verifier_key, origin)
+    # (2) the previous one, re-verified: a state file is only as good as its signature.
+    previous_note = load_state(state)
+    previous: Checkpoint | None = None
+    if previous_note is not None:
+        try:
+            previous = verify_checkpoint(previous_note, verifier_key)
+        except VerificationError as exc:
+            raise AuditFailure(f"the stored checkpoint in {state} does not verify with this key: {exc}") from None
+        # (3) append-only.
+        if previous.origin != latest.origin:
+            raise ConsistencyViolation("origin", f"the log now calls itself {latest.origin!r}, "
+                                       f"not {previous.origin!r}", previous=previous_note, latest=note)
+        if latest.size < previous.size:
+            raise ConsistencyViolation("rollback", f"the log shrank from {previous.size} to {latest.size} entries",
+                                       previous=previous_note, latest=note, index=latest.size)
+        if latest.size == previous.size:
+            if not hmac.compare_digest(latest.root, previous.root):
+                raise ConsistencyViolation("fork", f"two different roots signed for tree size {latest.size}",
+                                           previous=previous_note, latest=note)
+        else:
+            try:
+                proof = source.consistency_proof(previous.size, latest.size)
+                verify_consistency(previous.size, latest.size, previous.root, latest.root, proof)
+            except VerificationError as exc:
+                raise ConsistencyViolation(
+                    "fork", f"the tree of {latest.size} does not extend the tree of {previous.size}: {exc}",
+                    previous=previous_note, latest=note) from None
+    # (4) remember it.
+    if update:
+        save_state(state, note)
+    return ConsistentCheckpoint(checkpoint=latest, note=note, previous=previous)

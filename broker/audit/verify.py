@@ -1,0 +1,219 @@
+"""``audit verify``: rebuild the whole ledger from an untrusted source and check it against a signed checkpoint.
+
+The only way to hold a :class:`VerifiedLedger` is :func:`verify_ledger`. The steps are numbered in
+the code and in docs/ledger.md §Verifying a ledger:
+
+1. verify the source's latest checkpoint with the verifier key given out of band;
+2. if the auditor holds an earlier trusted checkpoint, the new one must not be smaller;
+3. fetch every entry ``[0, size)`` (paged), recompute each leaf hash, check that the leaf is
+   canonical RFC 8785 JSON and that the entry matches the schema of its kind;
+4. recompute the RFC 6962 root and compare it with the checkpoint (and the trusted checkpoint);
+5. on a root mismatch, find the first entry that differs by bisecting with the source's
+   consistency proofs, which only an unaltered prefix can satisfy.
+
+The first problem (smallest index) is raised as :class:`~broker.audit.errors.AuditFailure`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from broker.audit._canonical import decode_leaf
+from broker.audit.errors import AuditFailure, ConsistencyViolation, EntrySchemaError, SourceUnavailable
+from broker.audit.schema import validate_entry
+from broker.audit.source import LedgerSource
+from broker.errors import VerificationError
+from broker.ledger.checkpoint import Checkpoint, verify_checkpoint
+from broker.ledger.merkle import MerkleTree, leaf_hash, verify_consistency
+
+__all__ = ["LedgerSummary", "Progress", "VerifiedLedger", "verify_checkpoint_from", "verify_ledger"]
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` while entries are verified."""
+
+_TREE_BATCH = 4096
+
+
+@dataclass
+class LedgerSummary:
+    """What a verified ledger holds: counts by kind, workload and owner, and its time range."""
+
+    size: int = 0
+    by_kind: Counter[str] = field(default_factory=Counter)
+    by_workload: Counter[str] = field(default_factory=Counter)
+    by_owner: Counter[str] = field(default_factory=Counter)
+    first_time: str | None = None
+    last_time: str | None = None
+
+    def add(self, kind: str, time: str, workload: str | None, owner: str | None) -> None:
+        self.size += 1
+        self.by_kind[kind] += 1
+        if workload is not None:
+            self.by_workload[workload] += 1
+        if owner is not None:
+            self.by_owner[owner] += 1
+        # RFC 3339 UTC at fixed width: string order is time order.
+        if self.first_time is None or time < self.first_time:
+            self.first_time = time
+        if self.last_time is None or time > self.last_time:
+            self.last_time = time
+
+
+@dataclass(frozen=True)
+class VerifiedLedger:
+    """A ledger whose every entry was checked against a signed checkpoint. Built by :func:`verify_ledger`.
+
+    ``tree`` holds the recomputed leaf hashes, so proofs for any verified size can be derived
+    locally; ``note`` is the verified checkpoint, verbatim.
+    """
+
+    checkpoint: Checkpoint
+    note: str
+    summary: LedgerSummary
+    tree: MerkleTree
+
+
+def verify_checkpoint_from(
+    source: LedgerSource, verifier_key: str, origin: str | None = None
+) -> tuple[Checkpoint, str]:
+    """Fetch the source's latest checkpoint and verify it; ``(checkpoint, note)`` or :class:`AuditFailure`."""
+    note = source.checkpoint()
+    try:
+        return verify_checkpoint(note, verifier_key, expected_origin=origin), note
+    except VerificationError as exc:
+        raise AuditFailure(f"checkpoint does not verify: {exc}") from None
+
+
+def _trusted(note: str, verifier_key: str, origin: str | None) -> Checkpoint:
+    try:
+        return verify_checkpoint(note, verifier_key, expected_origin=origin)
+    except VerificationError as exc:
+        raise AuditFailure(f"the trusted checkpoint does not verify with this key: {exc}") from None
+
+
+def verify_ledger(
+    source: LedgerSource,
+    verifier_key: str,
+    *,
+    origin: str | None = None,
+    trusted_note: str | None = None,
+    progress: Progress | None = None,
+) -> VerifiedLedger:
+    """Verify every entry of ``source`` against its latest checkpoint; raise :class:`AuditFailure` otherwise.
+
+    ``verifier_key`` (``<name>+<keyid>+<base64>``) must come from the auditor, never from the
+    source. ``trusted_note`` is an earlier checkpoint the auditor verified before: the ledger
+    must still contain exactly the entries it committed to.
+    """
+    # (1) the signed checkpoint, with the key given out of band.
+    checkpoint, note = verify_checkpoint_from(source, verifier_key, origin)
+    size = checkpoint.size
+    # (2) an append-only log never shrinks below what an auditor saw before.
+    trusted = _trusted(trusted_note, verifier_key, origin or checkpoint.origin) if trusted_note else None
+    if trusted is not None and trusted.size > size:
+        raise ConsistencyViolation(
+            "rollback", f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
+            previous=trusted_note or "", latest=note, index=size,
+        )
+    # (3) every entry: bytes, leaf hash, canonical form, schema.
+    tree = MerkleTree()
+    summary = LedgerSummary()
+    first_error: AuditFailure | None = None
+    batch: list[bytes] = []
+    expected = 0
+    for raw in source.entries(0, size):
+        if raw.index != expected:
+            raise AuditFailure(f"the source returned entry {raw.index} out of order", index=expected)
+        computed = leaf_hash(raw.leaf)
+        batch.append(computed)
+        if len(batch) >= _TREE_BATCH:
+            tree.extend(batch)
+            batch.clear()
+        expected += 1
+        if first_error is not None:
+            continue  # keep hashing for the root check; the first error is the one reported
+        if raw.recorded_leaf_hash is not None and not hmac.compare_digest(raw.recorded_leaf_hash, computed):
+            first_error = AuditFailure("the leaf hash the source states does not match the entry's bytes",
+                                       index=raw.index)
+            continue
+        try:
+            valid = validate_entry(decode_leaf(raw.leaf))
+        except EntrySchemaError as exc:
+            first_error = AuditFailure(f"entry breaks the version 1 schema: {exc}", index=raw.index)
+            continue
+        except VerificationError as exc:
+            first_error = AuditFailure(f"leaf is not canonical JSON: {exc}", index=raw.index)
+            continue
+        summary.add(valid.kind, valid.time, valid.workload or valid.spiffe_id, valid.owner)
+        if progress is not None and expected % 1024 == 0:
+            progress(expected, size)
+    tree.extend(batch)
+    if expected != size:
+        raise AuditFailure(f"the source ended after {expected} of {size} entries", index=expected)
+    if progress is not None:
+        progress(size, size)
+    # (4) the recomputed roots.
+    root_ok = hmac.compare_digest(tree.root(size), checkpoint.root)
+    trusted_ok = trusted is None or hmac.compare_digest(tree.root(trusted.size), trusted.root)
+    if root_ok and trusted_ok:
+        if first_error is not None:
+            raise first_error
+        return VerifiedLedger(checkpoint=checkpoint, note=note, summary=summary, tree=tree)
+    # (5) name the first entry that differs from what a signed checkpoint commits to.
+    reference, reference_note = checkpoint, note
+    if not trusted_ok:
+        assert trusted is not None and trusted_note is not None
+        reference, reference_note = trusted, trusted_note
+    mismatch = _locate_divergence(source, tree, reference)
+    if first_error is not None and first_error.index is not None and first_error.index <= (mismatch.index or 0):
+        raise first_error
+    if not trusted_ok and root_ok:
+        # The source signed a new history that does not extend the trusted one: a fork.
+        raise ConsistencyViolation("fork", mismatch.reason, previous=reference_note, latest=note,
+                                   index=mismatch.index)
+    raise mismatch
+
+
+def _locate_divergence(source: LedgerSource, tree: MerkleTree, reference: Checkpoint) -> AuditFailure:
+    """The first index whose entry differs from the tree ``reference`` signs, found in O(log n) proofs.
+
+    ``P(m)``: the first ``m`` recomputed leaves extend to ``reference`` by a consistency proof. It
+    holds for ``m = 0`` and fails for ``m = size``; no proof can make it hold for an altered prefix
+    (that would need a SHA-256 collision), so the largest ``m`` where it holds is the first altered
+    entry. A source that cannot or will not give proofs only lowers the bound we can state.
+    """
+    size = reference.size
+    reason = "entry differs from the one the signed checkpoint commits to"
+
+    unavailable: list[str] = []
+
+    def holds(m: int) -> bool:
+        try:
+            proof = source.consistency_proof(m, size)
+        except SourceUnavailable as exc:
+            unavailable.append(str(exc))
+            return False
+        try:
+            verify_consistency(m, size, tree.root(m), reference.root, proof)
+        except VerificationError:
+            return False
+        return True
+
+    lo, hi = 0, size  # holds(lo) is true (the empty prefix), holds(hi) is false (root mismatch)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            lo = mid
+        else:
+            hi = mid
+    if unavailable:
+        # Without proofs we only know that every entry before ``lo`` is right.
+        return AuditFailure(f"{reason} (the source gives no consistency proofs to locate it)", index=lo,
+                            exact=size == 1)
+    if lo == 0 and size > 1:
+        # No prefix verified: entry 0 changed, or the source's proofs are themselves wrong.
+        return AuditFailure(f"{reason}; no prefix of the log verifies", index=0, exact=False)
+    return AuditFailure(f"{reason}; every entry before it verifies", index=lo)

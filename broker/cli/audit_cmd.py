@@ -1,0 +1,305 @@
+"""``nhi-broker audit verify|prove|consistency|witness`` and ``nhi-broker ledger export``.
+
+Audit commands trust only the verifier key given with ``--verifier-key`` (the ``<name>+<keyid>+<base64>``
+line `nhi-broker serve` prints), never a key the source offers. Exit status: 0 verified, 1 the
+ledger does not verify or cannot be read, 3 a rollback or fork (evidence printed), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from broker.audit.errors import AuditFailure, ConsistencyViolation, SourceUnavailable
+from broker.errors import BrokerError, VerificationError
+
+__all__ = ["register"]
+
+EXIT_FAILED = 1
+EXIT_CONSISTENCY = 3
+
+
+def _add_source(p: argparse.ArgumentParser, *, key_required: bool = True) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running broker, e.g. http://127.0.0.1:8080")
+    where.add_argument("--bundle", type=Path, help="a file written by `nhi-broker ledger export`")
+    p.add_argument("--verifier-key", required=key_required,
+                   help="the ledger's signed-note verifier key, obtained out of band (<name>+<keyid>+<base64>)")
+    p.add_argument("--origin", help="the log identity (checkpoint origin) to insist on")
+
+
+@contextmanager
+def _open_source(args: argparse.Namespace) -> Iterator[Any]:
+    from broker.audit.bundle import BundleLedgerSource
+    from broker.audit.live import HttpLedgerSource
+
+    if args.url is not None:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per page is noise here
+        try:
+            source: Any = HttpLedgerSource(args.url)
+        except ValueError as exc:
+            raise SourceUnavailable(str(exc)) from None
+    else:
+        source = BundleLedgerSource(args.bundle)
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+def _err(message: str) -> None:
+    print(f"nhi-broker: {message}", file=sys.stderr)
+
+
+def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn audit failures into one precise line (and evidence for violations), never a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ConsistencyViolation as exc:
+            _err(f"LEDGER CONSISTENCY VIOLATION ({exc.kind}): {exc}")
+            print("--- previously verified checkpoint ---", file=sys.stderr)
+            print(exc.previous, end="", file=sys.stderr)
+            print("--- latest checkpoint ---", file=sys.stderr)
+            print(exc.latest, end="", file=sys.stderr)
+            return EXIT_CONSISTENCY
+        except AuditFailure as exc:
+            _err(f"ledger does NOT verify: {exc}")
+            return EXIT_FAILED
+        except SourceUnavailable as exc:
+            _err(f"cannot read the ledger: {exc}")
+            return EXIT_FAILED
+        except (VerificationError, BrokerError, ValueError, OSError) as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+
+    return run
+
+
+def _top(counter: Any, limit: int = 20) -> list[list[Any]]:
+    return [[name, count] for name, count in counter.most_common(limit)]
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from broker.audit.monitor import load_state
+    from broker.audit.verify import verify_ledger
+    from broker.cli._progress import ProgressBar
+
+    trusted = load_state(args.state) if args.state else None
+    if args.trusted_checkpoint:
+        trusted = args.trusted_checkpoint.read_text(encoding="utf-8")
+    started = time.monotonic()
+    bar = ProgressBar("verifying", force=args.progress)
+    with _open_source(args) as source:
+        stated = getattr(source, "stated_verifier_key", None)
+        if stated is not None and stated != args.verifier_key:
+            print("note: the bundle names a different verifier key than the one you trust", file=sys.stderr)
+        try:
+            verified = verify_ledger(source, args.verifier_key, origin=args.origin, trusted_note=trusted,
+                                     progress=bar)
+        finally:
+            bar.close()
+    elapsed = time.monotonic() - started
+    if args.state:
+        from broker.audit.monitor import save_state
+
+        save_state(args.state, verified.note)
+    s, cp = verified.summary, verified.checkpoint
+    if args.json:
+        print(json.dumps({
+            "verified": True, "origin": cp.origin, "size": cp.size, "root": base64.b64encode(cp.root).decode(),
+            "by_kind": dict(s.by_kind), "by_workload": dict(s.by_workload), "by_owner": dict(s.by_owner),
+            "first_time": s.first_time, "last_time": s.last_time, "seconds": round(elapsed, 3),
+        }, sort_keys=True))
+        return 0
+    print(f"ledger {cp.origin} verified: {cp.size} entries, root {base64.b64encode(cp.root).decode()}")
+    print(f"  time range   {s.first_time or '-'} .. {s.last_time or '-'}")
+    print("  by kind      " + (", ".join(f"{k} {n}" for k, n in sorted(s.by_kind.items())) or "-"))
+    for title, counter in (("by workload", s.by_workload), ("by owner", s.by_owner)):
+        print(f"  {title}")
+        for name, count in _top(counter):
+            print(f"    {count:>9}  {name}")
+        if len(counter) > 20:
+            print(f"    ... and {len(counter) - 20} more")
+    print(f"  checked in {elapsed:.1f} s")
+    return 0
+
+
+def _cmd_prove(args: argparse.Namespace) -> int:
+    from broker.audit.prove import prove_attribution
+
+    token = args.token
+    if args.token_file is not None:
+        token = args.token_file.read_text(encoding="utf-8").strip()
+    with _open_source(args) as source:
+        attribution = prove_attribution(source, args.verifier_key, token=token, jti=args.jti,
+                                        leaf_hash_hex=args.leaf_hash, origin=args.origin)
+    print("\n".join(attribution.lines()))
+    return 0
+
+
+def _cmd_consistency(args: argparse.Namespace) -> int:
+    from broker.audit.monitor import check_consistency
+
+    with _open_source(args) as source:
+        result = check_consistency(source, args.verifier_key, args.state, origin=args.origin)
+    cp = result.checkpoint
+    if result.previous is None:
+        print(f"first checkpoint recorded: {cp.origin} size {cp.size} (state in {args.state})")
+    else:
+        print(f"consistent: {cp.origin} grew from {result.previous.size} to {cp.size} entries")
+    return 0
+
+
+def _cmd_witness(args: argparse.Namespace) -> int:
+    import httpx
+
+    from broker.audit.monitor import check_consistency
+    from broker.audit.witness import WitnessSigner
+    from broker.mint.keys import load_or_create_private_key
+
+    key, created = load_or_create_private_key(args.witness_key, "EdDSA")
+    signer = WitnessSigner(args.name, key)  # type: ignore[arg-type]
+    if created:
+        print(f"new witness key; its verifier key: {signer.verifier_key}", file=sys.stderr)
+    with _open_source(args) as source:
+        consistent = check_consistency(source, args.verifier_key, args.state, origin=args.origin)
+    cosigned = signer.cosign(consistent, int(time.time()))
+    print(cosigned, end="")
+    if args.publish:
+        if args.url is None:
+            raise ValueError("--publish needs --url")
+        try:
+            response = httpx.post(args.url.rstrip("/") + "/v1/ledger/cosignatures", content=cosigned.encode(),
+                                  headers={"Content-Type": "text/plain; charset=utf-8"}, timeout=30)
+        except httpx.HTTPError as exc:
+            raise SourceUnavailable(f"cannot publish the cosignature: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise SourceUnavailable(f"the broker refused the cosignature: HTTP {response.status_code} "
+                                    f"{response.text[:200]}")
+        print("published", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from broker.audit.bundle import write_bundle
+    from broker.cli._progress import ProgressBar
+
+    bar = ProgressBar("exporting", force=args.progress)
+    if args.url is not None:
+        from broker.audit.live import HttpLedgerSource
+        from broker.ledger.checkpoint import verify_checkpoint
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        source = HttpLedgerSource(args.url)
+        try:
+            note = source.checkpoint()
+            # The export records which key it saw; the auditor still brings their own.
+            key = args.verifier_key or source.verifier_key()
+            if key is None:
+                raise ValueError("the broker advertises no verifier key; pass --verifier-key")
+            cp = verify_checkpoint(note, key)
+
+            def leaves() -> Iterator[bytes]:
+                for raw in source.entries(0, cp.size):
+                    if raw.index % 1024 == 0:
+                        bar(raw.index, cp.size)
+                    yield raw.leaf
+
+            n = write_bundle(args.output, origin=cp.origin, checkpoint=note, size=cp.size, verifier_key=key,
+                             leaves=leaves())
+        finally:
+            source.close()
+            bar.close()
+    else:
+        n = _export_local(args, bar)
+    print(f"exported {n} entries to {args.output}")
+    return 0
+
+
+def _export_local(args: argparse.Namespace, bar: Callable[[int, int], None]) -> int:
+    """Export straight from a data directory (the broker may be running: SQLite WAL readers are safe)."""
+    from broker.audit.bundle import write_bundle
+    from broker.cli.main import _settings
+    from broker.clock import SystemClock
+    from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
+    from broker.ledger.checkpoint import verify_checkpoint
+    from broker.mint.keys import _load
+
+    settings = _settings(args)
+    key_path = settings.data_dir / "keys" / "ledger-key.pem"
+    db_path = settings.data_dir / "ledger.sqlite3"
+    if not key_path.is_file() or not db_path.is_file():
+        raise ValueError(f"no ledger in {settings.data_dir} (run `nhi-broker serve` first, or pass --url)")
+    signer = NoteSigner(settings.ledger_key_name or settings.ledger_origin, _load(key_path, "EdDSA"))  # type: ignore[arg-type]
+    ledger = Ledger(SqliteLedgerStorage(db_path), signer, settings.ledger_origin, SystemClock())
+    try:
+        note = ledger.checkpoint()
+        cp = verify_checkpoint(note, signer.verifier_key)
+
+        def leaves() -> Iterator[bytes]:
+            for start in range(0, cp.size, 1000):
+                bar(start, cp.size)
+                yield from ledger.entries(start, min(cp.size, start + 1000))
+
+        return write_bundle(args.output, origin=cp.origin, checkpoint=note, size=cp.size,
+                            verifier_key=signer.verifier_key, leaves=leaves())
+    finally:
+        ledger.close()
+
+
+def register(sub: Any) -> None:
+    """Add the ``audit`` and ``ledger`` command groups to the ``nhi-broker`` parser."""
+    from broker.cli.main import _add_common
+
+    audit = sub.add_parser("audit", help="verify the ledger offline, trusting only its verifier key")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+
+    verify = audit_sub.add_parser("verify", help="check every entry against the signed checkpoint")
+    _add_source(verify)
+    verify.add_argument("--trusted-checkpoint", type=Path, help="an earlier signed checkpoint the log must extend")
+    verify.add_argument("--state", type=Path, help="monitor state file: must extend it; updated on success")
+    verify.add_argument("--json", action="store_true", help="print the summary as JSON")
+    verify.add_argument("--progress", action="store_true", help="draw the progress bar even when not a terminal")
+    verify.set_defaults(func=_guard(_cmd_verify))
+
+    prove = audit_sub.add_parser("prove", help="attribute a credential: its entry, proven in the signed tree")
+    _add_source(prove)
+    query = prove.add_mutually_exclusive_group(required=True)
+    query.add_argument("--token", help="a task token (its txn claim names the entry)")
+    query.add_argument("--token-file", type=Path, help="a file holding a task token")
+    query.add_argument("--jti", help="the token id recorded at issuance (scans the ledger)")
+    query.add_argument("--leaf-hash", help="the receipt's leaf hash (64 hex digits)")
+    prove.set_defaults(func=_guard(_cmd_prove))
+
+    cons = audit_sub.add_parser("consistency", help="check the log only grew since the last run (state file)")
+    _add_source(cons)
+    cons.add_argument("--state", type=Path, required=True, help="where the last verified checkpoint is kept")
+    cons.set_defaults(func=_guard(_cmd_consistency))
+
+    wit = audit_sub.add_parser("witness", help="cosign the checkpoint once verified consistent (C2SP tlog-cosignature)")
+    _add_source(wit)
+    wit.add_argument("--state", type=Path, required=True, help="the witness's last verified checkpoint")
+    wit.add_argument("--witness-key", type=Path, required=True, help="Ed25519 PEM key (created if absent, mode 0600)")
+    wit.add_argument("--name", required=True, help="the witness name, e.g. witness.example.com/w1")
+    wit.add_argument("--publish", action="store_true", help="send the cosignature to the broker (--url)")
+    wit.set_defaults(func=_guard(_cmd_witness))
+
+    ledger = sub.add_parser("ledger", help="the broker's own ledger")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)
+    export = ledger_sub.add_parser("export", help="write a self-contained bundle for offline audit")
+    export.add_argument("output", type=Path, help="the bundle file to write")
+    export.add_argument("--url", help="export from a running broker instead of the data directory")
+    export.add_argument("--verifier-key", help="with --url: the key to record (default: the one the broker advertises)")
+    export.add_argument("--progress", action="store_true", help="draw the progress bar even when not a terminal")
+    _add_common(export)
+    export.set_defaults(func=_guard(_cmd_export))
