@@ -152,6 +152,7 @@ class Explanation:
         if self.decision.allowed:
             lines.append(
                 f"          max ttl {self.decision.max_ttl}s, credential {self.decision.credential_kind}"
+                + ("" if self.decision.binding == "optional" else f", binding {self.decision.binding}")
             )
         return "\n".join(lines)
 
