@@ -29,6 +29,7 @@ ALG_KEY_TYPES: dict[str, tuple[str, str | None]] = {
 }
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_MIN_RSA_BITS, _MAX_RSA_BITS = 2048, 8192
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -93,9 +94,12 @@ def public_key_from_jwk(jwk: Any, alg: str) -> Any:
     if jwk.get("alg") not in (None, alg):
         raise ValueError("jwk is pinned to another alg")
     try:
-        return jwt.PyJWK(dict(jwk), algorithm=alg).key
+        key = jwt.PyJWK(dict(jwk), algorithm=alg).key
     except (jwt.exceptions.PyJWKError, jwt.exceptions.InvalidKeyError, ValueError, TypeError) as exc:
         raise ValueError("jwk is not a valid key") from exc
+    if wanted[0] == "RSA" and not _MIN_RSA_BITS <= key.key_size <= _MAX_RSA_BITS:
+        raise ValueError(f"RSA keys must have {_MIN_RSA_BITS} to {_MAX_RSA_BITS} bits")
+    return key
 
 
 def numeric_date(value: Any) -> float:
