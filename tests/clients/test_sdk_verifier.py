@@ -20,6 +20,7 @@ from nhi_broker_client import (
     BrokerClient,
     DPoPKey,
     IntentMismatchError,
+    InvalidDPoPError,
     InvalidTokenError,
     KeysUnavailableError,
     TaskToken,
@@ -275,3 +276,12 @@ def test_verifier_refuses_symmetric_algorithms(broker: LiveBroker) -> None:
     forged = jwt.encode({"iss": broker.url}, "s" * 32, algorithm="HS256", headers={"typ": "at+jwt", "kid": "k"})
     with TaskTokenVerifier(broker.url, "payments-api") as v, pytest.raises(InvalidTokenError, match="alg"):
         v.verify(forged, scheme="Bearer")
+
+
+def test_a_bound_token_needs_its_proof_whatever_the_scheme(client: BrokerClient, verifier: TaskTokenVerifier) -> None:
+    token = refund_token(client)
+    with pytest.raises(InvalidDPoPError, match="needs a DPoP proof"):
+        verifier.verify(token.access_token)
+    proof = token.headers("POST", URL)["DPoP"]
+    verified = verifier.verify(token.access_token, dpop_proof=proof, method="POST", url=URL)
+    assert token.dpop_key is not None and verified.cnf_jkt == token.dpop_key.jkt

@@ -148,15 +148,18 @@ class _Exchanger:
             # RFC 9449 §5: we asked for a bound token; a bearer token would be a silent downgrade.
             raise BrokerResponseError("invalid_response", "asked for a DPoP-bound token, got a bearer token",
                                       status=200)
-        receipt = body.get("receipt") if isinstance(body.get("receipt"), dict) else {}
+        receipt = body.get("receipt")
+        if not isinstance(receipt, dict):
+            receipt = {}
+        index, leaf = receipt.get("index"), receipt.get("leaf_hash")
         return TaskToken(
             access_token=body["access_token"],
             token_type=token_type,
             expires_at=self.clock() + expires_in,
             audience=audience,
             intent=intent,
-            receipt_index=receipt.get("index"),
-            receipt_leaf_hash=receipt.get("leaf_hash"),
+            receipt_index=index if isinstance(index, int) and not isinstance(index, bool) else None,
+            receipt_leaf_hash=leaf if isinstance(leaf, str) else None,
             dpop_key=self.dpop_key if token_type.lower() == "dpop" else None,
         )
 

@@ -149,12 +149,16 @@ class TaskTokenVerifier:
         self,
         token: str,
         *,
-        scheme: str = "DPoP",
+        scheme: str | None = None,
         dpop_proof: str | None = None,
         method: str | None = None,
         url: str | None = None,
     ) -> VerifiedTaskToken:
-        """Verify ``token`` (see the module docstring) and return it, or raise."""
+        """Verify ``token`` (see the module docstring) and return it, or raise.
+
+        ``scheme`` is the ``Authorization`` scheme it came with (``DPoP`` or ``Bearer``), checked when given;
+        ``dpop_proof``, ``method`` and ``url`` are required for a DPoP-bound token.
+        """
         # (1) size and shape, then strict JSON.
         if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS or COMPACT_JWS_RE.fullmatch(token) is None:
             raise InvalidTokenError("the token is not a compact JWS of at most 8192 characters")
@@ -198,7 +202,7 @@ class TaskTokenVerifier:
         verified = self._check_claims(claims, token, now)
         # (6) sender constraint.
         if verified.cnf_jkt is not None:
-            if scheme.lower() != "dpop":
+            if scheme is not None and scheme.lower() != "dpop":
                 raise InvalidTokenError("a DPoP-bound token must be sent with the DPoP scheme")
             if not dpop_proof or method is None or url is None:
                 raise InvalidDPoPError("a DPoP-bound token needs a DPoP proof for this request")
@@ -209,7 +213,7 @@ class TaskTokenVerifier:
             )
         elif self.require_dpop:
             raise InvalidTokenError("this service accepts DPoP-bound tokens only")
-        elif scheme.lower() != "bearer":
+        elif scheme is not None and scheme.lower() != "bearer":
             raise InvalidTokenError("the token is not DPoP-bound; send it with the Bearer scheme")
         # (7) still active?
         if self._introspect is not None and not self._introspect(verified):
