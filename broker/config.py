@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(65536, ge=1024, le=1048576)
     max_subject_token_bytes: int = Field(8192, ge=1024, le=65536)
+    dpop_nonce: bool = Field(False, description="Demand a server nonce in DPoP proofs (RFC 9449 §8).")
 
     @field_validator("ledger_origin")
     @classmethod

@@ -28,6 +28,8 @@ class WorkloadIdentity:
     evidence_digest: str
     expires_at: int
     jti: str | None = None
+    #: RFC 7638 thumbprint of the key the identity token is bound to (its ``cnf``), if any.
+    cnf_jkt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,8 @@ class Grant:
     max_ttl: int
     credential_kind: str
     policy_version: str
+    #: Sender constraint the policy demands: ``optional``, ``dpop`` or ``dpop-identity-key``.
+    binding: str = "optional"
 
 
 @dataclass(frozen=True, slots=True)

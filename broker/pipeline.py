@@ -27,6 +27,7 @@ import anyio.to_thread
 
 from broker.attest.jwks import FetchRequired
 from broker.clock import Clock, SystemClock
+from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
 from broker.errors import AccessDenied, InvalidTarget, PolicyDenied
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
@@ -64,13 +65,14 @@ class ExchangeRequest:
     audience: str
     intent: Intent
     request_id: str
+    dpop: DPoPProof | None = None  # verified by broker.dpop; binds the token to its key
 
 
 @dataclass(frozen=True)
 class _Refusal:
     identity: WorkloadIdentity
     workload: RegisteredWorkload | None
-    error: AccessDenied | InvalidTarget
+    error: AccessDenied | InvalidTarget | DPoPBindingRequired
 
 
 class Broker:
@@ -101,9 +103,10 @@ class Broker:
             # (2) registry, then intent policy.
             workload = self.policies.resolve_workload(identity)
             grant = self.policies.authorize(identity, workload, request.audience, request.intent)
-        except (AccessDenied, InvalidTarget) as exc:
+            enforce_binding(grant, request.dpop)
+        except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc)
-        return grant, self.minter.prepare(grant)
+        return grant, self.minter.prepare(grant, cnf_jkt=request.dpop.jkt if request.dpop else None)
 
     async def exchange(self, request: ExchangeRequest) -> Issued:
         """Attest, authorize, record and mint; see the module docstring for the order."""
@@ -128,6 +131,8 @@ class Broker:
             "exp": prepared.claims["exp"],
             "claims_sha256": prepared.claims_sha256(),
         }
+        if request.dpop is not None:
+            credential["cnf_jkt"] = request.dpop.jkt
         entry = issuance_entry(grant=grant, now=self.clock.now(), request_id=request.request_id, credential=credential)
         receipt = await self.ledger.append_async(entry)
         # (4) sign, binding the leaf hash.
@@ -139,7 +144,7 @@ class Broker:
         return Issued(
             access_token=token,
             issued_token_type=ACCESS_TOKEN_TYPE,
-            token_type="Bearer",  # noqa: S106 - the RFC 6750 token type name, not a secret
+            token_type="DPoP" if request.dpop else "Bearer",  # RFC 9449 / RFC 6750 token type names
             expires_in=prepared.expires_in,
             jti=prepared.jti,
             receipt=receipt,
@@ -148,7 +153,7 @@ class Broker:
 
     async def _record_refusal(self, request: ExchangeRequest, refusal: _Refusal) -> None:
         error = refusal.error
-        rule_id = error.rule_id if isinstance(error, PolicyDenied) else None
+        rule_id = error.rule_id if isinstance(error, PolicyDenied | DPoPBindingRequired) else None
         entry = denial_entry(
             identity=refusal.identity,
             workload=refusal.workload,

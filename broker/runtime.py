@@ -21,6 +21,7 @@ from broker.attest.dev import DevIssuer
 from broker.attest.verifier import Attestor
 from broker.clock import Clock, SystemClock
 from broker.config import Settings
+from broker.dpop import DPoPVerifier, NonceIssuer
 from broker.entries import key_rotation_entry, policy_load_entry
 from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
 from broker.mint.jwt import TaskTokenMinter
@@ -62,6 +63,7 @@ class Runtime:
     ledger_signer: NoteSigner | None = None
     ledger_signer_key: PrivateKey | None = None
     ledger_key_created: bool = False
+    dpop: DPoPVerifier | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -87,10 +89,17 @@ class Runtime:
         )
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
         broker = Broker(attestor, policies, minter, ledger, clock)
+        nonces = None
+        if settings.dpop_nonce:
+            # Every worker derives the same nonce key from one key file (created once, mode 0600).
+            nonce_key, _ = load_or_create_private_key(data_dir / "keys" / "dpop-nonce-key.pem", "EdDSA")
+            nonces = NonceIssuer(nonce_key.private_bytes_raw())  # type: ignore[union-attr]
+        dpop = DPoPVerifier(store, clock, nonces=nonces)
         return cls(
             settings=settings, clock=clock, keys=keys, ledger=ledger, store=store, policies=policies,
             attestor=attestor, minter=minter, broker=broker, dev_issuer=dev_issuer,
             ledger_signer=signer, ledger_signer_key=ledger_key, ledger_key_created=ledger_key_created,
+            dpop=dpop,
         )
 
     @property

@@ -40,6 +40,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(NO_STORE)
         if exc.status == 503:
             headers["Retry-After"] = "1"
+        headers.update(getattr(exc, "http_headers", {}))  # e.g. DPoP-Nonce (RFC 9449 §8)
         return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

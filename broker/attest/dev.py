@@ -167,10 +167,11 @@ class DevIssuer:
         ttl: int = 300,
         clock: Clock,
         jti: str | None = None,
+        cnf_jwk: dict[str, Any] | None = None,
     ) -> str:
         """Mint a subject token for ``spiffe_id`` (validated) and ``audience``, valid ``ttl`` seconds.
 
-        ``jti`` defaults to 128 random bits.
+        ``jti`` defaults to 128 random bits. ``cnf_jwk`` binds the identity to a public key (RFC 7800).
         """
         sub = str(parse_spiffe_id(spiffe_id))
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= _MAX_TTL:
@@ -184,4 +185,6 @@ class DevIssuer:
             "exp": iat + ttl,
             "jti": jti if jti is not None else secrets.token_urlsafe(16),
         }
+        if cnf_jwk is not None:
+            claims["cnf"] = {"jwk": dict(cnf_jwk)}
         return jwt.encode(claims, self._key, algorithm="ES256", headers={"typ": "JWT", "kid": self._kid})

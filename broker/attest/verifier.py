@@ -30,6 +30,7 @@ from typing import Any
 
 import jwt
 
+from broker.attest.cnf import identity_key_thumbprint
 from broker.attest.issuers import ALLOWED_ALGORITHMS, IssuerConfig
 from broker.attest.jwks import JwksSource
 from broker.attest.spiffe import SpiffeId, parse_spiffe_id
@@ -280,6 +281,14 @@ class Attestor:
         # (9) Subject -> SPIFFE ID, by issuer kind.
         spiffe_id = self._spiffe_id(issuer, claims)
 
+        # (9b) A key the identity token is bound to (RFC 7800 cnf): rules may demand DPoP with it.
+        cnf_jkt = None
+        if "cnf" in claims:
+            try:
+                cnf_jkt = identity_key_thumbprint(claims["cnf"])
+            except ValueError as exc:
+                raise AttestationError(str(exc)) from None
+
         # (10) Single use: the jti is consumed last, so a token refused above is not burnt.
         jti = claims.get("jti")
         if jti is None:
@@ -302,6 +311,7 @@ class Attestor:
             evidence_digest=f"sha256:{digest}",
             expires_at=exp,
             jti=jti,
+            cnf_jkt=cnf_jkt,
         )
 
     @staticmethod

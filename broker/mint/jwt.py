@@ -56,8 +56,11 @@ class TaskTokenMinter:
         self._default_ttl = default_ttl
         self._clock = clock or SystemClock()
 
-    def prepare(self, grant: Grant) -> PreparedToken:
-        """Fix the claims for ``grant``; the lifetime is the default TTL, never above the rule's cap."""
+    def prepare(self, grant: Grant, *, cnf_jkt: str | None = None) -> PreparedToken:
+        """Fix the claims for ``grant``; the lifetime is the default TTL, never above the rule's cap.
+
+        ``cnf_jkt`` binds the token to a DPoP key (RFC 9449 §6.1: ``cnf.jkt``).
+        """
         now = int(self._clock.now())
         ttl = min(self._default_ttl, grant.max_ttl)
         claims: dict[str, Any] = {
@@ -72,6 +75,8 @@ class TaskTokenMinter:
             "owner": grant.workload.owner,
             "authorization_details": [grant.intent.to_json()],
         }
+        if cnf_jkt is not None:
+            claims["cnf"] = {"jkt": cnf_jkt}
         active = self._keys.active
         return PreparedToken(claims=claims, kid=active.kid, alg=active.alg)
 

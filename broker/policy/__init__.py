@@ -13,14 +13,14 @@ Entry points:
 
 Rule syntax (``policy.csv``)::
 
-    p, <subject>, <audience>, <action>, <resource>, <condition>, <allow|deny>, <rule id>, <ttl>, <kind>
+    p, <subject>, <audience>, <action>, <resource>, <condition>, <allow|deny>, <rule id>, <ttl>, <kind>[, <binding>]
     g, <role>, <parent role>
 
 Deny wins; among matching allow rules the smallest TTL decides; no match is a deny.
 """
 
 from ._conditions import ConditionError, compile_condition
-from ._rules import ANY_WORKLOAD, CREDENTIAL_KINDS, MAX_TTL, Rule
+from ._rules import ANY_WORKLOAD, BINDINGS, CREDENTIAL_KINDS, MAX_TTL, Rule
 from .engine import Decision, Explanation, PartResult, PolicySet, RuleTrace
 from .loader import POLICY_FILES, SUPPORTED_MODEL, load_policies, policy_version
 from .registry import ATTESTATION_METHODS, RegistryEntry, WorkloadRegistry
@@ -28,6 +28,7 @@ from .registry import ATTESTATION_METHODS, RegistryEntry, WorkloadRegistry
 __all__ = [
     "ANY_WORKLOAD",
     "ATTESTATION_METHODS",
+    "BINDINGS",
     "CREDENTIAL_KINDS",
     "MAX_TTL",
     "POLICY_FILES",

@@ -4,8 +4,12 @@ Casbin's own CSV loader splits on every comma, even inside double quotes, so a c
 ``"currency in ['EUR', 'USD']"`` would break it. We parse each line here (double quotes honoured,
 spaces after commas skipped) and hand Casbin the validated rows.
 
-    p, <subject>, <audience>, <action>, <resource>, <condition>, <allow|deny>, <rule id>, <ttl>, <kind>
+    p, <subject>, <audience>, <action>, <resource>, <condition>, <allow|deny>, <rule id>, <ttl>, <kind>[, <binding>]
     g, <role>, <parent role>
+
+The optional eleventh column is the sender constraint of an allow (RFC 9449 DPoP): ``optional`` (the
+default, also written ``-``), ``dpop`` (the request must carry a DPoP proof) or ``dpop-identity-key``
+(the proof must be made with the key the workload identity is bound to). Casbin never sees it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .registry import NAME_RE
 
 __all__ = [
     "ANY_WORKLOAD",
+    "BINDINGS",
     "CREDENTIAL_KINDS",
     "MAX_TTL",
     "RULE_ID_RE",
@@ -44,6 +49,8 @@ MAX_TTL = 86400
 RULE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 # The subject ``*`` is every registered workload: the loader links each workload to it.
 ANY_WORKLOAD = "*"
+#: Sender constraints a rule may demand, from the weakest to the strictest.
+BINDINGS: tuple[str, ...] = ("optional", "dpop", "dpop-identity-key")
 _TTL_RE = re.compile(r"[1-9][0-9]{0,5}")
 _P_COLUMNS = 10
 _G_COLUMNS = 3
@@ -66,6 +73,7 @@ class Rule:
     action_pattern: ActionPattern = field(repr=False, compare=False)
     resource_pattern: ResourcePattern = field(repr=False, compare=False)
     condition: Condition = field(repr=False, compare=False)
+    binding: str = "optional"  # one of BINDINGS
 
     def casbin_row(self) -> list[str]:
         """The row as Casbin sees it: ``p = sub, aud, act, obj, cond, eft, id, ttl, kind``."""
@@ -128,7 +136,11 @@ def _parse_p(
     fields: list[str], where: str, conditions: dict[str, Condition], problems: list[str]
 ) -> Rule | None:
     before = len(problems)
-    _, subject, audience, action, resource, cond_text, effect, rule_id, ttl_text, kind = fields
+    _, subject, audience, action, resource, cond_text, effect, rule_id, ttl_text, kind = fields[:_P_COLUMNS]
+    binding = fields[_P_COLUMNS] if len(fields) > _P_COLUMNS else "optional"
+    binding = "optional" if binding == "-" else binding
+    if binding != "optional" and effect == "deny":
+        problems.append(f"{where}: a deny rule issues nothing and cannot demand a binding")
     if RULE_ID_RE.fullmatch(rule_id) is None:
         problems.append(f"{where}: rule id {rule_id!r} must match [a-z0-9][a-z0-9_.-]* (at most 64)")
     if subject != ANY_WORKLOAD and NAME_RE.fullmatch(subject) is None:
@@ -183,6 +195,7 @@ def _parse_p(
         ttl=ttl,
         kind=kind_value,
         source=where,
+        binding=binding,
         action_pattern=action_pattern,
         resource_pattern=resource_pattern,
         condition=condition,
@@ -204,10 +217,14 @@ def parse_policy_lines(text: str, filename: str = "policy.csv") -> tuple[ParsedP
             continue
         kind = fields[0]
         if kind == "p":
-            if len(fields) != _P_COLUMNS:
+            binding_ok = len(fields) == _P_COLUMNS or (
+                len(fields) == _P_COLUMNS + 1 and fields[_P_COLUMNS] in (*BINDINGS, "-")
+            )
+            if not binding_ok:
                 problems.append(
                     f"{where}: a 'p' line has {_P_COLUMNS - 1} fields after 'p' "
-                    "(subject, audience, action, resource, condition, effect, id, ttl, kind); "
+                    "(subject, audience, action, resource, condition, effect, id, ttl, kind), then optionally "
+                    f"a binding ({', '.join(BINDINGS)}); "
                     f"found {len(fields) - 1} (quote a condition that contains a comma)"
                 )
                 continue

@@ -42,7 +42,7 @@ from broker.intent import is_valid_action, is_valid_resource
 from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
 
 from ._patterns import audience_matches
-from ._rules import Rule
+from ._rules import BINDINGS, Rule
 from .registry import WorkloadRegistry
 
 __all__ = ["Decision", "Explanation", "PartResult", "PolicySet", "RuleTrace", "plain_enforcer"]
@@ -82,6 +82,7 @@ class Decision:
     credential_kind: str | None
     policy_version: str
     reason: str
+    binding: str = "optional"  # set on allow: the strictest binding of the matching allow rules
 
     @property
     def allowed(self) -> bool:
@@ -152,6 +153,7 @@ class Explanation:
         if self.decision.allowed:
             lines.append(
                 f"          max ttl {self.decision.max_ttl}s, credential {self.decision.credential_kind}"
+                + ("" if self.decision.binding == "optional" else f", binding {self.decision.binding}")
             )
         return "\n".join(lines)
 
@@ -348,7 +350,9 @@ class PolicySet:
 
     # -- decisions ------------------------------------------------------------------------------
 
-    def _decision(self, effect: Literal["allow", "deny"], rule: Rule | None, reason: str) -> Decision:
+    def _decision(
+        self, effect: Literal["allow", "deny"], rule: Rule | None, reason: str, binding: str = "optional"
+    ) -> Decision:
         allowed = effect == "allow" and rule is not None
         return Decision(
             effect="allow" if allowed else "deny",
@@ -357,6 +361,7 @@ class PolicySet:
             credential_kind=rule.kind if allowed and rule is not None else None,
             policy_version=self.version,
             reason=reason,
+            binding=binding if allowed else "optional",
         )
 
     def _default_deny(self, intent: Intent) -> Decision:
@@ -422,7 +427,9 @@ class PolicySet:
                 chosen.rule_id,
                 self.version,
             )
-        return self._decision("allow", chosen, f"allowed by rule {chosen.rule_id}")
+        # A sender constraint any matching allow rule demands holds, whichever rule caps the TTL.
+        binding = max((r.binding for r in matching), key=BINDINGS.index)
+        return self._decision("allow", chosen, f"allowed by rule {chosen.rule_id}", binding)
 
     def authorize(
         self, identity: WorkloadIdentity, workload: RegisteredWorkload, audience: str, intent: Intent
@@ -461,6 +468,7 @@ class PolicySet:
             max_ttl=decision.max_ttl,
             credential_kind=decision.credential_kind,
             policy_version=decision.policy_version,
+            binding=decision.binding,
         )
 
     # -- explanations ---------------------------------------------------------------------------

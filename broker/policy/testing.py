@@ -13,6 +13,7 @@ Each case is a request and the outcome the security engineer expects::
     expect = "allow"                 # allow | deny | unregistered | invalid_target
     rule = "refund-small-eur"        # optional; "" expects no deciding rule (default deny)
     ttl = 120                        # optional; the expected max TTL of an allow
+    binding = "optional"             # optional; the expected sender constraint of an allow
 
 A case runs the broker's own path: :meth:`PolicySet.resolve_workload` (``unregistered``), then
 :meth:`PolicySet.authorize` (``invalid_target`` when the audience is not registered for the
@@ -32,6 +33,7 @@ from broker.errors import InvalidTarget, PolicyDenied, PolicyLoadError, Unregist
 from broker.intent import CONTEXT_KEY_RE
 from broker.models import Intent, WorkloadIdentity
 
+from ._rules import BINDINGS
 from .engine import PolicySet
 from .registry import ATTESTATION_METHODS
 
@@ -39,7 +41,7 @@ __all__ = ["OUTCOMES", "PolicyTestCase", "PolicyTestResult", "load_cases", "run_
 
 OUTCOMES = ("allow", "deny", "unregistered", "invalid_target")
 _KEYS = frozenset(
-    {"name", "workload", "method", "audience", "action", "resource", "context", "expect", "rule", "ttl"}
+    {"name", "workload", "method", "audience", "action", "resource", "context", "expect", "rule", "ttl", "binding"}
 )
 _REQUIRED = ("name", "workload", "audience", "action", "resource", "expect")
 _HEADER_RE = re.compile(r"\s*\[\[\s*case\s*\]\]\s*(?:#.*)?")
@@ -62,6 +64,7 @@ class PolicyTestCase:
     context: dict[str, Any] = field(default_factory=dict)
     rule: str | None = None
     ttl: int | None = None
+    binding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,9 @@ def _parse_case(raw: dict[str, Any], where: str, problems: list[str]) -> PolicyT
     ttl = raw.get("ttl")
     if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
         problems.append(f"{where}: ttl must be a positive whole number of seconds")
+    binding = raw.get("binding")
+    if binding is not None and binding not in BINDINGS:
+        problems.append(f"{where}: binding must be one of {', '.join(BINDINGS)}")
     context = _check_context(raw.get("context", {}), where, problems)
     if len(problems) > before:
         return None
@@ -134,6 +140,7 @@ def _parse_case(raw: dict[str, Any], where: str, problems: list[str]) -> PolicyT
         context=dict(context),
         rule=rule,
         ttl=ttl,
+        binding=binding,
     )
 
 
@@ -188,6 +195,7 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     intent = Intent(action=case.action, resource=case.resource, context=dict(case.context))
     rule_id: str | None = None
     max_ttl: int | None = None
+    binding: str | None = None
     try:
         workload = policy_set.resolve_workload(identity)
         grant = policy_set.authorize(identity, workload, case.audience, intent)
@@ -198,7 +206,7 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     except PolicyDenied as exc:
         outcome, detail, rule_id = "deny", exc.description, exc.rule_id
     else:
-        outcome, rule_id, max_ttl = "allow", grant.rule_id, grant.max_ttl
+        outcome, rule_id, max_ttl, binding = "allow", grant.rule_id, grant.max_ttl, grant.binding
         detail = f"allowed by rule {grant.rule_id} (ttl {grant.max_ttl}s)"
 
     mismatches = []
@@ -209,6 +217,8 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
         mismatches.append(f"expected rule {want}, got {rule_id or 'no rule'}")
     if case.ttl is not None and max_ttl != case.ttl:
         mismatches.append(f"expected ttl {case.ttl}, got {max_ttl}")
+    if case.binding is not None and binding != case.binding:
+        mismatches.append(f"expected binding {case.binding}, got {binding or 'none'}")
     message = "; ".join(mismatches) + f" ({detail})" if mismatches else detail
     return PolicyTestResult(
         case=case, passed=not mismatches, outcome=outcome, rule_id=rule_id, max_ttl=max_ttl, message=message

@@ -164,7 +164,9 @@ BAD_LINES = [
     ("unknown line type P", "P, reader, *, a.b, x/*, , allow, r1, 60, jwt", "unknown line type 'P'"),
     ("unknown line type g2", "g2, reader, writer", "unknown line type 'g2'"),
     ("too few columns", "p, reader, *, a.b, x/*, , allow, r1, 60", "found 8"),
-    ("too many columns", "p, reader, *, a.b, x/*, , allow, r1, 60, jwt, extra", "found 10"),
+    ("too many columns", "p, reader, *, a.b, x/*, , allow, r1, 60, jwt, dpop, extra", "found 11"),
+    ("unknown binding", "p, reader, *, a.b, x/*, , allow, r1, 60, jwt, extra", "found 10"),
+    ("deny with a binding", "p, reader, *, a.b, x/*, , deny, r1, -, -, dpop", "cannot demand a binding"),
     (
         "unquoted comma in a condition",
         "p, reader, *, a.b, x/*, c in ['EUR', 'USD'], allow, r1, 60, jwt",

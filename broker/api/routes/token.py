@@ -7,15 +7,19 @@ own precise error: wrong media type (415), oversized body (413), undecodable or 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import RuntimeDep
 from broker.api.errors import NO_STORE
+from broker.dpop import DPoPProof, InvalidDPoPProof
 from broker.errors import (
     InvalidRequest,
     InvalidTarget,
@@ -118,6 +122,21 @@ def _required(form: dict[str, str], name: str) -> str:
     return value
 
 
+async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None:
+    """The verified DPoP proof of this request (RFC 9449 §4.3), ``None`` when it carries none."""
+    proofs = request.headers.getlist("dpop")
+    if not proofs:
+        return None
+    if len(proofs) > 1:
+        raise InvalidDPoPProof("more than one DPoP header")
+    if runtime.dpop is None:
+        raise InvalidDPoPProof("DPoP is not enabled on this broker")
+    # htu is the token endpoint under the issuer URL: what clients read from the RFC 8414 metadata.
+    htu = runtime.settings.issuer_url + request.url.path
+    verify = partial(runtime.dpop.verify, proofs[0], htm=request.method, htu=htu)
+    return await anyio.to_thread.run_sync(verify)
+
+
 def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
     grant_type = _required(form, "grant_type")
     if grant_type != TOKEN_EXCHANGE_GRANT:
@@ -155,7 +174,11 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     request_id = uuid.uuid4().hex
     body = await _read_body(request, runtime.settings.max_body_bytes)
     form = _parse_form(request.headers.get("content-type", ""), body)
-    issued = await runtime.broker.exchange(_exchange_request(form, request_id))
+    exchange = _exchange_request(form, request_id)
+    proof = await _dpop_proof(request, runtime)
+    if proof is not None:
+        exchange = dataclasses.replace(exchange, dpop=proof)
+    issued = await runtime.broker.exchange(exchange)
     payload = {
         "access_token": issued.access_token,
         "issued_token_type": issued.issued_token_type,
@@ -164,4 +187,8 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
         "authorization_details": [issued.grant.intent.to_json()],
         "receipt": {"index": issued.receipt.index, "leaf_hash": issued.receipt.leaf_hash},
     }
-    return JSONResponse(payload, headers={**NO_STORE, "X-Request-Id": request_id})
+    headers = {**NO_STORE, "X-Request-Id": request_id}
+    nonce = runtime.dpop.fresh_nonce() if runtime.dpop else None
+    if nonce is not None:
+        headers["DPoP-Nonce"] = nonce
+    return JSONResponse(payload, headers=headers)

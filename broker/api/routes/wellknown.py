@@ -36,6 +36,7 @@ def metadata(runtime: RuntimeDep) -> dict[str, Any]:
             "urn:ietf:params:oauth:token-type:jwt",
             "urn:ietf:params:oauth:token-type:id_token",
         ],
+        "dpop_signing_alg_values_supported": list(runtime.dpop.algorithms) if runtime.dpop else [],
         "ledger_checkpoint_endpoint": f"{base}/v1/ledger/checkpoint",
         "ledger_verifier_key": runtime.ledger_verifier_key,
     }

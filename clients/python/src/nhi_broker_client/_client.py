@@ -1,0 +1,327 @@
+"""Chatbot-backend side: exchange a workload identity and an intent for a task token (RFC 8693 + RFC 9396),
+sender-constrained with DPoP (RFC 9449), cached per intent until shortly before it expires.
+
+The protocol logic lives in :class:`_Exchanger` (no I/O), shared by :class:`BrokerClient` and
+:class:`AsyncBrokerClient`, which only move bytes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ._dpop import DPoPKey
+from ._errors import BrokerResponseError, TransportError, error_from_response
+from ._intent import Intent
+
+__all__ = ["AsyncBrokerClient", "BrokerClient", "TaskToken"]
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+_METADATA_PATH = "/.well-known/oauth-authorization-server"
+
+IdentitySource = str | Callable[[], str]
+AsyncIdentitySource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class TaskToken:
+    """A task token for one intent at one audience, with the key it is bound to (if DPoP).
+
+    ``receipt_index`` / ``receipt_leaf_hash`` locate its issuance entry in the broker's ledger.
+    ``repr()`` never shows the token.
+    """
+
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_at: float
+    audience: str
+    intent: Intent
+    receipt_index: int | None
+    receipt_leaf_hash: str | None
+    dpop_key: DPoPKey | None = field(default=None, repr=False)
+
+    def headers(self, method: str, url: str, *, nonce: str | None = None) -> dict[str, str]:
+        """``Authorization`` (and a fresh ``DPoP`` proof with ``ath``) for one request ``method url``."""
+        if self.token_type.lower() == "dpop":
+            assert self.dpop_key is not None
+            proof = self.dpop_key.proof(method, url, access_token=self.access_token, nonce=nonce)
+            return {"Authorization": f"DPoP {self.access_token}", "DPoP": proof}
+        return {"Authorization": f"Bearer {self.access_token}"}
+
+
+class _Retry(Exception):
+    """The broker asked for a DPoP nonce; try once more."""
+
+
+class _Exchanger:
+    """The sans-I/O core: request building, response parsing, nonce and cache handling."""
+
+    def __init__(self, broker_url: str, dpop_key: DPoPKey | None, refresh_margin: float,
+                 clock: Callable[[], float], subject_token_type: str) -> None:
+        self.broker_url = broker_url.rstrip("/")
+        self.dpop_key = dpop_key
+        self.refresh_margin = refresh_margin
+        self.clock = clock
+        self.subject_token_type = subject_token_type
+        self.token_endpoint: str | None = None
+        self.nonce: str | None = None
+        self._cache: dict[str, TaskToken] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def cache_key(audience: str, intent: Intent) -> str:
+        return json.dumps([audience, intent.to_json()], sort_keys=True, separators=(",", ":"))
+
+    def cached(self, key: str) -> TaskToken | None:
+        with self._lock:
+            token = self._cache.get(key)
+            if token is not None and token.expires_at - self.refresh_margin > self.clock():
+                return token
+            self._cache.pop(key, None)
+            return None
+
+    def store(self, key: str, token: TaskToken) -> None:
+        with self._lock:
+            now = self.clock()
+            self._cache = {k: v for k, v in self._cache.items() if v.expires_at > now}
+            self._cache[key] = token
+
+    def metadata_url(self) -> str:
+        return self.broker_url + _METADATA_PATH
+
+    def read_metadata(self, response: httpx.Response) -> None:
+        if response.status_code != 200:
+            raise TransportError(f"broker metadata answered HTTP {response.status_code}")
+        try:
+            meta = response.json()
+        except ValueError:
+            raise TransportError("broker metadata is not JSON") from None
+        # RFC 8414 §3.3: the issuer in the metadata must be the one we asked.
+        if not isinstance(meta, dict) or meta.get("issuer") != self.broker_url:
+            raise TransportError("broker metadata names another issuer")
+        endpoint = meta.get("token_endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            raise TransportError("broker metadata has no token endpoint")
+        self.token_endpoint = endpoint
+
+    def request(self, subject_token: str, audience: str, intent: Intent) -> tuple[dict[str, str], dict[str, str]]:
+        assert self.token_endpoint is not None
+        form = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject_token,
+            "subject_token_type": self.subject_token_type,
+            "audience": audience,
+            "authorization_details": json.dumps([intent.to_json()]),
+        }
+        headers = {"Accept": "application/json"}
+        if self.dpop_key is not None:
+            headers["DPoP"] = self.dpop_key.proof("POST", self.token_endpoint, nonce=self.nonce, now=self.clock())
+        return form, headers
+
+    def response(self, response: httpx.Response, audience: str, intent: Intent, first_try: bool) -> TaskToken:
+        if "DPoP-Nonce" in response.headers:
+            self.nonce = response.headers["DPoP-Nonce"]
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = None
+        if response.status_code != 200:
+            error = error_from_response(response.status_code, body)
+            if error.code == "use_dpop_nonce" and first_try and self.dpop_key is not None:
+                raise _Retry
+            raise error
+        if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+            raise BrokerResponseError("invalid_response", "the broker's answer has no access_token", status=200)
+        token_type = str(body.get("token_type", ""))
+        expires_in = body.get("expires_in")
+        if not isinstance(expires_in, int) or isinstance(expires_in, bool) or expires_in <= 0:
+            raise BrokerResponseError("invalid_response", "the broker's answer has no valid expires_in", status=200)
+        if self.dpop_key is not None and token_type.lower() != "dpop":
+            # RFC 9449 §5: we asked for a bound token; a bearer token would be a silent downgrade.
+            raise BrokerResponseError("invalid_response", "asked for a DPoP-bound token, got a bearer token",
+                                      status=200)
+        receipt = body.get("receipt")
+        if not isinstance(receipt, dict):
+            receipt = {}
+        index, leaf = receipt.get("index"), receipt.get("leaf_hash")
+        return TaskToken(
+            access_token=body["access_token"],
+            token_type=token_type,
+            expires_at=self.clock() + expires_in,
+            audience=audience,
+            intent=intent,
+            receipt_index=index if isinstance(index, int) and not isinstance(index, bool) else None,
+            receipt_leaf_hash=leaf if isinstance(leaf, str) else None,
+            dpop_key=self.dpop_key if token_type.lower() == "dpop" else None,
+        )
+
+
+def _intent(action: str, resource: str, context: Mapping[str, Any] | None) -> Intent:
+    return Intent(action, resource, dict(context or {}))
+
+
+class BrokerClient:
+    """Exchanges this workload's identity for task tokens (synchronous).
+
+    ``identity`` is the workload identity JWT, or a callable returning a fresh one per exchange
+    (identity tokens are single use). Tokens are DPoP-bound to ``dpop_key`` (a fresh ES256 key by
+    default; ``dpop=False`` asks for bearer tokens) and cached per (audience, intent) until
+    ``refresh_margin`` seconds before they expire.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        identity: IdentitySource,
+        *,
+        dpop: bool = True,
+        dpop_key: DPoPKey | None = None,
+        refresh_margin: float = 30.0,
+        subject_token_type: str = JWT_TOKEN_TYPE,
+        clock: Callable[[], float] = time.time,
+        http_client: httpx.Client | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        key = (dpop_key or DPoPKey.generate()) if dpop else None
+        self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type)
+        self._identity = identity
+        self._owns_client = http_client is None
+        self._http = http_client or httpx.Client(timeout=timeout)
+
+    @property
+    def dpop_key(self) -> DPoPKey | None:
+        """The key task tokens are bound to."""
+        return self._core.dpop_key
+
+    def close(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_client:
+            self._http.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_token(
+        self, audience: str, action: str, resource: str, context: Mapping[str, Any] | None = None,
+        *, fresh: bool = False,
+    ) -> TaskToken:
+        """A task token for this intent at ``audience``: from the cache, or a new exchange (``fresh=True``
+        forces one). Raises a :class:`~nhi_broker_client.BrokerResponseError` subclass or
+        :class:`~nhi_broker_client.TransportError`."""
+        intent = _intent(action, resource, context)
+        key = _Exchanger.cache_key(audience, intent)
+        if not fresh and (cached := self._core.cached(key)) is not None:
+            return cached
+        token = self._exchange(audience, intent)
+        self._core.store(key, token)
+        return token
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"cannot reach the broker: {type(exc).__name__}") from None
+
+    def _exchange(self, audience: str, intent: Intent) -> TaskToken:
+        if self._core.token_endpoint is None:
+            self._core.read_metadata(self._send("GET", self._core.metadata_url()))
+        subject_token = self._identity() if callable(self._identity) else self._identity
+        for first_try in (True, False):
+            form, headers = self._core.request(subject_token, audience, intent)
+            assert self._core.token_endpoint is not None
+            response = self._send("POST", self._core.token_endpoint, data=form, headers=headers)
+            try:
+                return self._core.response(response, audience, intent, first_try)
+            except _Retry:
+                # use_dpop_nonce is answered before the identity is checked, so it is not yet spent.
+                continue
+        raise AssertionError("unreachable")
+
+
+class AsyncBrokerClient:
+    """The asyncio twin of :class:`BrokerClient`; ``identity`` may also be an async callable."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        identity: AsyncIdentitySource,
+        *,
+        dpop: bool = True,
+        dpop_key: DPoPKey | None = None,
+        refresh_margin: float = 30.0,
+        subject_token_type: str = JWT_TOKEN_TYPE,
+        clock: Callable[[], float] = time.time,
+        http_client: httpx.AsyncClient | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        key = (dpop_key or DPoPKey.generate()) if dpop else None
+        self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type)
+        self._identity = identity
+        self._owns_client = http_client is None
+        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+
+    @property
+    def dpop_key(self) -> DPoPKey | None:
+        """The key task tokens are bound to."""
+        return self._core.dpop_key
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_client:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncBrokerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def get_token(
+        self, audience: str, action: str, resource: str, context: Mapping[str, Any] | None = None,
+        *, fresh: bool = False,
+    ) -> TaskToken:
+        """See :meth:`BrokerClient.get_token`."""
+        intent = _intent(action, resource, context)
+        key = _Exchanger.cache_key(audience, intent)
+        if not fresh and (cached := self._core.cached(key)) is not None:
+            return cached
+        token = await self._exchange(audience, intent)
+        self._core.store(key, token)
+        return token
+
+    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"cannot reach the broker: {type(exc).__name__}") from None
+
+    async def _subject_token(self) -> str:
+        if not callable(self._identity):
+            return self._identity
+        value = self._identity()
+        return await value if inspect.isawaitable(value) else value
+
+    async def _exchange(self, audience: str, intent: Intent) -> TaskToken:
+        if self._core.token_endpoint is None:
+            self._core.read_metadata(await self._send("GET", self._core.metadata_url()))
+        subject_token = await self._subject_token()
+        for first_try in (True, False):
+            form, headers = self._core.request(subject_token, audience, intent)
+            assert self._core.token_endpoint is not None
+            response = await self._send("POST", self._core.token_endpoint, data=form, headers=headers)
+            try:
+                return self._core.response(response, audience, intent, first_try)
+            except _Retry:
+                continue
+        raise AssertionError("unreachable")

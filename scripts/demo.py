@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""nhi-broker in one command: a broker, a protected refund service and a scripted support assistant.
+
+    python scripts/demo.py            (after `pip install -e . ./clients/python`)
+
+1. starts ``nhi-broker serve`` on embedded defaults (a temporary data dir, the trial identity issuer,
+   the sample policies in ./policies) on a free loopback port;
+2. starts an example orders service whose refund endpoint (audience ``payments-api``) is protected by
+   the SDK's :class:`TaskTokenVerifier` (JWKS from the broker, DPoP, intent check);
+3. runs a support assistant, with no LLM, that
+   (a) refunds 20 EUR with a fresh DPoP-bound task token,
+   (b) is denied a 500 EUR refund by the intent policy,
+   (c) shows that a copied token replayed from another key is refused,
+   (d) prints and checks the ledger proof of (a) against the signed checkpoint.
+
+Exit status 0 when every step behaved as described; 1 otherwise. Nothing is left running.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the route's Annotated dependency as an object.
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import uvicorn
+from fastapi import Depends, FastAPI
+from nhi_broker_client import (
+    AccessDeniedError,
+    BrokerClient,
+    DPoPKey,
+    TaskTokenVerifier,
+    VerifiedTaskToken,
+)
+from nhi_broker_client.fastapi import TaskTokenDependency, install_exception_handlers
+from pydantic import BaseModel
+
+REPO = Path(__file__).resolve().parent.parent
+ASSISTANT = "spiffe://example.org/ns/support/sa/support-assistant"
+CUSTOMER, ORDER = "c-42", "ord-1001"
+RESOURCE = f"customers/{CUSTOMER}/orders/{ORDER}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+class Refund(BaseModel):
+    amount: float
+    currency: str
+
+
+def create_orders_app(verifier: TaskTokenVerifier) -> FastAPI:
+    """The example orders service: refunds need a task token whose intent is exactly this refund."""
+    app = FastAPI(title="orders service (example)")
+    install_exception_handlers(app)
+    task_token = Annotated[VerifiedTaskToken, Depends(TaskTokenDependency(verifier))]
+
+    @app.post("/customers/{customer}/orders/{order}/refunds")
+    def refund(customer: str, order: str, body: Refund, token: task_token) -> dict[str, Any]:
+        amount = int(body.amount) if body.amount.is_integer() else body.amount
+        token.require_intent("payments.refund", f"customers/{customer}/orders/{order}",
+                             {"customer": customer, "amount": amount, "currency": body.currency})
+        return {"refunded": amount, "currency": body.currency, "order": order, "by": token.subject,
+                "owner": token.owner, "txn": token.txn}
+
+    return app
+
+
+class Broker:
+    """``nhi-broker serve`` as a child process, in its own process group."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).with_name("nhi-broker")
+        command = [str(exe)] if exe.exists() else [shutil.which("nhi-broker") or "nhi-broker"]
+        self.proc = subprocess.Popen(
+            [*command, "serve", "--port", str(self.port), "--data-dir", str(data_dir),
+             "--policies", str(REPO / "policies")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the broker exited: " + (self.proc.stdout.read() if self.proc.stdout else ""))
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the broker did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class Service:
+    """A uvicorn server in a thread (real HTTP on loopback)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the orders service did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def run(workdir: Path) -> bool:
+    from broker.attest.dev import DevIssuer
+    from broker.clock import SystemClock
+    from broker.ledger.checkpoint import verify_checkpoint
+    from broker.ledger.merkle import leaf_hash, verify_inclusion
+
+    ok = True
+
+    def check(condition: bool, what: str) -> None:
+        nonlocal ok
+        if not condition:
+            ok = False
+            say(f"    !! unexpected: {what}")
+
+    broker = Broker(workdir / "broker-data")
+    verifier = TaskTokenVerifier(broker.url, "payments-api")
+    service = Service(create_orders_app(verifier))
+    try:
+        # The platform (here the broker's trial issuer) gives the assistant a short-lived identity.
+        issuer = DevIssuer.load_or_create(workdir / "broker-data")
+
+        def identity() -> str:
+            return issuer.mint(ASSISTANT, "nhi-broker", clock=SystemClock())
+
+        key = DPoPKey.generate()
+        say("== nhi-broker demo ==")
+        say(f"broker      {broker.url}  (embedded defaults, trial identity issuer)")
+        say(f"orders svc  {service.url}  (audience payments-api; verifies task tokens with the broker's JWKS)")
+        say(f"assistant   {ASSISTANT}")
+        say(f"            DPoP key {key.jkt} (never leaves the assistant)")
+        refund_url = f"{service.url}/customers/{CUSTOMER}/orders/{ORDER}/refunds"
+        with BrokerClient(broker.url, identity, dpop_key=key) as assistant:
+            # (a)
+            say()
+            say(f"(a) refund 20 EUR on order {ORDER} of customer {CUSTOMER}")
+            token = assistant.get_token("payments-api", "payments.refund", RESOURCE,
+                                        {"customer": CUSTOMER, "amount": 20, "currency": "EUR"}, fresh=True)
+            left = int(token.expires_at - time.time())
+            say(f"    broker  issued a {token.token_type}-bound task token, valid {left} s, "
+                f"ledger entry #{token.receipt_index}")
+            r = httpx.post(refund_url, json={"amount": 20, "currency": "EUR"},
+                           headers=token.headers("POST", refund_url))
+            body = r.json()
+            check(r.status_code == 200 and body.get("refunded") == 20, "the 20 EUR refund was not made")
+            if r.status_code == 200:
+                say(f"    orders  {r.status_code} REFUNDED {body['refunded']} {body['currency']} on {body['order']}")
+                say(f"            by {body['by']} (owner {body['owner']}), ledger txn {body['txn'][:16]}...")
+            else:
+                say(f"    orders  {r.status_code} {json.dumps(body)}")
+
+            # (b)
+            say()
+            say("(b) refund 500 EUR on the same order")
+            try:
+                assistant.get_token("payments-api", "payments.refund", RESOURCE,
+                                    {"customer": CUSTOMER, "amount": 500, "currency": "EUR"})
+                check(False, "the broker issued a token for a 500 EUR refund")
+            except AccessDeniedError as exc:
+                say(f"    broker  DENIED {exc.status} {exc.code}: {exc.description}")
+            r = httpx.post(refund_url, json={"amount": 500, "currency": "EUR"},
+                           headers=token.headers("POST", refund_url))
+            say(f"    orders  with the 20 EUR token: {r.status_code} {r.json().get('error')}: "
+                f"{r.json().get('error_description')}")
+            check(r.status_code == 403, "the orders service accepted 500 EUR on a 20 EUR token")
+
+        # (c)
+        say()
+        say("(c) the 20 EUR token leaks (a log line, a prompt injection) and is replayed from another key")
+        stolen = token.access_token
+        thief = DPoPKey.generate()
+        r = httpx.post(refund_url, json={"amount": 20, "currency": "EUR"},
+                       headers={"Authorization": f"DPoP {stolen}",
+                                "DPoP": thief.proof("POST", refund_url, access_token=stolen)})
+        detail = r.json().get("detail", {})
+        say(f"    orders  {r.status_code} {detail.get('error')}: {detail.get('error_description')}")
+        check(r.status_code == 401 and detail.get("error") == "invalid_dpop_proof", "the replayed token was accepted")
+        r = httpx.post(refund_url, json={"amount": 20, "currency": "EUR"},
+                       headers={"Authorization": f"Bearer {stolen}"})
+        detail = r.json().get("detail", {})
+        say(f"    orders  as a bearer token: {r.status_code} {detail.get('error')}: {detail.get('error_description')}")
+        check(r.status_code == 401, "the token was accepted as a bearer token")
+        say("    REFUSED: the token is useless without the assistant's key")
+
+        # (d)
+        say()
+        say(f"(d) ledger proof of (a): entry #{token.receipt_index}")
+        meta = httpx.get(broker.url + "/.well-known/oauth-authorization-server").json()
+        note = httpx.get(broker.url + "/v1/ledger/checkpoint").text
+        checkpoint = verify_checkpoint(note, meta["ledger_verifier_key"])
+        index = token.receipt_index
+        assert index is not None and token.receipt_leaf_hash is not None
+        entry_json = httpx.get(broker.url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
+        leaf = base64.b64decode(entry_json["entries"][0]["leaf"])
+        entry = json.loads(leaf)
+        proof = httpx.get(broker.url + "/v1/ledger/proof/inclusion",
+                          params={"leaf_hash": token.receipt_leaf_hash, "tree_size": checkpoint.size}).json()
+        path = [base64.b64decode(h) for h in proof["audit_path"]]
+        verify_inclusion(bytes.fromhex(token.receipt_leaf_hash), index, checkpoint.size, path, checkpoint.root)
+        check(leaf_hash(leaf).hex() == token.receipt_leaf_hash, "the entry does not hash to the receipt")
+        check(entry["kind"] == "issuance" and entry["credential"].get("cnf_jkt") == key.jkt,
+              "the entry is not the DPoP-bound issuance of (a)")
+        say(f"    entry      kind={entry['kind']} rule={entry['decision']['rule']} "
+            f"workload={entry['workload'].get('spiffe_id')}")
+        say(f"               owner={entry['workload'].get('owner')}")
+        say(f"               intent={json.dumps(entry['intent'], sort_keys=True)}")
+        say(f"               credential jti={entry['credential']['jti']} cnf_jkt={entry['credential']['cnf_jkt']}")
+        say(f"    leaf hash  {token.receipt_leaf_hash}  (= the token's txn claim)")
+        say(f"    checkpoint size={checkpoint.size} root={base64.b64encode(checkpoint.root).decode()}")
+        say(f"               signature verified with {meta['ledger_verifier_key']}")
+        say(f"    inclusion  {len(path)}-hash audit path from leaf #{index} to the signed root: VERIFIED")
+    finally:
+        service.stop()
+        verifier.close()
+        broker.stop()
+    say()
+    say("demo OK" if ok else "demo FAILED")
+    return ok
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="nhi-broker-demo-") as workdir:
+        return 0 if run(Path(workdir)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
