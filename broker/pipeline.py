@@ -15,8 +15,9 @@ If step 3 fails nothing was signed: the caller gets 503 and no credential exists
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio.to_thread
 
@@ -37,12 +38,17 @@ class IdentityVerifier(Protocol):
 
 class IntentPolicy(Protocol):
     version: str
+    limits: Mapping[str, Any]
 
     def resolve_workload(self, identity: WorkloadIdentity) -> RegisteredWorkload: ...
 
     def authorize(
         self, identity: WorkloadIdentity, workload: RegisteredWorkload, audience: str, intent: Intent
     ) -> Grant: ...
+
+
+class LimitGuard(Protocol):
+    def admit(self, grant: Grant, limits: Any) -> dict[str, Any]: ...
 
 
 class AppendOnlyLog(Protocol):
@@ -77,12 +83,14 @@ class Broker:
         minter: TaskTokenMinter,
         ledger: AppendOnlyLog,
         clock: Clock | None = None,
+        guard: LimitGuard | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
         self.minter = minter
         self.ledger = ledger
         self.clock = clock or SystemClock()
+        self.guard = guard
 
     def _decide(self, request: ExchangeRequest) -> tuple[Grant, PreparedToken] | _Refusal:
         # (1) attestation errors propagate: no identity, no ledger entry.
@@ -92,9 +100,11 @@ class Broker:
             # (2) registry, then intent policy.
             workload = self.policies.resolve_workload(identity)
             grant = self.policies.authorize(identity, workload, request.audience, request.intent)
+            # (2b) kill switch, rates and budgets (broker.state.guard); shared-state outages raise 503.
+            extra = self.guard.admit(grant, self.policies.limits.get(grant.rule_id)) if self.guard else {}
         except (AccessDenied, InvalidTarget) as exc:
             return _Refusal(identity, workload, exc)
-        return grant, self.minter.prepare(grant)
+        return grant, self.minter.prepare(grant, extra_claims=extra)
 
     async def exchange(self, request: ExchangeRequest) -> Issued:
         """Attest, authorize, record and mint; see the module docstring for the order."""

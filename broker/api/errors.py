@@ -33,6 +33,9 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(NO_STORE)
         if exc.status == 503:
             headers["Retry-After"] = "1"
+        challenge = getattr(exc, "www_authenticate", None)
+        if challenge is not None:
+            headers["WWW-Authenticate"] = challenge
         return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -56,8 +56,11 @@ class TaskTokenMinter:
         self._default_ttl = default_ttl
         self._clock = clock or SystemClock()
 
-    def prepare(self, grant: Grant) -> PreparedToken:
-        """Fix the claims for ``grant``; the lifetime is the default TTL, never above the rule's cap."""
+    def prepare(self, grant: Grant, extra_claims: dict[str, Any] | None = None) -> PreparedToken:
+        """Fix the claims for ``grant``; the lifetime is the default TTL, never above the rule's cap.
+
+        ``extra_claims`` (such as ``num_uses`` from the rule's limits) may add claims, never replace one.
+        """
         now = int(self._clock.now())
         ttl = min(self._default_ttl, grant.max_ttl)
         claims: dict[str, Any] = {
@@ -72,6 +75,10 @@ class TaskTokenMinter:
             "owner": grant.workload.owner,
             "authorization_details": [grant.intent.to_json()],
         }
+        for name, value in (extra_claims or {}).items():
+            if name in claims:
+                raise ValueError(f"extra claim {name!r} would replace a standard claim")
+            claims[name] = value
         active = self._keys.active
         return PreparedToken(claims=claims, kid=active.kid, alg=active.alg)
 

@@ -1,0 +1,214 @@
+"""Who may call the admin, introspection and revocation endpoints.
+
+Credentials come from configuration and are stored as SHA-256 hashes only; a presented secret is
+hashed and compared with every configured hash in constant time (:func:`hmac.compare_digest`), so
+neither timing nor an early exit tells which credential was close.
+
+Operator roles (admin API, bearer credentials)::
+
+    admin      revoke by scope, suspend and resume workloads, and everything below
+    approver   decide pending approvals (when that capability exists) and read state
+    auditor    read state only
+
+Resource servers authenticate to ``/v1/introspect`` and ``/v1/revoke`` with HTTP Basic client
+credentials (RFC 6749 §2.3.1) and see only tokens for the audiences they are configured for.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from broker.errors import InsufficientRole, InvalidClient, InvalidOperatorToken
+
+__all__ = [
+    "ROLE_PERMISSIONS",
+    "AuthenticatedClient",
+    "ClientAuthenticator",
+    "IntrospectionClient",
+    "Operator",
+    "OperatorAuthenticator",
+    "OperatorCredential",
+    "Role",
+    "hash_secret",
+]
+
+Role = Literal["admin", "approver", "auditor"]
+
+#: What each role may do on the admin API.
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "admin": frozenset({"revoke", "suspend", "read"}),
+    "approver": frozenset({"approve", "read"}),
+    "auditor": frozenset({"read"}),
+}
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
+# Hashes of secrets nobody should deploy: refused at load time.
+_PLACEHOLDERS = frozenset(
+    hashlib.sha256(word.encode()).hexdigest()
+    for word in ("", "changeme", "change-me", "secret", "password", "admin", "test", "example")
+)
+_MAX_SECRET = 512
+_DUMMY_HASH = "0" * 64
+
+
+def hash_secret(secret: str) -> str:
+    """The hex SHA-256 configuration stores for ``secret`` (``nhi-broker`` never stores the secret)."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _check_hash(value: str) -> str:
+    if _HEX64.fullmatch(value) is None:
+        raise ValueError("must be the lowercase hex SHA-256 of the secret")
+    if value in _PLACEHOLDERS:
+        raise ValueError("is the hash of a placeholder secret; generate a random one")
+    return value
+
+
+class OperatorCredential(BaseModel):
+    """A configured operator: a name for the ledger, a role and the SHA-256 of its bearer token."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    role: Role
+    token_sha256: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if _NAME.fullmatch(value) is None:
+            raise ValueError("operator name must be 1-128 characters of letters, digits and ._@:-")
+        return value
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        return _check_hash(value)
+
+
+class IntrospectionClient(BaseModel):
+    """A resource server allowed to introspect and revoke tokens for ``audiences`` (``*`` = any)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    client_id: str
+    secret_sha256: str
+    audiences: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str) -> str:
+        if _NAME.fullmatch(value) is None:
+            raise ValueError("client_id must be 1-128 characters of letters, digits and ._@:-")
+        return value
+
+    @field_validator("secret_sha256")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        return _check_hash(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """An authenticated operator; built only by :class:`OperatorAuthenticator`."""
+
+    name: str
+    role: str
+    method: str
+
+    def require(self, permission: str) -> Operator:
+        """Return self if the role grants ``permission``; raise :class:`InsufficientRole` otherwise."""
+        if permission not in ROLE_PERMISSIONS.get(self.role, frozenset()):
+            raise InsufficientRole(f"role {self.role!r} may not {permission}")
+        return self
+
+    def to_json(self) -> dict[str, str]:
+        """The actor as the ledger records it."""
+        return {"kind": "operator", "name": self.name, "role": self.role, "auth": self.method}
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticatedClient:
+    """An authenticated resource server; built only by :class:`ClientAuthenticator`."""
+
+    client_id: str
+    audiences: tuple[str, ...]
+
+    def may_see(self, audience: object) -> bool:
+        """True if tokens for ``audience`` (a string or a list of them) are this client's business."""
+        wanted = audience if isinstance(audience, list) else [audience]
+        return "*" in self.audiences or any(a in self.audiences for a in wanted)
+
+    def to_json(self) -> dict[str, str]:
+        """The actor as the ledger records it."""
+        return {"kind": "client", "client_id": self.client_id, "auth": "client_secret_basic"}
+
+
+def _match(presented: str, hashes: list[str]) -> int | None:
+    digest = hash_secret(presented)
+    found = None
+    for i, candidate in enumerate(hashes):
+        # No early exit: every configured hash is compared.
+        if hmac.compare_digest(digest, candidate) and found is None:
+            found = i
+    return found
+
+
+class OperatorAuthenticator:
+    """Authenticates ``Authorization: Bearer <token>`` against the configured operators."""
+
+    def __init__(self, credentials: list[OperatorCredential] | tuple[OperatorCredential, ...]) -> None:
+        self._credentials = list(credentials)
+
+    def authenticate(self, authorization: str | None) -> Operator:
+        """The operator whose token was presented, or :class:`InvalidOperatorToken`."""
+        if not self._credentials:
+            raise InvalidOperatorToken("no operator credentials are configured; the admin API is closed")
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise InvalidOperatorToken("an operator bearer token is required")
+        token = token.strip()
+        if len(token) > _MAX_SECRET:
+            raise InvalidOperatorToken("the operator token is not valid")
+        index = _match(token, [c.token_sha256 for c in self._credentials])
+        if index is None:
+            raise InvalidOperatorToken("the operator token is not valid")
+        cred = self._credentials[index]
+        return Operator(name=cred.name, role=cred.role, method="bearer")
+
+
+class ClientAuthenticator:
+    """Authenticates HTTP Basic client credentials (RFC 6749 §2.3.1) of resource servers."""
+
+    def __init__(self, clients: list[IntrospectionClient] | tuple[IntrospectionClient, ...]) -> None:
+        self._clients = {c.client_id: c for c in clients}
+
+    def authenticate(self, authorization: str | None) -> AuthenticatedClient:
+        """The client whose credentials were presented, or :class:`InvalidClient`."""
+        scheme, _, encoded = (authorization or "").partition(" ")
+        if scheme.lower() != "basic" or not encoded.strip():
+            raise InvalidClient("client authentication (HTTP Basic) is required")
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidClient("the Basic credentials are not valid base64 UTF-8") from None
+        raw_id, sep, raw_secret = decoded.partition(":")
+        if not sep or len(decoded) > 2 * _MAX_SECRET:
+            raise InvalidClient("client authentication failed")
+        # RFC 6749 §2.3.1: client id and secret are form-urlencoded before Basic encoding.
+        client_id, secret = unquote(raw_id), unquote(raw_secret)
+        client = self._clients.get(client_id)
+        # Hash and compare even for an unknown id, so timing does not tell which ids exist.
+        expected = client.secret_sha256 if client is not None else _DUMMY_HASH
+        if not hmac.compare_digest(hash_secret(secret[:_MAX_SECRET]), expected) or client is None:
+            raise InvalidClient("client authentication failed")
+        return AuthenticatedClient(client_id=client.client_id, audiences=client.audiences)

@@ -1,0 +1,47 @@
+"""Shared-state services built on :mod:`broker.store`: what every replica must agree on.
+
+- :class:`~broker.state.tokens.TokenState`: revocation (one token, or every token of a workload, an end
+  user or a conversation), suspension (kill switch) and use counts of N-use tokens;
+- :class:`~broker.state.guard.IssuanceGuard`: suspension, request rates and value budgets at issuance;
+- :class:`~broker.state.introspection.Introspector`: RFC 7662 introspection and RFC 7009 revocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.clock import Clock
+from broker.mint.keys import KeySet
+from broker.operators import ClientAuthenticator, OperatorAuthenticator
+from broker.state.guard import IssuanceGuard
+from broker.state.introspection import Introspector
+from broker.state.tokens import TokenState
+from broker.store.base import StateStore
+
+__all__ = ["Introspector", "IssuanceGuard", "StateServices", "TokenState"]
+
+
+@dataclass(frozen=True)
+class StateServices:
+    """The shared-state services of one broker process, and who may use them."""
+
+    tokens: TokenState
+    guard: IssuanceGuard
+    introspector: Introspector
+    operators: OperatorAuthenticator
+    clients: ClientAuthenticator
+
+    @classmethod
+    def build(
+        cls, store: StateStore, keys: KeySet, issuer: str, clock: Clock,
+        operators: OperatorAuthenticator, clients: ClientAuthenticator,
+    ) -> StateServices:
+        """Assemble the services over ``store``."""
+        tokens = TokenState(store, clock)
+        return cls(
+            tokens=tokens,
+            guard=IssuanceGuard(store, tokens, clock),
+            introspector=Introspector(keys, issuer, tokens, clock),
+            operators=operators,
+            clients=clients,
+        )
