@@ -10,8 +10,10 @@ Operator roles (admin API, bearer credentials)::
     approver   decide pending approvals (when that capability exists) and read state
     auditor    read state only
 
-Resource servers authenticate to ``/v1/introspect`` and ``/v1/revoke`` with HTTP Basic client
-credentials (RFC 6749 §2.3.1) and see only tokens for the audiences they are configured for.
+Resource servers authenticate to ``/v1/introspect`` and ``/v1/revoke`` either with HTTP Basic client
+credentials (RFC 6749 §2.3.1) or with their own workload identity token (``Authorization: Bearer``,
+verified by the broker's attestor exactly like a subject token, single-use ``jti`` included), and see
+only tokens for the audiences they are configured for.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from broker.errors import InsufficientRole, InvalidClient, InvalidOperatorToken
+from broker.errors import InsufficientRole, InvalidClient, InvalidGrant, InvalidOperatorToken, InvalidRequest
+from broker.models import WorkloadIdentity
 
 __all__ = [
     "ROLE_PERMISSIONS",
@@ -96,13 +100,24 @@ class OperatorCredential(BaseModel):
 
 
 class IntrospectionClient(BaseModel):
-    """A resource server allowed to introspect and revoke tokens for ``audiences`` (``*`` = any)."""
+    """A resource server allowed to introspect and revoke tokens for ``audiences`` (``*`` = any).
+
+    It authenticates with a client secret (``secret_sha256``) or with its workload identity
+    (``spiffe_id``): exactly one of the two.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     client_id: str
-    secret_sha256: str
+    secret_sha256: str | None = None
+    spiffe_id: str | None = Field(None, pattern=r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~-]+)+$")
     audiences: tuple[str, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_method(self) -> IntrospectionClient:
+        if (self.secret_sha256 is None) == (self.spiffe_id is None):
+            raise ValueError("an introspection client needs exactly one of secret_sha256 or spiffe_id")
+        return self
 
     @field_validator("client_id")
     @classmethod
@@ -113,8 +128,8 @@ class IntrospectionClient(BaseModel):
 
     @field_validator("secret_sha256")
     @classmethod
-    def _hash(cls, value: str) -> str:
-        return _check_hash(value)
+    def _hash(cls, value: str | None) -> str | None:
+        return None if value is None else _check_hash(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +157,7 @@ class AuthenticatedClient:
 
     client_id: str
     audiences: tuple[str, ...]
+    method: str = "client_secret_basic"
 
     def may_see(self, audience: object) -> bool:
         """True if tokens for ``audience`` (a string or a list of them) are this client's business."""
@@ -150,7 +166,7 @@ class AuthenticatedClient:
 
     def to_json(self) -> dict[str, str]:
         """The actor as the ledger records it."""
-        return {"kind": "client", "client_id": self.client_id, "auth": "client_secret_basic"}
+        return {"kind": "client", "client_id": self.client_id, "auth": self.method}
 
 
 def _match(presented: str, hashes: list[str]) -> int | None:
@@ -187,16 +203,28 @@ class OperatorAuthenticator:
 
 
 class ClientAuthenticator:
-    """Authenticates HTTP Basic client credentials (RFC 6749 §2.3.1) of resource servers."""
+    """Authenticates resource servers: HTTP Basic client credentials (RFC 6749 §2.3.1), or a workload
+    identity token verified by ``attest`` (the broker's attestor)."""
 
-    def __init__(self, clients: list[IntrospectionClient] | tuple[IntrospectionClient, ...]) -> None:
-        self._clients = {c.client_id: c for c in clients}
+    def __init__(
+        self,
+        clients: list[IntrospectionClient] | tuple[IntrospectionClient, ...],
+        attest: Callable[[str], WorkloadIdentity] | None = None,
+    ) -> None:
+        self._clients = {c.client_id: c for c in clients if c.secret_sha256 is not None}
+        self._workloads = {c.spiffe_id: c for c in clients if c.spiffe_id is not None}
+        self._attest = attest
 
     def authenticate(self, authorization: str | None) -> AuthenticatedClient:
-        """The client whose credentials were presented, or :class:`InvalidClient`."""
+        """The client whose credentials were presented, or :class:`InvalidClient`.
+
+        May raise :class:`~broker.errors.TemporarilyUnavailable` when an identity cannot be checked.
+        """
         scheme, _, encoded = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer" and self._attest is not None and self._workloads:
+            return self._by_identity(encoded.strip())
         if scheme.lower() != "basic" or not encoded.strip():
-            raise InvalidClient("client authentication (HTTP Basic) is required")
+            raise InvalidClient("client authentication (HTTP Basic or a workload identity token) is required")
         try:
             decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
         except (ValueError, UnicodeDecodeError):
@@ -212,3 +240,14 @@ class ClientAuthenticator:
         if not hmac.compare_digest(hash_secret(secret[:_MAX_SECRET]), expected) or client is None:
             raise InvalidClient("client authentication failed")
         return AuthenticatedClient(client_id=client.client_id, audiences=client.audiences)
+
+    def _by_identity(self, token: str) -> AuthenticatedClient:
+        assert self._attest is not None
+        try:
+            identity = self._attest(token)
+        except (InvalidGrant, InvalidRequest) as exc:
+            raise InvalidClient(f"workload identity not accepted: {exc.description}") from None
+        client = self._workloads.get(identity.spiffe_id)
+        if client is None:
+            raise InvalidClient("this workload is not a configured introspection client")
+        return AuthenticatedClient(client_id=client.client_id, audiences=client.audiences, method="workload_identity")

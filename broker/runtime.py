@@ -24,7 +24,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import Settings
 from broker.entries import key_rotation_entry, policy_load_entry
 from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
-from broker.mint.jwt import TaskTokenMinter
+from broker.mint.jwt import JWT_TOKEN_TYPE, TaskTokenMinter
 from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, public_jwk
 from broker.operators import ClientAuthenticator, OperatorAuthenticator
 from broker.pipeline import Broker
@@ -90,7 +90,8 @@ class Runtime:
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
         state = StateServices.build(
             store, keys, settings.issuer_url, clock,
-            OperatorAuthenticator(settings.operators), ClientAuthenticator(settings.introspection_clients),
+            OperatorAuthenticator(settings.operators),
+            ClientAuthenticator(settings.introspection_clients, attest=lambda t: attestor.verify(t, JWT_TOKEN_TYPE)),
         )
         broker = Broker(attestor, policies, minter, ledger, clock, guard=state.guard)
         return cls(

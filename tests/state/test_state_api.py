@@ -44,6 +44,10 @@ PAYMENTS = basic("payments-api", PAYMENTS_SECRET)
 TICKETS = basic("tickets-api", TICKETS_SECRET)
 
 
+NO_AUTH = "client authentication (HTTP Basic or a workload identity token) is required"
+RS_SPIFFE = "spiffe://example.org/ns/payments/sa/payments-api"
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -60,6 +64,7 @@ def state_settings(data_dir: Path, backend: str, prefix: str, policies: Path = P
             {"client_id": "payments-api", "secret_sha256": hash_secret(PAYMENTS_SECRET),
              "audiences": ["payments-api", "orders-api"]},
             {"client_id": "tickets-api", "secret_sha256": hash_secret(TICKETS_SECRET), "audiences": ["tickets-api"]},
+            {"client_id": "payments-workload", "spiffe_id": RS_SPIFFE, "audiences": ["payments-api"]},
         ],
     )
 
@@ -125,8 +130,8 @@ def test_unlimited_token_stays_active(harness: Harness) -> None:
 @pytest.mark.parametrize(
     ("headers", "description"),
     [
-        ({}, "client authentication (HTTP Basic) is required"),
-        (bearer("x"), "client authentication (HTTP Basic) is required"),
+        ({}, NO_AUTH),
+        (bearer("x"), "workload identity not accepted: subject_token is not a compact JWS"),
         ({"Authorization": "Basic !!!"}, "the Basic credentials are not valid base64 UTF-8"),
         ({"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()}, "client authentication failed"),
         (basic("payments-api", "wrong"), "client authentication failed"),
@@ -153,6 +158,30 @@ def test_callers_must_authenticate(harness: Harness, path: str, headers: dict[st
 def test_bad_introspection_requests(harness: Harness, data: dict[str, str], status: int, description: str) -> None:
     r = harness.client.post("/v1/introspect", data=data or {"other": "1"}, headers=PAYMENTS)
     assert (r.status_code, r.json()["error_description"]) == (status, description)
+
+
+def test_resource_server_authenticates_with_its_workload_identity(harness: Harness) -> None:
+    token = harness.token("payments-api", refund(20))
+
+    def rs_identity(spiffe_id: str = RS_SPIFFE) -> dict[str, str]:
+        return bearer(harness.issuer.mint(spiffe_id, "nhi-broker", ttl=60, clock=SystemClock()))
+
+    # Not configured as a client, or not a valid identity: 401, and the token is not consumed.
+    for headers, fragment in [
+        (rs_identity(SUPPORT), "not a configured introspection client"),
+        (bearer("not-a-jwt"), "workload identity not accepted"),
+    ]:
+        r = harness.introspect(token, headers)
+        assert r.status_code == 401 and fragment in r.json()["error_description"]
+    reused = rs_identity()
+    r = harness.introspect(token, reused)
+    assert r.status_code == 200 and r.json()["active"] is True
+    r = harness.introspect(token, reused)  # an identity token is single use here too
+    assert r.status_code == 401 and "already been used" in r.json()["error_description"]
+    assert harness.introspect(token, rs_identity()).json() == {"active": False}  # the refund token was single use
+    harness.client.post("/v1/revoke", data={"token": harness.token("payments-api", refund(1))}, headers=rs_identity())
+    entry = [e for e in harness.ledger() if e["kind"] == "revocation"][-1]
+    assert entry["actor"] == {"kind": "client", "client_id": "payments-workload", "auth": "workload_identity"}
 
 
 def test_foreign_tampered_and_other_audience_tokens_read_inactive(harness: Harness) -> None:

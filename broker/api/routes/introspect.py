@@ -1,8 +1,9 @@
 """``POST /v1/introspect`` (RFC 7662) and ``POST /v1/revoke`` (RFC 7009) for resource servers.
 
-Callers authenticate with HTTP Basic client credentials (``introspection_clients`` in the settings)
-before anything else is read. Introspection of an N-use token consumes one use. A revocation that
-takes effect is a ``revocation`` ledger entry naming the client.
+Callers authenticate (``introspection_clients`` in the settings: HTTP Basic client credentials, or
+their own workload identity token as ``Authorization: Bearer``) before anything else is read.
+Introspection of an N-use token consumes one use. A revocation that takes effect is a ``revocation``
+ledger entry naming the client.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def _services(runtime: Any) -> StateServices:
 
 
 async def _authenticated_form(request: Request, runtime: Any) -> tuple[AuthenticatedClient, str]:
-    client = _services(runtime).clients.authenticate(request.headers.get("authorization"))
+    # In a thread: a workload identity may need the issuer's JWKS.
+    client = await anyio.to_thread.run_sync(_services(runtime).clients.authenticate,
+                                            request.headers.get("authorization"))
     body = await _read_body(request, runtime.settings.max_body_bytes)
     form = _parse_form(request.headers.get("content-type", ""), body)
     token = form.get("token")
