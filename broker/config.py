@@ -58,7 +58,10 @@ class Settings(BaseSettings):
     state_backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite (one machine) or redis.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Used when state_backend is redis.")
     redis_prefix: str = Field("nhi-broker:", pattern=r"^[A-Za-z0-9._:-]{1,64}$", description="Key prefix in Redis.")
-    operators: list[OperatorCredential] = Field(default_factory=list, description="Admin API bearer credentials.")
+    operators: list[OperatorCredential] = Field(default_factory=list, description="Admin API credentials and roles.")
+    operator_issuers: list[IssuerConfig] = Field(
+        default_factory=list, description="Issuers (e.g. OIDC) of operator identity tokens; never trusted for exchange."
+    )
     introspection_clients: list[IntrospectionClient] = Field(
         default_factory=list, description="Resource servers allowed to introspect and revoke."
     )

@@ -4,7 +4,9 @@ Credentials come from configuration and are stored as SHA-256 hashes only; a pre
 hashed and compared with every configured hash in constant time (:func:`hmac.compare_digest`), so
 neither timing nor an early exit tells which credential was close.
 
-Operator roles (admin API, bearer credentials)::
+Operator roles (admin API; ``Authorization: Bearer`` with either a configured secret, or an identity
+token from an ``operator_issuers`` issuer such as the organisation's OIDC provider, mapped to a SPIFFE
+ID by the issuer's template and matched against the operator's ``spiffe_id``)::
 
     admin      revoke by scope, suspend and resume workloads, and everything below
     approver   decide pending approvals (when that capability exists) and read state
@@ -77,14 +79,25 @@ def _check_hash(value: str) -> str:
     return value
 
 
+_SPIFFE_PATTERN = r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$"
+
+
 class OperatorCredential(BaseModel):
-    """A configured operator: a name for the ledger, a role and the SHA-256 of its bearer token."""
+    """A configured operator: a name for the ledger, a role, and how it authenticates: the SHA-256 of
+    its bearer secret, or the SPIFFE ID its identity token (from an ``operator_issuers`` issuer) proves."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     role: Role
-    token_sha256: str
+    token_sha256: str | None = None
+    spiffe_id: str | None = Field(None, pattern=_SPIFFE_PATTERN)
+
+    @model_validator(mode="after")
+    def _one_method(self) -> OperatorCredential:
+        if (self.token_sha256 is None) == (self.spiffe_id is None):
+            raise ValueError("an operator needs exactly one of token_sha256 or spiffe_id")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -95,8 +108,8 @@ class OperatorCredential(BaseModel):
 
     @field_validator("token_sha256")
     @classmethod
-    def _hash(cls, value: str) -> str:
-        return _check_hash(value)
+    def _hash(cls, value: str | None) -> str | None:
+        return None if value is None else _check_hash(value)
 
 
 class IntrospectionClient(BaseModel):
@@ -110,7 +123,7 @@ class IntrospectionClient(BaseModel):
 
     client_id: str
     secret_sha256: str | None = None
-    spiffe_id: str | None = Field(None, pattern=r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~-]+)+$")
+    spiffe_id: str | None = Field(None, pattern=_SPIFFE_PATTERN)
     audiences: tuple[str, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -179,27 +192,50 @@ def _match(presented: str, hashes: list[str]) -> int | None:
     return found
 
 
-class OperatorAuthenticator:
-    """Authenticates ``Authorization: Bearer <token>`` against the configured operators."""
+_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
-    def __init__(self, credentials: list[OperatorCredential] | tuple[OperatorCredential, ...]) -> None:
-        self._credentials = list(credentials)
+
+class OperatorAuthenticator:
+    """Authenticates ``Authorization: Bearer`` against the configured operators: a secret, or an
+    identity token verified by ``attest`` (an attestor over ``operator_issuers`` only)."""
+
+    def __init__(
+        self,
+        credentials: list[OperatorCredential] | tuple[OperatorCredential, ...],
+        attest: Callable[[str], WorkloadIdentity] | None = None,
+    ) -> None:
+        self._secrets = [c for c in credentials if c.token_sha256 is not None]
+        self._identities = {c.spiffe_id: c for c in credentials if c.spiffe_id is not None}
+        self._attest = attest
 
     def authenticate(self, authorization: str | None) -> Operator:
-        """The operator whose token was presented, or :class:`InvalidOperatorToken`."""
-        if not self._credentials:
+        """The operator whose credential was presented, or :class:`InvalidOperatorToken`."""
+        if not self._secrets and not self._identities:
             raise InvalidOperatorToken("no operator credentials are configured; the admin API is closed")
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise InvalidOperatorToken("an operator bearer token is required")
         token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise InvalidOperatorToken("an operator bearer token is required")
+        if self._attest is not None and self._identities and _JWS.fullmatch(token):
+            return self._by_identity(token)
         if len(token) > _MAX_SECRET:
             raise InvalidOperatorToken("the operator token is not valid")
-        index = _match(token, [c.token_sha256 for c in self._credentials])
+        index = _match(token, [c.token_sha256 for c in self._secrets if c.token_sha256 is not None])
         if index is None:
             raise InvalidOperatorToken("the operator token is not valid")
-        cred = self._credentials[index]
+        cred = self._secrets[index]
         return Operator(name=cred.name, role=cred.role, method="bearer")
+
+    def _by_identity(self, token: str) -> Operator:
+        assert self._attest is not None
+        try:
+            identity = self._attest(token)
+        except (InvalidGrant, InvalidRequest) as exc:
+            raise InvalidOperatorToken(f"operator identity not accepted: {exc.description}") from None
+        cred = self._identities.get(identity.spiffe_id)
+        if cred is None:
+            raise InvalidOperatorToken("this identity is not a configured operator")
+        return Operator(name=cred.name, role=cred.role, method=f"identity:{identity.method}")
 
 
 class ClientAuthenticator:

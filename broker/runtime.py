@@ -88,10 +88,16 @@ class Runtime:
             issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, jwks_sources=sources
         )
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
+        # Operators' issuers get their own attestor: an operator's OIDC token never exchanges for a task token.
+        operator_attestor = Attestor(settings.operator_issuers, store, clock) if settings.operator_issuers else None
         state = StateServices.build(
             store, keys, settings.issuer_url, clock,
-            OperatorAuthenticator(settings.operators),
+            OperatorAuthenticator(
+                settings.operators,
+                attest=(lambda t: operator_attestor.verify(t, JWT_TOKEN_TYPE)) if operator_attestor else None,
+            ),
             ClientAuthenticator(settings.introspection_clients, attest=lambda t: attestor.verify(t, JWT_TOKEN_TYPE)),
+            on_close=(operator_attestor.close,) if operator_attestor else (),
         )
         broker = Broker(attestor, policies, minter, ledger, clock, guard=state.guard)
         return cls(
@@ -136,5 +142,7 @@ class Runtime:
     def close(self) -> None:
         """Stop the ledger writer and release connections."""
         self.attestor.close()
+        if self.state is not None:
+            self.state.close()
         self.ledger.close()
         self.store.close()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.clock import Clock
@@ -30,11 +31,13 @@ class StateServices:
     introspector: Introspector
     operators: OperatorAuthenticator
     clients: ClientAuthenticator
+    on_close: tuple[Callable[[], None], ...] = ()
 
     @classmethod
     def build(
         cls, store: StateStore, keys: KeySet, issuer: str, clock: Clock,
         operators: OperatorAuthenticator, clients: ClientAuthenticator,
+        on_close: tuple[Callable[[], None], ...] = (),
     ) -> StateServices:
         """Assemble the services over ``store``."""
         tokens = TokenState(store, clock)
@@ -44,4 +47,10 @@ class StateServices:
             introspector=Introspector(keys, issuer, tokens, clock),
             operators=operators,
             clients=clients,
+            on_close=on_close,
         )
+
+    def close(self) -> None:
+        """Release what the services own (the operators' attestor and its key fetchers)."""
+        for close in self.on_close:
+            close()
