@@ -9,6 +9,7 @@ broker fails closed and the connection pool reconnects by itself when Redis retu
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from broker.clock import Clock, SystemClock
 from broker.errors import StoreUnavailable
 
 __all__ = ["RedisStateStore"]
+
+log = logging.getLogger("nhi_broker.store")
 
 # KEYS[1] counter; ARGV amount, limit, ttl ms. Returns the new total or -1 when it would exceed the limit.
 _COUNT_UP = """
@@ -52,6 +55,7 @@ def _redis_errors() -> Iterator[None]:
         yield
     except redis.RedisError as exc:
         # The type only: messages can carry the URL.
+        log.warning("redis state store unavailable (%s): failing closed", type(exc).__name__)
         raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -12,6 +13,8 @@ from broker.clock import Clock, SystemClock
 from broker.errors import StoreUnavailable
 
 __all__ = ["SqliteStateStore"]
+
+log = logging.getLogger("nhi_broker.store")
 
 _T = TypeVar("_T")
 
@@ -93,6 +96,7 @@ class SqliteStateStore:
             with self._lock:
                 return work(self._conn())
         except sqlite3.Error as exc:
+            log.warning("sqlite state store unavailable (%s): failing closed", type(exc).__name__)
             raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from None
 
     def _wrote(self, conn: sqlite3.Connection, now: float) -> None:
