@@ -24,9 +24,8 @@ from broker.clock import Clock, SystemClock
 from broker.config import Settings
 from broker.entries import key_rotation_entry, policy_load_entry
 from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
-from broker.mint.jwt import JWT_TOKEN_TYPE, TaskTokenMinter
+from broker.mint.jwt import TaskTokenMinter
 from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, public_jwk
-from broker.operators import ClientAuthenticator, OperatorAuthenticator
 from broker.pipeline import Broker
 from broker.policy import POLICY_FILES, PolicySet, load_policies
 from broker.state import StateServices
@@ -88,17 +87,7 @@ class Runtime:
             issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, jwks_sources=sources
         )
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
-        # Operators' issuers get their own attestor: an operator's OIDC token never exchanges for a task token.
-        operator_attestor = Attestor(settings.operator_issuers, store, clock) if settings.operator_issuers else None
-        state = StateServices.build(
-            store, keys, settings.issuer_url, clock,
-            OperatorAuthenticator(
-                settings.operators,
-                attest=(lambda t: operator_attestor.verify(t, JWT_TOKEN_TYPE)) if operator_attestor else None,
-            ),
-            ClientAuthenticator(settings.introspection_clients, attest=lambda t: attestor.verify(t, JWT_TOKEN_TYPE)),
-            on_close=(operator_attestor.close,) if operator_attestor else (),
-        )
+        state = StateServices.from_settings(settings, store, keys, attestor, clock)
         broker = Broker(attestor, policies, minter, ledger, clock, guard=state.guard)
         return cls(
             settings=settings, clock=clock, keys=keys, ledger=ledger, store=store, policies=policies,

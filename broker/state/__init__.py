@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from broker.attest.verifier import Attestor
 from broker.clock import Clock
+from broker.mint.jwt import JWT_TOKEN_TYPE
 from broker.mint.keys import KeySet
 from broker.operators import ClientAuthenticator, OperatorAuthenticator
 from broker.state.guard import IssuanceGuard
 from broker.state.introspection import Introspector
 from broker.state.tokens import TokenState
 from broker.store.base import StateStore
+
+if TYPE_CHECKING:
+    from broker.config import Settings
 
 __all__ = ["Introspector", "IssuanceGuard", "StateServices", "TokenState"]
 
@@ -49,6 +55,22 @@ class StateServices:
             clients=clients,
             on_close=on_close,
         )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: StateStore, keys: KeySet, attestor: Attestor, clock: Clock
+    ) -> StateServices:
+        """The services as ``settings`` configure them; ``attestor`` verifies resource servers' identities."""
+        # Operators' issuers get their own attestor: an operator's OIDC token never exchanges for a task token.
+        op_attestor = Attestor(settings.operator_issuers, store, clock) if settings.operator_issuers else None
+        operators = OperatorAuthenticator(
+            settings.operators, attest=(lambda t: op_attestor.verify(t, JWT_TOKEN_TYPE)) if op_attestor else None
+        )
+        clients = ClientAuthenticator(
+            settings.introspection_clients, attest=lambda t: attestor.verify(t, JWT_TOKEN_TYPE)
+        )
+        return cls.build(store, keys, settings.issuer_url, clock, operators, clients,
+                         on_close=(op_attestor.close,) if op_attestor else ())
 
     def close(self) -> None:
         """Release what the services own (the operators' attestor and its key fetchers)."""

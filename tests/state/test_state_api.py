@@ -121,6 +121,14 @@ def test_single_use_refund_token_is_consumed_at_introspection(harness: Harness) 
     assert harness.introspect(token).json() == {"active": False}
 
 
+def test_metadata_names_the_endpoints(harness: Harness) -> None:
+    meta = harness.client.get("/.well-known/oauth-authorization-server").json()
+    base = harness.settings.issuer_url
+    assert meta["introspection_endpoint"] == f"{base}/v1/introspect"
+    assert meta["revocation_endpoint"] == f"{base}/v1/revoke"
+    assert meta["introspection_endpoint_auth_methods_supported"] == ["client_secret_basic"]
+
+
 def test_unlimited_token_stays_active(harness: Harness) -> None:
     token = harness.token("orders-api", READ)
     assert harness.active(token) and harness.active(token)
