@@ -103,8 +103,15 @@ class TokenState:
 
     def workload_status(self, workload: str) -> dict[str, float | None]:
         """Suspension time and revocation cut-off of ``workload`` (for the admin API)."""
-        suspended, cutoff = self._store.get_marks([(_NS_SUSPENDED, workload), (_NS_CUTOFF, f"workload\x00{workload}")])
-        return {"suspended_since": suspended, "revoked_before": cutoff}
+        return self.workloads_status([workload])[workload]
+
+    def workloads_status(self, workloads: list[str]) -> dict[str, dict[str, float | None]]:
+        """:meth:`workload_status` of several workloads in one store round trip."""
+        items = [item for w in workloads for item in ((_NS_SUSPENDED, w), (_NS_CUTOFF, f"workload\x00{w}"))]
+        marks = self._store.get_marks(items)
+        return {
+            w: {"suspended_since": marks[2 * i], "revoked_before": marks[2 * i + 1]} for i, w in enumerate(workloads)
+        }
 
     def status(self, claims: Mapping[str, Any], *, consume_use: bool) -> TokenStatus:
         """Whether the verified ``claims`` are live; consumes one use of an N-use token when asked.

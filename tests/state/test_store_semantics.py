@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis
 
+from broker.clock import SystemClock
 from broker.errors import StoreUnavailable
+from broker.state.tokens import TokenState
 from broker.store.base import StateStore
 from broker.store.redis import RedisStateStore
-from tests.state.conftest import OwnRedis, make_store
+from tests.state.conftest import SHARED_REDIS, OwnRedis, make_store
 
 
 def far() -> float:
@@ -119,4 +123,24 @@ def test_redis_fails_closed_and_recovers(own_redis: OwnRedis) -> None:
         assert store.count_up("c", "k", 1, 5, far()) == 1
         assert store.consume_once("jti", "b", far())
     finally:
+        store.close()
+
+
+def test_redis_publishes_state_events(redis_prefix: str) -> None:
+    """Verifier caches outside the broker learn of revocations and suspensions on <prefix>events."""
+    listener = redis.Redis.from_url(SHARED_REDIS).pubsub()
+    listener.subscribe(redis_prefix + "events")
+    assert listener.get_message(timeout=2)["type"] == "subscribe"
+    store = RedisStateStore(SHARED_REDIS, prefix=redis_prefix)
+    tokens = TokenState(store, SystemClock())
+    try:
+        tokens.suspend("support-assistant")
+        tokens.revoke_scope("conversation", "conv-9")
+        events = [json.loads(listener.get_message(timeout=2)["data"]) for _ in range(2)]
+        assert events[0]["kind"] == "suspension" and events[0]["workload"] == "support-assistant"
+        assert events[0]["suspended"] is True
+        assert events[1] == {"kind": "revocation", "scope": "conversation", "value": "conv-9",
+                             "before": events[1]["before"]}
+    finally:
+        listener.close()
         store.close()

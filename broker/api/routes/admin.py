@@ -105,6 +105,19 @@ async def resume(
             "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
 
 
+@router.get("/workloads", summary="Every registered workload with its owner, suspension and revocation state")
+async def workloads_state(operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+    operator.require("read")
+    assert runtime.state is not None
+    entries = list(runtime.policies.registry)
+    status = await anyio.to_thread.run_sync(runtime.state.tokens.workloads_status, [e.name for e in entries])
+    return {"workloads": [
+        {"workload": e.name, "owner": e.owner, "suspended": status[e.name]["suspended_since"] is not None,
+         **status[e.name]}
+        for e in entries
+    ]}
+
+
 @router.get("/workloads/{name}", summary="Suspension and revocation state of a workload")
 async def workload_state(name: _WorkloadName, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
     operator.require("read")
