@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 from broker.attest.issuers import IssuerConfig
 from broker.errors import ConfigError
+from broker.operators import IntrospectionClient, OperatorCredential
 
 __all__ = ["CONFIG_ENV", "Settings", "load_settings"]
 
@@ -54,6 +55,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024, le=1048576)
     max_subject_token_bytes: int = Field(8192, ge=1024, le=65536)
     dpop_nonce: bool = Field(False, description="Demand a server nonce in DPoP proofs (RFC 9449 §8).")
+    # Shared state (issue 5): replay, revocation, use counts, rate limits, budgets, suspensions.
+    state_backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite (one machine) or redis.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Used when state_backend is redis.")
+    redis_prefix: str = Field("nhi-broker:", pattern=r"^[A-Za-z0-9._:-]{1,64}$", description="Key prefix in Redis.")
+    operators: list[OperatorCredential] = Field(default_factory=list, description="Admin API credentials and roles.")
+    operator_issuers: list[IssuerConfig] = Field(
+        default_factory=list, description="Issuers (e.g. OIDC) of operator identity tokens; never trusted for exchange."
+    )
+    introspection_clients: list[IntrospectionClient] = Field(
+        default_factory=list, description="Resource servers allowed to introspect and revoke."
+    )
 
     @field_validator("ledger_origin")
     @classmethod

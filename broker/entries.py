@@ -10,7 +10,15 @@ from typing import Any
 
 from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
 
-__all__ = ["ENTRY_VERSION", "denial_entry", "issuance_entry", "key_rotation_entry", "policy_load_entry"]
+__all__ = [
+    "ENTRY_VERSION",
+    "denial_entry",
+    "issuance_entry",
+    "key_rotation_entry",
+    "policy_load_entry",
+    "revocation_entry",
+    "suspension_entry",
+]
 
 ENTRY_VERSION = 1
 
@@ -113,4 +121,33 @@ def key_rotation_entry(
         "time": rfc3339(now),
         "request_id": request_id,
         "key": {"purpose": purpose, "kid": kid, "alg": alg, "public_jwk": jwk},
+    }
+
+
+def revocation_entry(
+    *, now: float, request_id: str, actor: dict[str, str], scope: str, target: dict[str, Any], reason: str
+) -> dict[str, Any]:
+    """Tokens were revoked by ``actor``: one token (``scope`` = ``token``, ``target`` names its ``jti``)
+    or every token of a workload, end user or conversation (``target`` names the value)."""
+    return {
+        "v": ENTRY_VERSION,
+        "kind": "revocation",
+        "time": rfc3339(now),
+        "request_id": request_id,
+        "actor": actor,
+        "revocation": {"scope": scope, **target, "reason": reason},
+    }
+
+
+def suspension_entry(
+    *, now: float, request_id: str, actor: dict[str, str], workload: str, suspended: bool, reason: str
+) -> dict[str, Any]:
+    """An operator suspended (kill switch) or resumed ``workload``."""
+    return {
+        "v": ENTRY_VERSION,
+        "kind": "suspension",
+        "time": rfc3339(now),
+        "request_id": request_id,
+        "actor": actor,
+        "suspension": {"workload": workload, "state": "suspended" if suspended else "resumed", "reason": reason},
     }

@@ -18,7 +18,13 @@ The API maps errors to responses in one handler (``broker.api.errors``).
     ├── InvalidAuthorizationDetails     invalid_authorization_details 400
     ├── AccessDenied                    access_denied            403
     │   ├── UnregisteredWorkload        access_denied            403
+    │   ├── WorkloadSuspended           workload_suspended       403   (kill switch)
+    │   ├── InsufficientRole            access_denied            403   (operator lacks the role)
     │   └── PolicyDenied                access_denied            403   (carries the rule id)
+    │       ├── RateLimited             rate_limit_exceeded      429
+    │       └── BudgetExceeded          budget_exceeded          403
+    ├── InvalidClient                   invalid_client           401   (introspection/revocation caller)
+    ├── InvalidOperatorToken            invalid_token            401   (admin API caller)
     ├── NotFound                        not_found                404
     └── TemporarilyUnavailable          temporarily_unavailable  503
         ├── LedgerUnavailable           temporarily_unavailable  503
@@ -35,15 +41,20 @@ __all__ = [
     "AccessDenied",
     "AttestationError",
     "BrokerError",
+    "BudgetExceeded",
     "ConfigError",
+    "InsufficientRole",
     "InvalidAuthorizationDetails",
+    "InvalidClient",
     "InvalidGrant",
+    "InvalidOperatorToken",
     "InvalidRequest",
     "InvalidTarget",
     "LedgerUnavailable",
     "NotFound",
     "PolicyDenied",
     "PolicyLoadError",
+    "RateLimited",
     "ReplayDetected",
     "RequestTooLarge",
     "StoreUnavailable",
@@ -53,6 +64,7 @@ __all__ = [
     "UnsupportedMediaType",
     "UnsupportedTokenType",
     "VerificationError",
+    "WorkloadSuspended",
 ]
 
 
@@ -143,6 +155,45 @@ class PolicyDenied(AccessDenied):
         if self.rule_id is not None:
             body["rule_id"] = self.rule_id
         return body
+
+
+class WorkloadSuspended(AccessDenied):
+    """An operator suspended the workload: nothing is issued to it until it is resumed."""
+
+    code = "workload_suspended"
+
+
+class InsufficientRole(AccessDenied):
+    """The authenticated operator's role does not allow this admin call."""
+
+
+class RateLimited(PolicyDenied):
+    """The rule's request rate for (workload, action) is used up for the current window."""
+
+    code = "rate_limit_exceeded"
+    status = 429
+
+
+class BudgetExceeded(PolicyDenied):
+    """The intent's value would take the rule's cumulative budget over its limit for the period."""
+
+    code = "budget_exceeded"
+
+
+class InvalidClient(BrokerError):
+    """The introspection or revocation caller did not authenticate (RFC 6749 §5.2)."""
+
+    code = "invalid_client"
+    status = 401
+    www_authenticate = 'Basic realm="nhi-broker"'
+
+
+class InvalidOperatorToken(BrokerError):
+    """The admin API caller presented no valid operator credential (RFC 6750 §3.1)."""
+
+    code = "invalid_token"
+    status = 401
+    www_authenticate = 'Bearer realm="nhi-broker-admin", error="invalid_token"'
 
 
 class NotFound(BrokerError):

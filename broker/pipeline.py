@@ -20,8 +20,9 @@ or when the broker is built with ``decide_in_thread=True`` (a state store across
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio.to_thread
 
@@ -44,12 +45,17 @@ class IdentityVerifier(Protocol):
 
 class IntentPolicy(Protocol):
     version: str
+    limits: Mapping[str, Any]
 
     def resolve_workload(self, identity: WorkloadIdentity) -> RegisteredWorkload: ...
 
     def authorize(
         self, identity: WorkloadIdentity, workload: RegisteredWorkload, audience: str, intent: Intent
     ) -> Grant: ...
+
+
+class LimitGuard(Protocol):
+    def admit(self, grant: Grant, limits: Any) -> dict[str, Any]: ...
 
 
 class AppendOnlyLog(Protocol):
@@ -85,6 +91,7 @@ class Broker:
         minter: TaskTokenMinter,
         ledger: AppendOnlyLog,
         clock: Clock | None = None,
+        guard: LimitGuard | None = None,
         *,
         decide_in_thread: bool = False,
     ) -> None:
@@ -93,6 +100,7 @@ class Broker:
         self.minter = minter
         self.ledger = ledger
         self.clock = clock or SystemClock()
+        self.guard = guard
         self.decide_in_thread = decide_in_thread
 
     def _decide(self, request: ExchangeRequest, may_fetch: bool = True) -> tuple[Grant, PreparedToken] | _Refusal:
@@ -104,9 +112,12 @@ class Broker:
             workload = self.policies.resolve_workload(identity)
             grant = self.policies.authorize(identity, workload, request.audience, request.intent)
             enforce_binding(grant, request.dpop)
+            # (2b) kill switch, rates and budgets (broker.state.guard); shared-state outages raise 503.
+            extra = self.guard.admit(grant, self.policies.limits.get(grant.rule_id)) if self.guard else {}
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc)
-        return grant, self.minter.prepare(grant, cnf_jkt=request.dpop.jkt if request.dpop else None)
+        cnf_jkt = request.dpop.jkt if request.dpop else None
+        return grant, self.minter.prepare(grant, cnf_jkt=cnf_jkt, extra_claims=extra)
 
     async def exchange(self, request: ExchangeRequest) -> Issued:
         """Attest, authorize, record and mint; see the module docstring for the order."""

@@ -6,7 +6,8 @@ Everything on the embedded default lives under ``settings.data_dir``::
     keys/ledger-key.pem     Ed25519 signed-note key of the ledger, mode 0600
     dev-issuer-key.pem      trial-only workload-identity issuer (when enabled)
     ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL)
-    state.sqlite3           single-use values (identity jti)
+    state.sqlite3           shared state on the embedded default (state_backend = "sqlite"):
+                            single-use values, revocations, suspensions, use counts, rates, budgets
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
 from broker.mint.jwt import TaskTokenMinter
 from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, public_jwk
 from broker.pipeline import Broker
-from broker.policy import PolicySet, load_policies
-from broker.store.sqlite import SqliteStateStore
+from broker.policy import POLICY_FILES, PolicySet, load_policies
+from broker.state import StateServices
+from broker.store import StateStore, open_store
 
 __all__ = ["Runtime", "policy_file_digests"]
 
 log = logging.getLogger("nhi_broker")
-
-POLICY_FILES = ("model.conf", "policy.csv", "workloads.toml", "tests.toml")
 
 
 def policy_file_digests(directory: Path) -> dict[str, str]:
@@ -54,7 +54,7 @@ class Runtime:
     clock: Clock
     keys: KeySet
     ledger: Ledger
-    store: SqliteStateStore
+    store: StateStore
     policies: PolicySet
     attestor: Attestor
     minter: TaskTokenMinter
@@ -64,6 +64,7 @@ class Runtime:
     ledger_signer_key: PrivateKey | None = None
     ledger_key_created: bool = False
     dpop: DPoPVerifier | None = None
+    state: StateServices | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -76,7 +77,7 @@ class Runtime:
         ledger_key, ledger_key_created = load_or_create_private_key(data_dir / "keys" / "ledger-key.pem", "EdDSA")
         signer = NoteSigner(settings.ledger_key_name or settings.ledger_origin, ledger_key)  # type: ignore[arg-type]
         ledger = Ledger(SqliteLedgerStorage(data_dir / "ledger.sqlite3"), signer, settings.ledger_origin, clock)
-        store = SqliteStateStore(data_dir / "state.sqlite3", clock=clock)
+        store = open_store(settings, clock)
         issuers = list(settings.trust)
         dev_issuer = None
         sources = {}
@@ -88,7 +89,12 @@ class Runtime:
             issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, jwks_sources=sources
         )
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
-        broker = Broker(attestor, policies, minter, ledger, clock)
+        state = StateServices.from_settings(settings, store, keys, attestor, clock)
+        # A store across the network (Redis) would block the event loop: decide in a worker thread.
+        broker = Broker(
+            attestor, policies, minter, ledger, clock, guard=state.guard,
+            decide_in_thread=settings.state_backend != "sqlite",
+        )
         nonces = None
         if settings.dpop_nonce:
             # Every worker derives the same nonce key from one key file (created once, mode 0600).
@@ -100,6 +106,7 @@ class Runtime:
             attestor=attestor, minter=minter, broker=broker, dev_issuer=dev_issuer,
             ledger_signer=signer, ledger_signer_key=ledger_key, ledger_key_created=ledger_key_created,
             dpop=dpop,
+            state=state,
         )
 
     @property
@@ -137,5 +144,7 @@ class Runtime:
     def close(self) -> None:
         """Stop the ledger writer and release connections."""
         self.attestor.close()
+        if self.state is not None:
+            self.state.close()
         self.ledger.close()
         self.store.close()

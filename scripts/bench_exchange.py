@@ -7,15 +7,21 @@ dev-issuer identity tokens and a Lua script hands each request its own body. Eve
 in time; the broker is stopped at the end.
 
     python scripts/bench_exchange.py [--workers 2] [--duration 8] [--connections 4,16,64]
+                                     [--state sqlite|redis] [--redis-url URL] [--introspect]
 
-Prints exchanges/s, p50 and p99 latency and non-200 answers for each concurrency level.
+Prints exchanges/s, p50 and p99 latency and non-200 answers for each concurrency level; with
+``--state redis`` the shared state (replay, limits, suspension checks) lives in Redis instead of the
+embedded SQLite file; with ``--introspect`` it also measures RFC 7662 introspections/s of one token.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -129,6 +135,57 @@ def run_wrk(url: str, lua: Path, bodies: Path, connections: int, duration: int, 
     return json.loads(line[5:])
 
 
+INTROSPECT_LUA = r"""
+errors = 0
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args)
+  wrk.method = "POST"
+  wrk.body = args[1]
+  wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+  wrk.headers["Authorization"] = args[2]
+end
+function request() return wrk.format(nil, "/v1/introspect") end
+function response(status, headers, body)
+  if status ~= 200 or not string.find(body, '"active":true', 1, true) then errors = errors + 1 end
+end
+function done(summary, latency, requests)
+  local errs = 0
+  for _, t in ipairs(threads) do errs = errs + t:get("errors") end
+  io.write(string.format(
+    "JSON {\"requests\": %d, \"duration_us\": %d, \"p50_us\": %d, \"p99_us\": %d, \"non200\": %d, "
+    .. "\"socket_errors\": %d}\n", summary.requests, summary.duration, latency:percentile(50),
+    latency:percentile(99), errs, summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.timeout))
+end
+"""
+
+
+def bench_introspection(url: str, work: Path, token_body: str, secret: str, levels: list[int], args: argparse.Namespace
+                        ) -> None:
+    """Introspections/s of one live task token by an authenticated resource server (no use limit)."""
+    request = urllib.request.Request(url + "/v1/token", data=token_body.encode(), method="POST",  # noqa: S310
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310 - loopback
+        token = json.load(r)["access_token"]
+    lua = work / "introspect.lua"
+    lua.write_text(INTROSPECT_LUA)
+    auth = "Basic " + base64.b64encode(f"bench-rs:{secret}".encode()).decode()
+    body = urllib.parse.urlencode({"token": token})
+    print(f"{'connections':>11} {'introspect/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'inactive':>8}")
+    for c in levels:
+        cmd = ["wrk", f"-t{min(args.threads, c)}", f"-c{c}", f"-d{args.duration}s", "--latency", "-s", str(lua),
+               url, "--", body, auth]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60, check=False)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("JSON ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"wrk failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        r = json.loads(line[5:])
+        rate = r["requests"] / (r["duration_us"] / 1e6)
+        bad = r["non200"] + r["socket_errors"]
+        print(f"{c:>11} {rate:>12.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} {bad:>8}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
@@ -136,6 +193,9 @@ def main() -> int:
     parser.add_argument("--connections", default="4,16,64")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--tokens", type=int, default=0, help="identity tokens to pre-mint (default: sized to the run)")
+    parser.add_argument("--state", choices=["sqlite", "redis"], default="sqlite", help="shared-state backend")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --state redis")
+    parser.add_argument("--introspect", action="store_true", help="also measure introspection requests/s")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install wrk", file=sys.stderr)
@@ -148,6 +208,14 @@ def main() -> int:
     # One file per level: every identity jti is used once; wrk wraps around only if the pool runs dry,
     # and those replays show up as non-200 answers.
     count = args.tokens or 3000 * args.duration
+    secret = secrets.token_urlsafe(24)
+    prefix = f"nhi-bench-{secrets.token_hex(4)}:"
+    config = work / "broker.toml"
+    config.write_text(
+        f'state_backend = "{args.state}"\nredis_url = "{args.redis_url}"\nredis_prefix = "{prefix}"\n'
+        f'[[introspection_clients]]\nclient_id = "bench-rs"\naudiences = ["{AUDIENCE}"]\n'
+        f'secret_sha256 = "{hashlib.sha256(secret.encode()).hexdigest()}"\n'
+    )
     t0 = time.monotonic()
     pools = []
     for c in levels:
@@ -161,18 +229,21 @@ def main() -> int:
     server_log = (work / "server.log").open("wb")
     server = subprocess.Popen(
         [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--workers", str(args.workers),
-         "--policies", str(ROOT / "policies")],
+         "--policies", str(ROOT / "policies"), "--config", str(config)],
         stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         wait_ready(url)
-        print(f"broker: {args.workers} worker(s), durable SQLite ledger (synchronous=FULL), SQLite replay store")
+        print(f"broker: {args.workers} worker(s), durable SQLite ledger (synchronous=FULL), {args.state} state store")
         print(f"{'connections':>11} {'exchanges/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}")
         for c, bodies in zip(levels, pools, strict=True):
             r = run_wrk(url, lua, bodies, c, args.duration, min(args.threads, c))
             rate = r["requests"] / (r["duration_us"] / 1e6)
             print(f"{c:>11} {rate:>12.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} "
                   f"{r['non200'] + r['socket_errors']:>8}")
+        if args.introspect:
+            make_bodies(data_dir, 1, work / "one.txt")
+            bench_introspection(url, work, (work / "one.txt").read_text().strip(), secret, levels, args)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -184,6 +255,14 @@ def main() -> int:
         if server.returncode not in (0, -signal.SIGTERM):
             sys.stderr.write((work / "server.log").read_text(errors="replace")[-4000:])
         shutil.rmtree(work, ignore_errors=True)
+        if args.state == "redis":
+            import redis
+
+            client = redis.Redis.from_url(args.redis_url)
+            keys = list(client.scan_iter(match=prefix + "*", count=1000))
+            for i in range(0, len(keys), 1000):
+                client.delete(*keys[i:i + 1000])
+            client.close()
     return 0
 
 

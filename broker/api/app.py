@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import health, ledger, metrics, token, wellknown
+from broker.api.routes import admin, health, introspect, ledger, metrics, token, wellknown
 from broker.clock import Clock
 from broker.config import Settings
 from broker.metrics import BrokerMetrics, MetricsMiddleware
@@ -50,6 +50,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
     app.include_router(ledger.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(introspect.router)
+    app.include_router(admin.router)
     return app
 
 

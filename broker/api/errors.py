@@ -41,6 +41,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status == 503:
             headers["Retry-After"] = "1"
         headers.update(getattr(exc, "http_headers", {}))  # e.g. DPoP-Nonce (RFC 9449 §8)
+        challenge = getattr(exc, "www_authenticate", None)
+        if challenge is not None:
+            headers["WWW-Authenticate"] = challenge
         return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -59,6 +59,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"  ledger verifier   {verifier_key}")
     print(f"  data dir          {settings.data_dir.resolve()}")
     print(f"  policies          {settings.policies_dir.resolve()} ({runtime.policies.version})")
+    print(f"  shared state      {settings.state_backend}"
+          + (f" (key prefix {settings.redis_prefix})" if settings.state_backend == "redis" else ""))
     if dev:
         print("  trial issuer      ON (no trust configured) - `nhi-broker dev identity <spiffe-id>`;"
               " for trials only")

@@ -56,10 +56,13 @@ class TaskTokenMinter:
         self._default_ttl = default_ttl
         self._clock = clock or SystemClock()
 
-    def prepare(self, grant: Grant, *, cnf_jkt: str | None = None) -> PreparedToken:
+    def prepare(
+        self, grant: Grant, *, cnf_jkt: str | None = None, extra_claims: dict[str, Any] | None = None
+    ) -> PreparedToken:
         """Fix the claims for ``grant``; the lifetime is the default TTL, never above the rule's cap.
 
-        ``cnf_jkt`` binds the token to a DPoP key (RFC 9449 §6.1: ``cnf.jkt``).
+        ``cnf_jkt`` binds the token to a DPoP key (RFC 9449 §6.1: ``cnf.jkt``). ``extra_claims``
+        (such as ``num_uses`` from the rule's limits) may add claims, never replace one.
         """
         now = int(self._clock.now())
         ttl = min(self._default_ttl, grant.max_ttl)
@@ -77,6 +80,10 @@ class TaskTokenMinter:
         }
         if cnf_jkt is not None:
             claims["cnf"] = {"jkt": cnf_jkt}
+        for name, value in (extra_claims or {}).items():
+            if name in claims:
+                raise ValueError(f"extra claim {name!r} would replace a standard claim")
+            claims[name] = value
         active = self._keys.active
         return PreparedToken(claims=claims, kid=active.kid, alg=active.alg)
 

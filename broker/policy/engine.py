@@ -43,6 +43,7 @@ from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
 
 from ._patterns import audience_matches
 from ._rules import BINDINGS, Rule
+from .limits import RuleLimits
 from .registry import WorkloadRegistry
 
 __all__ = ["Decision", "Explanation", "PartResult", "PolicySet", "RuleTrace", "plain_enforcer"]
@@ -206,6 +207,8 @@ class PolicySet:
         self.version: str = loaded.version
         self.registry: WorkloadRegistry = loaded.registry
         self.rules: tuple[Rule, ...] = loaded.rules
+        #: Uses, rates and budgets by allow-rule id (``limits.toml``); set by the loader.
+        self.limits: Mapping[str, RuleLimits] = {}
         self._loaded = loaded
         self._subjects = dict(loaded.subjects)
         self._rules_by_id = {r.rule_id: r for r in loaded.rules}

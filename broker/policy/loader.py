@@ -6,6 +6,7 @@ A policy directory holds::
     policy.csv      'p' rules and 'g' role inheritance lines
     workloads.toml  the workload registry
     tests.toml      policy test cases for ``nhi-broker policy test`` (optional for serving)
+    limits.toml     uses, rates and value budgets of allow rules, by rule id (optional)
 
 The policy version is ``sha256:`` + the hex SHA-256 over the files present, sorted by name, each
 contributing ``name || 0x00 || bytes || 0x00``. Every decision records it.
@@ -24,11 +25,12 @@ from broker.errors import PolicyLoadError
 
 from ._rules import ANY_WORKLOAD, ParsedPolicy, parse_policy_lines
 from .engine import _CASBIN_SILENT, PolicySet, _LoadedPolicy
+from .limits import RuleLimits, parse_limits
 from .registry import WorkloadRegistry, parse_registry
 
 __all__ = ["MAX_ROLE_DEPTH", "POLICY_FILES", "SUPPORTED_MODEL", "load_policies", "policy_version"]
 
-POLICY_FILES = ("model.conf", "policy.csv", "workloads.toml", "tests.toml")
+POLICY_FILES = ("model.conf", "policy.csv", "workloads.toml", "tests.toml", "limits.toml")
 _REQUIRED = ("model.conf", "policy.csv", "workloads.toml")
 MAX_FILE_BYTES = 8 * 1024 * 1024
 # Casbin's role manager silently stops following links after 10 hops; stay well inside that.
@@ -231,6 +233,12 @@ def load_policies(directory: Path) -> PolicySet:
     subjects: dict[str, frozenset[str]] = {}
     if registry is not None:
         subjects = _role_closure(registry, parsed, problems)
+    limits: dict[str, RuleLimits] = {}
+    if "limits.toml" in files and not problems:
+        limits_text = _decode(files, "limits.toml", problems)
+        if limits_text is not None:
+            limits, limit_problems = parse_limits(limits_text, {r.rule_id: r for r in parsed.rules})
+            problems.extend(limit_problems)
     if problems:
         raise PolicyLoadError(problems)
     assert registry is not None
@@ -238,7 +246,7 @@ def load_policies(directory: Path) -> PolicySet:
     links = [(entry.name, role) for entry in registry for role in entry.roles]
     links += [(role, parent) for role, parent, _ in parsed.links]
     links += [(entry.name, ANY_WORKLOAD) for entry in registry]
-    return PolicySet(
+    policy_set = PolicySet(
         _LoadedPolicy(
             version=version,
             model_text=SUPPORTED_MODEL,
@@ -248,3 +256,5 @@ def load_policies(directory: Path) -> PolicySet:
             subjects=subjects,
         )
     )
+    policy_set.limits = limits
+    return policy_set

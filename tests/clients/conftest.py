@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,12 +10,21 @@ import pytest
 
 from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
-from tests.helpers import SUPPORT, LiveBroker
+from tests.helpers import POLICIES, SUPPORT, LiveBroker
 
 
 @pytest.fixture(scope="package")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
-    live = LiveBroker(Path(tmp_path_factory.mktemp("sdk")) / "data")
+    """One broker for the SDK tests, on the sample policies without their rates and budgets.
+
+    The SDK tests make many refunds against one broker; the sample limits (30 refunds a minute,
+    200 EUR per conversation a day) would refuse the later ones. tests/state tests the limits.
+    """
+    root = Path(tmp_path_factory.mktemp("sdk"))
+    policies = root / "policies"
+    shutil.copytree(POLICIES, policies)
+    (policies / "limits.toml").unlink()
+    live = LiveBroker(root / "data", policies=policies)
     try:
         yield live
     finally:

@@ -15,11 +15,6 @@ from fastapi.testclient import TestClient
 from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jws as jwcrypto_jws
 from jwcrypto import jwt as jwcrypto_jwt
-
-from broker.api.app import create_app
-from broker.attest.dev import DevIssuer
-from broker.clock import SystemClock
-from broker.config import Settings
 from nhi_broker_client import (
     AccessDeniedError,
     AsyncBrokerClient,
@@ -31,6 +26,11 @@ from nhi_broker_client import (
     TransportError,
     access_token_hash,
 )
+
+from broker.api.app import create_app
+from broker.attest.dev import DevIssuer
+from broker.clock import SystemClock
+from broker.config import Settings
 from tests.helpers import POLICIES, SUPPORT, LiveBroker, free_port
 
 ORDER = "customers/c-42/orders/ord-1001"

@@ -11,13 +11,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jwt as jwcrypto_jwt
+from nhi_broker_client import DPoPKey, InMemoryReplayCache, InvalidDPoPError, access_token_hash, jwk_thumbprint
+from nhi_broker_client._dpop import verify_resource_proof
+from nhi_broker_client._jose import normalize_htu, public_key_from_jwk
 
 from broker.clock import SystemClock
 from broker.dpop import DPoPVerifier
 from broker.store.sqlite import SqliteStateStore
-from nhi_broker_client import DPoPKey, InMemoryReplayCache, InvalidDPoPError, access_token_hash, jwk_thumbprint
-from nhi_broker_client._dpop import verify_resource_proof
-from nhi_broker_client._jose import normalize_htu, public_key_from_jwk
 
 RFC9449_JWK = {"kty": "EC", "x": "l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs",
                "y": "9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA", "crv": "P-256"}
@@ -69,7 +69,7 @@ def test_jwcrypto_proofs_verify_in_the_sdk(kty: str, alg: str) -> None:
 
 def test_jwk_refusals() -> None:
     private = json.loads(jwcrypto_jwk.JWK.from_pyca(ec.generate_private_key(ec.SECP256R1())).export_private())
-    small_rsa = json.loads(jwcrypto_jwk.JWK.from_pyca(rsa.generate_private_key(65537, 1024).public_key()).export())
+    small_rsa = json.loads(jwcrypto_jwk.JWK.from_pyca(rsa.generate_private_key(65537, 1024).public_key()).export())  # noqa: S505 - the refused input
     for jwk, alg, why in [
         (private, "ES256", "private or symmetric"),
         ({"kty": "oct", "k": "c2VjcmV0"}, "ES256", "private or symmetric"),

@@ -14,8 +14,6 @@ import jwt
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
-from pydantic import BaseModel
-
 from nhi_broker_client import (
     BrokerClient,
     DPoPKey,
@@ -28,6 +26,8 @@ from nhi_broker_client import (
     VerifiedTaskToken,
 )
 from nhi_broker_client.fastapi import TaskTokenDependency, install_exception_handlers
+from pydantic import BaseModel
+
 from tests.helpers import LiveBroker, free_port
 
 ORDER = "customers/c-42/orders/ord-1001"
@@ -221,8 +221,9 @@ def test_audience_issuer_expiry_and_typ(broker: LiveBroker, client: BrokerClient
     within_leeway = time.time() + 121 + 20
     with TaskTokenVerifier(broker.url, "payments-api", clock=lambda: within_leeway, dpop_max_age=600) as v:
         _verify(v, token)
-    with TaskTokenVerifier(broker.url, "nhi-broker") as v, pytest.raises(InvalidTokenError, match="typ is not at\\+jwt"):
-        v.verify(identity(), scheme="Bearer")  # a workload identity JWT is not a task token
+    with TaskTokenVerifier(broker.url, "nhi-broker") as v:
+        with pytest.raises(InvalidTokenError, match="typ is not at\\+jwt"):
+            v.verify(identity(), scheme="Bearer")  # a workload identity JWT is not a task token
 
 
 def test_bearer_tokens_and_require_dpop(broker: LiveBroker, identity: Callable[[], str]) -> None:

@@ -27,6 +27,11 @@ def metadata(runtime: RuntimeDep) -> dict[str, Any]:
         "issuer": base,
         "token_endpoint": f"{base}/v1/token",
         "jwks_uri": f"{base}/.well-known/jwks.json",
+        "introspection_endpoint": f"{base}/v1/introspect",
+        "revocation_endpoint": f"{base}/v1/revoke",
+        # Resource servers may also present their workload identity token (Bearer); RFC 8414 has no name for it.
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic"],
         "grant_types_supported": [TOKEN_EXCHANGE_GRANT],
         "token_endpoint_auth_methods_supported": ["none"],
         "authorization_details_types_supported": ["intent"],

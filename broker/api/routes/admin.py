@@ -1,0 +1,127 @@
+"""Admin API: scoped revocation and the kill switch, for authenticated operators only.
+
+Every call needs ``Authorization: Bearer <operator token>`` (see :mod:`broker.operators`); the role
+decides what it may do. Each action takes effect in the shared state store first (it only ever takes
+access away) and is then recorded as a ledger entry naming the operator.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Path, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.api.deps import RuntimeDep
+from broker.entries import revocation_entry, suspension_entry
+from broker.errors import NotFound
+from broker.operators import Operator
+from broker.runtime import Runtime
+
+__all__ = ["router"]
+
+
+def _operator(request: Request) -> Operator:
+    runtime: Runtime = request.app.state.runtime
+    assert runtime.state is not None
+    return runtime.state.operators.authenticate(request.headers.get("authorization"))
+
+
+OperatorDep = Annotated[Operator, Depends(_operator)]
+router = APIRouter(prefix="/v1/admin", responses={401: {"description": "invalid_token"},
+                                                  403: {"description": "role not allowed"}})
+_Value = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+_Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]+$")]
+_WorkloadName = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class RevocationRequest(BaseModel):
+    """Revoke every live token of one workload, end user (``customer``) or conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scope: Literal["workload", "end_user", "conversation"]
+    value: _Value
+    reason: _Reason
+
+
+class SuspensionRequest(BaseModel):
+    """Why an operator suspends or resumes a workload (recorded in the ledger)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: _Reason
+
+
+def _known_workload(runtime: Runtime, name: str) -> str:
+    if runtime.policies.registry.get(name) is None:
+        raise NotFound(f"no workload named {name!r} in the registry")
+    return name
+
+
+@router.post("/revocations", summary="Revoke every live token of a workload, end user or conversation")
+async def revoke_scope(body: RevocationRequest, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+    operator.require("revoke")
+    if body.scope == "workload":
+        _known_workload(runtime, body.value)
+    assert runtime.state is not None
+    cutoff = await anyio.to_thread.run_sync(runtime.state.tokens.revoke_scope, body.scope, body.value)
+    entry = revocation_entry(now=cutoff, request_id=uuid.uuid4().hex, actor=operator.to_json(), scope=body.scope,
+                             target={"value": body.value}, reason=body.reason)
+    receipt = await runtime.ledger.append_async(entry)
+    return {"scope": body.scope, "value": body.value, "revoked_before": cutoff,
+            "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
+
+
+@router.post("/workloads/{name}/suspend", summary="Kill switch: issue nothing more, every live token inactive")
+async def suspend(
+    name: _WorkloadName, body: SuspensionRequest, operator: OperatorDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    operator.require("suspend")
+    _known_workload(runtime, name)
+    assert runtime.state is not None
+    at = await anyio.to_thread.run_sync(runtime.state.tokens.suspend, name)
+    entry = suspension_entry(now=at, request_id=uuid.uuid4().hex, actor=operator.to_json(), workload=name,
+                             suspended=True, reason=body.reason)
+    receipt = await runtime.ledger.append_async(entry)
+    return {"workload": name, "suspended": True, "since": at,
+            "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
+
+
+@router.post("/workloads/{name}/resume", summary="Lift a suspension; tokens from before it stay inactive")
+async def resume(
+    name: _WorkloadName, body: SuspensionRequest, operator: OperatorDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    operator.require("suspend")
+    _known_workload(runtime, name)
+    assert runtime.state is not None
+    was = await anyio.to_thread.run_sync(runtime.state.tokens.resume, name)
+    entry = suspension_entry(now=runtime.clock.now(), request_id=uuid.uuid4().hex, actor=operator.to_json(),
+                             workload=name, suspended=False, reason=body.reason)
+    receipt = await runtime.ledger.append_async(entry)
+    return {"workload": name, "suspended": False, "was_suspended": was,
+            "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
+
+
+@router.get("/workloads", summary="Every registered workload with its owner, suspension and revocation state")
+async def workloads_state(operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+    operator.require("read")
+    assert runtime.state is not None
+    entries = list(runtime.policies.registry)
+    status = await anyio.to_thread.run_sync(runtime.state.tokens.workloads_status, [e.name for e in entries])
+    return {"workloads": [
+        {"workload": e.name, "owner": e.owner, "suspended": status[e.name]["suspended_since"] is not None,
+         **status[e.name]}
+        for e in entries
+    ]}
+
+
+@router.get("/workloads/{name}", summary="Suspension and revocation state of a workload")
+async def workload_state(name: _WorkloadName, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+    operator.require("read")
+    _known_workload(runtime, name)
+    assert runtime.state is not None
+    status = await anyio.to_thread.run_sync(runtime.state.tokens.workload_status, name)
+    return {"workload": name, "suspended": status["suspended_since"] is not None, **status}

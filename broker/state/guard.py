@@ -1,0 +1,92 @@
+"""Checks between an allow decision and minting: kill switch, request rates, value budgets.
+
+:meth:`IssuanceGuard.admit` runs after the intent policy allowed a request and before anything is
+minted. It raises an :class:`~broker.errors.AccessDenied` (recorded as a ``denial`` entry by the
+pipeline) or :class:`~broker.errors.StoreUnavailable` (503: fail closed), and otherwise returns
+the extra claims the rule's limits put in the token (``num_uses``).
+
+Each counter is advanced by one atomic store call that refuses to pass its limit, so concurrent
+requests on any number of replicas never exceed a rate or a budget, not even by one cent. A budget
+is charged when the request is admitted; if the ledger then fails, the charge stays (the safe side).
+Windows are fixed UTC periods (``floor(now / period)``).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from broker.clock import Clock
+from broker.errors import BudgetExceeded, PolicyDenied, RateLimited, WorkloadSuspended
+from broker.models import Grant
+from broker.policy.limits import Budget, RuleLimits, to_minor_units
+from broker.state.tokens import TokenState
+from broker.store.base import StateStore
+
+__all__ = ["IssuanceGuard"]
+
+_NS_RATE = "rate"
+_NS_BUDGET = "budget"
+
+
+def _amount(minor: int) -> str:
+    return str(Decimal(minor).scaleb(-2))
+
+
+class IssuanceGuard:
+    """Enforces suspensions and the rate and budget limits of ``limits.toml`` at issuance."""
+
+    def __init__(self, store: StateStore, tokens: TokenState, clock: Clock) -> None:
+        self._store = store
+        self._tokens = tokens
+        self._clock = clock
+
+    def admit(self, grant: Grant, limits: RuleLimits | None) -> dict[str, Any]:
+        """Admit ``grant`` or raise; returns extra task-token claims."""
+        # (1) the kill switch beats every allow.
+        if self._tokens.suspended_since(grant.workload.name) is not None:
+            raise WorkloadSuspended(f"workload {grant.workload.name!r} is suspended by an operator")
+        if limits is None:
+            return {}
+        now = self._clock.now()
+        # (2) request rate per (workload, action).
+        if limits.rate is not None:
+            count, seconds = limits.rate
+            window = int(now // seconds)
+            key = f"{grant.workload.name}\x00{grant.intent.action}\x00{seconds}\x00{window}"
+            if self._store.count_up(_NS_RATE, key, 1, count, (window + 1) * seconds) is None:
+                raise RateLimited(
+                    f"rule {grant.rule_id!r} allows {count} requests per {seconds} s for this workload and action",
+                    rule_id=grant.rule_id, policy_version=grant.policy_version,
+                )
+        # (3) cumulative value budget.
+        if limits.budget is not None:
+            self._charge(grant, limits.budget, now)
+        return {"num_uses": limits.uses} if limits.uses is not None else {}
+
+    def _charge(self, grant: Grant, budget: Budget, now: float) -> None:
+        context = grant.intent.context
+        deny = {"rule_id": grant.rule_id, "policy_version": grant.policy_version}
+        minor = to_minor_units(context.get(budget.key))
+        if minor is None:
+            raise PolicyDenied(
+                f"rule {grant.rule_id!r} has a budget: context.{budget.key} must be a positive amount "
+                "with at most two decimals", **deny,
+            )
+        if budget.currency is not None and context.get("currency") != budget.currency:
+            raise PolicyDenied(f"rule {grant.rule_id!r} budgets {budget.currency} only", **deny)
+        # A request that does not name its scope shares one bucket with every other such request of
+        # the workload: leaving the key out can only make the budget tighter, never bypass it.
+        scope = context.get(budget.context_key)
+        scope_value = scope if isinstance(scope, str) else ""
+        window = int(now // budget.period_seconds)
+        key = "\x00".join(
+            (grant.workload.name, budget.per, scope_value, grant.intent.action, budget.period, str(window))
+        )
+        expires = (window + 1) * budget.period_seconds
+        if self._store.count_up(_NS_BUDGET, key, minor, budget.max_minor, expires) is None:
+            unit = f" {budget.currency}" if budget.currency else ""
+            raise BudgetExceeded(
+                f"rule {grant.rule_id!r} allows at most {_amount(budget.max_minor)}{unit} per {budget.per} "
+                f"per {budget.period}; this request of {_amount(minor)}{unit} would exceed it", **deny,
+            )

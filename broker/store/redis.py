@@ -1,0 +1,127 @@
+"""Redis state store: shared state for broker replicas, with the semantics of the SQLite store.
+
+Every check-and-update is one Redis command or one Lua script, so it is atomic across replicas.
+Keys are ``<prefix><namespace>:<key>``; lifetimes are relative ``PX`` values computed from the
+broker's clock, so an injected clock and the server's clock never have to agree. Any Redis error
+becomes :class:`~broker.errors.StoreUnavailable` at one choke point (:func:`_redis_errors`): the
+broker fails closed and the connection pool reconnects by itself when Redis returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from broker.clock import Clock, SystemClock
+from broker.errors import StoreUnavailable
+
+__all__ = ["RedisStateStore"]
+
+log = logging.getLogger("nhi_broker.store")
+
+# KEYS[1] counter; ARGV amount, limit, ttl ms. Returns the new total or -1 when it would exceed the limit.
+_COUNT_UP = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local amount = tonumber(ARGV[1])
+if current + amount > tonumber(ARGV[2]) then return -1 end
+local total = redis.call('INCRBY', KEYS[1], amount)
+if current == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return total
+"""
+
+# KEYS[1] mark; ARGV value, ttl ms ('' = no expiry). Keeps the larger value.
+_SET_MARK = """
+local current = tonumber(redis.call('GET', KEYS[1]))
+local value = ARGV[1]
+if current ~= nil and current > tonumber(value) then value = tostring(current) end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], value)
+else
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+end
+return 1
+"""
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as exc:
+        # The type only: messages can carry the URL.
+        log.warning("redis state store unavailable (%s): failing closed", type(exc).__name__)
+        raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from None
+
+
+class RedisStateStore:
+    """Shared state in Redis (one server, or a Sentinel-managed primary behind ``url``)."""
+
+    def __init__(
+        self, url: str, *, prefix: str = "nhi-broker:", clock: Clock | None = None, timeout: float = 0.5
+    ) -> None:
+        self._prefix = prefix
+        self._clock = clock or SystemClock()
+        with _redis_errors():
+            # One quick retry covers a pooled connection that went stale when Redis restarted;
+            # short timeouts make an unreachable server a fast 503, not a hung request.
+            self._redis = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            )
+            self._count_up = self._redis.register_script(_COUNT_UP)
+            self._set_mark = self._redis.register_script(_SET_MARK)
+
+    def _key(self, namespace: str, key: str) -> str:
+        return f"{self._prefix}{namespace}:{key}"
+
+    def _ttl_ms(self, expires_at: float) -> int:
+        return math.ceil((expires_at - self._clock.now()) * 1000)
+
+    def consume_once(self, namespace: str, key: str, expires_at: float) -> bool:
+        ttl = self._ttl_ms(expires_at)
+        if ttl <= 0:
+            return True  # already expired: nothing to remember, as the SQLite store would forget it
+        with _redis_errors():
+            return bool(self._redis.set(self._key(namespace, key), b"1", nx=True, px=ttl))
+
+    def count_up(self, namespace: str, key: str, amount: int, limit: int, expires_at: float) -> int | None:
+        if amount < 0 or amount > limit:
+            return None
+        ttl = max(1, self._ttl_ms(expires_at))
+        with _redis_errors():
+            total = int(self._count_up(keys=[self._key(namespace, key)], args=[int(amount), int(limit), ttl]))
+        return None if total < 0 else total
+
+    def set_mark(self, namespace: str, key: str, value: float, expires_at: float | None) -> None:
+        ttl = "" if expires_at is None else str(max(1, self._ttl_ms(expires_at)))
+        with _redis_errors():
+            self._set_mark(keys=[self._key(namespace, key)], args=[repr(float(value)), ttl])
+
+    def get_marks(self, items: Sequence[tuple[str, str]]) -> list[float | None]:
+        if not items:
+            return []
+        with _redis_errors():
+            values = self._redis.mget([self._key(ns, key) for ns, key in items])
+        return [None if v is None else float(v) for v in values]
+
+    def delete_mark(self, namespace: str, key: str) -> bool:
+        with _redis_errors():
+            return bool(self._redis.delete(self._key(namespace, key)))
+
+    def publish(self, channel: str, message: str) -> None:
+        """Publish an event on ``<prefix><channel>`` for subscribers that cache state (verifier SDKs)."""
+        with _redis_errors():
+            self._redis.publish(self._prefix + channel, message)
+
+    def ping(self) -> None:
+        with _redis_errors():
+            self._redis.ping()
+
+    def close(self) -> None:
+        self._redis.close()

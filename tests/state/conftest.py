@@ -1,0 +1,115 @@
+"""Fixtures for shared state: both real backends, and a Redis server of the test's own."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from broker.clock import SystemClock
+from broker.store.base import StateStore
+from broker.store.redis import RedisStateStore
+from broker.store.sqlite import SqliteStateStore
+from tests.helpers import free_port
+
+#: The shared development Redis; every test uses its own key prefix and deletes its keys.
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+BACKENDS = ["sqlite", "redis"]
+
+
+def unique_prefix() -> str:
+    return f"nhi-test-{uuid.uuid4().hex[:12]}:"
+
+
+def drop_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A fresh key prefix on the shared Redis, cleaned up afterwards. Fails (never skips) without Redis."""
+    client = redis.Redis.from_url(SHARED_REDIS)
+    client.ping()
+    client.close()
+    prefix = unique_prefix()
+    yield prefix
+    drop_prefix(SHARED_REDIS, prefix)
+
+
+def make_store(backend: str, tmp_path: Path, prefix: str) -> StateStore:
+    if backend == "redis":
+        return RedisStateStore(SHARED_REDIS, prefix=prefix, clock=SystemClock())
+    return SqliteStateStore(tmp_path / "state.sqlite3", clock=SystemClock())
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store(backend: str, tmp_path: Path, redis_prefix: str) -> Iterator[StateStore]:
+    s = make_store(backend, tmp_path, redis_prefix)
+    yield s
+    s.close()
+
+
+class OwnRedis:
+    """A redis-server on a free loopback port, without persistence, that a test may stop and restart."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is required for the fail-closed tests"
+        self.exe = exe
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+                client.ping()
+                client.close()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    try:
+        yield server
+    finally:
+        server.stop()
