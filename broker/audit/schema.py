@@ -6,8 +6,8 @@ their JSON types and their grammars — and refuses members the schema does not 
 problem raises :class:`~broker.audit.errors.EntrySchemaError` naming the member by its dotted
 path (``workload.evidence_digest``, ``policy.files.model.conf``).
 
-Kinds ``approval``, ``revocation`` and ``suspension`` are reserved: this version of the broker
-does not write them, so only their envelope is checked. Any other kind is refused.
+Kind ``approval`` is reserved: this version of the broker does not write it, so only its envelope
+is checked. Any other kind is refused.
 """
 
 from __future__ import annotations
@@ -31,14 +31,23 @@ __all__ = [
 ]
 
 ENTRY_VERSION = 1
-WRITTEN_KINDS = frozenset({"issuance", "denial", "policy_load", "key_rotation"})
-RESERVED_KINDS = frozenset({"approval", "revocation", "suspension"})
+WRITTEN_KINDS = frozenset({"issuance", "denial", "policy_load", "key_rotation", "revocation", "suspension"})
+RESERVED_KINDS = frozenset({"approval"})
 ENTRY_KINDS = WRITTEN_KINDS | RESERVED_KINDS
 
 ATTESTATION_METHODS = frozenset({"kubernetes", "spiffe-jwt", "oidc", "dev"})
 KEY_PURPOSES = frozenset({"task-token", "ledger"})
 KEY_ALGS = frozenset({"ES256", "EdDSA"})
-DENIAL_ERRORS = frozenset({"access_denied", "invalid_target"})
+DENIAL_ERRORS = frozenset({
+    "access_denied",  # policy deny, unregistered workload
+    "invalid_target",  # audience not allowed for the workload
+    "invalid_dpop_proof",  # the deciding rule requires a DPoP-bound token
+    "workload_suspended",  # the kill switch is on
+    "rate_limit_exceeded",
+    "budget_exceeded",
+})
+OPERATOR_ROLES = frozenset({"admin", "approver", "auditor"})
+REVOCATION_SCOPES = frozenset({"token", "workload", "end_user", "conversation"})
 # JWK members that carry private key material (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037 §2).
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
@@ -48,6 +57,7 @@ _SPIFFE_RE = re.compile(r"spiffe://[a-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _RULE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_JKT_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_SPIFFE_BYTES = 2048
@@ -281,7 +291,9 @@ _ISSUANCE = _obj(
                 "iat": _non_negative_int,
                 "exp": _non_negative_int,
                 "claims_sha256": _SHA256,
-            }
+            },
+            # A DPoP-bound token: the RFC 7638 thumbprint of the proof key (the token's cnf.jkt).
+            {"cnf_jkt": _matching(_JKT_RE, "a JWK thumbprint (43 base64url characters)")},
         ),
     }
 )
@@ -326,11 +338,53 @@ _KEY_ROTATION = _obj(
     }
 )
 
+def _actor(value: Any, path: str) -> None:
+    """Who acted: an operator of the admin API, or an authenticated resource server (RFC 7009)."""
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if kind == "operator":
+        _obj({"kind": _equal("operator"), "name": _text_of(256), "role": _one_of(OPERATOR_ROLES),
+              "auth": _text_of(64)})(value, path)
+    elif kind == "client":
+        _obj({"kind": _equal("client"), "client_id": _text_of(256), "auth": _text_of(64)})(value, path)
+    else:
+        raise EntrySchemaError(f"{path}.kind", "must be 'operator' or 'client'")
+
+
+def _revocation(value: Any, path: str) -> None:
+    scope = value.get("scope") if isinstance(value, dict) else None
+    if scope == "token":
+        # One token (RFC 7009): its jti and the workload it was issued to.
+        _obj({"scope": _equal("token"), "jti": _matching(_B64URL_RE, "a token id (base64url)"),
+              "workload": _matching(_NAME_RE, "a workload name"), "reason": _text_of()})(value, path)
+    else:
+        # Every live token of a workload, an end user or a conversation: ``value`` names which.
+        _obj({"scope": _one_of(REVOCATION_SCOPES - {"token"}), "value": _text_of(256),
+              "reason": _text_of()})(value, path)
+
+
+_REVOCATION = _obj({"request_id": _REQUEST_ID, "actor": _actor, "revocation": _revocation})
+
+_SUSPENSION = _obj(
+    {
+        "request_id": _REQUEST_ID,
+        "actor": _actor,
+        "suspension": _obj(
+            {
+                "workload": _matching(_NAME_RE, "a workload name"),
+                "state": _one_of(frozenset({"suspended", "resumed"})),
+                "reason": _text_of(),
+            }
+        ),
+    }
+)
+
 _BODIES: dict[str, Check] = {
     "issuance": _ISSUANCE,
     "denial": _DENIAL,
     "policy_load": _POLICY_LOAD,
     "key_rotation": _KEY_ROTATION,
+    "revocation": _REVOCATION,
+    "suspension": _SUSPENSION,
 }
 _ENVELOPE = ("v", "kind", "time")
 
