@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from broker.errors import AttestationError, BrokerError
 from broker.models import Grant
 from broker.policy import BINDINGS
 from broker.store.base import StateStore
+from broker.strict_json import StrictJSONError, b64url_decode_canonical, loads_strict
 
 __all__ = [
     "BINDINGS",
@@ -158,39 +158,15 @@ def normalize_htu(uri: str) -> str:
     return urlunsplit((scheme, netloc, _remove_dot_segments(path), "", ""))
 
 
-def _b64url_decode(segment: str) -> bytes | None:
-    if len(segment) % 4 == 1:
-        return None
-    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    return raw if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == segment else None
-
-
-class _Duplicate(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in out:
-            raise _Duplicate(name)
-        out[name] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(name)
-
-
 def _json_segment(segment: str, what: str) -> dict[str, Any]:
-    raw = _b64url_decode(segment)
+    raw = b64url_decode_canonical(segment)
     if raw is None:
         raise InvalidDPoPProof(f"DPoP proof {what} is not base64url")
     try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except _Duplicate:
-        raise InvalidDPoPProof(f"DPoP proof {what} has a duplicated member") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        value = loads_strict(raw)
+    except StrictJSONError as exc:
+        if exc.reason == "duplicate":
+            raise InvalidDPoPProof(f"DPoP proof {what} has a duplicated member") from None
         raise InvalidDPoPProof(f"DPoP proof {what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise InvalidDPoPProof(f"DPoP proof {what} is not a JSON object")

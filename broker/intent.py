@@ -7,13 +7,13 @@ what keeps Casbin's loose built-in matchers out of the picture.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
 
 from broker.errors import InvalidAuthorizationDetails
 from broker.models import Intent
+from broker.strict_json import StrictJSONError, loads_strict
 
 __all__ = [
     "ACTION_RE",
@@ -51,19 +51,6 @@ def is_valid_resource(resource: object) -> bool:
     if len(segments) > MAX_RESOURCE_SEGMENTS:
         return False
     return all(RESOURCE_SEGMENT_RE.fullmatch(s) is not None for s in segments)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise InvalidAuthorizationDetails(f"duplicate member name {key!r} in authorization_details")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise InvalidAuthorizationDetails(f"{name} is not a valid JSON number")
 
 
 def _check_scalar(key: str, value: Any) -> Any:
@@ -141,10 +128,12 @@ def parse_authorization_details(raw: str | None) -> Intent:
     if len(raw.encode()) > MAX_DETAILS_BYTES:
         raise InvalidAuthorizationDetails(f"authorization_details is larger than {MAX_DETAILS_BYTES} bytes")
     try:
-        details = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except InvalidAuthorizationDetails:
-        raise
-    except (ValueError, RecursionError):
+        details = loads_strict(raw)
+    except StrictJSONError as exc:
+        if exc.reason == "duplicate":
+            raise InvalidAuthorizationDetails(f"duplicate member name {exc.name!r} in authorization_details") from None
+        if exc.reason == "constant":
+            raise InvalidAuthorizationDetails(f"{exc.name} is not a valid JSON number") from None
         raise InvalidAuthorizationDetails("authorization_details is not valid JSON") from None
     if not isinstance(details, list):
         raise InvalidAuthorizationDetails("authorization_details must be a JSON array")

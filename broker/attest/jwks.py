@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from broker.attest.issuers import ALLOWED_ALGORITHMS, IssuerConfig
 from broker.clock import Clock, SystemClock
 from broker.errors import AttestationError, ConfigError, TemporarilyUnavailable
+from broker.strict_json import StrictJSONError, loads_strict
 
 __all__ = [
     "MAX_JWKS_BYTES",
@@ -169,27 +170,14 @@ def _public_key(jwk: Mapping[str, Any]) -> tuple[str, str | None, PublicKey]:
     raise JwksError("unsupported kty")
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in out:
-            raise JwksError(f"duplicate member '{name}'")
-        out[name] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise JwksError(f"non-standard JSON constant {name}")
-
-
 def _load_json(raw: bytes) -> Any:
     try:
-        return json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-    except JwksError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return loads_strict(raw)
+    except StrictJSONError as exc:
+        if exc.reason == "duplicate":
+            raise JwksError(f"duplicate member '{exc.name}'") from None
+        if exc.reason == "constant":
+            raise JwksError(f"non-standard JSON constant {exc.name}") from None
         raise JwksError("JWKS is not UTF-8 JSON") from None
 
 

@@ -18,9 +18,7 @@ inside the same private function, so no caller can skip them.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +37,7 @@ from broker.clock import Clock
 from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
 from broker.models import WorkloadIdentity
 from broker.store.base import StateStore
+from broker.strict_json import StrictJSONError, b64url_decode_canonical, loads_strict
 
 __all__ = ["JTI_NAMESPACE", "SUBJECT_TOKEN_TYPES", "Attestor"]
 
@@ -77,49 +76,19 @@ def _printable(name: Any) -> str:
     return name if isinstance(name, str) and _SAFE_NAME_RE.fullmatch(name) else "(unprintable)"
 
 
-class _Duplicate(Exception):
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in out:
-            raise _Duplicate(name)
-        out[name] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _b64url_segment(segment: str) -> bytes | None:
-    """Decode one base64url segment, or ``None`` if it is not canonical unpadded base64url."""
-    if len(segment) % 4 == 1:
-        return None
-    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
-        return None
-    return raw
-
-
 def _json_object(segment: str, what: str, dup_label: str) -> dict[str, Any]:
-    raw = _b64url_segment(segment)
+    raw = b64url_decode_canonical(segment)
     if raw is None:
         raise AttestationError(f"subject_token {what} is not base64url")
     try:
-        value = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
-        )
-    except _Duplicate as dup:
-        raise AttestationError(f"duplicate {dup_label} '{_printable(dup.name)}'") from None
-    except UnicodeDecodeError:
-        raise AttestationError(f"subject_token {what} is not UTF-8") from None
-    except RecursionError:
-        raise AttestationError(f"subject_token {what} is nested too deeply") from None
-    except ValueError:
+        value = loads_strict(raw)
+    except StrictJSONError as exc:
+        if exc.reason == "duplicate":
+            raise AttestationError(f"duplicate {dup_label} '{_printable(exc.name)}'") from None
+        if exc.reason == "not_utf8":
+            raise AttestationError(f"subject_token {what} is not UTF-8") from None
+        if exc.reason == "too_deep":
+            raise AttestationError(f"subject_token {what} is nested too deeply") from None
         raise AttestationError(f"subject_token {what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise AttestationError(f"subject_token {what} is not a JSON object")
@@ -131,7 +100,7 @@ def _peek_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     header_segment, payload_segment, signature_segment = token.split(".")
     _unverified_header = _json_object(header_segment, "header", "header parameter")
     _unverified_claims = _json_object(payload_segment, "payload", "claim")
-    if _b64url_segment(signature_segment) is None:
+    if b64url_decode_canonical(signature_segment) is None:
         raise AttestationError("subject_token signature is not base64url")
     return _unverified_header, _unverified_claims
 

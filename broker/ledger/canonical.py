@@ -8,11 +8,11 @@ already in that form, so one entry has exactly one leaf and therefore one leaf h
 
 from __future__ import annotations
 
-import json
-from typing import Any, NoReturn
+from typing import Any
 
 from broker.errors import VerificationError
 from broker.jcs import CanonicalizationError, canonical_json
+from broker.strict_json import StrictJSONError, loads_strict
 
 __all__ = ["decode_entry", "encode_entry"]
 
@@ -34,21 +34,6 @@ def encode_entry(entry: dict[str, Any]) -> bytes:
         raise ValueError("entry is nested too deeply") from None
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise VerificationError(f"leaf contains the non-JSON number {name}")
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        # json.loads would keep the last duplicate silently; two readers could then see two
-        # different entries behind one leaf hash (RFC 8785 §3.1 requires I-JSON: unique names).
-        if key in obj:
-            raise VerificationError(f"leaf has a duplicate member name {key!r}")
-        obj[key] = value
-    return obj
-
-
 def decode_entry(data: bytes) -> dict[str, Any]:
     """Parse a leaf back into its entry, refusing anything but canonical RFC 8785 JSON.
 
@@ -58,15 +43,17 @@ def decode_entry(data: bytes) -> dict[str, Any]:
     if not isinstance(data, bytes | bytearray):
         raise VerificationError("a leaf is bytes")
     try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError:
-        raise VerificationError("leaf is not valid UTF-8") from None
-    try:
-        entry = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise VerificationError(f"leaf is not valid JSON ({exc.msg} at offset {exc.pos})") from None
-    except RecursionError:
-        raise VerificationError("leaf is nested too deeply") from None
+        entry = loads_strict(bytes(data))
+    except StrictJSONError as exc:
+        # json.loads would keep the last of two equal names silently; two readers could then see
+        # two different entries behind one leaf hash (RFC 8785 §3.1 requires I-JSON).
+        messages = {
+            "not_utf8": "leaf is not valid UTF-8",
+            "duplicate": f"leaf has a duplicate member name {exc.name!r}",
+            "constant": f"leaf contains the non-JSON number {exc.name}",
+            "too_deep": "leaf is nested too deeply",
+        }
+        raise VerificationError(messages.get(exc.reason, f"leaf is {exc}")) from None
     if not isinstance(entry, dict):
         raise VerificationError("leaf is not a JSON object")
     try:
