@@ -272,8 +272,8 @@ class ClientAuthenticator:
         client_id, secret = unquote(raw_id), unquote(raw_secret)
         client = self._clients.get(client_id)
         # Hash and compare even for an unknown id, so timing does not tell which ids exist.
-        expected = client.secret_sha256 if client is not None else _DUMMY_HASH
-        if not hmac.compare_digest(hash_secret(secret[:_MAX_SECRET]), expected) or client is None:
+        expected = client.secret_sha256 if client is not None and client.secret_sha256 else _DUMMY_HASH
+        if not hmac.compare_digest(hash_secret(secret), expected) or client is None:
             raise InvalidClient("client authentication failed")
         return AuthenticatedClient(client_id=client.client_id, audiences=client.audiences)
 

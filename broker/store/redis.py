@@ -35,15 +35,17 @@ if current == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return total
 """
 
-# KEYS[1] mark; ARGV value, ttl ms ('' = no expiry). Keeps the larger value.
+# KEYS[1] mark; ARGV value, ttl ms ('' = no expiry). Keeps the larger value, byte for byte as written.
 _SET_MARK = """
 local current = tonumber(redis.call('GET', KEYS[1]))
-local value = ARGV[1]
-if current ~= nil and current > tonumber(value) then value = tostring(current) end
+if current ~= nil and current >= tonumber(ARGV[1]) then
+  if ARGV[2] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+  return 0
+end
 if ARGV[2] == '' then
-  redis.call('SET', KEYS[1], value)
+  redis.call('SET', KEYS[1], ARGV[1])
 else
-  redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
 return 1
 """

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,8 +13,14 @@ from pydantic import ValidationError
 
 from broker.api.app import create_app
 from broker.config import Settings
-from broker.errors import InvalidOperatorToken
-from broker.operators import OperatorAuthenticator, OperatorCredential, hash_secret
+from broker.errors import InvalidClient, InvalidOperatorToken
+from broker.operators import (
+    ClientAuthenticator,
+    IntrospectionClient,
+    OperatorAuthenticator,
+    OperatorCredential,
+    hash_secret,
+)
 from tests.helpers import POLICIES
 
 GOOD = hash_secret("a-long-random-operator-secret")
@@ -71,3 +79,18 @@ def test_every_configured_hash_is_compared() -> None:
     for header in (None, "", "Bearer", "Bearer ", "Basic c2VjcmV0", "Bearer " + "x" * 600, "Bearer secret-number-9"):
         with pytest.raises(InvalidOperatorToken):
             auth.authenticate(header)
+
+
+def _basic(raw: str) -> str:
+    return "Basic " + base64.b64encode(raw.encode()).decode()
+
+
+def test_client_credentials_are_form_decoded_and_exact() -> None:
+    secret = "p@ss:w%rd+" + "x" * 20
+    auth = ClientAuthenticator([IntrospectionClient(client_id="rs:1", secret_sha256=hash_secret(secret),
+                                                    audiences=("a",))])
+    # RFC 6749 §2.3.1: id and secret are form-urlencoded before the Basic encoding.
+    assert auth.authenticate(_basic(f"{quote('rs:1', safe='')}:{quote(secret, safe='')}")).client_id == "rs:1"
+    for raw in (f"rs%3A1:{quote(secret, safe='')}extra", "rs%3A1:", f"rs%3A2:{quote(secret, safe='')}", "nocolon"):
+        with pytest.raises(InvalidClient):
+            auth.authenticate(_basic(raw))

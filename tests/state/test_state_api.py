@@ -266,6 +266,28 @@ def test_bad_admin_requests(harness: Harness, path: str, body: dict[str, Any], s
     assert fragment in r.json()["error_description"]
 
 
+def test_every_admin_route_requires_an_operator(harness: Harness) -> None:
+    paths = harness.client.get("/openapi.json").json()["paths"]
+    routes = [(path, method.upper()) for path, ops in paths.items() if path.startswith("/v1/admin") for method in ops]
+    assert len(routes) >= 5
+    for path, method in routes:
+        url = path.replace("{name}", "support-assistant")
+        r = harness.client.request(method, url, json={"reason": "x"})
+        assert r.status_code == 401 and r.json()["error"] == "invalid_token", (method, path)
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [(b"{not json", "application/json"), (b"reason=x", "application/x-www-form-urlencoded"), (b"", None),
+     (b"[]", "application/json"), (b'{"reason": 5}', "application/json")],
+)
+def test_malformed_admin_bodies(harness: Harness, content: bytes, content_type: str | None) -> None:
+    headers = bearer(ADMIN) | ({"Content-Type": content_type} if content_type else {})
+    r = harness.client.post("/v1/admin/workloads/support-assistant/suspend", content=content, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_request"
+
+
 def test_kill_switch(harness: Harness) -> None:
     live = harness.token("orders-api", READ)
     triage = harness.token("tickets-api", intent("tickets.create", "queues/q-1", priority="low"), spiffe_id=TRIAGE)

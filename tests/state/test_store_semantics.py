@@ -75,6 +75,11 @@ def test_marks_keep_the_larger_value(store: StateStore) -> None:
     store.set_mark("m", "a", 200.25, far())
     assert store.get_marks([("m", "a")]) == [200.25]
     assert store.get_marks([]) == []
+    # Cut-offs are epoch times with sub-millisecond digits: they come back exactly.
+    now = time.time() + 0.000123
+    store.set_mark("m", "cutoff", now, far())
+    store.set_mark("m", "cutoff", now - 1, far())
+    assert store.get_marks([("m", "cutoff")]) == [now]
 
 
 def test_marks_expire_and_delete(store: StateStore) -> None:

@@ -41,7 +41,9 @@ _FORM: dict[str, Any] = {
         },
     }
 }
-_AUTH = {401: {"description": "invalid_client"}, 503: {"description": "state store unavailable"}}
+_AUTH: dict[int | str, dict[str, Any]] = {
+    401: {"description": "invalid_client"}, 503: {"description": "state store unavailable"},
+}
 
 
 def _services(runtime: Any) -> StateServices:
