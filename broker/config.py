@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 from broker.attest.issuers import IssuerConfig
 from broker.errors import ConfigError
+from broker.vault.settings import VaultSettings
 
 __all__ = ["CONFIG_ENV", "Settings", "load_settings"]
 
@@ -53,6 +54,7 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(65536, ge=1024, le=1048576)
     max_subject_token_bytes: int = Field(8192, ge=1024, le=65536)
+    vault: VaultSettings | None = Field(None, description="Vault/OpenBao for vault-* intents (docs/vault.md).")
 
     @field_validator("ledger_origin")
     @classmethod

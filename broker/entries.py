@@ -10,7 +10,14 @@ from typing import Any
 
 from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
 
-__all__ = ["ENTRY_VERSION", "denial_entry", "issuance_entry", "key_rotation_entry", "policy_load_entry"]
+__all__ = [
+    "ENTRY_VERSION",
+    "denial_entry",
+    "issuance_entry",
+    "key_rotation_entry",
+    "policy_load_entry",
+    "revocation_entry",
+]
 
 ENTRY_VERSION = 1
 
@@ -113,4 +120,31 @@ def key_rotation_entry(
         "time": rfc3339(now),
         "request_id": request_id,
         "key": {"purpose": purpose, "kid": kid, "alg": alg, "public_jwk": jwk},
+    }
+
+
+def revocation_entry(
+    *,
+    now: float,
+    request_id: str,
+    workload: dict[str, Any],
+    credential: dict[str, Any],
+    reason: str,
+    issuance: str | None,
+) -> dict[str, Any]:
+    """A credential was ended before or at its expiry (released, expired, suspended, or never recorded).
+
+    ``workload`` holds ``name`` and ``spiffe_id``; ``credential`` its kind and lease id or accessor
+    (never the secret); ``issuance`` the leaf hash of its issuance entry, ``None`` when that entry
+    never became durable.
+    """
+    return {
+        "v": ENTRY_VERSION,
+        "kind": "revocation",
+        "time": rfc3339(now),
+        "request_id": request_id,
+        "workload": workload,
+        "credential": credential,
+        "reason": reason,
+        "issuance": issuance,
     }

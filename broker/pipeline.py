@@ -22,9 +22,11 @@ import anyio.to_thread
 
 from broker.clock import Clock, SystemClock
 from broker.entries import denial_entry, issuance_entry
-from broker.errors import AccessDenied, InvalidTarget, PolicyDenied
+from broker.errors import AccessDenied, BrokerError, InvalidTarget, PolicyDenied
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
 from broker.models import Grant, Intent, Issued, Receipt, RegisteredWorkload, WorkloadIdentity
+from broker.vault.errors import VaultUnavailable
+from broker.vault.kinds import check_requested_type
 
 __all__ = ["Broker", "ExchangeRequest"]
 
@@ -49,6 +51,12 @@ class AppendOnlyLog(Protocol):
     async def append_async(self, entry: dict) -> Receipt: ...  # type: ignore[type-arg]
 
 
+class SecretIssuer(Protocol):
+    """Issues Vault-backed credentials for a grant (``broker.vault.issuer.VaultIssuer``)."""
+
+    async def issue(self, grant: Grant, request_id: str) -> Issued: ...
+
+
 @dataclass(frozen=True)
 class ExchangeRequest:
     """A parsed RFC 8693 token-exchange request (the wire form is parsed in ``broker.api``)."""
@@ -58,13 +66,14 @@ class ExchangeRequest:
     audience: str
     intent: Intent
     request_id: str
+    requested_token_type: str | None = None
 
 
 @dataclass(frozen=True)
 class _Refusal:
     identity: WorkloadIdentity
     workload: RegisteredWorkload | None
-    error: AccessDenied | InvalidTarget
+    error: BrokerError
 
 
 class Broker:
@@ -77,14 +86,16 @@ class Broker:
         minter: TaskTokenMinter,
         ledger: AppendOnlyLog,
         clock: Clock | None = None,
+        vault: SecretIssuer | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
         self.minter = minter
         self.ledger = ledger
         self.clock = clock or SystemClock()
+        self.vault = vault
 
-    def _decide(self, request: ExchangeRequest) -> tuple[Grant, PreparedToken] | _Refusal:
+    def _decide(self, request: ExchangeRequest) -> tuple[Grant, PreparedToken | None] | _Refusal:
         # (1) attestation errors propagate: no identity, no ledger entry.
         identity = self.attestor.verify(request.subject_token, request.subject_token_type)
         workload: RegisteredWorkload | None = None
@@ -92,9 +103,10 @@ class Broker:
             # (2) registry, then intent policy.
             workload = self.policies.resolve_workload(identity)
             grant = self.policies.authorize(identity, workload, request.audience, request.intent)
+            check_requested_type(grant.credential_kind, request.requested_token_type)
         except (AccessDenied, InvalidTarget) as exc:
             return _Refusal(identity, workload, exc)
-        return grant, self.minter.prepare(grant)
+        return grant, self.minter.prepare(grant) if grant.credential_kind == "jwt" else None
 
     async def exchange(self, request: ExchangeRequest) -> Issued:
         """Attest, authorize, record and mint; see the module docstring for the order."""
@@ -104,6 +116,14 @@ class Broker:
             await self._record_refusal(request, outcome)
             raise outcome.error
         grant, prepared = outcome
+        if prepared is None:
+            # A Vault kind: broker.vault.issuer mints, records and revokes on failure.
+            if self.vault is None:
+                refusal = _Refusal(grant.identity, grant.workload, VaultUnavailable(
+                    f"rule {grant.rule_id} issues a Vault secret and this broker has no Vault configured"))
+                await self._record_refusal(request, refusal)
+                raise refusal.error
+            return await self.vault.issue(grant, request.request_id)
         # (3) durable before the credential exists.
         credential = {
             "kind": "jwt",

@@ -7,6 +7,7 @@ Everything on the embedded default lives under ``settings.data_dir``::
     dev-issuer-key.pem      trial-only workload-identity issuer (when enabled)
     ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL)
     state.sqlite3           single-use values (identity jti)
+    vault-leases.sqlite3    Vault leases handed out (when [vault] is configured)
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, pub
 from broker.pipeline import Broker
 from broker.policy import PolicySet, load_policies
 from broker.store.sqlite import SqliteStateStore
+from broker.vault.issuer import VaultIssuer
+from broker.vault.wiring import open_vault_issuer
 
 __all__ = ["Runtime", "policy_file_digests"]
 
@@ -62,6 +65,7 @@ class Runtime:
     ledger_signer: NoteSigner | None = None
     ledger_signer_key: PrivateKey | None = None
     ledger_key_created: bool = False
+    vault: VaultIssuer | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -86,11 +90,12 @@ class Runtime:
             issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, jwks_sources=sources
         )
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
-        broker = Broker(attestor, policies, minter, ledger, clock)
+        vault = open_vault_issuer(settings.vault, data_dir, ledger, clock) if settings.vault else None
+        broker = Broker(attestor, policies, minter, ledger, clock, vault=vault)
         return cls(
             settings=settings, clock=clock, keys=keys, ledger=ledger, store=store, policies=policies,
             attestor=attestor, minter=minter, broker=broker, dev_issuer=dev_issuer,
-            ledger_signer=signer, ledger_signer_key=ledger_key, ledger_key_created=ledger_key_created,
+            ledger_signer=signer, ledger_signer_key=ledger_key, ledger_key_created=ledger_key_created, vault=vault,
         )
 
     @property
@@ -127,6 +132,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the ledger writer and release connections."""
+        if self.vault is not None:
+            self.vault.close()
         self.attestor.close()
         self.ledger.close()
         self.store.close()
