@@ -13,6 +13,7 @@ Each case is a request and the outcome the security engineer expects::
     expect = "allow"                 # allow | deny | unregistered | invalid_target
     rule = "refund-small-eur"        # optional; "" expects no deciding rule (default deny)
     ttl = 120                        # optional; the expected max TTL of an allow
+    kind = "jwt"                     # optional; the expected credential kind of an allow
 
 A case runs the broker's own path: :meth:`PolicySet.resolve_workload` (``unregistered``), then
 :meth:`PolicySet.authorize` (``invalid_target`` when the audience is not registered for the
@@ -39,7 +40,7 @@ __all__ = ["OUTCOMES", "PolicyTestCase", "PolicyTestResult", "load_cases", "run_
 
 OUTCOMES = ("allow", "deny", "unregistered", "invalid_target")
 _KEYS = frozenset(
-    {"name", "workload", "method", "audience", "action", "resource", "context", "expect", "rule", "ttl"}
+    {"name", "workload", "method", "audience", "action", "resource", "context", "expect", "rule", "ttl", "kind"}
 )
 _REQUIRED = ("name", "workload", "audience", "action", "resource", "expect")
 _HEADER_RE = re.compile(r"\s*\[\[\s*case\s*\]\]\s*(?:#.*)?")
@@ -62,6 +63,7 @@ class PolicyTestCase:
     context: dict[str, Any] = field(default_factory=dict)
     rule: str | None = None
     ttl: int | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,9 @@ def _parse_case(raw: dict[str, Any], where: str, problems: list[str]) -> PolicyT
     ttl = raw.get("ttl")
     if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
         problems.append(f"{where}: ttl must be a positive whole number of seconds")
+    kind = raw.get("kind")
+    if kind is not None and (not isinstance(kind, str) or not kind):
+        problems.append(f"{where}: kind must be a credential kind such as 'jwt' or 'vault-db:<role>'")
     context = _check_context(raw.get("context", {}), where, problems)
     if len(problems) > before:
         return None
@@ -134,6 +139,7 @@ def _parse_case(raw: dict[str, Any], where: str, problems: list[str]) -> PolicyT
         context=dict(context),
         rule=rule,
         ttl=ttl,
+        kind=kind,
     )
 
 
@@ -188,6 +194,7 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     intent = Intent(action=case.action, resource=case.resource, context=dict(case.context))
     rule_id: str | None = None
     max_ttl: int | None = None
+    kind: str | None = None
     try:
         workload = policy_set.resolve_workload(identity)
         grant = policy_set.authorize(identity, workload, case.audience, intent)
@@ -198,7 +205,7 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     except PolicyDenied as exc:
         outcome, detail, rule_id = "deny", exc.description, exc.rule_id
     else:
-        outcome, rule_id, max_ttl = "allow", grant.rule_id, grant.max_ttl
+        outcome, rule_id, max_ttl, kind = "allow", grant.rule_id, grant.max_ttl, grant.credential_kind
         detail = f"allowed by rule {grant.rule_id} (ttl {grant.max_ttl}s)"
 
     mismatches = []
@@ -209,6 +216,8 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
         mismatches.append(f"expected rule {want}, got {rule_id or 'no rule'}")
     if case.ttl is not None and max_ttl != case.ttl:
         mismatches.append(f"expected ttl {case.ttl}, got {max_ttl}")
+    if case.kind is not None and kind != case.kind:
+        mismatches.append(f"expected kind {case.kind}, got {kind}")
     message = "; ".join(mismatches) + f" ({detail})" if mismatches else detail
     return PolicyTestResult(
         case=case, passed=not mismatches, outcome=outcome, rule_id=rule_id, max_ttl=max_ttl, message=message
