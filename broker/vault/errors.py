@@ -52,16 +52,16 @@ def vault_errors(what: str) -> Iterator[None]:
     except (VaultUnavailable, VaultRefused):
         raise
     except hvac_errors.VaultDown:
-        raise VaultUnavailable(f"Vault is sealed; cannot issue {what}") from None
+        raise VaultUnavailable(f"Vault is sealed ({what}); nothing was issued") from None
     except (requests.ConnectionError, requests.Timeout):
-        raise VaultUnavailable(f"Vault is unreachable; cannot issue {what}") from None
+        raise VaultUnavailable(f"Vault is unreachable ({what}); nothing was issued") from None
     except hvac_errors.VaultError as exc:
         for kind, reason in _REFUSALS:
             if isinstance(exc, kind):
                 log.warning("vault refused %s: %s %s", what, type(exc).__name__, getattr(exc, "errors", None))
                 raise VaultRefused(f"Vault refused {what} ({reason})") from None
         log.warning("vault failed on %s: %s", what, type(exc).__name__)
-        raise VaultUnavailable(f"Vault failed; cannot issue {what}") from None
+        raise VaultUnavailable(f"Vault failed ({what}); nothing was issued") from None
     except requests.RequestException as exc:
         log.warning("vault request failed on %s: %s", what, type(exc).__name__)
-        raise VaultUnavailable(f"Vault request failed; cannot issue {what}") from None
+        raise VaultUnavailable(f"Vault request failed ({what}); nothing was issued") from None

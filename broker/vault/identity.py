@@ -16,7 +16,7 @@ import hvac
 from broker.clock import Clock, SystemClock
 from broker.errors import ConfigError
 
-from .errors import vault_errors
+from .errors import VaultRefused, VaultUnavailable, vault_errors
 from .settings import VaultSettings
 
 __all__ = ["VaultIdentity"]
@@ -49,7 +49,17 @@ class VaultIdentity:
         self._logged_in = False
 
     def client(self) -> hvac.Client:
-        """An authenticated client; logs in or renews first when due."""
+        """An authenticated client; logs in or renews first when due.
+
+        A refused login or renewal is :class:`VaultUnavailable` (503): the broker's own identity is
+        broken, which no client request can fix.
+        """
+        try:
+            return self._client_locked()
+        except VaultRefused as exc:
+            raise VaultUnavailable(exc.description) from None
+
+    def _client_locked(self) -> hvac.Client:
         with self._lock:
             if not self._logged_in:
                 self._login()
@@ -59,7 +69,7 @@ class VaultIdentity:
 
     def _login(self) -> None:
         s = self.settings
-        with vault_errors("the broker's own Vault login"):
+        with vault_errors("login of the broker's own Vault identity"):
             if s.token_file is not None:
                 self._client.token = _read_secret_file(s.token_file, "vault token")
                 data = self._client.auth.token.lookup_self()["data"]
@@ -74,7 +84,7 @@ class VaultIdentity:
 
     def _refresh(self) -> None:
         if self._renewable:
-            with vault_errors("the broker's own Vault token renewal"):
+            with vault_errors("renewal of the broker's own Vault token"):
                 auth = self._client.auth.token.renew_self()["auth"]
             self._set(int(auth["lease_duration"]), bool(auth["renewable"]))
             return

@@ -1,0 +1,122 @@
+"""Failure modes against the real OpenBao: fail closed, say why, leave no live credential behind."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hvac.exceptions
+import pytest
+
+from broker.config import Settings
+from broker.errors import LedgerUnavailable
+from broker.vault.devserver import DevVault
+from broker.vault.settings import VaultSettings
+from tests.helpers import POLICIES, SUPPORT, free_port, intent
+from tests.vault.conftest import DB_CREDS, VaultBroker, open_broker, policies_with
+
+ORDERS = intent("orders.query", "customers/c-1001/orders", customer="c-1001")
+
+
+def leases(broker: VaultBroker) -> list[tuple[str, str, str]]:
+    path = broker.runtime.settings.data_dir / "vault-leases.sqlite3"
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT ref, state, reason FROM vault_leases").fetchall()
+
+
+def assert_denied_without_credential(broker: VaultBroker, r: Any, status: int, error: str, says: str) -> None:
+    assert (r.status_code, r.json()["error"]) == (status, error), r.text
+    assert says in r.json()["error_description"]
+    assert "access_token" not in r.json()
+    last = broker.entries()[-1]
+    assert last["kind"] == "denial"
+    assert (last["decision"]["error"], last["decision"]["rule"]) == (error, "orders-db-read")
+    assert leases(broker) == []
+
+
+def broker_for(tmp_path: Path, vault: VaultSettings | None, policies: Path = POLICIES) -> Iterator[VaultBroker]:
+    return open_broker(Settings(data_dir=tmp_path / "data", policies_dir=policies, vault=vault))
+
+
+def test_vault_unreachable_is_503_and_a_denial(tmp_path: Path, dev_vault: DevVault) -> None:
+    nowhere = dev_vault.settings(addr=f"http://127.0.0.1:{free_port()}", timeout=1.0)
+    for broker in broker_for(tmp_path, nowhere):
+        r = broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
+        assert_denied_without_credential(broker, r, 503, "temporarily_unavailable", "unreachable")
+        assert r.headers["retry-after"] == "1"
+
+
+def test_vault_sealed_is_503_and_a_denial(tmp_path: Path) -> None:
+    with DevVault.start(tmp_path / "sealed") as sealed:
+        settings = sealed.settings()
+        sealed.client().sys.seal()
+        for broker in broker_for(tmp_path, settings):
+            r = broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
+            assert_denied_without_credential(broker, r, 503, "temporarily_unavailable", "sealed")
+
+
+def test_broker_identity_refused_is_503(tmp_path: Path, dev_vault: DevVault) -> None:
+    wrong = tmp_path / "wrong-secret-id"
+    wrong.write_text("00000000-0000-0000-0000-000000000000\n")
+    for broker in broker_for(tmp_path, dev_vault.settings(approle_secret_id_file=wrong)):
+        r = broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
+        assert_denied_without_credential(broker, r, 503, "temporarily_unavailable", "broker's own Vault identity")
+
+
+def test_no_vault_configured_is_503_and_a_denial(tmp_path: Path) -> None:
+    for broker in broker_for(tmp_path, None):
+        r = broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
+        assert (r.status_code, r.json()["error"]) == (503, "temporarily_unavailable")
+        assert "no Vault configured" in r.json()["error_description"]
+        assert broker.entries()[-1]["kind"] == "denial"
+        r = broker.release("anything")
+        assert (r.status_code, r.json()["error"]) == (503, "temporarily_unavailable")
+
+
+def test_vault_refusal_names_the_vault_role(tmp_path: Path, dev_vault: DevVault) -> None:
+    policies = policies_with(tmp_path, "p, support-agent, orders-db, orders.audit, customers/{customer}/orders, , "
+                                       "allow, orders-db-audit, 60, vault-db:no-such-role")
+    for broker in broker_for(tmp_path, dev_vault.settings(sweep_interval=3600), policies):
+        r = broker.exchange(SUPPORT, "orders-db", intent("orders.audit", "customers/c-1001/orders", customer="c-1001"),
+                            requested_token_type=DB_CREDS)
+        assert (r.status_code, r.json()["error"]) == (403, "access_denied"), r.text
+        assert r.json()["error_description"] == "Vault refused database role 'no-such-role' (invalid request)"
+        last = broker.entries()[-1]
+        assert (last["kind"], last["decision"]["rule"], last["decision"]["error"]) == (
+            "denial", "orders-db-audit", "access_denied")
+
+
+class RefusingLedger:
+    """The real ledger, except that issuance entries fail to append (a full disk, a dead writer)."""
+
+    def __init__(self, real: Any, error: BaseException) -> None:
+        self.real = real
+        self.error = error
+
+    def append(self, entry: dict[str, Any]) -> Any:
+        return self.real.append(entry)
+
+    async def append_async(self, entry: dict[str, Any]) -> Any:
+        if entry["kind"] == "issuance":
+            raise self.error
+        return await self.real.append_async(entry)
+
+
+@pytest.mark.parametrize("error", [LedgerUnavailable("ledger unavailable: disk full"), OSError("disk full")])
+def test_ledger_failure_revokes_the_minted_lease(tmp_path: Path, dev_vault: DevVault, error: Exception) -> None:
+    for broker in broker_for(tmp_path, dev_vault.settings(sweep_interval=3600)):
+        assert broker.runtime.vault is not None
+        broker.runtime.vault.ledger = RefusingLedger(broker.runtime.ledger, error)
+        r = broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
+        assert (r.status_code, r.json()["error"]) == (503, "temporarily_unavailable"), r.text
+        assert "access_token" not in r.json()
+        [(lease_id, state, reason)] = leases(broker)
+        assert (state, reason) == ("revoked", "ledger_append_failed")
+        # Vault itself no longer knows the lease: the database user is gone.
+        with pytest.raises(hvac.exceptions.InvalidRequest, match="invalid lease"):
+            dev_vault.client().sys.read_lease(lease_id)
+        last = broker.entries()[-1]
+        assert (last["kind"], last["reason"], last["issuance"]) == ("revocation", "ledger_append_failed", None)
+        assert last["credential"]["lease_id"] == lease_id
