@@ -183,3 +183,25 @@ def test_release_bad_input(vault_broker: VaultBroker, body: dict[str, str], stat
     r = vault_broker.client.post("/v1/credentials/release", content=form_body(body) or b"release_token=",
                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert (r.status_code, r.json()["error"]) == (status, error), r.text
+
+
+def test_suspension_revokes_every_open_lease_of_the_workload(vault_broker: VaultBroker, dev_vault: DevVault) -> None:
+    bodies = []
+    for _ in range(2):
+        r = vault_broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
+        assert r.status_code == 200, r.text
+        bodies.append(r.json())
+    r = vault_broker.exchange(TRIAGE, "vault", KB, requested_token_type=VAULT_TOKEN)
+    assert r.status_code == 200, r.text
+    vault = vault_broker.runtime.vault
+    assert vault is not None
+    assert vault.revoke_workload("support-assistant", "admin-suspend-1") == 2
+    entries = vault_broker.entries()[-2:]
+    assert {e["credential"]["task_id"] for e in entries} == {b["task_id"] for b in bodies}
+    assert {(e["kind"], e["reason"], e["request_id"]) for e in entries} == {
+        ("revocation", "suspended", "admin-suspend-1")}
+    for e in entries:
+        assert lease_ttl(dev_vault, e["credential"]["lease_id"]) is None
+    # The other workload's token is untouched.
+    assert dev_vault.client().auth.token.lookup(r.json()["access_token"])["data"]["ttl"] > 0
+    assert vault.revoke_workload("support-assistant", "admin-suspend-2") == 0
