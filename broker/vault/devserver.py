@@ -205,7 +205,7 @@ class DevVault:
                       *grants]
             c.secrets.database.create_role(
                 name=role, db_name="demo-postgres", creation_statements=create, revocation_statements=_REVOKE,
-                default_ttl="5m", max_ttl="1h",
+                default_ttl="2m", max_ttl="1h",
             )
 
     def settings(self, **overrides: object) -> VaultSettings:
