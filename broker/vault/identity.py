@@ -83,14 +83,18 @@ class VaultIdentity:
         log.info("vault identity ready (ttl %ss, renewable %s)", self._ttl, self._renewable)
 
     def _refresh(self) -> None:
-        if self._renewable:
-            with vault_errors("renewal of the broker's own Vault token"):
-                auth = self._client.auth.token.renew_self()["auth"]
-            self._set(int(auth["lease_duration"]), bool(auth["renewable"]))
-            return
-        if self.settings.token_file is not None:
-            # A non-renewable token file is re-read: whoever rotates it writes a new one.
-            self._logged_in = False
+        expired = self.clock.now() >= self._obtained_at + self._ttl
+        if self._renewable and not expired:
+            try:
+                with vault_errors("renewal of the broker's own Vault token"):
+                    auth = self._client.auth.token.renew_self()["auth"]
+                self._set(int(auth["lease_duration"]), bool(auth["renewable"]))
+                return
+            except VaultRefused:
+                log.warning("vault token renewal refused; logging in again")
+        # Expired, not renewable, or renewal refused: log in again (a token file is re-read:
+        # whoever rotates it writes a new one).
+        self._logged_in = False
         self._login()
 
     def _set(self, ttl: int, renewable: bool) -> None:

@@ -24,7 +24,7 @@ import anyio.to_thread
 
 from broker.clock import Clock, SystemClock
 from broker.entries import denial_entry, issuance_entry, revocation_entry
-from broker.errors import InvalidGrant, LedgerUnavailable
+from broker.errors import InvalidGrant, LedgerUnavailable, TemporarilyUnavailable
 from broker.models import Grant, Issued, Receipt
 
 from .errors import VaultRefused, VaultUnavailable
@@ -86,17 +86,21 @@ class VaultIssuer:
         )
         credential = _credential(kind, minted.ref_type, minted.ref, task_id)
         credential.update({"iat": int(now), "exp": int(now) + minted.ttl})
+        receipt: Receipt | None = None
         try:
             self.leases.add(record, release_token)
             entry = issuance_entry(grant=grant, now=now, request_id=request_id, credential=credential)
             receipt = await self.ledger.append_async(entry)
+            self.leases.mark_live(task_id, receipt.leaf_hash)
         except BaseException as exc:
-            # The secret exists but is not on the ledger: it must not survive.
-            await anyio.to_thread.run_sync(self._destroy_unrecorded, record, minted, request_id)
-            if isinstance(exc, Exception) and not isinstance(exc, LedgerUnavailable):
-                raise LedgerUnavailable("the ledger could not record the credential; it was revoked") from None
+            # The secret exists but will not reach the caller: it must not survive. Shielded, so that a
+            # cancelled request (client gone) still revokes.
+            reason = "ledger_append_failed" if receipt is None else "issuance_failed"
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._destroy_unrecorded, record, minted, request_id, reason)
+            if isinstance(exc, Exception) and not isinstance(exc, TemporarilyUnavailable):
+                raise LedgerUnavailable("the credential could not be recorded; it was revoked") from None
             raise
-        self.leases.mark_live(task_id, receipt.leaf_hash)
         log.info("issued vault %s task=%s workload=%s rule=%s index=%d",
                  kind.family, task_id, grant.workload.name, grant.rule_id, receipt.index)
         extra = {"task_id": task_id, "release_token": release_token, "vault": minted.extra}
@@ -105,7 +109,7 @@ class VaultIssuer:
             expires_in=minted.ttl, jti=task_id, receipt=receipt, grant=grant, extra=extra,
         )
 
-    def _destroy_unrecorded(self, record: LeaseRecord, minted: MintedSecret, request_id: str) -> None:
+    def _destroy_unrecorded(self, record: LeaseRecord, minted: MintedSecret, request_id: str, reason: str) -> None:
         try:
             if self.leases.get(record.task_id) is None:
                 self.leases.add(record, secrets.token_urlsafe(32))
@@ -114,7 +118,7 @@ class VaultIssuer:
             log.error("lease book unavailable; revoking task=%s directly", record.task_id)
         try:
             if self.leases_has(record.task_id):
-                self._revoke(record, "ledger_append_failed", request_id)
+                self._revoke(record, reason, request_id)
             else:
                 self.minter.revoke(minted.ref_type, minted.ref, f"{record.kind} task {record.task_id}")
         except Exception as exc:

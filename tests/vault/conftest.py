@@ -66,6 +66,8 @@ class VaultBroker:
 
     def entries(self) -> list[dict[str, Any]]:
         size = self.runtime.ledger.size()
+        if size == 0:
+            return []
         return [json.loads(e) for e in self.runtime.ledger.entries(0, size)]
 
 

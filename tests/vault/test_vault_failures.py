@@ -120,3 +120,23 @@ def test_ledger_failure_revokes_the_minted_lease(tmp_path: Path, dev_vault: DevV
         last = broker.entries()[-1]
         assert (last["kind"], last["reason"], last["issuance"]) == ("revocation", "ledger_append_failed", None)
         assert last["credential"]["lease_id"] == lease_id
+
+
+def open_db_leases(vault: DevVault) -> set[str]:
+    try:
+        keys = vault.client().sys.list_leases("database/creds/orders-reader")["data"]["keys"]
+    except hvac.exceptions.InvalidPath:
+        return set()
+    return set(keys)
+
+
+def test_lease_book_down_still_revokes(tmp_path: Path, dev_vault: DevVault) -> None:
+    for broker in broker_for(tmp_path, dev_vault.settings(sweep_interval=3600)):
+        assert broker.runtime.vault is not None
+        before = open_db_leases(dev_vault)
+        broker.runtime.vault.leases.close()  # the lease book's file is gone from under the broker
+        r = broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
+        assert (r.status_code, r.json()["error"]) == (503, "temporarily_unavailable"), r.text
+        assert "lease book unavailable" in r.json()["error_description"]
+        assert open_db_leases(dev_vault) == before  # minted, then revoked straight away
+        assert all(e["kind"] != "issuance" for e in broker.entries())

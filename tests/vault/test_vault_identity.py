@@ -104,3 +104,21 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("NHI_BROKER_VAULT__TOKEN_FILE", str(tmp_path / "t"))
     settings = Settings(data_dir=tmp_path)
     assert settings.vault == VaultSettings(addr="http://127.0.0.1:8200", token_file=tmp_path / "t")
+
+
+def test_expired_approle_token_logs_in_again(dev_vault: DevVault) -> None:
+    clock = FixedClock(1_000_000)
+    identity = VaultIdentity(dev_vault.settings(), clock)
+    first = identity.client().auth.token.lookup_self()["data"]["accessor"]
+    clock.advance(3600)  # the token's whole TTL: renewing is pointless, log in again
+    assert identity.client().auth.token.lookup_self()["data"]["accessor"] != first
+
+
+def test_refused_renewal_logs_in_again(dev_vault: DevVault) -> None:
+    clock = FixedClock(1_000_000)
+    identity = VaultIdentity(dev_vault.settings(), clock)
+    client = identity.client()
+    first = client.auth.token.lookup_self()["data"]["accessor"]
+    dev_vault.client().auth.token.revoke_accessor(first)  # e.g. an operator revoked it
+    clock.advance(2500)
+    assert identity.client().auth.token.lookup_self()["data"]["accessor"] != first
