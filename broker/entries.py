@@ -131,12 +131,13 @@ def revocation_entry(
     credential: dict[str, Any],
     reason: str,
     issuance: str | None,
+    actor: dict[str, str],
 ) -> dict[str, Any]:
     """A credential was ended before or at its expiry (released, expired, suspended, or never recorded).
 
-    ``workload`` holds ``name`` and ``spiffe_id``; ``credential`` its kind and lease id or accessor
-    (never the secret); ``issuance`` the leaf hash of its issuance entry, ``None`` when that entry
-    never became durable.
+    ``workload`` holds ``name`` and ``spiffe_id``; ``credential`` its ``kind``, ``jti`` and lease id
+    or accessor (never the secret); ``actor`` who ended it (``subject``, ``role``); ``issuance`` the
+    leaf hash of its issuance entry, ``None`` when that entry never became durable.
     """
     return {
         "v": ENTRY_VERSION,
@@ -146,5 +147,6 @@ def revocation_entry(
         "workload": workload,
         "credential": credential,
         "reason": reason,
+        "actor": actor,
         "issuance": issuance,
     }

@@ -86,6 +86,7 @@ class Broker:
         minter: TaskTokenMinter,
         ledger: AppendOnlyLog,
         clock: Clock | None = None,
+        *,
         vault: SecretIssuer | None = None,
     ) -> None:
         self.attestor = attestor

@@ -54,9 +54,7 @@ def form_body(form: dict[str, str]) -> bytes:
 class LiveBroker:
     """A ``nhi-broker serve`` process on a free loopback port, stopped by its fixture."""
 
-    def __init__(
-        self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, data_dir: Path, policies: Path = POLICIES, workers: int = 1) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -65,7 +63,7 @@ class LiveBroker:
             [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--policies", str(policies),
              "--workers", str(workers)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}, **(env or {})},
+            env={k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")},
         )
         self._wait_ready()
 

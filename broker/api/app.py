@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import credentials, health, ledger, token, wellknown
+from broker.api.routes import health, ledger, token, wellknown
+from broker.api.routes.credentials import router as credentials_router
 from broker.clock import Clock
 from broker.config import Settings
 from broker.runtime import Runtime
@@ -42,8 +43,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
     )
     install_error_handlers(app)
     app.include_router(token.router)
-    app.include_router(credentials.router)
     app.include_router(wellknown.router)
+    app.include_router(credentials_router)
     app.include_router(ledger.router)
     app.include_router(health.router)
     return app

@@ -36,6 +36,8 @@ __all__ = ["VaultIssuer"]
 
 log = logging.getLogger("nhi_broker.vault")
 
+# Who revokes on its own account: expiry sweeps and failed issuances.
+BROKER_ACTOR = {"subject": "nhi-broker", "role": "broker"}
 # RFC 8693 §2.2.1: the token_type of an issued token that is not an OAuth access token.
 NOT_AN_ACCESS_TOKEN = "N_A"
 
@@ -47,7 +49,8 @@ class _Ledger(Protocol):
 
 
 def _credential(kind: VaultKind, minted_ref_type: str, ref: str, task_id: str) -> dict[str, Any]:
-    cred: dict[str, Any] = {"kind": kind.family, "task_id": task_id, "vault": kind.target}
+    # ``jti`` is the task id: one identifier per credential, whatever its kind (docs/ledger.md).
+    cred: dict[str, Any] = {"kind": kind.family, "jti": task_id, "vault": kind.target}
     cred["lease_id" if minted_ref_type == "lease" else "accessor"] = ref
     return cred
 
@@ -142,7 +145,7 @@ class VaultIssuer:
 
     # -- revocation -----------------------------------------------------------------------------
 
-    def _revoke(self, record: LeaseRecord, reason: str, request_id: str) -> bool:
+    def _revoke(self, record: LeaseRecord, reason: str, request_id: str, actor: dict[str, str] | None = None) -> bool:
         """Revoke one lease in Vault and record it; ``False`` if someone else already did.
 
         Raises VaultUnavailable / VaultRefused (the lease stays open for the sweeper).
@@ -157,11 +160,12 @@ class VaultIssuer:
         now = self.clock.now()
         self.leases.mark_revoked(record.task_id, now)
         current = self.leases.get(record.task_id)
-        credential = {"kind": record.kind, "task_id": record.task_id,
+        credential = {"kind": record.kind, "jti": record.task_id,
                       ("lease_id" if record.ref_type == "lease" else "accessor"): record.ref}
         entry = revocation_entry(
             now=now, request_id=request_id, workload={"name": record.workload, "spiffe_id": record.spiffe_id},
             credential=credential, reason=reason, issuance=current.leaf_hash if current else None,
+            actor=actor or BROKER_ACTOR,
         )
         try:
             self.ledger.append(entry)
@@ -177,14 +181,19 @@ class VaultIssuer:
         record = self.leases.by_release_token(release_token)
         if record is None:
             raise InvalidGrant("release_token is not one this broker issued")
-        self._revoke(record, "released", request_id)
+        self._revoke(record, "released", request_id, {"subject": record.spiffe_id, "role": "task-holder"})
         current = self.leases.get(record.task_id)
         assert current is not None
         return current
 
-    def revoke_workload(self, workload: str, request_id: str, reason: str = "suspended") -> int:
-        """Revoke every open lease of ``workload`` (the kill switch); returns how many were revoked."""
-        return sum(self._revoke(r, reason, request_id) for r in self.leases.open_for_workload(workload))
+    def revoke_workload(
+        self, workload: str, request_id: str, actor: dict[str, str], reason: str = "suspended"
+    ) -> int:
+        """Revoke every open lease of ``workload`` (the kill switch); returns how many were revoked.
+
+        ``actor`` is ``{"subject", "role"}`` of whoever suspended it, as the ledger records it.
+        """
+        return sum(self._revoke(r, reason, request_id, actor) for r in self.leases.open_for_workload(workload))
 
     def sweep(self) -> int:
         """Revoke the leases of expired tasks; returns how many this call revoked."""

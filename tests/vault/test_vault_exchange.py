@@ -49,7 +49,7 @@ def test_db_user_for_one_intent(vault_broker: VaultBroker, dev_vault: DevVault) 
     assert entry["kind"] == "issuance"
     credential = entry["credential"]
     assert credential["kind"] == "vault-db" and credential["vault"] == "orders-reader"
-    assert credential["task_id"] == body["task_id"]
+    assert credential["jti"] == body["task_id"]
     assert password not in json.dumps(entry) and body["release_token"] not in json.dumps(entry)
     assert 0 < lease_ttl(dev_vault, credential["lease_id"]) <= 120  # type: ignore[operator]
 
@@ -68,7 +68,8 @@ def test_db_user_for_one_intent(vault_broker: VaultBroker, dev_vault: DevVault) 
         db_connect(username, password)
     last = vault_broker.entries()[-1]
     assert last["kind"] == "revocation" and last["reason"] == "released"
-    assert last["credential"] == {"kind": "vault-db", "task_id": body["task_id"], "lease_id": credential["lease_id"]}
+    assert last["credential"] == {"kind": "vault-db", "jti": body["task_id"], "lease_id": credential["lease_id"]}
+    assert last["actor"] == {"subject": SUPPORT, "role": "task-holder"}
     assert last["issuance"] == body["receipt"]["leaf_hash"]
 
     # Releasing again changes nothing and writes nothing.
@@ -105,7 +106,7 @@ def test_lease_ends_at_ttl_and_the_sweeper_records_it(tmp_path: Path, dev_vault:
             pytest.fail("the database user outlived its 2 s lease")
         assert broker.runtime.vault.sweep() == 1
         last = broker.entries()[-1]
-        assert (last["kind"], last["reason"], last["credential"]["task_id"]) == ("revocation", "expired",
+        assert (last["kind"], last["reason"], last["credential"]["jti"]) == ("revocation", "expired",
                                                                                    body["task_id"])
         assert broker.runtime.vault.sweep() == 0
         assert broker.release(body["release_token"]).json()["reason"] == "expired"
@@ -195,13 +196,14 @@ def test_suspension_revokes_every_open_lease_of_the_workload(vault_broker: Vault
     assert r.status_code == 200, r.text
     vault = vault_broker.runtime.vault
     assert vault is not None
-    assert vault.revoke_workload("support-assistant", "admin-suspend-1") == 2
+    admin = {"subject": "ops@example.com", "role": "admin"}
+    assert vault.revoke_workload("support-assistant", "admin-suspend-1", admin) == 2
     entries = vault_broker.entries()[-2:]
-    assert {e["credential"]["task_id"] for e in entries} == {b["task_id"] for b in bodies}
-    assert {(e["kind"], e["reason"], e["request_id"]) for e in entries} == {
-        ("revocation", "suspended", "admin-suspend-1")}
+    assert {e["credential"]["jti"] for e in entries} == {b["task_id"] for b in bodies}
+    assert {(e["kind"], e["reason"], e["request_id"], e["actor"]["subject"]) for e in entries} == {
+        ("revocation", "suspended", "admin-suspend-1", "ops@example.com")}
     for e in entries:
         assert lease_ttl(dev_vault, e["credential"]["lease_id"]) is None
     # The other workload's token is untouched.
     assert dev_vault.client().auth.token.lookup(r.json()["access_token"])["data"]["ttl"] > 0
-    assert vault.revoke_workload("support-assistant", "admin-suspend-2") == 0
+    assert vault.revoke_workload("support-assistant", "admin-suspend-2", admin) == 0

@@ -119,6 +119,7 @@ def test_ledger_failure_revokes_the_minted_lease(tmp_path: Path, dev_vault: DevV
             dev_vault.client().sys.read_lease(lease_id)
         last = broker.entries()[-1]
         assert (last["kind"], last["reason"], last["issuance"]) == ("revocation", "ledger_append_failed", None)
+        assert last["actor"] == {"subject": "nhi-broker", "role": "broker"}
         assert last["credential"]["lease_id"] == lease_id
 
 
