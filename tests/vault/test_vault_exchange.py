@@ -9,6 +9,7 @@ revocation is on the ledger, with the lease id or accessor and never the secret.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def lease_ttl(vault: DevVault, lease_id: str) -> int | None:
         return None
 
 
-def test_db_user_for_one_intent(vault_broker: VaultBroker, dev_vault: DevVault) -> None:
+def test_db_user_for_one_intent(
+    vault_broker: VaultBroker, dev_vault: DevVault, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     r = vault_broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -71,6 +75,10 @@ def test_db_user_for_one_intent(vault_broker: VaultBroker, dev_vault: DevVault) 
     assert last["credential"] == {"kind": "vault-db", "jti": body["task_id"], "lease_id": credential["lease_id"]}
     assert last["actor"] == {"subject": SUPPORT, "role": "task-holder"}
     assert last["issuance"] == body["receipt"]["leaf_hash"]
+
+    # Nothing secret reached a log line, at any level (hvac, urllib3 and the broker's own).
+    for secret in (password, body["release_token"]):
+        assert secret not in caplog.text
 
     # Releasing again changes nothing and writes nothing.
     size = vault_broker.runtime.ledger.size()
