@@ -12,14 +12,19 @@ Every call goes through :func:`~broker.vault.errors.vault_errors`; every TTL is 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import hvac.exceptions as hvac_errors
 
 from .errors import VaultRefused, vault_errors
 from .identity import VaultIdentity
 from .kinds import MAX_WRAP_TTL, VaultKind
 
 __all__ = ["MintedSecret", "VaultMinter"]
+
+log = logging.getLogger("nhi_broker.vault")
 
 RefType = Literal["lease", "accessor"]
 
@@ -60,13 +65,15 @@ class VaultMinter:
         resp = client.secrets.database.generate_credentials(name=kind.target, mount_point=mount)
         lease_id, ttl = resp["lease_id"], int(resp["lease_duration"])
         if ttl > max_ttl:
+            # The role's default TTL is longer than the rule allows: shorten this lease to the rule's TTL.
             try:
                 renewed = client.adapter.put(f"/v1/sys/leases/renew/{lease_id}", json={"increment": max_ttl})
                 ttl = int(renewed["lease_duration"])
-            finally:
-                if ttl > max_ttl:
-                    self._revoke(client, "lease", lease_id)
+            except BaseException:
+                self._revoke_quietly(client, "lease", lease_id)
+                raise
             if ttl > max_ttl:
+                self._revoke_quietly(client, "lease", lease_id)
                 raise VaultRefused(f"Vault kept {kind.describe} above the rule's TTL of {max_ttl}s")
         data = resp["data"]
         return MintedSecret(
@@ -85,7 +92,7 @@ class VaultMinter:
         ttl = int(auth["lease_duration"])
         granted = sorted(p for p in auth.get("token_policies") or auth.get("policies") or [] if p != "default")
         if ttl > max_ttl or granted != sorted(kind.policies):
-            self._revoke(client, "accessor", auth["accessor"])
+            self._revoke_quietly(client, "accessor", auth["accessor"])
             raise VaultRefused(f"Vault issued {kind.describe} with other policies or a longer TTL than the rule")
         return MintedSecret(
             kind, "accessor", auth["accessor"], ttl, secret=auth["client_token"],
@@ -111,10 +118,16 @@ class VaultMinter:
         with vault_errors(f"revocation of {what}"):
             self._revoke(self.identity.client(), ref_type, ref)
 
+    @classmethod
+    def _revoke_quietly(cls, client: Any, ref_type: RefType, ref: str) -> None:
+        # Clean-up on a path that already fails: the original error is the one to report.
+        try:
+            cls._revoke(client, ref_type, ref)
+        except Exception as exc:
+            log.error("could not revoke a refused %s: %s", ref_type, type(exc).__name__)
+
     @staticmethod
     def _revoke(client: Any, ref_type: RefType, ref: str) -> None:
-        import hvac.exceptions as hvac_errors
-
         try:
             if ref_type == "lease":
                 client.adapter.put(f"/v1/sys/leases/revoke/{ref}")

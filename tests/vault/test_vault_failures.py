@@ -15,7 +15,7 @@ from broker.errors import LedgerUnavailable
 from broker.vault.devserver import DevVault
 from broker.vault.settings import VaultSettings
 from tests.helpers import POLICIES, SUPPORT, free_port, intent
-from tests.vault.conftest import DB_CREDS, VaultBroker, open_broker, policies_with
+from tests.vault.conftest import DB_CREDS, VAULT_TOKEN, WRAPPED, VaultBroker, open_broker, policies_with
 
 ORDERS = intent("orders.query", "customers/c-1001/orders", customer="c-1001")
 
@@ -75,17 +75,31 @@ def test_no_vault_configured_is_503_and_a_denial(tmp_path: Path) -> None:
         assert (r.status_code, r.json()["error"]) == (503, "temporarily_unavailable")
 
 
-def test_vault_refusal_names_the_vault_role(tmp_path: Path, dev_vault: DevVault) -> None:
+@pytest.mark.parametrize(
+    ("kind", "urn", "description"),
+    [
+        ("vault-db:no-such-role", DB_CREDS, "Vault refused database role 'no-such-role' (invalid request)"),
+        # Not in the task token role's allowed_policies: the broker cannot hand it out.
+        ("vault-token:nhi-broker", VAULT_TOKEN, "Vault refused token policies 'nhi-broker' (invalid request)"),
+        # Outside the broker's own Vault policy (kv/data/support/* only).
+        ("vault-wrapped:kv/kb/config", WRAPPED, "Vault refused secret 'kv/kb/config' (permission denied)"),
+        ("vault-wrapped:kv/support/absent", WRAPPED, "Vault did not wrap secret 'kv/support/absent' (no such secret?)"),
+    ],
+)
+def test_vault_refusal_names_the_vault_object(
+    tmp_path: Path, dev_vault: DevVault, kind: str, urn: str, description: str
+) -> None:
     policies = policies_with(tmp_path, "p, support-agent, orders-db, orders.audit, customers/{customer}/orders, , "
-                                       "allow, orders-db-audit, 60, vault-db:no-such-role")
+                                       f"allow, orders-db-audit, 60, {kind}")
     for broker in broker_for(tmp_path, dev_vault.settings(sweep_interval=3600), policies):
         r = broker.exchange(SUPPORT, "orders-db", intent("orders.audit", "customers/c-1001/orders", customer="c-1001"),
-                            requested_token_type=DB_CREDS)
+                            requested_token_type=urn)
         assert (r.status_code, r.json()["error"]) == (403, "access_denied"), r.text
-        assert r.json()["error_description"] == "Vault refused database role 'no-such-role' (invalid request)"
+        assert r.json()["error_description"] == description
         last = broker.entries()[-1]
         assert (last["kind"], last["decision"]["rule"], last["decision"]["error"]) == (
             "denial", "orders-db-audit", "access_denied")
+        assert leases(broker) == []
 
 
 class RefusingLedger:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -47,8 +48,6 @@ async def release(request: Request, runtime: RuntimeDep) -> JSONResponse:
     token = _required(form, "release_token")
     if runtime.vault is None:
         raise TemporarilyUnavailable("this broker has no Vault configured")
-    import anyio.to_thread
-
     record = await anyio.to_thread.run_sync(runtime.vault.release, token, request_id)
     payload = {"task_id": record.task_id, "kind": record.kind, "state": record.state, "reason": record.reason}
     return JSONResponse(payload, headers={**NO_STORE, "X-Request-Id": request_id})
