@@ -118,10 +118,12 @@ class DevVault:
 
     @property
     def secret_id_file(self) -> Path:
+        """The AppRole secret id of the broker (mode 0600)."""
         return self.workdir / "approle-secret-id"
 
     @property
     def root_token_file(self) -> Path:
+        """The dev server's root token (mode 0600), for trials only."""
         return self.workdir / "root-token"
 
     @classmethod

@@ -120,7 +120,7 @@ class VaultIssuer:
             # No lease book either: revoke straight away, without the bookkeeping.
             log.error("lease book unavailable; revoking task=%s directly", record.task_id)
         try:
-            if self.leases_has(record.task_id):
+            if self._leases_has(record.task_id):
                 self._revoke(record, reason, request_id)
             else:
                 self.minter.revoke(minted.ref_type, minted.ref, f"{record.kind} task {record.task_id}")
@@ -128,8 +128,7 @@ class VaultIssuer:
             # The row stays open and expires with the task: the sweeper retries.
             log.error("could not revoke unrecorded task=%s: %s", record.task_id, type(exc).__name__)
 
-    def leases_has(self, task_id: str) -> bool:
-        """Whether the lease book knows ``task_id`` (``False`` when it cannot be read)."""
+    def _leases_has(self, task_id: str) -> bool:
         try:
             return self.leases.get(task_id) is not None
         except Exception:
