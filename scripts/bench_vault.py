@@ -77,12 +77,13 @@ def main() -> int:
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("nhi-broker")), "serve", "--port", str(port), "--data-dir",
-             str(data_dir), "--policies", str(ROOT / "policies")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            env={**os.environ, **vault.env()},
-        )
+        # Output to a file, never an unread pipe: the broker logs every issuance and a full pipe stalls it.
+        with (work / "broker.log").open("wb") as log:
+            server = subprocess.Popen(
+                [str(Path(sys.executable).with_name("nhi-broker")), "serve", "--port", str(port), "--data-dir",
+                 str(data_dir), "--policies", str(ROOT / "policies")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **vault.env()},
+            )
         wait_ready(url)
         issuer = DevIssuer.load_or_create(data_dir)
         direct = VaultIdentity(vault.settings()).client()
