@@ -99,8 +99,11 @@ class VaultIssuer:
             # The secret exists but will not reach the caller: it must not survive. Shielded, so that a
             # cancelled request (client gone) still revokes.
             reason = "ledger_append_failed" if receipt is None else "issuance_failed"
+            issuance = None if receipt is None else receipt.leaf_hash
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._destroy_unrecorded, record, minted, request_id, reason)
+                await anyio.to_thread.run_sync(
+                    self._destroy_unrecorded, record, minted, request_id, reason, issuance
+                )
             if isinstance(exc, Exception) and not isinstance(exc, TemporarilyUnavailable):
                 raise LedgerUnavailable("the credential could not be recorded; it was revoked") from None
             raise
@@ -112,7 +115,9 @@ class VaultIssuer:
             expires_in=minted.ttl, jti=task_id, receipt=receipt, grant=grant, extra=extra,
         )
 
-    def _destroy_unrecorded(self, record: LeaseRecord, minted: MintedSecret, request_id: str, reason: str) -> None:
+    def _destroy_unrecorded(
+        self, record: LeaseRecord, minted: MintedSecret, request_id: str, reason: str, issuance: str | None
+    ) -> None:
         try:
             if self.leases.get(record.task_id) is None:
                 self.leases.add(record, secrets.token_urlsafe(32))
@@ -121,7 +126,7 @@ class VaultIssuer:
             log.error("lease book unavailable; revoking task=%s directly", record.task_id)
         try:
             if self._leases_has(record.task_id):
-                self._revoke(record, reason, request_id)
+                self._revoke(record, reason, request_id, issuance=issuance)
             else:
                 self.minter.revoke(minted.ref_type, minted.ref, f"{record.kind} task {record.task_id}")
         except Exception as exc:
@@ -144,7 +149,14 @@ class VaultIssuer:
 
     # -- revocation -----------------------------------------------------------------------------
 
-    def _revoke(self, record: LeaseRecord, reason: str, request_id: str, actor: dict[str, str] | None = None) -> bool:
+    def _revoke(
+        self,
+        record: LeaseRecord,
+        reason: str,
+        request_id: str,
+        actor: dict[str, str] | None = None,
+        issuance: str | None = None,
+    ) -> bool:
         """Revoke one lease in Vault and record it; ``False`` if someone else already did.
 
         Raises VaultUnavailable / VaultRefused (the lease stays open for the sweeper).
@@ -163,7 +175,8 @@ class VaultIssuer:
                       ("lease_id" if record.ref_type == "lease" else "accessor"): record.ref}
         entry = revocation_entry(
             now=now, request_id=request_id, workload={"name": record.workload, "spiffe_id": record.spiffe_id},
-            credential=credential, reason=reason, issuance=current.leaf_hash if current else None,
+            credential=credential, reason=reason,
+            issuance=issuance or (current.leaf_hash if current else None),
             actor=actor or BROKER_ACTOR,
         )
         try:

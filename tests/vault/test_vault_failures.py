@@ -155,3 +155,28 @@ def test_lease_book_down_still_revokes(tmp_path: Path, dev_vault: DevVault) -> N
         assert "lease book unavailable" in r.json()["error_description"]
         assert open_db_leases(dev_vault) == before  # minted, then revoked straight away
         assert all(e["kind"] != "issuance" for e in broker.entries())
+
+
+def test_failure_after_the_issuance_entry_revokes_and_points_at_it(tmp_path: Path, dev_vault: DevVault) -> None:
+    from broker.errors import StoreUnavailable
+    from broker.ledger.merkle import leaf_hash
+    from broker.vault.leases import LeaseBook
+
+    class LeaseBookFailingAfterAppend(LeaseBook):
+        def mark_live(self, task_id: str, leaf_hash: str) -> None:
+            raise StoreUnavailable("lease book unavailable: disk I/O error")
+
+    for broker in broker_for(tmp_path, dev_vault.settings(sweep_interval=3600)):
+        vault = broker.runtime.vault
+        assert vault is not None
+        vault.leases.close()
+        vault.leases = LeaseBookFailingAfterAppend(tmp_path / "data" / "vault-leases.sqlite3")
+        r = broker.exchange(SUPPORT, "orders-db", ORDERS, requested_token_type=DB_CREDS)
+        assert (r.status_code, r.json()["error"]) == (503, "temporarily_unavailable"), r.text
+        issuance, revocation = broker.entries()[-2:]
+        assert issuance["kind"] == "issuance"
+        leaf = broker.runtime.ledger.entries(broker.runtime.ledger.size() - 2, broker.runtime.ledger.size() - 1)[0]
+        assert (revocation["kind"], revocation["reason"]) == ("revocation", "issuance_failed")
+        assert revocation["issuance"] == leaf_hash(leaf).hex()
+        with pytest.raises(hvac.exceptions.InvalidRequest, match="invalid lease"):
+            dev_vault.client().sys.read_lease(issuance["credential"]["lease_id"])
