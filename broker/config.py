@@ -23,6 +23,7 @@ from pydantic_settings import (
 from broker.attest.issuers import IssuerConfig
 from broker.errors import ConfigError
 from broker.operators import IntrospectionClient, OperatorCredential
+from broker.vault.settings import VaultSettings
 
 __all__ = ["CONFIG_ENV", "Settings", "load_settings"]
 
@@ -66,6 +67,7 @@ class Settings(BaseSettings):
     introspection_clients: list[IntrospectionClient] = Field(
         default_factory=list, description="Resource servers allowed to introspect and revoke."
     )
+    vault: VaultSettings | None = Field(None, description="Vault/OpenBao for vault-* intents (docs/vault.md).")
 
     @field_validator("ledger_origin")
     @classmethod

@@ -94,3 +94,5 @@ class Issued:
     jti: str
     receipt: Receipt
     grant: Grant
+    # Kind-specific response fields (Vault: username, release token, ...); empty for task tokens.
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -30,9 +30,11 @@ from broker.attest.jwks import FetchRequired
 from broker.clock import Clock, SystemClock
 from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
-from broker.errors import AccessDenied, InvalidTarget, PolicyDenied
+from broker.errors import AccessDenied, BrokerError, InvalidTarget, PolicyDenied
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
 from broker.models import Grant, Intent, Issued, Receipt, RegisteredWorkload, WorkloadIdentity
+from broker.vault.errors import VaultUnavailable
+from broker.vault.kinds import check_requested_type
 
 __all__ = ["Broker", "ExchangeRequest"]
 
@@ -62,6 +64,12 @@ class AppendOnlyLog(Protocol):
     async def append_async(self, entry: dict) -> Receipt: ...  # type: ignore[type-arg]
 
 
+class SecretIssuer(Protocol):
+    """Issues Vault-backed credentials for a grant (``broker.vault.issuer.VaultIssuer``)."""
+
+    async def issue(self, grant: Grant, request_id: str) -> Issued: ...
+
+
 @dataclass(frozen=True)
 class ExchangeRequest:
     """A parsed RFC 8693 token-exchange request (the wire form is parsed in ``broker.api``)."""
@@ -72,13 +80,14 @@ class ExchangeRequest:
     intent: Intent
     request_id: str
     dpop: DPoPProof | None = None  # verified by broker.dpop; binds the token to its key
+    requested_token_type: str | None = None
 
 
 @dataclass(frozen=True)
 class _Refusal:
     identity: WorkloadIdentity
     workload: RegisteredWorkload | None
-    error: AccessDenied | InvalidTarget | DPoPBindingRequired
+    error: BrokerError
 
 
 class Broker:
@@ -94,6 +103,7 @@ class Broker:
         guard: LimitGuard | None = None,
         *,
         decide_in_thread: bool = False,
+        vault: SecretIssuer | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
@@ -102,8 +112,11 @@ class Broker:
         self.clock = clock or SystemClock()
         self.guard = guard
         self.decide_in_thread = decide_in_thread
+        self.vault = vault
 
-    def _decide(self, request: ExchangeRequest, may_fetch: bool = True) -> tuple[Grant, PreparedToken] | _Refusal:
+    def _decide(
+        self, request: ExchangeRequest, may_fetch: bool = True
+    ) -> tuple[Grant, PreparedToken | None] | _Refusal:
         # (1) attestation errors propagate: no identity, no ledger entry.
         identity = self.attestor.verify(request.subject_token, request.subject_token_type, may_fetch=may_fetch)
         workload: RegisteredWorkload | None = None
@@ -112,10 +125,13 @@ class Broker:
             workload = self.policies.resolve_workload(identity)
             grant = self.policies.authorize(identity, workload, request.audience, request.intent)
             enforce_binding(grant, request.dpop)
+            check_requested_type(grant.credential_kind, request.requested_token_type)
             # (2b) kill switch, rates and budgets (broker.state.guard); shared-state outages raise 503.
             extra = self.guard.admit(grant, self.policies.limits.get(grant.rule_id)) if self.guard else {}
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc)
+        if grant.credential_kind != "jwt":
+            return grant, None  # a Vault kind: broker.vault mints it
         cnf_jkt = request.dpop.jkt if request.dpop else None
         return grant, self.minter.prepare(grant, cnf_jkt=cnf_jkt, extra_claims=extra)
 
@@ -133,6 +149,14 @@ class Broker:
             await self._record_refusal(request, outcome)
             raise outcome.error
         grant, prepared = outcome
+        if prepared is None:
+            # A Vault kind: broker.vault.issuer mints, records and revokes on failure.
+            if self.vault is None:
+                refusal = _Refusal(grant.identity, grant.workload, VaultUnavailable(
+                    f"rule {grant.rule_id} issues a Vault secret and this broker has no Vault configured"))
+                await self._record_refusal(request, refusal)
+                raise refusal.error
+            return await self.vault.issue(grant, request.request_id)
         # (3) durable before the credential exists.
         credential = {
             "kind": "jwt",

@@ -8,6 +8,7 @@ Everything on the embedded default lives under ``settings.data_dir``::
     ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL)
     state.sqlite3           shared state on the embedded default (state_backend = "sqlite"):
                             single-use values, revocations, suspensions, use counts, rates, budgets
+    vault-leases.sqlite3    Vault leases handed out (when [vault] is configured)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from broker.pipeline import Broker
 from broker.policy import POLICY_FILES, PolicySet, load_policies
 from broker.state import StateServices
 from broker.store import StateStore, open_store
+from broker.vault.issuer import VaultIssuer
+from broker.vault.wiring import open_vault_issuer
 
 __all__ = ["Runtime", "policy_file_digests"]
 
@@ -65,6 +68,7 @@ class Runtime:
     ledger_key_created: bool = False
     dpop: DPoPVerifier | None = None
     state: StateServices | None = None
+    vault: VaultIssuer | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -90,9 +94,10 @@ class Runtime:
         )
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
         state = StateServices.from_settings(settings, store, keys, attestor, clock)
+        vault = open_vault_issuer(settings.vault, data_dir, ledger, clock) if settings.vault else None
         # A store across the network (Redis) would block the event loop: decide in a worker thread.
         broker = Broker(
-            attestor, policies, minter, ledger, clock, guard=state.guard,
+            attestor, policies, minter, ledger, clock, guard=state.guard, vault=vault,
             decide_in_thread=settings.state_backend != "sqlite",
         )
         nonces = None
@@ -107,6 +112,7 @@ class Runtime:
             ledger_signer=signer, ledger_signer_key=ledger_key, ledger_key_created=ledger_key_created,
             dpop=dpop,
             state=state,
+            vault=vault,
         )
 
     @property
@@ -143,6 +149,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the ledger writer and release connections."""
+        if self.vault is not None:
+            self.vault.close()
         self.attestor.close()
         if self.state is not None:
             self.state.close()

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from broker import __version__
 from broker.api.errors import install_error_handlers
 from broker.api.routes import admin, health, introspect, ledger, metrics, token, wellknown
+from broker.api.routes.credentials import router as credentials_router
 from broker.clock import Clock
 from broker.config import Settings
 from broker.metrics import BrokerMetrics, MetricsMiddleware
@@ -47,6 +48,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
     app.add_middleware(MetricsMiddleware, metrics=lambda: getattr(app.state, "metrics", None))
     app.include_router(token.router)
     app.include_router(wellknown.router)
+    app.include_router(credentials_router)
     app.include_router(ledger.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

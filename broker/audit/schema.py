@@ -45,9 +45,11 @@ DENIAL_ERRORS = frozenset({
     "workload_suspended",  # the kill switch is on
     "rate_limit_exceeded",
     "budget_exceeded",
+    "temporarily_unavailable",  # Vault unreachable or sealed: nothing was issued
 })
+VAULT_KINDS = frozenset({"vault-db", "vault-token", "vault-wrapped"})
 OPERATOR_ROLES = frozenset({"admin", "approver", "auditor"})
-REVOCATION_SCOPES = frozenset({"token", "workload", "end_user", "conversation"})
+REVOCATION_SCOPES = frozenset({"token", "lease", "workload", "end_user", "conversation"})
 # JWK members that carry private key material (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037 §2).
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
@@ -58,6 +60,8 @@ _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _RULE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _JKT_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+_TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
+_HEX_HASH_RE = re.compile(r"[0-9a-f]{64}")
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_SPIFFE_BYTES = 2048
@@ -270,6 +274,41 @@ _INTENT = _obj(
     }
 )
 
+_JWT_CREDENTIAL = _obj(
+    {
+        "kind": _equal("jwt"),
+        "jti": _matching(_B64URL_RE, "a token id (base64url)"),
+        "kid": _matching(_B64URL_RE, "a key id (base64url)"),
+        "iat": _non_negative_int,
+        "exp": _non_negative_int,
+        "claims_sha256": _SHA256,
+    },
+    # A DPoP-bound token: the RFC 7638 thumbprint of the proof key (the token's cnf.jkt).
+    {"cnf_jkt": _matching(_JKT_RE, "a JWK thumbprint (43 base64url characters)")},
+)
+_TASK_ID = _matching(_TASK_ID_RE, "a task id (32 lower-case hex digits)")
+# A Vault secret is named by its lease id (dynamic database users) or token accessor (child and
+# wrapping tokens): both identify the secret without granting it. Never the secret itself.
+_VAULT_REF = {"lease_id": _text_of(512), "accessor": _text_of(256)}
+
+
+def _vault_credential(value: Any, path: str) -> None:
+    ref = [name for name in _VAULT_REF if name in value]
+    if len(ref) != 1:
+        raise EntrySchemaError(f"{path}.lease_id", "exactly one of lease_id and accessor is required")
+    _obj({"kind": _one_of(VAULT_KINDS), "jti": _TASK_ID, "vault": _text_of(512), ref[0]: _VAULT_REF[ref[0]],
+          "iat": _non_negative_int, "exp": _non_negative_int})(value, path)
+
+
+def _credential(value: Any, path: str) -> None:
+    """A task JWT, or a leased Vault secret (docs/vault.md)."""
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if kind in VAULT_KINDS:
+        _vault_credential(value, path)
+    else:
+        _JWT_CREDENTIAL(value, path)
+
+
 _ISSUANCE = _obj(
     {
         "request_id": _REQUEST_ID,
@@ -283,18 +322,7 @@ _ISSUANCE = _obj(
                 "policy_version": _SHA256,
             }
         ),
-        "credential": _obj(
-            {
-                "kind": _equal("jwt"),
-                "jti": _matching(_B64URL_RE, "a token id (base64url)"),
-                "kid": _matching(_B64URL_RE, "a key id (base64url)"),
-                "iat": _non_negative_int,
-                "exp": _non_negative_int,
-                "claims_sha256": _SHA256,
-            },
-            # A DPoP-bound token: the RFC 7638 thumbprint of the proof key (the token's cnf.jkt).
-            {"cnf_jkt": _matching(_JKT_RE, "a JWK thumbprint (43 base64url characters)")},
-        ),
+        "credential": _credential,
     }
 )
 
@@ -339,20 +367,33 @@ _KEY_ROTATION = _obj(
 )
 
 def _actor(value: Any, path: str) -> None:
-    """Who acted: an operator of the admin API, or an authenticated resource server (RFC 7009)."""
+    """Who acted: an operator of the admin API, an authenticated resource server (RFC 7009), the
+    workload that held a Vault secret (release), or the broker itself (expiry sweep, failed append)."""
     kind = value.get("kind") if isinstance(value, dict) else None
-    if kind == "operator":
+    if kind == "broker":
+        _obj({"kind": _equal("broker")})(value, path)
+    elif kind == "workload":
+        _obj({"kind": _equal("workload"), "spiffe_id": _spiffe_id, "auth": _text_of(64)})(value, path)
+    elif kind == "operator":
         _obj({"kind": _equal("operator"), "name": _text_of(256), "role": _one_of(OPERATOR_ROLES),
               "auth": _text_of(64)})(value, path)
     elif kind == "client":
         _obj({"kind": _equal("client"), "client_id": _text_of(256), "auth": _text_of(64)})(value, path)
     else:
-        raise EntrySchemaError(f"{path}.kind", "must be 'operator' or 'client'")
+        raise EntrySchemaError(f"{path}.kind", "must be 'operator', 'client', 'workload' or 'broker'")
 
 
 def _revocation(value: Any, path: str) -> None:
     scope = value.get("scope") if isinstance(value, dict) else None
-    if scope == "token":
+    if scope == "lease":
+        # One Vault secret ended: released, expired, suspended, or never durably issued
+        # (``issuance`` is then null: the secret was revoked before anyone received it).
+        _obj({"scope": _equal("lease"), "jti": _TASK_ID, "workload": _matching(_NAME_RE, "a workload name"),
+              "spiffe_id": _spiffe_id,
+              "credential": _obj({"kind": _one_of(VAULT_KINDS)}, _VAULT_REF),
+              "issuance": _nullable(_matching(_HEX_HASH_RE, "a leaf hash (64 hex digits)")),
+              "reason": _text_of()})(value, path)
+    elif scope == "token":
         # One token (RFC 7009): its jti and the workload it was issued to.
         _obj({"scope": _equal("token"), "jti": _matching(_B64URL_RE, "a token id (base64url)"),
               "workload": _matching(_NAME_RE, "a workload name"), "reason": _text_of()})(value, path)

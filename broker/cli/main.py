@@ -2,6 +2,7 @@
 
     serve                  run the broker (embedded defaults when nothing is configured)
     dev identity ID        print a short-lived workload JWT from the trial issuer
+    dev vault              run a local OpenBao configured for the sample vault-* intents
     keys list|rotate       task-token signing keys
     policy test|explain|lint
     audit verify|prove|consistency|witness
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--ttl", type=int, default=300, help="lifetime in seconds (default 300)")
     _add_common(ident)
     ident.set_defaults(func=_cmd_dev_identity)
+    from broker.cli import vault_cmd
+
+    vault_cmd.register(dev_sub)
 
     keys = sub.add_parser("keys", help="task-token signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.vault.kinds import parse_vault_kind
+
 from ._conditions import Condition, ConditionError, compile_condition
 from ._patterns import (
     ActionPattern,
@@ -43,7 +45,7 @@ __all__ = [
     "parse_policy_lines",
 ]
 
-# Credential kinds a rule may name. Later stages extend this set (Vault kinds) with their minters.
+# Credential kinds a rule may name as is; ``vault-*`` kinds carry a target (see broker.vault.kinds).
 CREDENTIAL_KINDS = frozenset({"jwt"})
 MAX_TTL = 86400
 RULE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
@@ -177,10 +179,18 @@ def _parse_p(
             )
         else:
             ttl = int(ttl_text)
-        if kind not in CREDENTIAL_KINDS:
-            problems.append(f"{where}: credential kind {kind!r} is not one of {sorted(CREDENTIAL_KINDS)}")
-        else:
+        if kind in CREDENTIAL_KINDS:
             kind_value = kind
+        elif kind.startswith("vault-"):
+            try:
+                parse_vault_kind(kind)
+                kind_value = kind
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}")
+        else:
+            problems.append(
+                f"{where}: credential kind {kind!r} is not one of {sorted(CREDENTIAL_KINDS)} or a vault-* kind"
+            )
     if len(problems) > before:
         return None
     assert action_pattern is not None and resource_pattern is not None and condition is not None

@@ -14,6 +14,7 @@ Each case is a request and the outcome the security engineer expects::
     rule = "refund-small-eur"        # optional; "" expects no deciding rule (default deny)
     ttl = 120                        # optional; the expected max TTL of an allow
     binding = "optional"             # optional; the expected sender constraint of an allow
+    kind = "jwt"                     # optional; the expected credential kind of an allow
 
 A case runs the broker's own path: :meth:`PolicySet.resolve_workload` (``unregistered``), then
 :meth:`PolicySet.authorize` (``invalid_target`` when the audience is not registered for the
@@ -41,7 +42,8 @@ __all__ = ["OUTCOMES", "PolicyTestCase", "PolicyTestResult", "load_cases", "run_
 
 OUTCOMES = ("allow", "deny", "unregistered", "invalid_target")
 _KEYS = frozenset(
-    {"name", "workload", "method", "audience", "action", "resource", "context", "expect", "rule", "ttl", "binding"}
+    {"name", "workload", "method", "audience", "action", "resource", "context", "expect", "rule", "ttl", "binding",
+     "kind"}
 )
 _REQUIRED = ("name", "workload", "audience", "action", "resource", "expect")
 _HEADER_RE = re.compile(r"\s*\[\[\s*case\s*\]\]\s*(?:#.*)?")
@@ -65,6 +67,7 @@ class PolicyTestCase:
     rule: str | None = None
     ttl: int | None = None
     binding: str | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,9 @@ def _parse_case(raw: dict[str, Any], where: str, problems: list[str]) -> PolicyT
     binding = raw.get("binding")
     if binding is not None and binding not in BINDINGS:
         problems.append(f"{where}: binding must be one of {', '.join(BINDINGS)}")
+    kind = raw.get("kind")
+    if kind is not None and (not isinstance(kind, str) or not kind):
+        problems.append(f"{where}: kind must be a credential kind such as 'jwt' or 'vault-db:<role>'")
     context = _check_context(raw.get("context", {}), where, problems)
     if len(problems) > before:
         return None
@@ -141,6 +147,7 @@ def _parse_case(raw: dict[str, Any], where: str, problems: list[str]) -> PolicyT
         rule=rule,
         ttl=ttl,
         binding=binding,
+        kind=kind,
     )
 
 
@@ -196,6 +203,7 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     rule_id: str | None = None
     max_ttl: int | None = None
     binding: str | None = None
+    kind: str | None = None
     try:
         workload = policy_set.resolve_workload(identity)
         grant = policy_set.authorize(identity, workload, case.audience, intent)
@@ -206,7 +214,8 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     except PolicyDenied as exc:
         outcome, detail, rule_id = "deny", exc.description, exc.rule_id
     else:
-        outcome, rule_id, max_ttl, binding = "allow", grant.rule_id, grant.max_ttl, grant.binding
+        outcome, rule_id, max_ttl = "allow", grant.rule_id, grant.max_ttl
+        binding, kind = grant.binding, grant.credential_kind
         detail = f"allowed by rule {grant.rule_id} (ttl {grant.max_ttl}s)"
 
     mismatches = []
@@ -219,6 +228,8 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
         mismatches.append(f"expected ttl {case.ttl}, got {max_ttl}")
     if case.binding is not None and binding != case.binding:
         mismatches.append(f"expected binding {case.binding}, got {binding or 'none'}")
+    if case.kind is not None and kind != case.kind:
+        mismatches.append(f"expected kind {case.kind}, got {kind}")
     message = "; ".join(mismatches) + f" ({detail})" if mismatches else detail
     return PolicyTestResult(
         case=case, passed=not mismatches, outcome=outcome, rule_id=rule_id, max_ttl=max_ttl, message=message

@@ -33,7 +33,7 @@ def test_refusals_say_why(data: bytes, reason: str, name: str | None) -> None:
 
 def test_accepts_i_json_text_and_bytes() -> None:
     assert loads_strict('{"a":[1,2.5,"é",true,null]}') == {"a": [1, 2.5, "é", True, None]}
-    assert loads_strict('{"a":{"a":1}}'.encode()) == {"a": {"a": 1}}  # the same name at two levels is fine
+    assert loads_strict(b'{"a":{"a":1}}') == {"a": {"a": 1}}  # the same name at two levels is fine
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from broker.entries import revocation_entry, suspension_entry
 from broker.errors import NotFound
 from broker.operators import Operator
 from broker.runtime import Runtime
+from broker.vault.errors import VaultRefused, VaultUnavailable
 
 __all__ = ["router"]
 
@@ -83,11 +84,22 @@ async def suspend(
     _known_workload(runtime, name)
     assert runtime.state is not None
     at = await anyio.to_thread.run_sync(runtime.state.tokens.suspend, name)
-    entry = suspension_entry(now=at, request_id=uuid.uuid4().hex, actor=operator.to_json(), workload=name,
+    request_id = uuid.uuid4().hex
+    entry = suspension_entry(now=at, request_id=request_id, actor=operator.to_json(), workload=name,
                              suspended=True, reason=body.reason)
     receipt = await runtime.ledger.append_async(entry)
-    return {"workload": name, "suspended": True, "since": at,
-            "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
+    answer: dict[str, Any] = {"workload": name, "suspended": True, "since": at,
+                              "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
+    if runtime.vault is not None:
+        # Its Vault secrets end too, each with a revocation entry under this request id. If Vault is
+        # down the suspension still holds (nothing new is issued) and the sweeper ends the leases.
+        try:
+            answer["vault_leases_revoked"] = await anyio.to_thread.run_sync(
+                runtime.vault.revoke_workload, name, request_id, operator.to_json(), "suspended"
+            )
+        except (VaultUnavailable, VaultRefused) as exc:
+            answer["vault_leases_error"] = exc.description
+    return answer
 
 
 @router.post("/workloads/{name}/resume", summary="Lift a suspension; tokens from before it stay inactive")

@@ -30,13 +30,14 @@ from broker.errors import (
 from broker.intent import parse_authorization_details
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE
 from broker.pipeline import ExchangeRequest
+from broker.vault.kinds import TOKEN_TYPES
 
 __all__ = ["TOKEN_EXCHANGE_GRANT", "router"]
 
 router = APIRouter()
 
 TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
-_ISSUABLE = {ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE}
+_ISSUABLE = {ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, *TOKEN_TYPES.values()}
 _MAX_FIELDS = 32
 _UNSUPPORTED_PARAMS = {
     "actor_token": "actor_token is not supported; the subject token is the workload identity",
@@ -159,6 +160,7 @@ def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
         audience=audience,
         intent=intent,
         request_id=request_id,
+        requested_token_type=requested,
     )
 
 
@@ -185,6 +187,7 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
         "token_type": issued.token_type,
         "expires_in": issued.expires_in,
         "authorization_details": [issued.grant.intent.to_json()],
+        **issued.extra,
         "receipt": {"index": issued.receipt.index, "leaf_hash": issued.receipt.leaf_hash},
     }
     headers = {**NO_STORE, "X-Request-Id": request_id}
