@@ -125,7 +125,7 @@ class Runtime:
         """Ledger entries for what went live at this start: new keys and the policy set."""
         now = self.clock.now()
         start_id = f"start-{uuid.uuid4().hex}"
-        if self.ledger_key_created:
+        if self.ledger_key_created and self.ledger_signer_key is not None:
             jwk = public_jwk(self.ledger_signer_key)
             entry = key_rotation_entry(
                 now=now, request_id=start_id, purpose="ledger", kid=jwk["kid"], alg="EdDSA", jwk=jwk
