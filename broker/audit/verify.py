@@ -168,7 +168,8 @@ def verify_ledger(
         assert trusted is not None and trusted_note is not None
         reference, reference_note = trusted, trusted_note
     mismatch = _locate_divergence(source, tree, reference)
-    if first_error is not None and first_error.index is not None and first_error.index <= (mismatch.index or 0):
+    if first_error is not None and (not mismatch.exact or (first_error.index or 0) <= (mismatch.index or 0)):
+        # A located entry error beats a mere lower bound, and an earlier one beats a later mismatch.
         raise first_error
     if not trusted_ok and root_ok:
         # The source signed a new history that does not extend the trusted one: a fork.
