@@ -26,7 +26,7 @@ from broker.errors import InvalidRequest, LedgerUnavailable, NotFound
 from broker.ledger.canonical import encode_entry
 from broker.ledger.checkpoint import NoteSigner, sign_checkpoint
 from broker.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
-from broker.ledger.storage import DuplicateLeaf, LedgerStorage
+from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage
 from broker.models import Receipt
 
 __all__ = ["MAX_ENTRIES_PER_CALL", "Ledger"]
@@ -244,8 +244,42 @@ class Ledger:
                 return cached[1]
             root = self._tree.root(size)
         note = sign_checkpoint(self._signer, self._origin, size, root)
+        # Durable before anyone sees it, so a restart can prove it still extends what it published.
+        self._storage.record_checkpoint(size, root, note)
         self._checkpoint_cache = (size, note)
         return note
+
+    def check_integrity(self, *, tail: int = 1024, checkpoints: int = 1000) -> int:
+        """Check storage on start; the number of entries, or :class:`LedgerCorrupt` with what is wrong.
+
+        (1) indexes are gapless and every leaf hash loads; (2) the last ``tail`` leaves still hash to
+        their recorded leaf hashes (a torn or corrupt tail); (3) the tree still has the root of each
+        of the last ``checkpoints`` checkpoints this log published. Nothing is repaired or truncated.
+        """
+        with self._tree_lock:
+            try:
+                size = self._sync()
+            except LedgerCorrupt:
+                raise
+            except LedgerUnavailable as exc:
+                raise LedgerCorrupt(f"ledger storage cannot be read back in full: {exc.description}") from None
+            start = max(0, size - tail)
+            for chunk in range(start, size, MAX_ENTRIES_PER_CALL):
+                end = min(size, chunk + MAX_ENTRIES_PER_CALL)
+                leaves = self._storage.entries(chunk, end)
+                for offset, (leaf, recorded) in enumerate(zip(leaves, self._storage.leaf_hashes(chunk, end),
+                                                              strict=True)):
+                    if leaf_hash(leaf) != recorded:
+                        raise LedgerCorrupt(f"ledger entry {chunk + offset} does not match its recorded leaf hash "
+                                            "(corrupt or torn storage); refusing to start")
+            for cp_size, cp_root in self._storage.published_checkpoints(checkpoints):
+                if cp_size > size:
+                    raise LedgerCorrupt(f"ledger storage holds {size} entries but a checkpoint of {cp_size} was "
+                                        f"published: entries from index {size} are missing; refusing to start")
+                if self._tree.root(cp_size) != cp_root:
+                    raise LedgerCorrupt(f"ledger storage no longer matches the checkpoint of {cp_size} entries it "
+                                        "published: history was altered; refusing to start")
+            return size
 
     def entries(self, start: int, end: int) -> list[bytes]:
         """Leaves ``[start, end)``, at most :data:`MAX_ENTRIES_PER_CALL` of them.

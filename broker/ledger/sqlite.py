@@ -32,6 +32,11 @@ CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
 BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
 BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY CHECK (size >= 0),
+    root BLOB    NOT NULL CHECK (length(root) = {HASH_SIZE}),
+    note TEXT    NOT NULL
+);
 """
 
 
@@ -168,6 +173,23 @@ class SqliteLedgerStorage:
     def entries(self, start: int, end: int) -> list[bytes]:
         """Leaves of ``[start, end)``."""
         return self._range("leaf", start, end)
+
+    def record_checkpoint(self, size: int, root: bytes, note: str) -> None:
+        """Remember a checkpoint (fsynced) before it is published; the first one per size stays."""
+        with self._write_lock, _sqlite_errors():
+            self._conn(self._writer).execute(
+                "INSERT OR IGNORE INTO checkpoints (size, root, note) VALUES (?, ?, ?)", (size, root, note)
+            )
+
+    def published_checkpoints(self, limit: int) -> list[tuple[int, bytes]]:
+        """``(size, root)`` of the ``limit`` largest recorded checkpoints, largest first."""
+        with self._read_lock, _sqlite_errors():
+            rows = (
+                self._conn(self._reader)
+                .execute("SELECT size, root FROM checkpoints ORDER BY size DESC LIMIT ?", (limit,))
+                .fetchall()
+            )
+        return [(int(size), bytes(root)) for size, root in rows]
 
     def index_of(self, leaf_hash: bytes) -> int | None:
         """The index of the leaf with this hash, or ``None``."""
