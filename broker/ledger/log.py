@@ -22,9 +22,10 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from broker.clock import Clock
-from broker.errors import InvalidRequest, LedgerUnavailable, NotFound
+from broker.errors import InvalidRequest, LedgerUnavailable, NotFound, VerificationError
 from broker.ledger.canonical import encode_entry
-from broker.ledger.checkpoint import NoteSigner, sign_checkpoint
+from broker.ledger.checkpoint import NoteSigner, sign_checkpoint, verify_checkpoint
+from broker.ledger.cosignature import Cosignature, CosignatureVerifier
 from broker.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage
 from broker.models import Receipt
@@ -248,6 +249,50 @@ class Ledger:
         self._storage.record_checkpoint(size, root, note)
         self._checkpoint_cache = (size, note)
         return note
+
+    def checkpoint_with_cosignatures(self) -> str:
+        """:meth:`checkpoint`, plus the witness cosignatures published for exactly that tree."""
+        note = self.checkpoint()
+        size = int(note.split("\n", 2)[1])
+        cosigned = self._storage.cosignatures(size)
+        return note + "".join(line + "\n" for line in cosigned[1]) if cosigned and cosigned[0] == note else note
+
+    def latest_cosigned_checkpoint(self) -> str:
+        """The largest checkpoint witnesses cosigned, with their cosignatures; :class:`NotFound` if none."""
+        cosigned = self._storage.cosignatures(None)
+        if cosigned is None:
+            raise NotFound("no checkpoint of this log has been cosigned yet")
+        return cosigned[0] + "".join(line + "\n" for line in cosigned[1])
+
+    def publish_cosignatures(self, note: str, witnesses: list[CosignatureVerifier]) -> list[Cosignature]:
+        """Keep the valid cosignatures of ``witnesses`` on ``note``, a checkpoint this log published.
+
+        Raises :class:`InvalidRequest` when the note is not one of this log's published checkpoints
+        or carries no valid cosignature by a configured witness.
+        """
+        # (1) our own signature and origin, so only our checkpoints collect cosignatures.
+        try:
+            checkpoint = verify_checkpoint(note, self.verifier_key, expected_origin=self._origin)
+        except VerificationError as exc:
+            raise InvalidRequest(f"not a checkpoint of this log: {exc}") from None
+        # (2) a tree this log has, with this root, and recorded as published.
+        plain = sign_checkpoint(self._signer, self._origin, checkpoint.size, checkpoint.root)
+        with self._tree_lock:
+            size = self._sync()
+            if checkpoint.size > size or self._tree.root(checkpoint.size) != checkpoint.root:
+                raise InvalidRequest("the checkpoint does not match this log's tree")
+        self._storage.record_checkpoint(checkpoint.size, checkpoint.root, plain)
+        # (3) each configured witness's cosignature, verified.
+        verified: list[Cosignature] = []
+        for witness in witnesses:
+            try:
+                verified.append(witness.verify(note))
+            except VerificationError:
+                continue
+        if not verified:
+            raise InvalidRequest("no valid cosignature by a configured witness")
+        self._storage.record_cosignatures(checkpoint.size, {c.name: c.line for c in verified})
+        return verified
 
     def check_integrity(self, *, tail: int = 1024, checkpoints: int = 1000) -> int:
         """Check storage on start; the number of entries, or :class:`LedgerCorrupt` with what is wrong.

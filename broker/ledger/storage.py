@@ -65,6 +65,14 @@ class LedgerStorage(Protocol):
         """``(size, root)`` of the ``limit`` largest checkpoints recorded, largest first."""
         ...
 
+    def record_cosignatures(self, size: int, lines: dict[str, str]) -> None:
+        """Durably keep verified witness cosignature lines (by witness name) for a recorded checkpoint."""
+        ...
+
+    def cosignatures(self, size: int | None) -> tuple[str, list[str]] | None:
+        """``(note, cosignature lines)`` of checkpoint ``size`` (``None``: the largest cosigned one)."""
+        ...
+
     def close(self) -> None:
         """Release connections; later calls raise :class:`LedgerUnavailable`."""
         ...

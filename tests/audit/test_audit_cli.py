@@ -208,3 +208,63 @@ def test_consistency_and_witness(broker_on_copy: tuple[LiveBroker, Ledger], tmp_
     vkey = witness.stderr.split("verifier key: ")[1].split()[0]
     cosig = WitnessVerifier(vkey).verify(witness.stdout)
     assert cosig.name == "witness.example/w1"
+
+
+def test_witness_publishes_cosignatures(written_ledger: Ledger, tmp_path: Path) -> None:
+    import shutil
+
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    from broker.audit import WitnessSigner, WitnessVerifier
+
+    key = Ed25519PrivateKey.generate()
+    wkey = tmp_path / "witness.pem"
+    wkey.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    wkey.chmod(0o600)
+    vkey = WitnessSigner("witness.example/w1", key).verifier_key
+    config = tmp_path / "broker.toml"
+    config.write_text(f"ledger_witnesses = [{json.dumps(vkey)}]\n")
+    shutil.copytree(written_ledger.data_dir, tmp_path / "data")
+    broker = LiveBroker(tmp_path / "data", args=("--config", str(config)))
+    try:
+        assert httpx.get(broker.url + "/v1/ledger/checkpoint/cosigned").status_code == 404
+        r = nhi(
+            "audit", "witness", "--url", broker.url, "--verifier-key", written_ledger.verifier_key,
+            "--state", str(tmp_path / "w.json"), "--witness-key", str(wkey), "--name", "witness.example/w1",
+            "--publish",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        cosigned = httpx.get(broker.url + "/v1/ledger/checkpoint/cosigned").text
+        assert WitnessVerifier(vkey).verify(cosigned).name == "witness.example/w1"
+        latest = httpx.get(broker.url + "/v1/ledger/checkpoint").text
+        assert latest == cosigned  # nothing appended since: the latest checkpoint carries the cosignature
+
+        stranger = WitnessSigner("witness.example/w1", Ed25519PrivateKey.generate())
+        attacks = [
+            (b"\xff\xfe", 400, "not UTF-8"),
+            (b"junk", 400, "not a checkpoint of this log"),
+            (r.stdout.replace("witness.example/w1 ", "witness.example/w2 ").encode(), 400, "no valid cosignature"),
+            (cosigned.replace(cosigned.split("\n")[1], "999", 1).encode(), 400, "not a checkpoint of this log"),
+        ]
+        assert stranger.name
+        for body, status, expected in attacks:
+            answer = httpx.post(broker.url + "/v1/ledger/cosignatures", content=body)
+            assert answer.status_code == status, answer.text
+            assert expected in answer.json()["error_description"]
+    finally:
+        broker.stop()
+
+
+def test_cosignatures_need_configured_witnesses(served_ledger: tuple[LiveBroker, Ledger]) -> None:
+    import httpx
+
+    from broker.config import load_settings
+    from broker.errors import ConfigError
+
+    broker, _ = served_ledger
+    answer = httpx.post(broker.url + "/v1/ledger/cosignatures", content=b"anything")
+    assert answer.status_code == 404 and "no witnesses configured" in answer.json()["error_description"]
+    with pytest.raises(ConfigError, match="cosigner verifier key has the form"):
+        load_settings(ledger_witnesses=["not-a-key"])

@@ -6,11 +6,13 @@ import base64
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+import anyio.to_thread
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from broker.api.deps import RuntimeDep
-from broker.errors import InvalidRequest
+from broker.errors import InvalidRequest, NotFound, RequestTooLarge
+from broker.ledger.cosignature import CosignatureVerifier
 from broker.ledger.merkle import leaf_hash
 
 __all__ = ["router"]
@@ -25,9 +27,31 @@ def _b64(data: bytes) -> str:
 
 
 @router.get("/checkpoint", response_class=PlainTextResponse,
-            summary="The latest tree head: a C2SP tlog-checkpoint in a signed note")
+            summary="The latest tree head: a C2SP tlog-checkpoint in a signed note (plus witness cosignatures)")
 def checkpoint(runtime: RuntimeDep) -> PlainTextResponse:
-    return PlainTextResponse(runtime.ledger.checkpoint(), headers={"Cache-Control": "no-cache"})
+    return PlainTextResponse(runtime.ledger.checkpoint_with_cosignatures(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/checkpoint/cosigned", response_class=PlainTextResponse,
+            summary="The largest checkpoint cosigned by witnesses (C2SP tlog-cosignature), with the cosignatures")
+def cosigned_checkpoint(runtime: RuntimeDep) -> PlainTextResponse:
+    return PlainTextResponse(runtime.ledger.latest_cosigned_checkpoint(), headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/cosignatures", summary="Publish witness cosignatures of a checkpoint (self-authenticating)")
+async def publish_cosignatures(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    witnesses = [CosignatureVerifier(key) for key in runtime.settings.ledger_witnesses]
+    if not witnesses:
+        raise NotFound("this broker has no witnesses configured (ledger_witnesses)")
+    body = await request.body()
+    if len(body) > 65536:
+        raise RequestTooLarge("a cosigned checkpoint is at most 64 KiB")
+    try:
+        note = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the body is not UTF-8 text") from None
+    cosignatures = await anyio.to_thread.run_sync(runtime.ledger.publish_cosignatures, note, witnesses)
+    return {"accepted": [{"witness": c.name, "timestamp": c.timestamp} for c in cosignatures]}
 
 
 @router.get("/entries", summary="Entries [start, end) with their exact leaf bytes (base64) and leaf hashes")
