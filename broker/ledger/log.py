@@ -28,6 +28,7 @@ from broker.ledger.checkpoint import NoteSigner, sign_checkpoint, verify_checkpo
 from broker.ledger.cosignature import Cosignature, CosignatureVerifier
 from broker.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage
+from broker.ledger.tiles import TILE_WIDTH, entry_bundle, parse_tile_path, tile_hashes
 from broker.models import Receipt
 
 __all__ = ["MAX_ENTRIES_PER_CALL", "Ledger"]
@@ -293,6 +294,24 @@ class Ledger:
             raise InvalidRequest("no valid cosignature by a configured witness")
         self._storage.record_cosignatures(checkpoint.size, {c.name: c.line for c in verified})
         return verified
+
+    def tile(self, path: str) -> tuple[bytes, bool]:
+        """A C2SP tlog-tiles hash tile or entry bundle by its path below ``tile/``; ``(body, is_full)``.
+
+        Served only for trees this log has (its current size); :class:`NotFound` otherwise.
+        """
+        tile = parse_tile_path(path)
+        with self._tree_lock:
+            size = self._sync()
+            if tile.level is not None:
+                return tile_hashes(self._tree, size, tile), tile.width is None
+        start = tile.index * TILE_WIDTH
+        if start + tile.count > size:
+            raise NotFound("this entry bundle is not part of the published tree")
+        leaves: list[bytes] = []
+        for chunk in range(start, start + tile.count, MAX_ENTRIES_PER_CALL):
+            leaves += self._storage.entries(chunk, min(start + tile.count, chunk + MAX_ENTRIES_PER_CALL))
+        return entry_bundle(leaves), tile.width is None
 
     def check_integrity(self, *, tail: int = 1024, checkpoints: int = 1000) -> int:
         """Check storage on start; the number of entries, or :class:`LedgerCorrupt` with what is wrong.

@@ -268,3 +268,31 @@ def test_cosignatures_need_configured_witnesses(served_ledger: tuple[LiveBroker,
     assert answer.status_code == 404 and "no witnesses configured" in answer.json()["error_description"]
     with pytest.raises(ConfigError, match="cosigner verifier key has the form"):
         load_settings(ledger_witnesses=["not-a-key"])
+
+
+def test_tiles_read_api(served_ledger: tuple[LiveBroker, Ledger]) -> None:
+    import struct
+
+    import httpx
+
+    from broker.ledger import root_from_leaf_hashes, verify_checkpoint
+    from broker.ledger.merkle import leaf_hash
+
+    broker, ledger = served_ledger
+    base = broker.url + "/v1/ledger/tiles"
+    checkpoint = verify_checkpoint(httpx.get(base + "/checkpoint").text, ledger.verifier_key)
+    n = checkpoint.size
+    assert 0 < n < 256
+    hashes = httpx.get(f"{base}/tile/0/000.p/{n}")
+    assert hashes.status_code == 200 and hashes.headers["content-type"] == "application/octet-stream"
+    leaf_hashes = [hashes.content[i : i + 32] for i in range(0, len(hashes.content), 32)]
+    assert root_from_leaf_hashes(leaf_hashes) == checkpoint.root
+    bundle = httpx.get(f"{base}/tile/entries/000.p/{n}").content
+    leaves, offset = [], 0
+    while offset < len(bundle):
+        (length,) = struct.unpack(">H", bundle[offset : offset + 2])
+        leaves.append(bundle[offset + 2 : offset + 2 + length])
+        offset += 2 + length
+    assert [leaf_hash(leaf) for leaf in leaves] == leaf_hashes
+    for path, status in [("0/000", 404), (f"0/000.p/{n + 1}", 404), ("1/000.p/1", 404), ("0/00", 400), ("x/000", 400)]:
+        assert httpx.get(f"{base}/tile/{path}").status_code == status, path

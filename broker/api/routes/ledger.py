@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from broker.api.deps import RuntimeDep
 from broker.errors import InvalidRequest, NotFound, RequestTooLarge
@@ -36,6 +36,20 @@ def checkpoint(runtime: RuntimeDep) -> PlainTextResponse:
             summary="The largest checkpoint cosigned by witnesses (C2SP tlog-cosignature), with the cosignatures")
 def cosigned_checkpoint(runtime: RuntimeDep) -> PlainTextResponse:
     return PlainTextResponse(runtime.ledger.latest_cosigned_checkpoint(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/tiles/checkpoint", response_class=PlainTextResponse,
+            summary="C2SP tlog-tiles: the checkpoint (same as /v1/ledger/checkpoint)")
+def tiles_checkpoint(runtime: RuntimeDep) -> PlainTextResponse:
+    return PlainTextResponse(runtime.ledger.checkpoint_with_cosignatures(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/tiles/tile/{path:path}", summary="C2SP tlog-tiles: hash tiles <L>/<N>[.p/<W>] and entries/<N>[.p/<W>]")
+def tile(path: str, runtime: RuntimeDep) -> Response:
+    body, full = runtime.ledger.tile(path)
+    # Tile contents never change; a partial tile is superseded by its full tile, so cache it briefly.
+    cache = "public, max-age=31536000, immutable" if full else "public, max-age=60"
+    return Response(body, media_type="application/octet-stream", headers={"Cache-Control": cache})
 
 
 @router.post("/cosignatures", summary="Publish witness cosignatures of a checkpoint (self-authenticating)")
