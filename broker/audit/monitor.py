@@ -18,9 +18,9 @@ from pathlib import Path
 
 from broker.audit.errors import AuditFailure, ConsistencyViolation
 from broker.audit.source import LedgerSource
-from broker.audit.verify import verify_checkpoint_from
+from broker.audit.verify import VerifierKeys, verify_checkpoint_from, verify_note
 from broker.errors import VerificationError
-from broker.ledger.checkpoint import Checkpoint, verify_checkpoint
+from broker.ledger.checkpoint import Checkpoint
 from broker.ledger.merkle import verify_consistency
 
 __all__ = ["ConsistentCheckpoint", "check_consistency", "load_state", "save_state"]
@@ -60,7 +60,7 @@ def save_state(path: Path, note: str) -> None:
     os.replace(tmp, path)
 
 
-def check_consistency(source: LedgerSource, verifier_key: str, state: Path, *, origin: str | None = None,
+def check_consistency(source: LedgerSource, verifier_key: VerifierKeys, state: Path, *, origin: str | None = None,
                       update: bool = True) -> ConsistentCheckpoint:
     """Verify that the source's latest checkpoint extends the one in ``state``; then store it.
 
@@ -73,10 +73,13 @@ def check_consistency(source: LedgerSource, verifier_key: str, state: Path, *, o
     previous_note = load_state(state)
     previous: Checkpoint | None = None
     if previous_note is not None:
+        keys = [verifier_key] if isinstance(verifier_key, str) else list(verifier_key)
         try:
-            previous = verify_checkpoint(previous_note, verifier_key)
-        except VerificationError as exc:
-            raise AuditFailure(f"the stored checkpoint in {state} does not verify with this key: {exc}") from None
+            previous = verify_note(previous_note, keys, None)[0]
+        except AuditFailure as exc:
+            raise AuditFailure(
+                f"the stored checkpoint in {state} does not verify with these keys: {exc.reason}"
+            ) from None
         # (3) append-only.
         if previous.origin != latest.origin:
             raise ConsistencyViolation("origin", f"the log now calls itself {latest.origin!r}, "

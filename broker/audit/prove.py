@@ -26,7 +26,7 @@ from broker.audit._canonical import decode_leaf
 from broker.audit.errors import AuditFailure, EntrySchemaError
 from broker.audit.schema import ValidatedEntry, validate_entry
 from broker.audit.source import LedgerSource
-from broker.audit.verify import verify_checkpoint_from
+from broker.audit.verify import VerifierKeys, verify_checkpoint_from
 from broker.errors import VerificationError
 from broker.ledger.checkpoint import Checkpoint
 from broker.ledger.merkle import leaf_hash, verify_inclusion
@@ -122,7 +122,7 @@ def _find_by_jti(source: LedgerSource, jti: str, size: int) -> int:
 
 def prove_attribution(
     source: LedgerSource,
-    verifier_key: str,
+    verifier_key: VerifierKeys,
     *,
     token: str | None = None,
     jti: str | None = None,

@@ -18,18 +18,28 @@ from __future__ import annotations
 
 import hmac
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.audit._canonical import decode_leaf
 from broker.audit.errors import AuditFailure, ConsistencyViolation, EntrySchemaError, SourceUnavailable
 from broker.audit.schema import validate_entry
 from broker.audit.source import LedgerSource
 from broker.errors import VerificationError
-from broker.ledger.checkpoint import Checkpoint, verify_checkpoint
+from broker.ledger.checkpoint import Checkpoint, _parse_checkpoint_body, verify_checkpoint
 from broker.ledger.merkle import MerkleTree, leaf_hash, verify_consistency
+from broker.ledger.rotation import endorsed_key
 
-__all__ = ["LedgerSummary", "Progress", "VerifiedLedger", "verify_checkpoint_from", "verify_ledger"]
+__all__ = [
+    "LedgerSummary",
+    "Progress",
+    "VerifiedLedger",
+    "VerifierKeys",
+    "verify_checkpoint_from",
+    "verify_ledger",
+    "verify_note",
+]
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` while entries are verified."""
@@ -67,36 +77,81 @@ class VerifiedLedger:
     """A ledger whose every entry was checked against a signed checkpoint. Built by :func:`verify_ledger`.
 
     ``tree`` holds the recomputed leaf hashes, so proofs for any verified size can be derived
-    locally; ``note`` is the verified checkpoint, verbatim.
+    locally; ``note`` is the verified checkpoint, verbatim; ``signed_by`` the verifier key that
+    verified it (a rotated key when the ledger endorsed one).
     """
 
     checkpoint: Checkpoint
     note: str
     summary: LedgerSummary
     tree: MerkleTree
+    signed_by: str = ""
+
+
+VerifierKeys = str | Sequence[str]
+"""One verifier key, or several the auditor trusts (oldest first), e.g. across a key rotation."""
+
+
+def _keys(verifier_keys: VerifierKeys) -> list[str]:
+    keys = [verifier_keys] if isinstance(verifier_keys, str) else list(verifier_keys)
+    if not keys:
+        raise AuditFailure("no verifier key given")
+    return keys
+
+
+def verify_note(note: str, keys: list[str], origin: str | None) -> tuple[Checkpoint, str]:
+    """The checkpoint verified by the newest of ``keys`` that signed it, and that key; or :class:`AuditFailure`."""
+    failure: VerificationError | None = None
+    for key in reversed(keys):
+        try:
+            return verify_checkpoint(note, key, expected_origin=origin), key
+        except VerificationError as exc:
+            failure = failure or exc
+    raise AuditFailure(f"checkpoint does not verify: {failure}")
 
 
 def verify_checkpoint_from(
-    source: LedgerSource, verifier_key: str, origin: str | None = None
+    source: LedgerSource, verifier_keys: VerifierKeys, origin: str | None = None
 ) -> tuple[Checkpoint, str]:
     """Fetch the source's latest checkpoint and verify it; ``(checkpoint, note)`` or :class:`AuditFailure`."""
     note = source.checkpoint()
+    return verify_note(note, _keys(verifier_keys), origin)[0], note
+
+
+def _trusted(note: str, keys: list[str], origin: str | None) -> Checkpoint:
     try:
-        return verify_checkpoint(note, verifier_key, expected_origin=origin), note
+        return verify_note(note, keys, origin)[0]
+    except AuditFailure as exc:
+        raise AuditFailure(f"the trusted checkpoint does not verify with these keys: {exc.reason}") from None
+
+
+def _unverified_checkpoint(note: str) -> Checkpoint:
+    """The checkpoint body *without* its signature: only to know how far to read before verifying."""
+    split = note.rfind("\n\n") if isinstance(note, str) else -1
+    try:
+        if split < 0:
+            raise VerificationError("not a signed note")
+        return _parse_checkpoint_body(note[: split + 1])
     except VerificationError as exc:
         raise AuditFailure(f"checkpoint does not verify: {exc}") from None
 
 
-def _trusted(note: str, verifier_key: str, origin: str | None) -> Checkpoint:
-    try:
-        return verify_checkpoint(note, verifier_key, expected_origin=origin)
-    except VerificationError as exc:
-        raise AuditFailure(f"the trusted checkpoint does not verify with this key: {exc}") from None
+def _follow_endorsements(keys: list[str], endorsements: list[tuple[int, dict[str, Any]]], origin: str) -> list[str]:
+    """``keys`` plus every ledger key endorsed, in ledger order, by a key already accepted."""
+    accepted = list(keys)
+    for _, key in endorsements:
+        for endorser in reversed(accepted):
+            try:
+                accepted.append(endorsed_key(key["endorsement"], endorser, origin, key["public_jwk"].get("x", "")))
+                break
+            except VerificationError:
+                continue
+    return accepted
 
 
 def verify_ledger(
     source: LedgerSource,
-    verifier_key: str,
+    verifier_key: VerifierKeys,
     *,
     origin: str | None = None,
     trusted_note: str | None = None,
@@ -104,20 +159,34 @@ def verify_ledger(
 ) -> VerifiedLedger:
     """Verify every entry of ``source`` against its latest checkpoint; raise :class:`AuditFailure` otherwise.
 
-    ``verifier_key`` (``<name>+<keyid>+<base64>``) must come from the auditor, never from the
-    source. ``trusted_note`` is an earlier checkpoint the auditor verified before: the ledger
-    must still contain exactly the entries it committed to.
+    ``verifier_key`` (``<name>+<keyid>+<base64>``, or several) must come from the auditor, never
+    from the source. A checkpoint signed by a later ledger key is accepted when the tree holds a
+    ``key_rotation`` entry endorsing that key by a trusted one (docs/ledger.md §5.3).
+    ``trusted_note`` is an earlier checkpoint the auditor verified before: the ledger must still
+    contain exactly the entries it committed to.
     """
-    # (1) the signed checkpoint, with the key given out of band.
-    checkpoint, note = verify_checkpoint_from(source, verifier_key, origin)
+    keys = _keys(verifier_key)
+    # (1) the signed checkpoint, with the key given out of band; after a key rotation the
+    # signature is checked once the endorsement is found in the entries (step 4).
+    note = source.checkpoint()
+    signature_failure: AuditFailure | None = None
+    try:
+        checkpoint, signed_by = verify_note(note, keys, origin)
+    except AuditFailure as exc:
+        signature_failure = exc
+        checkpoint, signed_by = _unverified_checkpoint(note), ""
     size = checkpoint.size
     # (2) an append-only log never shrinks below what an auditor saw before.
-    trusted = _trusted(trusted_note, verifier_key, origin or checkpoint.origin) if trusted_note else None
-    if trusted is not None and trusted.size > size:
+    trusted = _trusted(trusted_note, keys, origin or checkpoint.origin) if trusted_note else None
+    if trusted is not None and trusted.size > size and signature_failure is None:
         raise ConsistencyViolation(
-            "rollback", f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
-            previous=trusted_note or "", latest=note, index=size,
+            "rollback",
+            f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
+            previous=trusted_note or "",
+            latest=note,
+            index=size,
         )
+    endorsements: list[tuple[int, dict[str, Any]]] = []
     # (3) every entry: bytes, leaf hash, canonical form, schema.
     tree = MerkleTree()
     summary = LedgerSummary()
@@ -136,8 +205,9 @@ def verify_ledger(
         if first_error is not None:
             continue  # keep hashing for the root check; the first error is the one reported
         if raw.recorded_leaf_hash is not None and not hmac.compare_digest(raw.recorded_leaf_hash, computed):
-            first_error = AuditFailure("the leaf hash the source states does not match the entry's bytes",
-                                       index=raw.index)
+            first_error = AuditFailure(
+                "the leaf hash the source states does not match the entry's bytes", index=raw.index
+            )
             continue
         try:
             valid = validate_entry(decode_leaf(raw.leaf))
@@ -148,6 +218,8 @@ def verify_ledger(
             first_error = AuditFailure(f"leaf is not canonical JSON: {exc}", index=raw.index)
             continue
         summary.add(valid.kind, valid.time, valid.workload or valid.spiffe_id, valid.owner)
+        if valid.kind == "key_rotation" and "endorsement" in valid.entry["key"]:
+            endorsements.append((raw.index, valid.entry["key"]))
         if progress is not None and expected % 1024 == 0:
             progress(expected, size)
     tree.extend(batch)
@@ -155,13 +227,28 @@ def verify_ledger(
         raise AuditFailure(f"the source ended after {expected} of {size} entries", index=expected)
     if progress is not None:
         progress(size, size)
+    if signature_failure is not None:
+        # (1, deferred) a checkpoint signed by a rotated key: only an endorsed key may have signed it.
+        accepted = _follow_endorsements(keys, endorsements, checkpoint.origin)
+        try:
+            checkpoint, signed_by = verify_note(note, accepted[len(keys) :], origin)
+        except AuditFailure:
+            raise signature_failure from None
+        if trusted is not None and trusted.size > size:
+            raise ConsistencyViolation(
+                "rollback",
+                f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
+                previous=trusted_note or "",
+                latest=note,
+                index=size,
+            )
     # (4) the recomputed roots.
     root_ok = hmac.compare_digest(tree.root(size), checkpoint.root)
     trusted_ok = trusted is None or hmac.compare_digest(tree.root(trusted.size), trusted.root)
     if root_ok and trusted_ok:
         if first_error is not None:
             raise first_error
-        return VerifiedLedger(checkpoint=checkpoint, note=note, summary=summary, tree=tree)
+        return VerifiedLedger(checkpoint=checkpoint, note=note, summary=summary, tree=tree, signed_by=signed_by)
     # (5) name the first entry that differs from what a signed checkpoint commits to.
     reference, reference_note = checkpoint, note
     if not trusted_ok:
@@ -173,8 +260,7 @@ def verify_ledger(
         raise first_error
     if not trusted_ok and root_ok:
         # The source signed a new history that does not extend the trusted one: a fork.
-        raise ConsistencyViolation("fork", mismatch.reason, previous=reference_note, latest=note,
-                                   index=mismatch.index)
+        raise ConsistencyViolation("fork", mismatch.reason, previous=reference_note, latest=note, index=mismatch.index)
     raise mismatch
 
 
@@ -212,8 +298,9 @@ def _locate_divergence(source: LedgerSource, tree: MerkleTree, reference: Checkp
             hi = mid
     if unavailable:
         # Without proofs we only know that every entry before ``lo`` is right.
-        return AuditFailure(f"{reason} (the source gives no consistency proofs to locate it)", index=lo,
-                            exact=size == 1)
+        return AuditFailure(
+            f"{reason} (the source gives no consistency proofs to locate it)", index=lo, exact=size == 1
+        )
     if lo == 0 and size > 1:
         # No prefix verified: entry 0 changed, or the source's proofs are themselves wrong.
         return AuditFailure(f"{reason}; no prefix of the log verifies", index=0, exact=False)
