@@ -158,7 +158,7 @@ def _issuance_template() -> bytes:
     return template
 
 
-def bench_audit_verify(directory: Path, leaves: int) -> None:
+def bench_audit_verify(directory: Path, leaves: int, jobs: int) -> None:
     from broker.audit import BundleLedgerSource, verify_ledger
     from broker.audit.bundle import write_bundle
     from broker.ledger import leaf_hash, sign_checkpoint
@@ -180,11 +180,11 @@ def bench_audit_verify(directory: Path, leaves: int) -> None:
     print(f"audit: wrote a bundle of {leaves:,} issuance entries ({bundle.stat().st_size / 1e9:.2f} GB) "
           f"in {time.perf_counter() - began:.1f} s")
     began = time.perf_counter()
-    verified = verify_ledger(BundleLedgerSource(bundle), signer.verifier_key, origin=ORIGIN)
+    verified = verify_ledger(BundleLedgerSource(bundle), signer.verifier_key, origin=ORIGIN, jobs=jobs)
     elapsed = time.perf_counter() - began
     assert verified.summary.size == leaves and verified.summary.by_kind["issuance"] == leaves
     print(f"audit: verify (checkpoint, every leaf hash, canonical form and schema, root) of {leaves:,} entries "
-          f"in {elapsed:.1f} s = {leaves / elapsed:,.0f} entries/s")
+          f"with {jobs} process(es) in {elapsed:.1f} s = {leaves / elapsed:,.0f} entries/s")
     bundle.unlink()
 
 
@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--leaves", type=int, default=1_000_000)
     parser.add_argument("--skip-verify", action="store_true", help="skip the `audit verify` figure")
+    parser.add_argument("--jobs", type=int, default=1, help="`audit verify` processes (the CLI's default: 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         directory = Path(tmp)
@@ -201,7 +202,7 @@ def main() -> None:
         bench_tree(args.leaves)
         bench_ledger_proofs(directory, args.leaves)
         if not args.skip_verify:
-            bench_audit_verify(directory, args.leaves)
+            bench_audit_verify(directory, args.leaves, args.jobs)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ The first problem (smallest index) is raised as :class:`~broker.audit.errors.Aud
 from __future__ import annotations
 
 import hmac
-from collections import Counter
+import multiprocessing
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,7 @@ from broker.audit.schema import validate_entry
 from broker.audit.source import LedgerSource
 from broker.errors import VerificationError
 from broker.ledger.checkpoint import Checkpoint, _parse_checkpoint_body, verify_checkpoint
-from broker.ledger.merkle import MerkleTree, leaf_hash, verify_consistency
+from broker.ledger.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_consistency
 from broker.ledger.rotation import endorsed_key
 
 __all__ = [
@@ -44,7 +46,50 @@ __all__ = [
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` while entries are verified."""
 
-_TREE_BATCH = 4096
+_BATCH = 2048  # entries per unit of work (about 2 MB of leaves)
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the caller may hold threads (HTTP prefetch) whose locks a fork would copy.
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+@dataclass(frozen=True)
+class _BatchResult:
+    hashes: bytes
+    summary: LedgerSummary
+    endorsements: list[tuple[int, dict[str, Any]]]
+    error: tuple[int, str] | None
+
+
+def _check_batch(first: int, leaves: list[bytes], recorded: list[bytes | None]) -> _BatchResult:
+    """Leaf hashes of a batch, its summary, and its first bad entry (index, reason), if any."""
+    hashes = bytearray()
+    summary = LedgerSummary()
+    endorsements: list[tuple[int, dict[str, Any]]] = []
+    error: tuple[int, str] | None = None
+    for offset, leaf in enumerate(leaves):
+        computed = leaf_hash(leaf)
+        hashes += computed
+        if error is not None:
+            continue  # keep hashing for the root check; the first error is the one reported
+        index = first + offset
+        stated = recorded[offset]
+        if stated is not None and not hmac.compare_digest(stated, computed):
+            error = (index, "the leaf hash the source states does not match the entry's bytes")
+            continue
+        try:
+            valid = validate_entry(decode_leaf(leaf))
+        except EntrySchemaError as exc:
+            error = (index, f"entry breaks the version 1 schema: {exc}")
+            continue
+        except VerificationError as exc:
+            error = (index, f"leaf is not canonical JSON: {exc}")
+            continue
+        summary.add(valid.kind, valid.time, valid.workload or valid.spiffe_id, valid.owner)
+        if valid.kind == "key_rotation" and "endorsement" in valid.entry["key"]:
+            endorsements.append((index, valid.entry["key"]))
+    return _BatchResult(bytes(hashes), summary, endorsements, error)
 
 
 @dataclass
@@ -57,6 +102,17 @@ class LedgerSummary:
     by_owner: Counter[str] = field(default_factory=Counter)
     first_time: str | None = None
     last_time: str | None = None
+
+    def merge(self, other: LedgerSummary) -> None:
+        """Add the counts and time range of ``other`` (a later batch)."""
+        self.size += other.size
+        self.by_kind.update(other.by_kind)
+        self.by_workload.update(other.by_workload)
+        self.by_owner.update(other.by_owner)
+        for time in (other.first_time, other.last_time):
+            if time is not None:
+                self.first_time = time if self.first_time is None else min(self.first_time, time)
+                self.last_time = time if self.last_time is None else max(self.last_time, time)
 
     def add(self, kind: str, time: str, workload: str | None, owner: str | None) -> None:
         self.size += 1
@@ -156,6 +212,8 @@ def verify_ledger(
     origin: str | None = None,
     trusted_note: str | None = None,
     progress: Progress | None = None,
+    jobs: int = 1,
+    parallel_threshold: int = 50_000,
 ) -> VerifiedLedger:
     """Verify every entry of ``source`` against its latest checkpoint; raise :class:`AuditFailure` otherwise.
 
@@ -163,7 +221,8 @@ def verify_ledger(
     from the source. A checkpoint signed by a later ledger key is accepted when the tree holds a
     ``key_rotation`` entry endorsing that key by a trusted one (docs/ledger.md §5.3).
     ``trusted_note`` is an earlier checkpoint the auditor verified before: the ledger must still
-    contain exactly the entries it committed to.
+    contain exactly the entries it committed to. With ``jobs > 1``, ledgers of at least
+    ``parallel_threshold`` entries are decoded and validated on that many processes.
     """
     keys = _keys(verifier_key)
     # (1) the signed checkpoint, with the key given out of band; after a key rotation the
@@ -186,47 +245,58 @@ def verify_ledger(
             latest=note,
             index=size,
         )
-    endorsements: list[tuple[int, dict[str, Any]]] = []
-    # (3) every entry: bytes, leaf hash, canonical form, schema.
+    # (3) every entry: bytes, leaf hash, canonical form, schema (in batches, on ``jobs`` processes).
     tree = MerkleTree()
     summary = LedgerSummary()
+    endorsements: list[tuple[int, dict[str, Any]]] = []
     first_error: AuditFailure | None = None
-    batch: list[bytes] = []
     expected = 0
-    for raw in source.entries(0, size):
-        if raw.index != expected:
-            raise AuditFailure(f"the source returned entry {raw.index} out of order", index=expected)
-        computed = leaf_hash(raw.leaf)
-        batch.append(computed)
-        if len(batch) >= _TREE_BATCH:
-            tree.extend(batch)
-            batch.clear()
-        expected += 1
-        if first_error is not None:
-            continue  # keep hashing for the root check; the first error is the one reported
-        if raw.recorded_leaf_hash is not None and not hmac.compare_digest(raw.recorded_leaf_hash, computed):
-            first_error = AuditFailure(
-                "the leaf hash the source states does not match the entry's bytes", index=raw.index
-            )
-            continue
-        try:
-            valid = validate_entry(decode_leaf(raw.leaf))
-        except EntrySchemaError as exc:
-            first_error = AuditFailure(f"entry breaks the version 1 schema: {exc}", index=raw.index)
-            continue
-        except VerificationError as exc:
-            first_error = AuditFailure(f"leaf is not canonical JSON: {exc}", index=raw.index)
-            continue
-        summary.add(valid.kind, valid.time, valid.workload or valid.spiffe_id, valid.owner)
-        if valid.kind == "key_rotation" and "endorsement" in valid.entry["key"]:
-            endorsements.append((raw.index, valid.entry["key"]))
-        if progress is not None and expected % 1024 == 0:
-            progress(expected, size)
-    tree.extend(batch)
+
+    def merge(result: _BatchResult) -> None:
+        nonlocal first_error
+        tree.extend(result.hashes[i : i + HASH_SIZE] for i in range(0, len(result.hashes), HASH_SIZE))
+        summary.merge(result.summary)
+        endorsements.extend(result.endorsements)
+        if first_error is None and result.error is not None:
+            first_error = AuditFailure(result.error[1], index=result.error[0])
+        if progress is not None:
+            progress(tree.size, size)
+
+    pool = _pool(jobs) if jobs > 1 and size >= parallel_threshold else None
+    try:
+        pending: deque[Future[_BatchResult]] = deque()
+        leaves: list[bytes] = []
+        recorded: list[bytes | None] = []
+
+        def flush() -> None:
+            if not leaves:
+                return
+            first = expected - len(leaves)
+            if pool is None:
+                merge(_check_batch(first, leaves.copy(), recorded.copy()))
+            else:
+                pending.append(pool.submit(_check_batch, first, leaves.copy(), recorded.copy()))
+                while len(pending) > 2 * jobs:  # bounded memory: a few batches in flight
+                    merge(pending.popleft().result())
+            leaves.clear()
+            recorded.clear()
+
+        for raw in source.entries(0, size):
+            if raw.index != expected:
+                raise AuditFailure(f"the source returned entry {raw.index} out of order", index=expected)
+            leaves.append(raw.leaf)
+            recorded.append(raw.recorded_leaf_hash)
+            expected += 1
+            if len(leaves) >= _BATCH:
+                flush()
+        flush()
+        while pending:
+            merge(pending.popleft().result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if expected != size:
         raise AuditFailure(f"the source ended after {expected} of {size} entries", index=expected)
-    if progress is not None:
-        progress(size, size)
     if signature_failure is not None:
         # (1, deferred) a checkpoint signed by a rotated key: only an endorsed key may have signed it.
         accepted = _follow_endorsements(keys, endorsements, checkpoint.origin)

@@ -106,7 +106,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             print("note: the bundle names a different verifier key than the one you trust", file=sys.stderr)
         try:
             verified = verify_ledger(source, args.verifier_key, origin=args.origin, trusted_note=trusted,
-                                     progress=bar)
+                                     progress=bar, jobs=args.jobs)
         finally:
             bar.close()
     elapsed = time.monotonic() - started
@@ -289,6 +289,10 @@ def register(sub: Any) -> None:
     verify.add_argument("--trusted-checkpoint", type=Path, help="an earlier signed checkpoint the log must extend")
     verify.add_argument("--state", type=Path, help="monitor state file: must extend it; updated on success")
     verify.add_argument("--json", action="store_true", help="print the summary as JSON")
+    # One process by default: on the 2-core reference machine a second one did not pay for the
+    # hand-off (see README, Performance); more cores may differ.
+    verify.add_argument("--jobs", type=int, default=1,
+                        help="processes that decode and validate entries of large ledgers (default 1)")
     verify.add_argument("--progress", action="store_true", help="draw the progress bar even when not a terminal")
     verify.set_defaults(func=_guard(_cmd_verify))
 

@@ -248,3 +248,50 @@ def test_witness_cosignature_round_trip_and_attacks(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ValueError, match=expected):
             WitnessVerifier(bad_key)
+
+
+def test_progress_bar_draws_only_when_asked() -> None:
+    import io
+
+    from broker.cli._progress import ProgressBar
+
+    quiet = io.StringIO()
+    bar = ProgressBar("verifying", stream=quiet)
+    bar(5, 10)
+    bar.close()
+    assert quiet.getvalue() == ""  # not a terminal: logs and pipes stay clean
+    shown = io.StringIO()
+    bar = ProgressBar("verifying", stream=shown, force=True)
+    bar(10, 10)
+    bar.close()
+    assert "verifying [" in shown.getvalue() and "100%" in shown.getvalue() and "10/10" in shown.getvalue()
+    assert shown.getvalue().endswith("\n")
+
+
+def test_parallel_verification_agrees_with_inline(tmp_path: Path) -> None:
+    from broker.audit import BundleLedgerSource
+    from broker.audit.bundle import write_bundle
+
+    key = Ed25519PrivateKey.generate()
+    with _ledger(tmp_path / "a.sqlite3", key, [_entry(i) for i in range(3000)]) as ledger:
+        note = ledger.checkpoint()
+        leaves = [leaf for start in range(0, 3000, 1000) for leaf in ledger.entries(start, start + 1000)]
+    vkey = NoteSigner(ORIGIN, key).verifier_key
+    bundle = tmp_path / "b.bundle"
+    write_bundle(bundle, origin=ORIGIN, checkpoint=note, size=3000, verifier_key=vkey, leaves=leaves)
+    inline = verify_ledger(BundleLedgerSource(bundle), vkey)
+    parallel = verify_ledger(BundleLedgerSource(bundle), vkey, jobs=2, parallel_threshold=1)
+    assert parallel.summary == inline.summary and parallel.tree.root() == inline.tree.root()
+    assert parallel.summary.by_kind["issuance"] == 3000
+    # An entry of the second batch (index 2500) broken: the same first bad index either way.
+    lines = bundle.read_bytes().split(b"\n")
+    idx, digest, _ = lines[1 + 2500].split(b" ")
+    import base64
+
+    bad = leaves[2500].replace(b'"amount":20', b'"amount":-0.5e1')
+    lines[1 + 2500] = b" ".join([idx, digest, base64.b64encode(bad)])
+    bundle.write_bytes(b"\n".join(lines))
+    for jobs in (1, 2):
+        with pytest.raises(AuditFailure) as caught:
+            verify_ledger(BundleLedgerSource(bundle), vkey, jobs=jobs, parallel_threshold=1)
+        assert caught.value.index == 2500 and "leaf hash the source states" in caught.value.reason
