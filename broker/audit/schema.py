@@ -388,6 +388,9 @@ def validate_entry(entry: Any) -> ValidatedEntry:
     _time(entry["time"], "time")
     if kind in RESERVED_KINDS:
         # (2a) reserved kinds: nothing in this version writes them; only the envelope is fixed.
+        if "request_id" not in entry:
+            raise EntrySchemaError("request_id", "is required")
+        _REQUEST_ID(entry["request_id"], "request_id")
         return ValidatedEntry(kind=kind, time=entry["time"], entry=entry)
     # (2) the body of the kind, member by member; the envelope members are known to it.
     body = {k: v for k, v in entry.items() if k not in _ENVELOPE}

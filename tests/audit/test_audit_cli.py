@@ -296,3 +296,37 @@ def test_tiles_read_api(served_ledger: tuple[LiveBroker, Ledger]) -> None:
     assert [leaf_hash(leaf) for leaf in leaves] == leaf_hashes
     for path, status in [("0/000", 404), (f"0/000.p/{n + 1}", 404), ("1/000.p/1", 404), ("0/00", 400), ("x/000", 400)]:
         assert httpx.get(f"{base}/tile/{path}").status_code == status, path
+
+
+def test_paged_verification_over_http(ledger_copy: Ledger) -> None:
+    import sqlite3
+
+    import rfc8785
+
+    from broker.audit import AuditFailure
+    from broker.ledger import SqliteLedgerStorage
+
+    storage = SqliteLedgerStorage(ledger_copy.data_dir / "ledger.sqlite3")
+    try:
+        template = json.loads(storage.entries(ledger_copy.issued[0].index, ledger_copy.issued[0].index + 1)[0])
+        extra = [rfc8785.dumps({**template, "request_id": f"bulk-{i}"}) for i in range(2500)]
+        storage.append_batch(extra)  # one transaction: more than two pages of the read API
+    finally:
+        storage.close()
+    broker = LiveBroker(ledger_copy.data_dir)
+    try:
+        source = HttpLedgerSource(broker.url)
+        verified = verify_ledger(source, ledger_copy.verifier_key)
+        assert verified.summary.by_kind["issuance"] == 6 + 2500
+        conn = sqlite3.connect(ledger_copy.data_dir / "ledger.sqlite3", isolation_level=None)
+        try:
+            conn.execute("DROP TRIGGER entries_no_delete")
+            conn.execute("DELETE FROM entries WHERE idx = 1500")
+        finally:
+            conn.close()
+        with pytest.raises(AuditFailure) as caught:
+            verify_ledger(source, ledger_copy.verifier_key)
+        assert caught.value.index == 1500 and "does not serve this entry" in caught.value.reason
+        source.close()
+    finally:
+        broker.stop()
