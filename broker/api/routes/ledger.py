@@ -22,6 +22,14 @@ router = APIRouter(prefix="/v1/ledger")
 _HEX64 = r"^[0-9a-f]{64}$"
 
 
+def _parsed(leaf: bytes) -> Any:
+    """The entry for convenience; ``None`` for a leaf that is not JSON (auditors read ``leaf`` anyway)."""
+    try:
+        return json.loads(leaf)
+    except ValueError:
+        return None
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -82,7 +90,7 @@ def entries(
                 "index": start + i,
                 "leaf_hash": leaf_hash(leaf).hex(),
                 "leaf": _b64(leaf),
-                "entry": json.loads(leaf),
+                "entry": _parsed(leaf),
             }
             for i, leaf in enumerate(leaves)
         ],
