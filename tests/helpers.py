@@ -54,14 +54,14 @@ def form_body(form: dict[str, str]) -> bytes:
 class LiveBroker:
     """A ``nhi-broker serve`` process on a free loopback port, stopped by its fixture."""
 
-    def __init__(self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, config: Path | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("nhi-broker")
         self.proc = subprocess.Popen(
             [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--policies", str(policies),
-             "--workers", str(workers), *args],
+             "--workers", str(workers), *(["--config", str(config)] if config else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")},
         )

@@ -227,7 +227,7 @@ def test_witness_publishes_cosignatures(written_ledger: Ledger, tmp_path: Path) 
     config = tmp_path / "broker.toml"
     config.write_text(f"ledger_witnesses = [{json.dumps(vkey)}]\n")
     shutil.copytree(written_ledger.data_dir, tmp_path / "data")
-    broker = LiveBroker(tmp_path / "data", args=("--config", str(config)))
+    broker = LiveBroker(tmp_path / "data", config=config)
     try:
         assert httpx.get(broker.url + "/v1/ledger/checkpoint/cosigned").status_code == 404
         r = nhi(
