@@ -80,6 +80,8 @@ class Attribution:
                 f"credential       {credential.get('kind')} jti {credential.get('jti')} key {credential.get('kid')}",
                 f"issued / expires {_utc(credential.get('iat'))} / {_utc(credential.get('exp'))}",
             ]
+            if credential.get("cnf_jkt"):
+                out.append(f"bound to         DPoP key {credential['cnf_jkt']} (RFC 7638 thumbprint)")
         if self.token_matched:
             out.append("token            matches this entry (jti and claims digest)")
         return out

@@ -226,6 +226,8 @@ def test_witness_cosignature_round_trip_and_attacks(tmp_path: Path) -> None:
             LocalLedgerSource(ledger), NoteSigner(ORIGIN, key).verifier_key, tmp_path / "w.json"
         )
     witness = WitnessSigner("witness.example/w1", Ed25519PrivateKey.generate())
+    with pytest.raises(TypeError, match="only a checkpoint verified consistent"):
+        witness.cosign(consistent.note, 1_800_000_123)  # type: ignore[arg-type]
     note = witness.cosign(consistent, 1_800_000_123)
     verifier = WitnessVerifier(witness.verifier_key)
     assert verifier.verify(note).timestamp == 1_800_000_123

@@ -34,6 +34,7 @@ def test_sigkill_under_load_keeps_every_acknowledged_entry(tmp_path: Path) -> No
         issuer = DevIssuer.load_or_create(broker.data_dir)
         receipts: list[tuple[int, str]] = []
         notes: list[str] = []
+        cut_off: list[int] = []  # clients whose request the kill interrupted
         stop = threading.Event()
         lock = threading.Lock()
 
@@ -44,6 +45,8 @@ def test_sigkill_under_load_keeps_every_acknowledged_entry(tmp_path: Path) -> No
                     try:
                         r = http.post(broker.url + "/v1/token", data=exchange_form(subject, "payments-api", REFUND))
                     except httpx.HTTPError:
+                        with lock:
+                            cut_off.append(1)
                         return  # the broker died mid-request: nothing was acknowledged
                     if r.status_code == 200:
                         receipt = r.json()["receipt"]
@@ -73,6 +76,7 @@ def test_sigkill_under_load_keeps_every_acknowledged_entry(tmp_path: Path) -> No
     finally:
         broker.stop()
     assert len(receipts) >= 150 and len(notes) >= 2
+    assert cut_off, "the kill should land while requests are in flight"
 
     restarted = LiveBroker(tmp_path / "data")
     try:
