@@ -211,6 +211,7 @@ def verify_ledger(
     *,
     origin: str | None = None,
     trusted_note: str | None = None,
+    trusted_leaf_hashes: bytes | None = None,
     progress: Progress | None = None,
     jobs: int = 1,
     parallel_threshold: int = 50_000,
@@ -221,7 +222,9 @@ def verify_ledger(
     from the source. A checkpoint signed by a later ledger key is accepted when the tree holds a
     ``key_rotation`` entry endorsing that key by a trusted one (docs/ledger.md §5.3).
     ``trusted_note`` is an earlier checkpoint the auditor verified before: the ledger must still
-    contain exactly the entries it committed to. With ``jobs > 1``, ledgers of at least
+    contain exactly the entries it committed to; with ``trusted_leaf_hashes`` (the leaf hashes of
+    that checkpoint's tree, saved by an earlier full verification) a rewrite is located exactly
+    even when the source can no longer give honest proofs. With ``jobs > 1``, ledgers of at least
     ``parallel_threshold`` entries are decoded and validated on that many processes.
     """
     keys = _keys(verifier_key)
@@ -237,7 +240,8 @@ def verify_ledger(
     size = checkpoint.size
     # (2) an append-only log never shrinks below what an auditor saw before.
     trusted = _trusted(trusted_note, keys, origin or checkpoint.origin) if trusted_note else None
-    if trusted is not None and trusted.size > size and signature_failure is None:
+    saved = _saved_hashes(trusted, trusted_leaf_hashes)
+    if trusted is not None and trusted.size > size and signature_failure is None and saved is None:
         raise ConsistencyViolation(
             "rollback",
             f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
@@ -304,7 +308,7 @@ def verify_ledger(
             checkpoint, signed_by = verify_note(note, accepted[len(keys) :], origin)
         except AuditFailure:
             raise signature_failure from None
-        if trusted is not None and trusted.size > size:
+        if trusted is not None and trusted.size > size and saved is None:
             raise ConsistencyViolation(
                 "rollback",
                 f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
@@ -312,6 +316,10 @@ def verify_ledger(
                 latest=note,
                 index=size,
             )
+    if trusted is not None and saved is not None:
+        # (2, with saved hashes) the exact first entry that is not the one verified before.
+        assert trusted_note is not None
+        _compare_saved(tree, size, trusted, trusted_note, saved, note, first_error)
     # (4) the recomputed roots.
     root_ok = hmac.compare_digest(tree.root(size), checkpoint.root)
     trusted_ok = trusted is None or hmac.compare_digest(tree.root(trusted.size), trusted.root)
@@ -332,6 +340,62 @@ def verify_ledger(
         # The source signed a new history that does not extend the trusted one: a fork.
         raise ConsistencyViolation("fork", mismatch.reason, previous=reference_note, latest=note, index=mismatch.index)
     raise mismatch
+
+
+def _saved_hashes(trusted: Checkpoint | None, hashes: bytes | None) -> bytes | None:
+    """Saved leaf hashes, accepted only if they rebuild the trusted (signed) root."""
+    if trusted is None or hashes is None:
+        return None
+    if (
+        len(hashes) != trusted.size * HASH_SIZE
+        or MerkleTree(hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)).root() != trusted.root
+    ):
+        raise AuditFailure("the saved leaf hashes do not match the trusted checkpoint (damaged monitor state)")
+    return hashes
+
+
+def _compare_saved(
+    tree: MerkleTree,
+    size: int,
+    trusted: Checkpoint,
+    trusted_note: str,
+    saved: bytes,
+    note: str,
+    first_error: AuditFailure | None,
+) -> None:
+    """Raise a located rollback or fork if the log no longer holds the entries verified before."""
+    limit = min(trusted.size, size)
+    first_diff: int | None = None
+    step = 65_536
+    for start in range(0, limit, step):
+        end = min(limit, start + step)
+        if tree.nodes(0, start, end) != saved[start * HASH_SIZE : end * HASH_SIZE]:
+            first_diff = next(
+                i for i in range(start, end) if tree.leaf_hash(i) != saved[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+            )
+            break
+    if first_error is not None and first_diff is not None and (first_error.index or 0) < first_diff:
+        raise first_error
+    if trusted.size > size:
+        index = size if first_diff is None else first_diff
+        raise ConsistencyViolation(
+            "rollback",
+            f"the log has {size} entries but a trusted checkpoint covered {trusted.size}; "
+            "entries from here on are gone or changed",
+            previous=trusted_note,
+            latest=note,
+            index=index,
+            exact=True,
+        )
+    if first_diff is not None:
+        raise ConsistencyViolation(
+            "fork",
+            f"entry differs from the one verified at the trusted checkpoint of {trusted.size} entries",
+            previous=trusted_note,
+            latest=note,
+            index=first_diff,
+            exact=True,
+        )
 
 
 def _locate_divergence(source: LedgerSource, tree: MerkleTree, reference: Checkpoint) -> AuditFailure:

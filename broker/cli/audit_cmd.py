@@ -91,13 +91,14 @@ def _top(counter: Any, limit: int = 20) -> list[list[Any]]:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from broker.audit.monitor import load_state
+    from broker.audit.monitor import load_state, load_state_hashes
     from broker.audit.verify import verify_ledger
     from broker.cli._progress import ProgressBar
 
     trusted = load_state(args.state) if args.state else None
+    trusted_hashes = load_state_hashes(args.state) if trusted is not None else None
     if args.trusted_checkpoint:
-        trusted = args.trusted_checkpoint.read_text(encoding="utf-8")
+        trusted, trusted_hashes = args.trusted_checkpoint.read_text(encoding="utf-8"), None
     started = time.monotonic()
     bar = ProgressBar("verifying", force=args.progress)
     with _open_source(args) as source:
@@ -106,14 +107,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             print("note: the bundle names a different verifier key than the one you trust", file=sys.stderr)
         try:
             verified = verify_ledger(source, args.verifier_key, origin=args.origin, trusted_note=trusted,
-                                     progress=bar, jobs=args.jobs)
+                                     trusted_leaf_hashes=trusted_hashes, progress=bar, jobs=args.jobs)
         finally:
             bar.close()
     elapsed = time.monotonic() - started
     if args.state:
         from broker.audit.monitor import save_state
 
-        save_state(args.state, verified.note)
+        # With the leaf hashes (32 bytes an entry), the next run names the exact entry a rewrite changed.
+        save_state(args.state, verified.note, verified.tree.nodes(0, 0, verified.checkpoint.size))
     s, cp = verified.summary, verified.checkpoint
     if args.json:
         print(json.dumps({
@@ -287,7 +289,9 @@ def register(sub: Any) -> None:
     verify = audit_sub.add_parser("verify", help="check every entry against the signed checkpoint")
     _add_source(verify)
     verify.add_argument("--trusted-checkpoint", type=Path, help="an earlier signed checkpoint the log must extend")
-    verify.add_argument("--state", type=Path, help="monitor state file: must extend it; updated on success")
+    verify.add_argument("--state", type=Path,
+                        help="monitor state file: the log must extend it; updated on success, with the leaf hashes "
+                             "(FILE.leaves) that locate a later rewrite exactly")
     verify.add_argument("--json", action="store_true", help="print the summary as JSON")
     # One process by default: on the 2-core reference machine a second one did not pay for the
     # hand-off (see README, Performance); more cores may differ.

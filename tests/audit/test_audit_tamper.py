@@ -185,10 +185,11 @@ def test_truncation_is_a_rollback(ledger_copy: Ledger, tmp_path: Path) -> None:
 
     broker, state = _restart_with(ledger_copy, truncate, tmp_path)
     try:
-        # The restarted broker appends its startup entry at index 7 and signs a tree of 8.
+        # The restarted broker appends its startup entry at index 7 and signs a tree of 8. The
+        # auditor's saved leaf hashes name entry 7 as the first one that is gone or changed.
         code, err = _cli_verify(broker.url, ledger_copy.verifier_key, "--state", str(state))
         assert code == 3, err
-        assert "LEDGER CONSISTENCY VIOLATION (rollback)" in err and "index 8: " in err
+        assert "LEDGER CONSISTENCY VIOLATION (rollback)" in err and "index 7: " in err
         assert "--- previously verified checkpoint ---" in err and "--- latest checkpoint ---" in err
         with pytest.raises(ConsistencyViolation) as caught:
             verify_ledger(
@@ -196,6 +197,7 @@ def test_truncation_is_a_rollback(ledger_copy: Ledger, tmp_path: Path) -> None:
                 ledger_copy.verifier_key,
                 trusted_note=_note(state),
             )
+        # With only the trusted checkpoint (no saved hashes), the bound is the new size.
         assert caught.value.kind == "rollback" and caught.value.index == 8
     finally:
         broker.stop()
@@ -244,3 +246,21 @@ def test_edited_bundle_line(served_ledger: tuple[LiveBroker, Ledger], tmp_path: 
         verify_ledger(BundleLedgerSource(bundle), ledger.verifier_key)
     assert caught.value.index == 6
     assert "leaf hash the source states does not match" in caught.value.reason
+
+
+def test_rewrite_behind_a_restarted_broker_is_located_by_saved_hashes(ledger_copy: Ledger, tmp_path: Path) -> None:
+    def rewrite(data_dir: Path) -> None:
+        with tamper(data_dir) as conn:
+            _edit_json(6, _raise_amount)(conn)
+            conn.execute("DELETE FROM checkpoints")  # or the broker itself would refuse to start
+
+    broker, state = _restart_with(ledger_copy, rewrite, tmp_path)
+    try:
+        # The restarted broker signs the rewritten history with the real key: only the auditor's
+        # memory of what it verified can name the entry.
+        code, err = _cli_verify(broker.url, ledger_copy.verifier_key, "--state", str(state))
+        assert code == 3, err
+        assert "LEDGER CONSISTENCY VIOLATION (fork)" in err
+        assert "index 6: entry differs from the one verified at the trusted checkpoint" in err
+    finally:
+        broker.stop()

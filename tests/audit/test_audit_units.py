@@ -304,3 +304,33 @@ def test_parallel_verification_agrees_with_inline(tmp_path: Path) -> None:
         with pytest.raises(AuditFailure) as caught:
             verify_ledger(BundleLedgerSource(bundle), vkey, jobs=jobs, parallel_threshold=1)
         assert caught.value.index == 2500 and "leaf hash the source states" in caught.value.reason
+
+
+def test_saved_leaf_hashes_must_rebuild_the_trusted_root(tmp_path: Path) -> None:
+    from broker.audit.monitor import load_state_hashes, save_state
+
+    key = Ed25519PrivateKey.generate()
+    vkey = NoteSigner(ORIGIN, key).verifier_key
+    with _ledger(tmp_path / "a.sqlite3", key, [_entry(i) for i in range(5)]) as ledger:
+        verified = verify_ledger(LocalLedgerSource(ledger), vkey)
+        hashes = verified.tree.nodes(0, 0, 5)
+        state = tmp_path / "state.json"
+        save_state(state, verified.note, hashes)
+        assert load_state_hashes(state) == hashes
+        with pytest.raises(AuditFailure, match="damaged monitor state"):
+            verify_ledger(
+                LocalLedgerSource(ledger),
+                vkey,
+                trusted_note=verified.note,
+                trusted_leaf_hashes=hashes[:-1] + bytes([hashes[-1] ^ 1]),
+            )
+        ledger.append(_entry(9))
+        assert (
+            verify_ledger(
+                LocalLedgerSource(ledger), vkey, trusted_note=verified.note, trusted_leaf_hashes=hashes
+            ).checkpoint.size
+            == 6
+        )
+        # `audit consistency` keeps no hashes: it drops the saved ones, which would no longer match.
+        check_consistency(LocalLedgerSource(ledger), vkey, state)
+        assert load_state_hashes(state) is None
