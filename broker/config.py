@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     ledger_origin: str = Field("nhi-broker.local/ledger", description="Checkpoint origin line.")
     ledger_key_name: str | None = Field(None, description="Signed-note key name; defaults to the origin.")
     trust: list[IssuerConfig] = Field(default_factory=list, description="Trusted workload-identity issuers.")
+    ledger_witnesses: list[str] = Field(
+        default_factory=list, description="Witness verifier keys whose checkpoint cosignatures the broker publishes."
+    )
     dev_issuer: bool | None = Field(
         None, description="Trust the local trial issuer. Default: on only when `trust` is empty."
     )
@@ -74,6 +77,15 @@ class Settings(BaseSettings):
     def _origin(cls, value: str) -> str:
         if _ORIGIN_RE.fullmatch(value) is None:
             raise ValueError("ledger_origin must be a schema-less URL-like name without spaces")
+        return value
+
+    @field_validator("ledger_witnesses")
+    @classmethod
+    def _witnesses(cls, value: list[str]) -> list[str]:
+        from broker.ledger.cosignature import CosignatureVerifier
+
+        for key in value:
+            CosignatureVerifier(key)  # ValueError names what is wrong with it
         return value
 
     @field_validator("public_url")

@@ -81,6 +81,11 @@ class Runtime:
         ledger_key, ledger_key_created = load_or_create_private_key(data_dir / "keys" / "ledger-key.pem", "EdDSA")
         signer = NoteSigner(settings.ledger_key_name or settings.ledger_origin, ledger_key)  # type: ignore[arg-type]
         ledger = Ledger(SqliteLedgerStorage(data_dir / "ledger.sqlite3"), signer, settings.ledger_origin, clock)
+        try:
+            ledger.check_integrity()  # a corrupt or cut-short ledger stops the start, loudly
+        except BaseException:
+            ledger.close()
+            raise
         store = open_store(settings, clock)
         issuers = list(settings.trust)
         dev_issuer = None

@@ -63,9 +63,10 @@ class ConsistencyViolation(AuditFailure):
     """
 
     def __init__(
-        self, kind: str, reason: str, *, previous: str, latest: str, index: int | None = None
+        self, kind: str, reason: str, *, previous: str, latest: str, index: int | None = None,
+        exact: bool | None = None,
     ) -> None:
-        super().__init__(reason, index=index, exact=kind == "rollback")
+        super().__init__(reason, index=index, exact=kind == "rollback" if exact is None else exact)
         self.kind = kind
         self.previous = previous
         self.latest = latest

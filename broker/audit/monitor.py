@@ -18,12 +18,12 @@ from pathlib import Path
 
 from broker.audit.errors import AuditFailure, ConsistencyViolation
 from broker.audit.source import LedgerSource
-from broker.audit.verify import verify_checkpoint_from
+from broker.audit.verify import VerifierKeys, verify_checkpoint_from, verify_note
 from broker.errors import VerificationError
-from broker.ledger.checkpoint import Checkpoint, verify_checkpoint
+from broker.ledger.checkpoint import Checkpoint
 from broker.ledger.merkle import verify_consistency
 
-__all__ = ["ConsistentCheckpoint", "check_consistency", "load_state", "save_state"]
+__all__ = ["ConsistentCheckpoint", "check_consistency", "load_state", "load_state_hashes", "save_state"]
 
 _STATE_FORMAT = "nhi-broker-monitor-state"
 
@@ -50,17 +50,43 @@ def load_state(path: Path) -> str | None:
     return str(data["checkpoint"])
 
 
-def save_state(path: Path, note: str) -> None:
-    """Store ``note`` as the last verified checkpoint: write a temp file, fsync, rename."""
+def _hashes_path(path: Path) -> Path:
+    return path.with_name(path.name + ".leaves")
+
+
+def load_state_hashes(path: Path) -> bytes | None:
+    """The leaf hashes saved with the state (``None`` if none); unverified until checked against its root."""
+    try:
+        return _hashes_path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuditFailure(f"cannot read monitor state {_hashes_path(path)}: {exc.strerror}") from None
+
+
+def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": _STATE_FORMAT, "checkpoint": note}, f)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def check_consistency(source: LedgerSource, verifier_key: str, state: Path, *, origin: str | None = None,
+def save_state(path: Path, note: str, leaf_hashes: bytes | None = None) -> None:
+    """Store ``note`` as the last verified checkpoint (temp file, fsync, rename).
+
+    ``leaf_hashes`` (32 bytes per entry of that checkpoint, from a full verification) let a later
+    verification name the exact entry a rewrite changed; without them any stale copy is removed.
+    """
+    if leaf_hashes is not None:
+        _write(_hashes_path(path), leaf_hashes)
+    else:
+        _hashes_path(path).unlink(missing_ok=True)
+    _write(path, json.dumps({"format": _STATE_FORMAT, "checkpoint": note}).encode())
+
+
+def check_consistency(source: LedgerSource, verifier_key: VerifierKeys, state: Path, *, origin: str | None = None,
                       update: bool = True) -> ConsistentCheckpoint:
     """Verify that the source's latest checkpoint extends the one in ``state``; then store it.
 
@@ -73,10 +99,13 @@ def check_consistency(source: LedgerSource, verifier_key: str, state: Path, *, o
     previous_note = load_state(state)
     previous: Checkpoint | None = None
     if previous_note is not None:
+        keys = [verifier_key] if isinstance(verifier_key, str) else list(verifier_key)
         try:
-            previous = verify_checkpoint(previous_note, verifier_key)
-        except VerificationError as exc:
-            raise AuditFailure(f"the stored checkpoint in {state} does not verify with this key: {exc}") from None
+            previous = verify_note(previous_note, keys, None)[0]
+        except AuditFailure as exc:
+            raise AuditFailure(
+                f"the stored checkpoint in {state} does not verify with these keys: {exc.reason}"
+            ) from None
         # (3) append-only.
         if previous.origin != latest.origin:
             raise ConsistencyViolation("origin", f"the log now calls itself {latest.origin!r}, "

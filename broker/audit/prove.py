@@ -26,7 +26,7 @@ from broker.audit._canonical import decode_leaf
 from broker.audit.errors import AuditFailure, EntrySchemaError
 from broker.audit.schema import ValidatedEntry, validate_entry
 from broker.audit.source import LedgerSource
-from broker.audit.verify import verify_checkpoint_from
+from broker.audit.verify import VerifierKeys, verify_checkpoint_from
 from broker.errors import VerificationError
 from broker.ledger.checkpoint import Checkpoint
 from broker.ledger.merkle import leaf_hash, verify_inclusion
@@ -80,6 +80,8 @@ class Attribution:
                 f"credential       {credential.get('kind')} jti {credential.get('jti')} key {credential.get('kid')}",
                 f"issued / expires {_utc(credential.get('iat'))} / {_utc(credential.get('exp'))}",
             ]
+            if credential.get("cnf_jkt"):
+                out.append(f"bound to         DPoP key {credential['cnf_jkt']} (RFC 7638 thumbprint)")
         if self.token_matched:
             out.append("token            matches this entry (jti and claims digest)")
         return out
@@ -122,7 +124,7 @@ def _find_by_jti(source: LedgerSource, jti: str, size: int) -> int:
 
 def prove_attribution(
     source: LedgerSource,
-    verifier_key: str,
+    verifier_key: VerifierKeys,
     *,
     token: str | None = None,
     jti: str | None = None,

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from broker.audit.errors import EntrySchemaError
@@ -168,45 +169,70 @@ def _obj(required: dict[str, Check], optional: dict[str, Check] | None = None) -
     """An object with exactly these members (``optional`` ones may be absent)."""
     optional = optional or {}
     known = required.keys() | optional.keys()
+    children: dict[str, dict[str, str]] = {}  # dotted member paths, built once per parent path
 
     def check(value: Any, path: str) -> None:
         if not isinstance(value, dict):
             raise EntrySchemaError(path, f"must be an object, not {_type_name(value)}")
-        prefix = f"{path}." if path else ""
+        paths = children.get(path)
+        if paths is None:
+            prefix = f"{path}." if path else ""
+            paths = children.setdefault(path, {name: prefix + name for name in known})
         for name, member_check in required.items():
             if name not in value:
-                raise EntrySchemaError(prefix + name, "is required")
-            member_check(value[name], prefix + name)
-        for name, member in value.items():
-            if name not in known:
-                raise EntrySchemaError(prefix + name, "is not a member of this object in entry version 1")
-            if name in optional:
-                optional[name](member, prefix + name)
+                raise EntrySchemaError(paths[name], "is required")
+            member_check(value[name], paths[name])
+        if len(value) != len(required):
+            for name, member in value.items():
+                if name not in known:
+                    prefix = f"{path}." if path else ""
+                    raise EntrySchemaError(prefix + name, "is not a member of this object in entry version 1")
+                if name in optional:
+                    optional[name](member, paths[name])
 
     return check
 
 
-def _time(value: Any, path: str) -> None:
-    match = _TIME_RE.fullmatch(value) if isinstance(value, str) else None
+@lru_cache(maxsize=4096)
+def _time_problem(value: str) -> str | None:
+    match = _TIME_RE.fullmatch(value)
     if match is None:
-        raise EntrySchemaError(path, "is not an RFC 3339 UTC time of the form YYYY-MM-DDTHH:MM:SSZ")
+        return "is not an RFC 3339 UTC time of the form YYYY-MM-DDTHH:MM:SSZ"
     try:
         datetime(*(int(g) for g in match.groups()))  # only the calendar is checked
     except ValueError:
-        raise EntrySchemaError(path, "is not a valid calendar time") from None
+        return "is not a valid calendar time"
+    return None
 
 
-def _spiffe_id(value: Any, path: str) -> None:
-    if not isinstance(value, str) or _SPIFFE_RE.fullmatch(value) is None:
-        raise EntrySchemaError(path, "is not a SPIFFE ID (spiffe://trust-domain/path)")
+def _time(value: Any, path: str) -> None:
+    problem = _time_problem(value) if isinstance(value, str) else "is not an RFC 3339 UTC time"
+    if problem is not None:
+        raise EntrySchemaError(path, problem)
+
+
+@lru_cache(maxsize=4096)
+def _spiffe_problem(value: str) -> str | None:
+    if _SPIFFE_RE.fullmatch(value) is None:
+        return "is not a SPIFFE ID (spiffe://trust-domain/path)"
     if len(value.encode("utf-8")) > _MAX_SPIFFE_BYTES or any(
         seg in (".", "..") for seg in value[len("spiffe://") :].split("/")[1:]
     ):
-        raise EntrySchemaError(path, "is not a SPIFFE ID (too long, or a '.' or '..' segment)")
+        return "is not a SPIFFE ID (too long, or a '.' or '..' segment)"
+    return None
+
+
+def _spiffe_id(value: Any, path: str) -> None:
+    problem = _spiffe_problem(value) if isinstance(value, str) else "is not a SPIFFE ID (spiffe://trust-domain/path)"
+    if problem is not None:
+        raise EntrySchemaError(path, problem)
+
+
+_valid_resource = lru_cache(maxsize=65536)(is_valid_resource)
 
 
 def _resource(value: Any, path: str) -> None:
-    if not is_valid_resource(value):
+    if not (isinstance(value, str) and _valid_resource(value)):
         raise EntrySchemaError(path, "is not a resource path ('/'-separated safe segments)")
 
 
@@ -249,6 +275,12 @@ def _public_jwk(value: Any, path: str) -> None:
         raise EntrySchemaError(path, "is not a public EC, OKP or RSA key") from None
     if value.get("kid") != thumbprint:
         raise EntrySchemaError(f"{path}.kid", "is not the RFC 7638 thumbprint of the key")
+
+
+def _endorsement(value: Any, path: str) -> None:
+    # A signed note (multi-line text): its signature is checked by the verifier, not here.
+    if not isinstance(value, str) or not 0 < len(value) <= 4096 or not value.endswith("\n"):
+        raise EntrySchemaError(path, "must be a signed note (text ending in a newline, at most 4096 characters)")
 
 
 _SHA256 = _matching(_SHA256_RE, "sha256:<64 lower-case hex digits>")
@@ -361,7 +393,8 @@ _KEY_ROTATION = _obj(
                 "kid": _matching(_B64URL_RE, "a key id (base64url)"),
                 "alg": _one_of(KEY_ALGS),
                 "public_jwk": _public_jwk,
-            }
+            },
+            {"endorsement": _endorsement},
         )
     }
 )
@@ -450,6 +483,9 @@ def validate_entry(entry: Any) -> ValidatedEntry:
     _time(entry["time"], "time")
     if kind in RESERVED_KINDS:
         # (2a) reserved kinds: nothing in this version writes them; only the envelope is fixed.
+        if "request_id" not in entry:
+            raise EntrySchemaError("request_id", "is required")
+        _REQUEST_ID(entry["request_id"], "request_id")
         return ValidatedEntry(kind=kind, time=entry["time"], entry=entry)
     # (2) the body of the kind, member by member; the envelope members are known to it.
     body = {k: v for k, v in entry.items() if k not in _ENVELOPE}

@@ -1,8 +1,9 @@
 """Where an auditor reads a ledger from: the :class:`LedgerSource` interface.
 
-Two implementations: :class:`~broker.audit.live.HttpLedgerSource` (a running broker's read API)
-and :class:`~broker.audit.bundle.BundleLedgerSource` (a file written by ``nhi-broker ledger
-export``). A source is *untrusted*: it hands over bytes, and the verifier decides what they are
+Implementations: :class:`~broker.audit.live.HttpLedgerSource` (a running broker's read API),
+:class:`~broker.audit.bundle.BundleLedgerSource` (a file written by ``nhi-broker ledger export``)
+and :class:`~broker.audit.local.LocalLedgerSource` (a :class:`~broker.ledger.Ledger` in this
+process). A source is *untrusted*: it hands over bytes, and the verifier decides what they are
 worth. Everything it returns is raw; nothing it says is believed until a signature or a hash
 over the verified checkpoint confirms it.
 """

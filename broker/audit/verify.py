@@ -17,24 +17,79 @@ The first problem (smallest index) is raised as :class:`~broker.audit.errors.Aud
 from __future__ import annotations
 
 import hmac
-from collections import Counter
-from collections.abc import Callable
+import multiprocessing
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.audit._canonical import decode_leaf
 from broker.audit.errors import AuditFailure, ConsistencyViolation, EntrySchemaError, SourceUnavailable
 from broker.audit.schema import validate_entry
 from broker.audit.source import LedgerSource
 from broker.errors import VerificationError
-from broker.ledger.checkpoint import Checkpoint, verify_checkpoint
-from broker.ledger.merkle import MerkleTree, leaf_hash, verify_consistency
+from broker.ledger.checkpoint import Checkpoint, _parse_checkpoint_body, verify_checkpoint
+from broker.ledger.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_consistency
+from broker.ledger.rotation import endorsed_key
 
-__all__ = ["LedgerSummary", "Progress", "VerifiedLedger", "verify_checkpoint_from", "verify_ledger"]
+__all__ = [
+    "LedgerSummary",
+    "Progress",
+    "VerifiedLedger",
+    "VerifierKeys",
+    "verify_checkpoint_from",
+    "verify_ledger",
+    "verify_note",
+]
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` while entries are verified."""
 
-_TREE_BATCH = 4096
+_BATCH = 2048  # entries per unit of work (about 2 MB of leaves)
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the caller may hold threads (HTTP prefetch) whose locks a fork would copy.
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+@dataclass(frozen=True)
+class _BatchResult:
+    hashes: bytes
+    summary: LedgerSummary
+    endorsements: list[tuple[int, dict[str, Any]]]
+    error: tuple[int, str] | None
+
+
+def _check_batch(first: int, leaves: list[bytes], recorded: list[bytes | None]) -> _BatchResult:
+    """Leaf hashes of a batch, its summary, and its first bad entry (index, reason), if any."""
+    hashes = bytearray()
+    summary = LedgerSummary()
+    endorsements: list[tuple[int, dict[str, Any]]] = []
+    error: tuple[int, str] | None = None
+    for offset, leaf in enumerate(leaves):
+        computed = leaf_hash(leaf)
+        hashes += computed
+        if error is not None:
+            continue  # keep hashing for the root check; the first error is the one reported
+        index = first + offset
+        stated = recorded[offset]
+        if stated is not None and not hmac.compare_digest(stated, computed):
+            error = (index, "the leaf hash the source states does not match the entry's bytes")
+            continue
+        try:
+            valid = validate_entry(decode_leaf(leaf))
+        except EntrySchemaError as exc:
+            error = (index, f"entry breaks the version 1 schema: {exc}")
+            continue
+        except VerificationError as exc:
+            error = (index, f"leaf is not canonical JSON: {exc}")
+            continue
+        summary.add(valid.kind, valid.time, valid.workload or valid.spiffe_id, valid.owner)
+        if valid.kind == "key_rotation" and "endorsement" in valid.entry["key"]:
+            endorsements.append((index, valid.entry["key"]))
+    return _BatchResult(bytes(hashes), summary, endorsements, error)
 
 
 @dataclass
@@ -47,6 +102,17 @@ class LedgerSummary:
     by_owner: Counter[str] = field(default_factory=Counter)
     first_time: str | None = None
     last_time: str | None = None
+
+    def merge(self, other: LedgerSummary) -> None:
+        """Add the counts and time range of ``other`` (a later batch)."""
+        self.size += other.size
+        self.by_kind.update(other.by_kind)
+        self.by_workload.update(other.by_workload)
+        self.by_owner.update(other.by_owner)
+        for time in (other.first_time, other.last_time):
+            if time is not None:
+                self.first_time = time if self.first_time is None else min(self.first_time, time)
+                self.last_time = time if self.last_time is None else max(self.last_time, time)
 
     def add(self, kind: str, time: str, workload: str | None, owner: str | None) -> None:
         self.size += 1
@@ -67,114 +133,269 @@ class VerifiedLedger:
     """A ledger whose every entry was checked against a signed checkpoint. Built by :func:`verify_ledger`.
 
     ``tree`` holds the recomputed leaf hashes, so proofs for any verified size can be derived
-    locally; ``note`` is the verified checkpoint, verbatim.
+    locally; ``note`` is the verified checkpoint, verbatim; ``signed_by`` the verifier key that
+    verified it (a rotated key when the ledger endorsed one).
     """
 
     checkpoint: Checkpoint
     note: str
     summary: LedgerSummary
     tree: MerkleTree
+    signed_by: str = ""
+
+
+VerifierKeys = str | Sequence[str]
+"""One verifier key, or several the auditor trusts (oldest first), e.g. across a key rotation."""
+
+
+def _keys(verifier_keys: VerifierKeys) -> list[str]:
+    keys = [verifier_keys] if isinstance(verifier_keys, str) else list(verifier_keys)
+    if not keys:
+        raise AuditFailure("no verifier key given")
+    return keys
+
+
+def verify_note(note: str, keys: list[str], origin: str | None) -> tuple[Checkpoint, str]:
+    """The checkpoint verified by the newest of ``keys`` that signed it, and that key; or :class:`AuditFailure`."""
+    failure: VerificationError | None = None
+    for key in reversed(keys):
+        try:
+            return verify_checkpoint(note, key, expected_origin=origin), key
+        except VerificationError as exc:
+            failure = failure or exc
+    raise AuditFailure(f"checkpoint does not verify: {failure}")
 
 
 def verify_checkpoint_from(
-    source: LedgerSource, verifier_key: str, origin: str | None = None
+    source: LedgerSource, verifier_keys: VerifierKeys, origin: str | None = None
 ) -> tuple[Checkpoint, str]:
     """Fetch the source's latest checkpoint and verify it; ``(checkpoint, note)`` or :class:`AuditFailure`."""
     note = source.checkpoint()
+    return verify_note(note, _keys(verifier_keys), origin)[0], note
+
+
+def _trusted(note: str, keys: list[str], origin: str | None) -> Checkpoint:
     try:
-        return verify_checkpoint(note, verifier_key, expected_origin=origin), note
+        return verify_note(note, keys, origin)[0]
+    except AuditFailure as exc:
+        raise AuditFailure(f"the trusted checkpoint does not verify with these keys: {exc.reason}") from None
+
+
+def _unverified_checkpoint(note: str) -> Checkpoint:
+    """The checkpoint body *without* its signature: only to know how far to read before verifying."""
+    split = note.rfind("\n\n") if isinstance(note, str) else -1
+    try:
+        if split < 0:
+            raise VerificationError("not a signed note")
+        return _parse_checkpoint_body(note[: split + 1])
     except VerificationError as exc:
         raise AuditFailure(f"checkpoint does not verify: {exc}") from None
 
 
-def _trusted(note: str, verifier_key: str, origin: str | None) -> Checkpoint:
-    try:
-        return verify_checkpoint(note, verifier_key, expected_origin=origin)
-    except VerificationError as exc:
-        raise AuditFailure(f"the trusted checkpoint does not verify with this key: {exc}") from None
+def _follow_endorsements(keys: list[str], endorsements: list[tuple[int, dict[str, Any]]], origin: str) -> list[str]:
+    """``keys`` plus every ledger key endorsed, in ledger order, by a key already accepted."""
+    accepted = list(keys)
+    for _, key in endorsements:
+        for endorser in reversed(accepted):
+            try:
+                accepted.append(endorsed_key(key["endorsement"], endorser, origin, key["public_jwk"].get("x", "")))
+                break
+            except VerificationError:
+                continue
+    return accepted
 
 
 def verify_ledger(
     source: LedgerSource,
-    verifier_key: str,
+    verifier_key: VerifierKeys,
     *,
     origin: str | None = None,
     trusted_note: str | None = None,
+    trusted_leaf_hashes: bytes | None = None,
     progress: Progress | None = None,
+    jobs: int = 1,
+    parallel_threshold: int = 50_000,
 ) -> VerifiedLedger:
     """Verify every entry of ``source`` against its latest checkpoint; raise :class:`AuditFailure` otherwise.
 
-    ``verifier_key`` (``<name>+<keyid>+<base64>``) must come from the auditor, never from the
-    source. ``trusted_note`` is an earlier checkpoint the auditor verified before: the ledger
-    must still contain exactly the entries it committed to.
+    ``verifier_key`` (``<name>+<keyid>+<base64>``, or several) must come from the auditor, never
+    from the source. A checkpoint signed by a later ledger key is accepted when the tree holds a
+    ``key_rotation`` entry endorsing that key by a trusted one (docs/ledger.md §5.3).
+    ``trusted_note`` is an earlier checkpoint the auditor verified before: the ledger must still
+    contain exactly the entries it committed to; with ``trusted_leaf_hashes`` (the leaf hashes of
+    that checkpoint's tree, saved by an earlier full verification) a rewrite is located exactly
+    even when the source can no longer give honest proofs. With ``jobs > 1``, ledgers of at least
+    ``parallel_threshold`` entries are decoded and validated on that many processes.
     """
-    # (1) the signed checkpoint, with the key given out of band.
-    checkpoint, note = verify_checkpoint_from(source, verifier_key, origin)
+    keys = _keys(verifier_key)
+    # (1) the signed checkpoint, with the key given out of band; after a key rotation the
+    # signature is checked once the endorsement is found in the entries (step 4).
+    note = source.checkpoint()
+    signature_failure: AuditFailure | None = None
+    try:
+        checkpoint, signed_by = verify_note(note, keys, origin)
+    except AuditFailure as exc:
+        signature_failure = exc
+        checkpoint, signed_by = _unverified_checkpoint(note), ""
     size = checkpoint.size
     # (2) an append-only log never shrinks below what an auditor saw before.
-    trusted = _trusted(trusted_note, verifier_key, origin or checkpoint.origin) if trusted_note else None
-    if trusted is not None and trusted.size > size:
+    trusted = _trusted(trusted_note, keys, origin or checkpoint.origin) if trusted_note else None
+    saved = _saved_hashes(trusted, trusted_leaf_hashes)
+    if trusted is not None and trusted.size > size and signature_failure is None and saved is None:
         raise ConsistencyViolation(
-            "rollback", f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
-            previous=trusted_note or "", latest=note, index=size,
+            "rollback",
+            f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
+            previous=trusted_note or "",
+            latest=note,
+            index=size,
         )
-    # (3) every entry: bytes, leaf hash, canonical form, schema.
+    # (3) every entry: bytes, leaf hash, canonical form, schema (in batches, on ``jobs`` processes).
     tree = MerkleTree()
     summary = LedgerSummary()
+    endorsements: list[tuple[int, dict[str, Any]]] = []
     first_error: AuditFailure | None = None
-    batch: list[bytes] = []
     expected = 0
-    for raw in source.entries(0, size):
-        if raw.index != expected:
-            raise AuditFailure(f"the source returned entry {raw.index} out of order", index=expected)
-        computed = leaf_hash(raw.leaf)
-        batch.append(computed)
-        if len(batch) >= _TREE_BATCH:
-            tree.extend(batch)
-            batch.clear()
-        expected += 1
-        if first_error is not None:
-            continue  # keep hashing for the root check; the first error is the one reported
-        if raw.recorded_leaf_hash is not None and not hmac.compare_digest(raw.recorded_leaf_hash, computed):
-            first_error = AuditFailure("the leaf hash the source states does not match the entry's bytes",
-                                       index=raw.index)
-            continue
-        try:
-            valid = validate_entry(decode_leaf(raw.leaf))
-        except EntrySchemaError as exc:
-            first_error = AuditFailure(f"entry breaks the version 1 schema: {exc}", index=raw.index)
-            continue
-        except VerificationError as exc:
-            first_error = AuditFailure(f"leaf is not canonical JSON: {exc}", index=raw.index)
-            continue
-        summary.add(valid.kind, valid.time, valid.workload or valid.spiffe_id, valid.owner)
-        if progress is not None and expected % 1024 == 0:
-            progress(expected, size)
-    tree.extend(batch)
+
+    def merge(result: _BatchResult) -> None:
+        nonlocal first_error
+        tree.extend(result.hashes[i : i + HASH_SIZE] for i in range(0, len(result.hashes), HASH_SIZE))
+        summary.merge(result.summary)
+        endorsements.extend(result.endorsements)
+        if first_error is None and result.error is not None:
+            first_error = AuditFailure(result.error[1], index=result.error[0])
+        if progress is not None:
+            progress(tree.size, size)
+
+    pool = _pool(jobs) if jobs > 1 and size >= parallel_threshold else None
+    try:
+        pending: deque[Future[_BatchResult]] = deque()
+        leaves: list[bytes] = []
+        recorded: list[bytes | None] = []
+
+        def flush() -> None:
+            if not leaves:
+                return
+            first = expected - len(leaves)
+            if pool is None:
+                merge(_check_batch(first, leaves.copy(), recorded.copy()))
+            else:
+                pending.append(pool.submit(_check_batch, first, leaves.copy(), recorded.copy()))
+                while len(pending) > 2 * jobs:  # bounded memory: a few batches in flight
+                    merge(pending.popleft().result())
+            leaves.clear()
+            recorded.clear()
+
+        for raw in source.entries(0, size):
+            if raw.index != expected:
+                raise AuditFailure(f"the source returned entry {raw.index} out of order", index=expected)
+            leaves.append(raw.leaf)
+            recorded.append(raw.recorded_leaf_hash)
+            expected += 1
+            if len(leaves) >= _BATCH:
+                flush()
+        flush()
+        while pending:
+            merge(pending.popleft().result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if expected != size:
         raise AuditFailure(f"the source ended after {expected} of {size} entries", index=expected)
-    if progress is not None:
-        progress(size, size)
+    if signature_failure is not None:
+        # (1, deferred) a checkpoint signed by a rotated key: only an endorsed key may have signed it.
+        accepted = _follow_endorsements(keys, endorsements, checkpoint.origin)
+        try:
+            checkpoint, signed_by = verify_note(note, accepted[len(keys) :], origin)
+        except AuditFailure:
+            raise signature_failure from None
+        if trusted is not None and trusted.size > size and saved is None:
+            raise ConsistencyViolation(
+                "rollback",
+                f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
+                previous=trusted_note or "",
+                latest=note,
+                index=size,
+            )
+    if trusted is not None and saved is not None:
+        # (2, with saved hashes) the exact first entry that is not the one verified before.
+        assert trusted_note is not None
+        _compare_saved(tree, size, trusted, trusted_note, saved, note, first_error)
     # (4) the recomputed roots.
     root_ok = hmac.compare_digest(tree.root(size), checkpoint.root)
     trusted_ok = trusted is None or hmac.compare_digest(tree.root(trusted.size), trusted.root)
     if root_ok and trusted_ok:
         if first_error is not None:
             raise first_error
-        return VerifiedLedger(checkpoint=checkpoint, note=note, summary=summary, tree=tree)
+        return VerifiedLedger(checkpoint=checkpoint, note=note, summary=summary, tree=tree, signed_by=signed_by)
     # (5) name the first entry that differs from what a signed checkpoint commits to.
     reference, reference_note = checkpoint, note
     if not trusted_ok:
         assert trusted is not None and trusted_note is not None
         reference, reference_note = trusted, trusted_note
     mismatch = _locate_divergence(source, tree, reference)
-    if first_error is not None and first_error.index is not None and first_error.index <= (mismatch.index or 0):
+    if first_error is not None and (not mismatch.exact or (first_error.index or 0) <= (mismatch.index or 0)):
+        # A located entry error beats a mere lower bound, and an earlier one beats a later mismatch.
         raise first_error
     if not trusted_ok and root_ok:
         # The source signed a new history that does not extend the trusted one: a fork.
-        raise ConsistencyViolation("fork", mismatch.reason, previous=reference_note, latest=note,
-                                   index=mismatch.index)
+        raise ConsistencyViolation("fork", mismatch.reason, previous=reference_note, latest=note, index=mismatch.index)
     raise mismatch
+
+
+def _saved_hashes(trusted: Checkpoint | None, hashes: bytes | None) -> bytes | None:
+    """Saved leaf hashes, accepted only if they rebuild the trusted (signed) root."""
+    if trusted is None or hashes is None:
+        return None
+    if (
+        len(hashes) != trusted.size * HASH_SIZE
+        or MerkleTree(hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)).root() != trusted.root
+    ):
+        raise AuditFailure("the saved leaf hashes do not match the trusted checkpoint (damaged monitor state)")
+    return hashes
+
+
+def _compare_saved(
+    tree: MerkleTree,
+    size: int,
+    trusted: Checkpoint,
+    trusted_note: str,
+    saved: bytes,
+    note: str,
+    first_error: AuditFailure | None,
+) -> None:
+    """Raise a located rollback or fork if the log no longer holds the entries verified before."""
+    limit = min(trusted.size, size)
+    first_diff: int | None = None
+    step = 65_536
+    for start in range(0, limit, step):
+        end = min(limit, start + step)
+        if tree.nodes(0, start, end) != saved[start * HASH_SIZE : end * HASH_SIZE]:
+            first_diff = next(
+                i for i in range(start, end) if tree.leaf_hash(i) != saved[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+            )
+            break
+    if first_error is not None and first_diff is not None and (first_error.index or 0) < first_diff:
+        raise first_error
+    if trusted.size > size:
+        index = size if first_diff is None else first_diff
+        raise ConsistencyViolation(
+            "rollback",
+            f"the log has {size} entries but a trusted checkpoint covered {trusted.size}; "
+            "entries from here on are gone or changed",
+            previous=trusted_note,
+            latest=note,
+            index=index,
+            exact=True,
+        )
+    if first_diff is not None:
+        raise ConsistencyViolation(
+            "fork",
+            f"entry differs from the one verified at the trusted checkpoint of {trusted.size} entries",
+            previous=trusted_note,
+            latest=note,
+            index=first_diff,
+            exact=True,
+        )
 
 
 def _locate_divergence(source: LedgerSource, tree: MerkleTree, reference: Checkpoint) -> AuditFailure:
@@ -211,8 +432,9 @@ def _locate_divergence(source: LedgerSource, tree: MerkleTree, reference: Checkp
             hi = mid
     if unavailable:
         # Without proofs we only know that every entry before ``lo`` is right.
-        return AuditFailure(f"{reason} (the source gives no consistency proofs to locate it)", index=lo,
-                            exact=size == 1)
+        return AuditFailure(
+            f"{reason} (the source gives no consistency proofs to locate it)", index=lo, exact=size == 1
+        )
     if lo == 0 and size > 1:
         # No prefix verified: entry 0 changed, or the source's proofs are themselves wrong.
         return AuditFailure(f"{reason}; no prefix of the log verifies", index=0, exact=False)

@@ -31,8 +31,9 @@ def _add_source(p: argparse.ArgumentParser, *, key_required: bool = True) -> Non
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running broker, e.g. http://127.0.0.1:8080")
     where.add_argument("--bundle", type=Path, help="a file written by `nhi-broker ledger export`")
-    p.add_argument("--verifier-key", required=key_required,
-                   help="the ledger's signed-note verifier key, obtained out of band (<name>+<keyid>+<base64>)")
+    p.add_argument("--verifier-key", required=key_required, action="append",
+                   help="the ledger's signed-note verifier key, obtained out of band (<name>+<keyid>+<base64>); "
+                        "repeat to trust several (oldest first)")
     p.add_argument("--origin", help="the log identity (checkpoint origin) to insist on")
 
 
@@ -90,38 +91,43 @@ def _top(counter: Any, limit: int = 20) -> list[list[Any]]:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from broker.audit.monitor import load_state
+    from broker.audit.monitor import load_state, load_state_hashes
     from broker.audit.verify import verify_ledger
     from broker.cli._progress import ProgressBar
 
     trusted = load_state(args.state) if args.state else None
+    trusted_hashes = load_state_hashes(args.state) if trusted is not None else None
     if args.trusted_checkpoint:
-        trusted = args.trusted_checkpoint.read_text(encoding="utf-8")
+        trusted, trusted_hashes = args.trusted_checkpoint.read_text(encoding="utf-8"), None
     started = time.monotonic()
     bar = ProgressBar("verifying", force=args.progress)
     with _open_source(args) as source:
         stated = getattr(source, "stated_verifier_key", None)
-        if stated is not None and stated != args.verifier_key:
+        if stated is not None and stated not in args.verifier_key:
             print("note: the bundle names a different verifier key than the one you trust", file=sys.stderr)
         try:
             verified = verify_ledger(source, args.verifier_key, origin=args.origin, trusted_note=trusted,
-                                     progress=bar)
+                                     trusted_leaf_hashes=trusted_hashes, progress=bar, jobs=args.jobs)
         finally:
             bar.close()
     elapsed = time.monotonic() - started
     if args.state:
         from broker.audit.monitor import save_state
 
-        save_state(args.state, verified.note)
+        # With the leaf hashes (32 bytes an entry), the next run names the exact entry a rewrite changed.
+        save_state(args.state, verified.note, verified.tree.nodes(0, 0, verified.checkpoint.size))
     s, cp = verified.summary, verified.checkpoint
     if args.json:
         print(json.dumps({
             "verified": True, "origin": cp.origin, "size": cp.size, "root": base64.b64encode(cp.root).decode(),
             "by_kind": dict(s.by_kind), "by_workload": dict(s.by_workload), "by_owner": dict(s.by_owner),
             "first_time": s.first_time, "last_time": s.last_time, "seconds": round(elapsed, 3),
+            "signed_by": verified.signed_by,
         }, sort_keys=True))
         return 0
     print(f"ledger {cp.origin} verified: {cp.size} entries, root {base64.b64encode(cp.root).decode()}")
+    if verified.signed_by not in args.verifier_key:
+        print(f"  signed by     {verified.signed_by} (a rotated key, endorsed in the ledger by a key you trust)")
     print(f"  time range   {s.first_time or '-'} .. {s.last_time or '-'}")
     print("  by kind      " + (", ".join(f"{k} {n}" for k, n in sorted(s.by_kind.items())) or "-"))
     for title, counter in (("by workload", s.by_workload), ("by owner", s.by_owner)):
@@ -257,6 +263,22 @@ def _export_local(args: argparse.Namespace, bar: Callable[[int, int], None]) -> 
         ledger.close()
 
 
+def _cmd_rotate_key(args: argparse.Namespace) -> int:
+    from broker.cli.main import _settings
+    from broker.clock import SystemClock
+    from broker.ledger.rotation import rotate_ledger_key
+
+    settings = _settings(args)
+    if not (settings.data_dir / "keys" / "ledger-key.pem").is_file():
+        raise ValueError(f"no ledger key in {settings.data_dir}")
+    old, new = rotate_ledger_key(settings.data_dir, settings.ledger_key_name or settings.ledger_origin,
+                                 settings.ledger_origin, SystemClock())
+    print(f"ledger key rotated; the rotation is entry-recorded and endorsed by the old key\n"
+          f"  old verifier key  {old}\n  new verifier key  {new}\n"
+          "running brokers sign with the new key after a restart")
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add the ``audit`` and ``ledger`` command groups to the ``nhi-broker`` parser."""
     from broker.cli.main import _add_common
@@ -267,8 +289,14 @@ def register(sub: Any) -> None:
     verify = audit_sub.add_parser("verify", help="check every entry against the signed checkpoint")
     _add_source(verify)
     verify.add_argument("--trusted-checkpoint", type=Path, help="an earlier signed checkpoint the log must extend")
-    verify.add_argument("--state", type=Path, help="monitor state file: must extend it; updated on success")
+    verify.add_argument("--state", type=Path,
+                        help="monitor state file: the log must extend it; updated on success, with the leaf hashes "
+                             "(FILE.leaves) that locate a later rewrite exactly")
     verify.add_argument("--json", action="store_true", help="print the summary as JSON")
+    # One process by default: on the 2-core reference machine a second one did not pay for the
+    # hand-off (see README, Performance); more cores may differ.
+    verify.add_argument("--jobs", type=int, default=1,
+                        help="processes that decode and validate entries of large ledgers (default 1)")
     verify.add_argument("--progress", action="store_true", help="draw the progress bar even when not a terminal")
     verify.set_defaults(func=_guard(_cmd_verify))
 
@@ -303,3 +331,6 @@ def register(sub: Any) -> None:
     export.add_argument("--progress", action="store_true", help="draw the progress bar even when not a terminal")
     _add_common(export)
     export.set_defaults(func=_guard(_cmd_export))
+    rotate = ledger_sub.add_parser("rotate-key", help="rotate the checkpoint signing key, recorded in the ledger")
+    _add_common(rotate)
+    rotate.set_defaults(func=_guard(_cmd_rotate_key))

@@ -26,7 +26,7 @@ from broker.ledger.merkle import (
     verify_inclusion,
 )
 from broker.ledger.sqlite import SqliteLedgerStorage
-from broker.ledger.storage import DuplicateLeaf, LedgerStorage
+from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage
 
 __all__ = [
     "EMPTY_ROOT",
@@ -34,6 +34,7 @@ __all__ = [
     "Checkpoint",
     "DuplicateLeaf",
     "Ledger",
+    "LedgerCorrupt",
     "LedgerStorage",
     "MerkleTree",
     "NoteSigner",

@@ -204,6 +204,11 @@ class NoteVerifier:
     def key_id(self) -> bytes:
         return self._key_id
 
+    @property
+    def public_key_bytes(self) -> bytes:
+        """The raw 32-byte Ed25519 public key."""
+        return self._public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
     def open(self, note: str) -> str:
         """Return the text of ``note`` once this key's signature on it verifies.
 

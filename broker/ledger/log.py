@@ -22,11 +22,13 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from broker.clock import Clock
-from broker.errors import InvalidRequest, LedgerUnavailable, NotFound
+from broker.errors import InvalidRequest, LedgerUnavailable, NotFound, VerificationError
 from broker.ledger.canonical import encode_entry
-from broker.ledger.checkpoint import NoteSigner, sign_checkpoint
+from broker.ledger.checkpoint import NoteSigner, sign_checkpoint, verify_checkpoint
+from broker.ledger.cosignature import Cosignature, CosignatureVerifier
 from broker.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
-from broker.ledger.storage import DuplicateLeaf, LedgerStorage
+from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage
+from broker.ledger.tiles import TILE_WIDTH, entry_bundle, parse_tile_path, tile_hashes
 from broker.models import Receipt
 
 __all__ = ["MAX_ENTRIES_PER_CALL", "Ledger"]
@@ -244,8 +246,104 @@ class Ledger:
                 return cached[1]
             root = self._tree.root(size)
         note = sign_checkpoint(self._signer, self._origin, size, root)
+        # Durable before anyone sees it, so a restart can prove it still extends what it published.
+        self._storage.record_checkpoint(size, root, note)
         self._checkpoint_cache = (size, note)
         return note
+
+    def checkpoint_with_cosignatures(self) -> str:
+        """:meth:`checkpoint`, plus the witness cosignatures published for exactly that tree."""
+        note = self.checkpoint()
+        size = int(note.split("\n", 2)[1])
+        cosigned = self._storage.cosignatures(size)
+        return note + "".join(line + "\n" for line in cosigned[1]) if cosigned and cosigned[0] == note else note
+
+    def latest_cosigned_checkpoint(self) -> str:
+        """The largest checkpoint witnesses cosigned, with their cosignatures; :class:`NotFound` if none."""
+        cosigned = self._storage.cosignatures(None)
+        if cosigned is None:
+            raise NotFound("no checkpoint of this log has been cosigned yet")
+        return cosigned[0] + "".join(line + "\n" for line in cosigned[1])
+
+    def publish_cosignatures(self, note: str, witnesses: list[CosignatureVerifier]) -> list[Cosignature]:
+        """Keep the valid cosignatures of ``witnesses`` on ``note``, a checkpoint this log published.
+
+        Raises :class:`InvalidRequest` when the note is not one of this log's published checkpoints
+        or carries no valid cosignature by a configured witness.
+        """
+        # (1) our own signature and origin, so only our checkpoints collect cosignatures.
+        try:
+            checkpoint = verify_checkpoint(note, self.verifier_key, expected_origin=self._origin)
+        except VerificationError as exc:
+            raise InvalidRequest(f"not a checkpoint of this log: {exc}") from None
+        # (2) a tree this log has, with this root, and recorded as published.
+        plain = sign_checkpoint(self._signer, self._origin, checkpoint.size, checkpoint.root)
+        with self._tree_lock:
+            size = self._sync()
+            if checkpoint.size > size or self._tree.root(checkpoint.size) != checkpoint.root:
+                raise InvalidRequest("the checkpoint does not match this log's tree")
+        self._storage.record_checkpoint(checkpoint.size, checkpoint.root, plain)
+        # (3) each configured witness's cosignature, verified.
+        verified: list[Cosignature] = []
+        for witness in witnesses:
+            try:
+                verified.append(witness.verify(note))
+            except VerificationError:
+                continue
+        if not verified:
+            raise InvalidRequest("no valid cosignature by a configured witness")
+        self._storage.record_cosignatures(checkpoint.size, {c.name: c.line for c in verified})
+        return verified
+
+    def tile(self, path: str) -> tuple[bytes, bool]:
+        """A C2SP tlog-tiles hash tile or entry bundle by its path below ``tile/``; ``(body, is_full)``.
+
+        Served only for trees this log has (its current size); :class:`NotFound` otherwise.
+        """
+        tile = parse_tile_path(path)
+        with self._tree_lock:
+            size = self._sync()
+            if tile.level is not None:
+                return tile_hashes(self._tree, size, tile), tile.width is None
+        start = tile.index * TILE_WIDTH
+        if start + tile.count > size:
+            raise NotFound("this entry bundle is not part of the published tree")
+        leaves: list[bytes] = []
+        for chunk in range(start, start + tile.count, MAX_ENTRIES_PER_CALL):
+            leaves += self._storage.entries(chunk, min(start + tile.count, chunk + MAX_ENTRIES_PER_CALL))
+        return entry_bundle(leaves), tile.width is None
+
+    def check_integrity(self, *, tail: int = 1024, checkpoints: int = 1000) -> int:
+        """Check storage on start; the number of entries, or :class:`LedgerCorrupt` with what is wrong.
+
+        (1) indexes are gapless and every leaf hash loads; (2) the last ``tail`` leaves still hash to
+        their recorded leaf hashes (a torn or corrupt tail); (3) the tree still has the root of each
+        of the last ``checkpoints`` checkpoints this log published. Nothing is repaired or truncated.
+        """
+        with self._tree_lock:
+            try:
+                size = self._sync()
+            except LedgerCorrupt:
+                raise
+            except LedgerUnavailable as exc:
+                raise LedgerCorrupt(f"ledger storage cannot be read back in full: {exc.description}") from None
+            start = max(0, size - tail)
+            for chunk in range(start, size, MAX_ENTRIES_PER_CALL):
+                end = min(size, chunk + MAX_ENTRIES_PER_CALL)
+                leaves = self._storage.entries(chunk, end)
+                for offset, (leaf, recorded) in enumerate(zip(leaves, self._storage.leaf_hashes(chunk, end),
+                                                              strict=True)):
+                    if leaf_hash(leaf) != recorded:
+                        raise LedgerCorrupt(f"ledger entry {chunk + offset} does not match its recorded leaf hash "
+                                            "(corrupt or torn storage); refusing to start")
+            for cp_size, cp_root in self._storage.published_checkpoints(checkpoints):
+                if cp_size > size:
+                    raise LedgerCorrupt(f"ledger storage holds {size} entries but a checkpoint of {cp_size} was "
+                                        f"published: entries from index {size} are missing; refusing to start")
+                if self._tree.root(cp_size) != cp_root:
+                    raise LedgerCorrupt(f"ledger storage no longer matches the checkpoint of {cp_size} entries it "
+                                        "published: history was altered; refusing to start")
+            return size
 
     def entries(self, start: int, end: int) -> list[bytes]:
         """Leaves ``[start, end)``, at most :data:`MAX_ENTRIES_PER_CALL` of them.

@@ -242,6 +242,12 @@ class MerkleTree:
             k += 1
         self._size = size
 
+    def nodes(self, height: int, start: int, end: int) -> bytes:
+        """Concatenated hashes of the complete subtrees of ``2**height`` leaves numbered ``[start, end)``."""
+        if not 0 <= height < len(self._levels) or not 0 <= start <= end <= self._size >> height:
+            raise InvalidRequest("no such complete subtrees in this tree")
+        return bytes(self._levels[height][start * HASH_SIZE : end * HASH_SIZE])
+
     def leaf_hash(self, index: int) -> bytes:
         """The stored hash of leaf ``index``."""
         self._check_index(index, self._size)

@@ -32,6 +32,17 @@ CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
 BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
 BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY CHECK (size >= 0),
+    root BLOB    NOT NULL CHECK (length(root) = {HASH_SIZE}),
+    note TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cosignatures (
+    size INTEGER NOT NULL REFERENCES checkpoints (size),
+    name TEXT    NOT NULL,
+    line TEXT    NOT NULL,
+    PRIMARY KEY (size, name)
+);
 """
 
 
@@ -168,6 +179,54 @@ class SqliteLedgerStorage:
     def entries(self, start: int, end: int) -> list[bytes]:
         """Leaves of ``[start, end)``."""
         return self._range("leaf", start, end)
+
+    def record_checkpoint(self, size: int, root: bytes, note: str) -> None:
+        """Remember a checkpoint (fsynced) before it is published; the first one per size stays."""
+        with self._write_lock, _sqlite_errors():
+            self._conn(self._writer).execute(
+                "INSERT OR IGNORE INTO checkpoints (size, root, note) VALUES (?, ?, ?)", (size, root, note)
+            )
+
+    def published_checkpoints(self, limit: int) -> list[tuple[int, bytes]]:
+        """``(size, root)`` of the ``limit`` largest recorded checkpoints, largest first."""
+        with self._read_lock, _sqlite_errors():
+            rows = (
+                self._conn(self._reader)
+                .execute("SELECT size, root FROM checkpoints ORDER BY size DESC LIMIT ?", (limit,))
+                .fetchall()
+            )
+        return [(int(size), bytes(root)) for size, root in rows]
+
+    def record_cosignatures(self, size: int, lines: dict[str, str]) -> None:
+        """Keep the newest cosignature line of each witness (by name) for the checkpoint of ``size``."""
+        with self._write_lock, _sqlite_errors():
+            conn = self._conn(self._writer)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO cosignatures (size, name, line) VALUES (?, ?, ?)",
+                    [(size, name, line) for name, line in lines.items()],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def cosignatures(self, size: int | None) -> tuple[str, list[str]] | None:
+        """``(log note, cosignature lines)`` for ``size``, or for the largest cosigned size if ``None``."""
+        with self._read_lock, _sqlite_errors():
+            conn = self._conn(self._reader)
+            if size is None:
+                row = conn.execute("SELECT MAX(size) FROM cosignatures").fetchone()
+                if row is None or row[0] is None:
+                    return None
+                size = int(row[0])
+            note = conn.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
+            lines = conn.execute("SELECT line FROM cosignatures WHERE size = ? ORDER BY name", (size,)).fetchall()
+        if note is None or not lines:
+            return None
+        return str(note[0]), [str(line[0]) for line in lines]
 
     def index_of(self, leaf_hash: bytes) -> int | None:
         """The index of the leaf with this hash, or ``None``."""

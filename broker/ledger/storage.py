@@ -11,7 +11,7 @@ from typing import Protocol
 
 from broker.errors import LedgerUnavailable
 
-__all__ = ["DuplicateLeaf", "LedgerStorage"]
+__all__ = ["DuplicateLeaf", "LedgerCorrupt", "LedgerStorage"]
 
 
 class DuplicateLeaf(LedgerUnavailable):
@@ -19,6 +19,14 @@ class DuplicateLeaf(LedgerUnavailable):
 
     A leaf hash names exactly one index, so auditors can look entries up by hash. The ledger
     resolves this by answering the existing index for the identical entry.
+    """
+
+
+class LedgerCorrupt(LedgerUnavailable):
+    """Storage no longer holds what the log acknowledged or published (corrupt, torn or cut short).
+
+    Raised at start instead of serving: the broker never truncates or repairs the ledger itself,
+    because an operator (and the auditors) must see the evidence as it is.
     """
 
 
@@ -47,6 +55,22 @@ class LedgerStorage(Protocol):
 
     def index_of(self, leaf_hash: bytes) -> int | None:
         """The index of the leaf with this hash, if stored."""
+        ...
+
+    def record_checkpoint(self, size: int, root: bytes, note: str) -> None:
+        """Durably remember a checkpoint before it is published (idempotent per size)."""
+        ...
+
+    def published_checkpoints(self, limit: int) -> list[tuple[int, bytes]]:
+        """``(size, root)`` of the ``limit`` largest checkpoints recorded, largest first."""
+        ...
+
+    def record_cosignatures(self, size: int, lines: dict[str, str]) -> None:
+        """Durably keep verified witness cosignature lines (by witness name) for a recorded checkpoint."""
+        ...
+
+    def cosignatures(self, size: int | None) -> tuple[str, list[str]] | None:
+        """``(note, cosignature lines)`` of checkpoint ``size`` (``None``: the largest cosigned one)."""
         ...
 
     def close(self) -> None:

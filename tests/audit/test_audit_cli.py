@@ -208,3 +208,125 @@ def test_consistency_and_witness(broker_on_copy: tuple[LiveBroker, Ledger], tmp_
     vkey = witness.stderr.split("verifier key: ")[1].split()[0]
     cosig = WitnessVerifier(vkey).verify(witness.stdout)
     assert cosig.name == "witness.example/w1"
+
+
+def test_witness_publishes_cosignatures(written_ledger: Ledger, tmp_path: Path) -> None:
+    import shutil
+
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    from broker.audit import WitnessSigner, WitnessVerifier
+
+    key = Ed25519PrivateKey.generate()
+    wkey = tmp_path / "witness.pem"
+    wkey.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    wkey.chmod(0o600)
+    vkey = WitnessSigner("witness.example/w1", key).verifier_key
+    config = tmp_path / "broker.toml"
+    config.write_text(f"ledger_witnesses = [{json.dumps(vkey)}]\n")
+    shutil.copytree(written_ledger.data_dir, tmp_path / "data")
+    broker = LiveBroker(tmp_path / "data", config=config)
+    try:
+        assert httpx.get(broker.url + "/v1/ledger/checkpoint/cosigned").status_code == 404
+        r = nhi(
+            "audit", "witness", "--url", broker.url, "--verifier-key", written_ledger.verifier_key,
+            "--state", str(tmp_path / "w.json"), "--witness-key", str(wkey), "--name", "witness.example/w1",
+            "--publish",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        cosigned = httpx.get(broker.url + "/v1/ledger/checkpoint/cosigned").text
+        assert WitnessVerifier(vkey).verify(cosigned).name == "witness.example/w1"
+        latest = httpx.get(broker.url + "/v1/ledger/checkpoint").text
+        assert latest == cosigned  # nothing appended since: the latest checkpoint carries the cosignature
+
+        stranger = WitnessSigner("witness.example/w1", Ed25519PrivateKey.generate())
+        attacks = [
+            (b"\xff\xfe", 400, "not UTF-8"),
+            (b"junk", 400, "not a checkpoint of this log"),
+            (r.stdout.replace("witness.example/w1 ", "witness.example/w2 ").encode(), 400, "no valid cosignature"),
+            (cosigned.replace(cosigned.split("\n")[1], "999", 1).encode(), 400, "not a checkpoint of this log"),
+        ]
+        assert stranger.name
+        for body, status, expected in attacks:
+            answer = httpx.post(broker.url + "/v1/ledger/cosignatures", content=body)
+            assert answer.status_code == status, answer.text
+            assert expected in answer.json()["error_description"]
+    finally:
+        broker.stop()
+
+
+def test_cosignatures_need_configured_witnesses(served_ledger: tuple[LiveBroker, Ledger]) -> None:
+    import httpx
+
+    from broker.config import load_settings
+    from broker.errors import ConfigError
+
+    broker, _ = served_ledger
+    answer = httpx.post(broker.url + "/v1/ledger/cosignatures", content=b"anything")
+    assert answer.status_code == 404 and "no witnesses configured" in answer.json()["error_description"]
+    with pytest.raises(ConfigError, match="cosigner verifier key has the form"):
+        load_settings(ledger_witnesses=["not-a-key"])
+
+
+def test_tiles_read_api(served_ledger: tuple[LiveBroker, Ledger]) -> None:
+    import struct
+
+    import httpx
+
+    from broker.ledger import root_from_leaf_hashes, verify_checkpoint
+    from broker.ledger.merkle import leaf_hash
+
+    broker, ledger = served_ledger
+    base = broker.url + "/v1/ledger/tiles"
+    checkpoint = verify_checkpoint(httpx.get(base + "/checkpoint").text, ledger.verifier_key)
+    n = checkpoint.size
+    assert 0 < n < 256
+    hashes = httpx.get(f"{base}/tile/0/000.p/{n}")
+    assert hashes.status_code == 200 and hashes.headers["content-type"] == "application/octet-stream"
+    leaf_hashes = [hashes.content[i : i + 32] for i in range(0, len(hashes.content), 32)]
+    assert root_from_leaf_hashes(leaf_hashes) == checkpoint.root
+    bundle = httpx.get(f"{base}/tile/entries/000.p/{n}").content
+    leaves, offset = [], 0
+    while offset < len(bundle):
+        (length,) = struct.unpack(">H", bundle[offset : offset + 2])
+        leaves.append(bundle[offset + 2 : offset + 2 + length])
+        offset += 2 + length
+    assert [leaf_hash(leaf) for leaf in leaves] == leaf_hashes
+    for path, status in [("0/000", 404), (f"0/000.p/{n + 1}", 404), ("1/000.p/1", 404), ("0/00", 400), ("x/000", 400)]:
+        assert httpx.get(f"{base}/tile/{path}").status_code == status, path
+
+
+def test_paged_verification_over_http(ledger_copy: Ledger) -> None:
+    import sqlite3
+
+    import rfc8785
+
+    from broker.audit import AuditFailure
+    from broker.ledger import SqliteLedgerStorage
+
+    storage = SqliteLedgerStorage(ledger_copy.data_dir / "ledger.sqlite3")
+    try:
+        template = json.loads(storage.entries(ledger_copy.issued[0].index, ledger_copy.issued[0].index + 1)[0])
+        extra = [rfc8785.dumps({**template, "request_id": f"bulk-{i}"}) for i in range(2500)]
+        storage.append_batch(extra)  # one transaction: more than two pages of the read API
+    finally:
+        storage.close()
+    broker = LiveBroker(ledger_copy.data_dir)
+    try:
+        source = HttpLedgerSource(broker.url)
+        verified = verify_ledger(source, ledger_copy.verifier_key)
+        assert verified.summary.by_kind["issuance"] == 6 + 2500
+        conn = sqlite3.connect(ledger_copy.data_dir / "ledger.sqlite3", isolation_level=None)
+        try:
+            conn.execute("DROP TRIGGER entries_no_delete")
+            conn.execute("DELETE FROM entries WHERE idx = 1500")
+        finally:
+            conn.close()
+        with pytest.raises(AuditFailure) as caught:
+            verify_ledger(source, ledger_copy.verifier_key)
+        assert caught.value.index == 1500 and "does not serve this entry" in caught.value.reason
+        source.close()
+    finally:
+        broker.stop()

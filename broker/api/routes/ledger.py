@@ -6,11 +6,13 @@ import base64
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
-from fastapi.responses import PlainTextResponse
+import anyio.to_thread
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import PlainTextResponse, Response
 
 from broker.api.deps import RuntimeDep
-from broker.errors import InvalidRequest
+from broker.errors import InvalidRequest, NotFound, RequestTooLarge
+from broker.ledger.cosignature import CosignatureVerifier
 from broker.ledger.merkle import leaf_hash
 
 __all__ = ["router"]
@@ -20,14 +22,58 @@ router = APIRouter(prefix="/v1/ledger")
 _HEX64 = r"^[0-9a-f]{64}$"
 
 
+def _parsed(leaf: bytes) -> Any:
+    """The entry for convenience; ``None`` for a leaf that is not JSON (auditors read ``leaf`` anyway)."""
+    try:
+        return json.loads(leaf)
+    except ValueError:
+        return None
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
 @router.get("/checkpoint", response_class=PlainTextResponse,
-            summary="The latest tree head: a C2SP tlog-checkpoint in a signed note")
+            summary="The latest tree head: a C2SP tlog-checkpoint in a signed note (plus witness cosignatures)")
 def checkpoint(runtime: RuntimeDep) -> PlainTextResponse:
-    return PlainTextResponse(runtime.ledger.checkpoint(), headers={"Cache-Control": "no-cache"})
+    return PlainTextResponse(runtime.ledger.checkpoint_with_cosignatures(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/checkpoint/cosigned", response_class=PlainTextResponse,
+            summary="The largest checkpoint cosigned by witnesses (C2SP tlog-cosignature), with the cosignatures")
+def cosigned_checkpoint(runtime: RuntimeDep) -> PlainTextResponse:
+    return PlainTextResponse(runtime.ledger.latest_cosigned_checkpoint(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/tiles/checkpoint", response_class=PlainTextResponse,
+            summary="C2SP tlog-tiles: the checkpoint (same as /v1/ledger/checkpoint)")
+def tiles_checkpoint(runtime: RuntimeDep) -> PlainTextResponse:
+    return PlainTextResponse(runtime.ledger.checkpoint_with_cosignatures(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/tiles/tile/{path:path}", summary="C2SP tlog-tiles: hash tiles <L>/<N>[.p/<W>] and entries/<N>[.p/<W>]")
+def tile(path: str, runtime: RuntimeDep) -> Response:
+    body, full = runtime.ledger.tile(path)
+    # Tile contents never change; a partial tile is superseded by its full tile, so cache it briefly.
+    cache = "public, max-age=31536000, immutable" if full else "public, max-age=60"
+    return Response(body, media_type="application/octet-stream", headers={"Cache-Control": cache})
+
+
+@router.post("/cosignatures", summary="Publish witness cosignatures of a checkpoint (self-authenticating)")
+async def publish_cosignatures(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    witnesses = [CosignatureVerifier(key) for key in runtime.settings.ledger_witnesses]
+    if not witnesses:
+        raise NotFound("this broker has no witnesses configured (ledger_witnesses)")
+    body = await request.body()
+    if len(body) > 65536:
+        raise RequestTooLarge("a cosigned checkpoint is at most 64 KiB")
+    try:
+        note = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the body is not UTF-8 text") from None
+    cosignatures = await anyio.to_thread.run_sync(runtime.ledger.publish_cosignatures, note, witnesses)
+    return {"accepted": [{"witness": c.name, "timestamp": c.timestamp} for c in cosignatures]}
 
 
 @router.get("/entries", summary="Entries [start, end) with their exact leaf bytes (base64) and leaf hashes")
@@ -44,7 +90,7 @@ def entries(
                 "index": start + i,
                 "leaf_hash": leaf_hash(leaf).hex(),
                 "leaf": _b64(leaf),
-                "entry": json.loads(leaf),
+                "entry": _parsed(leaf),
             }
             for i, leaf in enumerate(leaves)
         ],
