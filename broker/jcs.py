@@ -38,7 +38,7 @@ def _plain(value: Any) -> bool:
     if kind in _SCALARS:
         return True
     if kind is int:
-        return -_MAX_EXACT <= value <= _MAX_EXACT
+        return bool(-_MAX_EXACT <= value <= _MAX_EXACT)
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str or (key and max(key) > "\uffff") or not _plain(item):

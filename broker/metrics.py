@@ -91,7 +91,7 @@ class BrokerMetrics:
         if not self._multiprocess:
             return generate_latest(self._registry)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         registry.register(self._live)
         return generate_latest(registry)
 

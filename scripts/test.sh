@@ -12,4 +12,5 @@ fi
 .venv/bin/python -m pip install --quiet -e ./clients/python
 .venv/bin/ruff check .
 .venv/bin/ruff check --config clients/python/pyproject.toml clients/python
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

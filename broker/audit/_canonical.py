@@ -51,7 +51,7 @@ def decode_leaf(leaf: bytes) -> dict[str, Any]:
         try:
             entry = _decoder.decode(text)
             if type(entry) is dict and _encode(entry) == text:
-                return entry  # type: ignore[no-any-return]
+                return entry
         except (_OutsideFastPath, ValueError, RecursionError):
             pass
     return decode_entry(leaf)

@@ -146,7 +146,9 @@ class BundleLedgerSource:
     def _build_index(self) -> MerkleTree:
         """Hash every leaf once, for proofs and look-ups by hash (bundles carry no proofs)."""
         if self._tree is None:
-            tree, by_hash, offsets = MerkleTree(), {}, []
+            tree = MerkleTree()
+            by_hash: dict[bytes, int] = {}
+            offsets: list[int] = []
             try:
                 with open(self._path, "rb") as f:
                     hashes = []

@@ -166,12 +166,10 @@ class HttpLedgerSource:
             return
         with ThreadPoolExecutor(max_workers=_PREFETCH, thread_name_prefix="ledger-fetch") as pool:
             pending: deque[tuple[int, int, Future[list[RawEntry]]]] = deque()
-            queued = iter(pages)
             try:
-                for _ in range(_PREFETCH):
-                    a, b = next(queued, (None, None))  # type: ignore[arg-type]
-                    if a is not None:
-                        pending.append((a, b, pool.submit(self._fetch, a, b)))
+                for a, b in pages[:_PREFETCH]:
+                    pending.append((a, b, pool.submit(self._fetch, a, b)))
+                queued = iter(pages[_PREFETCH:])
                 while pending:
                     a, b, future = pending.popleft()
                     try:

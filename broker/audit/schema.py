@@ -199,7 +199,8 @@ def _time_problem(value: str) -> str | None:
     if match is None:
         return "is not an RFC 3339 UTC time of the form YYYY-MM-DDTHH:MM:SSZ"
     try:
-        datetime(*(int(g) for g in match.groups()))  # only the calendar is checked
+        year, month, day, hour, minute, second = (int(g) for g in match.groups())
+        datetime(year, month, day, hour, minute, second)  # only the calendar is checked
     except ValueError:
         return "is not a valid calendar time"
     return None

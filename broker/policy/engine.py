@@ -68,7 +68,7 @@ _CASBIN_SILENT.disabled = True
 # evaluation is pure Python under the GIL, so the lock costs no throughput.
 _CASBIN_LOCK = threading.Lock()
 
-class _ParsedMatcherEnforcer(casbin.Enforcer):
+class _ParsedMatcherEnforcer(casbin.Enforcer):  # type: ignore[misc]  # casbin ships no types
     """A Casbin enforcer that parses each matcher expression once, not on every ``enforce()``.
 
     pycasbin turns the matcher text into Python syntax and ``ast.parse``-s it on every call, about a

@@ -101,7 +101,7 @@ def prepare_demo_database(admin_dsn: str) -> None:
             params["dbname"] = DEMO_DATABASE
             with psycopg.connect(**params, autocommit=True) as demo:  # type: ignore[arg-type]
                 for statement in _SCHEMA:
-                    demo.execute(statement)  # type: ignore[arg-type]
+                    demo.execute(statement)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
 
