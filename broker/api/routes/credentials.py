@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from broker.api.deps import RuntimeDep
 from broker.api.errors import NO_STORE
-from broker.api.routes.token import _parse_form, _read_body, _required
+from broker.api.forms import read_form, required
 from broker.errors import InvalidRequest, TemporarilyUnavailable
 
 __all__ = ["router"]
@@ -40,12 +40,11 @@ _FORM: dict[str, object] = {
 async def release(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """Revoke the lease of the task that ``release_token`` belongs to."""
     request_id = uuid.uuid4().hex
-    body = await _read_body(request, runtime.settings.max_body_bytes)
-    form = _parse_form(request.headers.get("content-type", ""), body)
+    form = await read_form(request, runtime.settings.max_body_bytes)
     unknown = sorted(set(form) - {"release_token"})
     if unknown:
         raise InvalidRequest(f"unknown parameter {unknown[0][:40]!r}")
-    token = _required(form, "release_token")
+    token = required(form, "release_token")
     if runtime.vault is None:
         raise TemporarilyUnavailable("this broker has no Vault configured")
     record = await anyio.to_thread.run_sync(runtime.vault.release, token, request_id)

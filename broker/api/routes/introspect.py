@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from broker.api.deps import RuntimeDep
 from broker.api.errors import NO_STORE
-from broker.api.routes.token import _parse_form, _read_body
+from broker.api.forms import read_form
 from broker.entries import revocation_entry
 from broker.errors import InvalidRequest
 from broker.operators import AuthenticatedClient
@@ -55,8 +55,7 @@ async def _authenticated_form(request: Request, runtime: Any) -> tuple[Authentic
     # In a thread: a workload identity may need the issuer's JWKS.
     client = await anyio.to_thread.run_sync(_services(runtime).clients.authenticate,
                                             request.headers.get("authorization"))
-    body = await _read_body(request, runtime.settings.max_body_bytes)
-    form = _parse_form(request.headers.get("content-type", ""), body)
+    form = await read_form(request, runtime.settings.max_body_bytes)
     token = form.get("token")
     if not token:
         raise InvalidRequest("token is required")

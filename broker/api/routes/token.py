@@ -1,8 +1,8 @@
 """``POST /v1/token``: RFC 8693 token exchange with RFC 9396 intents.
 
-The form body is parsed here, not by a generic form library, so that every malformed input gets its
-own precise error: wrong media type (415), oversized body (413), undecodable or repeated parameters
-(RFC 6749 §3.2: parameters MUST NOT be included more than once), unknown grant types.
+The form is read by :mod:`broker.api.forms` (415, 413, repeated or undecodable parameters); this
+module checks the exchange's own parameters, each with a precise error: unknown grant types,
+unsupported actor tokens, audiences, requested token types, the intent and the DPoP header.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import dataclasses
 import uuid
 from functools import partial
 from typing import Any
-from urllib.parse import parse_qsl
 
 import anyio.to_thread
 from fastapi import APIRouter, Request
@@ -19,13 +18,12 @@ from fastapi.responses import JSONResponse
 
 from broker.api.deps import RuntimeDep
 from broker.api.errors import NO_STORE
+from broker.api.forms import read_form, required
 from broker.dpop import DPoPProof, InvalidDPoPProof
 from broker.errors import (
     InvalidRequest,
     InvalidTarget,
-    RequestTooLarge,
     UnsupportedGrantType,
-    UnsupportedMediaType,
 )
 from broker.intent import parse_authorization_details
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE
@@ -38,7 +36,6 @@ router = APIRouter()
 
 TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 _ISSUABLE = {ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, *TOKEN_TYPES.values()}
-_MAX_FIELDS = 32
 _UNSUPPORTED_PARAMS = {
     "actor_token": "actor_token is not supported; the subject token is the workload identity",
     "actor_token_type": "actor_token is not supported; the subject token is the workload identity",
@@ -76,53 +73,6 @@ _FORM_SCHEMA: dict[str, Any] = {
 }
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidRequest("Content-Length is not a number")
-        if int(declared) > limit:
-            raise RequestTooLarge(f"request body is larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestTooLarge(f"request body is larger than {limit} bytes")
-    return bytes(body)
-
-
-def _parse_form(content_type: str, body: bytes) -> dict[str, str]:
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type != "application/x-www-form-urlencoded":
-        raise UnsupportedMediaType("the token endpoint takes application/x-www-form-urlencoded")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest("request body is not UTF-8") from None
-    if not text:
-        raise InvalidRequest("request body is empty")
-    try:
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=_MAX_FIELDS,
-                          errors="strict")
-    except UnicodeDecodeError:
-        raise InvalidRequest("a form parameter is not UTF-8 after percent-decoding") from None
-    except ValueError:
-        raise InvalidRequest("request body is not a valid form encoding") from None
-    form: dict[str, str] = {}
-    for name, value in pairs:
-        if name in form:
-            raise InvalidRequest(f"parameter {name[:40]!r} is repeated")
-        form[name] = value
-    return form
-
-
-def _required(form: dict[str, str], name: str) -> str:
-    value = form.get(name)
-    if not value:
-        raise InvalidRequest(f"{name} is required")
-    return value
-
-
 async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None:
     """The verified DPoP proof of this request (RFC 9449 §4.3), ``None`` when it carries none."""
     proofs = request.headers.getlist("dpop")
@@ -139,15 +89,15 @@ async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None
 
 
 def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
-    grant_type = _required(form, "grant_type")
+    grant_type = required(form, "grant_type")
     if grant_type != TOKEN_EXCHANGE_GRANT:
         raise UnsupportedGrantType(f"grant_type must be {TOKEN_EXCHANGE_GRANT}")
     for name, why in _UNSUPPORTED_PARAMS.items():
         if name in form:
             raise InvalidRequest(why)
-    subject_token = _required(form, "subject_token")
-    subject_token_type = _required(form, "subject_token_type")
-    audience = _required(form, "audience")
+    subject_token = required(form, "subject_token")
+    subject_token_type = required(form, "subject_token_type")
+    audience = required(form, "audience")
     if len(audience) > 256 or not audience.isprintable() or " " in audience:
         raise InvalidTarget("audience must be one service name without spaces")
     requested = form.get("requested_token_type")
@@ -174,8 +124,7 @@ def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
 async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """RFC 8693 token exchange. Answers the RFC 8693 §2.2.1 response plus the ledger receipt."""
     request_id = uuid.uuid4().hex
-    body = await _read_body(request, runtime.settings.max_body_bytes)
-    form = _parse_form(request.headers.get("content-type", ""), body)
+    form = await read_form(request, runtime.settings.max_body_bytes)
     exchange = _exchange_request(form, request_id)
     proof = await _dpop_proof(request, runtime)
     if proof is not None:
