@@ -6,7 +6,7 @@
     keys list|rotate       task-token signing keys
     policy test|explain|lint
     audit verify|prove|consistency|witness
-    ledger export
+    ledger export|rotate-key
 """
 
 from __future__ import annotations
