@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from broker.approvals.settings import ApprovalSettings
 from broker.attest.issuers import IssuerConfig
 from broker.errors import ConfigError
 from broker.operators import IntrospectionClient, OperatorCredential
@@ -66,6 +67,8 @@ class Settings(BaseSettings):
     introspection_clients: list[IntrospectionClient] = Field(
         default_factory=list, description="Resource servers allowed to introspect and revoke."
     )
+    # Human approval of intents held for review (issue 7): polling, webhook, console sessions.
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
 
     @field_validator("ledger_origin")
     @classmethod

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import admin, health, introspect, ledger, metrics, token, wellknown
+from broker.api.routes import admin, approvals, health, introspect, ledger, metrics, token, wellknown
 from broker.clock import Clock
 from broker.config import Settings
 from broker.metrics import BrokerMetrics, MetricsMiddleware
@@ -52,6 +52,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
     app.include_router(metrics.router)
     app.include_router(introspect.router)
     app.include_router(admin.router)
+    app.include_router(approvals.router)
     return app
 
 
