@@ -13,6 +13,7 @@ from broker.api.errors import install_error_handlers
 from broker.api.routes import admin, approvals, health, introspect, ledger, metrics, token, wellknown
 from broker.clock import Clock
 from broker.config import Settings
+from broker.console import router as console_router
 from broker.metrics import BrokerMetrics, MetricsMiddleware
 from broker.runtime import Runtime
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
     app.include_router(introspect.router)
     app.include_router(admin.router)
     app.include_router(approvals.router)
+    app.include_router(console_router)
     return app
 
 

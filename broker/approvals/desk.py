@@ -32,7 +32,7 @@ import anyio.to_thread
 from broker.approvals.errors import AlreadyDecided, ApprovalDenied, AuthorizationPending, ExpiredToken, SlowDown
 from broker.clock import Clock
 from broker.entries import approval_entry, workload_json
-from broker.errors import AccessDenied, InsufficientRole, InvalidGrant, NotFound
+from broker.errors import AccessDenied, InsufficientRole, InvalidGrant, InvalidRequest, NotFound
 from broker.models import Grant, Held, Receipt, WorkloadIdentity
 from broker.operators import Operator
 from broker.store.base import StateStore
@@ -328,6 +328,10 @@ class ApprovalDesk:
         not allow that, and :class:`AlreadyDecided` when the request is no longer pending.
         """
         operator.require("approve")
+        # The ledger holds single-line text: line breaks and tabs of a typed reason become spaces.
+        reason = " ".join(reason.split())[:500]
+        if not reason or any(ord(c) < 32 or ord(c) == 127 for c in reason):
+            raise InvalidRequest("a decision needs a reason (printable text)")
         record = await self.get(auth_req_id)
         # (1) the operator must belong to the group the rule names.
         if record.group not in operator.groups:

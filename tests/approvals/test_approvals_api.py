@@ -170,3 +170,12 @@ def test_another_workload_cannot_collect_the_token(harness: Harness) -> None:
 def test_small_and_too_large_refunds_are_not_held(harness: Harness) -> None:
     assert "access_token" in harness.exchange(refund(20)).json()
     assert error(harness.exchange(refund(500))) == (403, "access_denied")
+
+
+def test_a_multi_line_reason_is_recorded_on_one_line(harness: Harness) -> None:
+    rid = harness.hold()
+    assert harness.decide(rid, "approve", reason="refund ok\n\tper ticket 42").status_code == 200
+    entry = harness.ledger()[-1]
+    assert entry["approval"]["reason"] == "refund ok per ticket 42"
+    validate_entry(entry)
+    assert error(harness.decide(harness.hold(), "deny", reason="\n\t ")) == (400, "invalid_request")
