@@ -195,7 +195,7 @@ class Broker:
                 identity = verify(may_fetch=False)
             except FetchRequired:
                 identity = await anyio.to_thread.run_sync(verify)
-        approval = await self.approvals.claim(poll.auth_req_id, identity)
+        approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
         request = ExchangeRequest(
             subject_token=poll.subject_token, subject_token_type=poll.subject_token_type,

@@ -31,6 +31,7 @@ import anyio.to_thread
 
 from broker.approvals.errors import AlreadyDecided, ApprovalDenied, AuthorizationPending, ExpiredToken, SlowDown
 from broker.clock import Clock
+from broker.dpop import DPoPBindingRequired
 from broker.entries import approval_entry, workload_json
 from broker.errors import AccessDenied, InsufficientRole, InvalidGrant, InvalidRequest, NotFound
 from broker.models import Grant, Held, Receipt, WorkloadIdentity
@@ -241,9 +242,9 @@ class ApprovalDesk:
         return Held(auth_req_id=record.auth_req_id, expires_in=terms.max_wait, interval=self.poll_interval,
                     grant=grant)
 
-    async def claim(self, auth_req_id: str, identity: WorkloadIdentity) -> Approval:
-        """The poll of ``identity``'s workload: the approved request (claimed: it issues once), or the
-        CIBA error saying why not yet (or never)."""
+    async def claim(self, auth_req_id: str, identity: WorkloadIdentity, dpop_jkt: str | None = None) -> Approval:
+        """The poll of ``identity``'s workload (with a DPoP proof of key ``dpop_jkt``, if any): the
+        approved request (claimed: it issues once), or the CIBA error saying why not yet (or never)."""
         record = await self._get(auth_req_id)
         if record is None or record.workload.get("spiffe_id") != identity.spiffe_id:
             raise InvalidGrant("auth_req_id is not a request of this workload (unknown, or forgotten long ago)")
@@ -269,6 +270,10 @@ class ApprovalDesk:
             raise AuthorizationPending("the approval is being recorded")
         if now >= record.expires_at + COLLECT_GRACE_SECONDS:
             raise ExpiredToken("the approved request was not collected in time")
+        if record.dpop_jkt is not None and dpop_jkt != record.dpop_jkt:
+            # Checked before the claim: a poll with the wrong key does not use up the approval.
+            raise DPoPBindingRequired("this request was held with a DPoP key: poll with a proof made with the same key",
+                                      rule_id=record.rule)
         claimed = await self._swap(record, replace(record, status="issued"))
         if claimed is None:
             raise InvalidGrant("this auth_req_id was already redeemed")

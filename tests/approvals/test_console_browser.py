@@ -52,7 +52,8 @@ def _toml_operators() -> str:
 def broker(tmp_path: Path) -> Iterator[LiveBroker]:
     config = tmp_path / "broker.toml"
     config.write_text(_toml_operators() + "\n[approvals]\npoll_interval = 1\n")
-    live = LiveBroker(tmp_path / "data", config=config)
+    # Two worker processes: sessions, pending requests and decisions must agree through the state store.
+    live = LiveBroker(tmp_path / "data", workers=2, config=config)
     try:
         yield live
     finally:
