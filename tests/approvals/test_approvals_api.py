@@ -179,3 +179,9 @@ def test_a_multi_line_reason_is_recorded_on_one_line(harness: Harness) -> None:
     assert entry["approval"]["reason"] == "refund ok per ticket 42"
     validate_entry(entry)
     assert error(harness.decide(harness.hold(), "deny", reason="\n\t ")) == (400, "invalid_request")
+
+
+def test_metadata_announces_ciba_polling(harness: Harness) -> None:
+    meta = harness.client.get("/.well-known/oauth-authorization-server").json()
+    assert "urn:openid:params:grant-type:ciba" in meta["grant_types_supported"]
+    assert meta["backchannel_token_delivery_modes_supported"] == ["poll"]
