@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from broker.approvals.settings import ApprovalSettings
 from broker.attest.issuers import IssuerConfig
 from broker.errors import ConfigError
 from broker.operators import IntrospectionClient, OperatorCredential
@@ -71,6 +72,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Resource servers allowed to introspect and revoke."
     )
     vault: VaultSettings | None = Field(None, description="Vault/OpenBao for vault-* intents (docs/vault.md).")
+    # Human approval of intents held for review (issue 7): polling, webhook, console sessions.
+    approvals: ApprovalSettings = ApprovalSettings()  # frozen, so one shared default is safe
 
     @field_validator("ledger_origin")
     @classmethod

@@ -12,12 +12,14 @@ from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
 
 __all__ = [
     "ENTRY_VERSION",
+    "approval_entry",
     "denial_entry",
     "issuance_entry",
     "key_rotation_entry",
     "policy_load_entry",
     "revocation_entry",
     "suspension_entry",
+    "workload_json",
 ]
 
 ENTRY_VERSION = 1
@@ -41,11 +43,21 @@ def _workload(identity: WorkloadIdentity, workload: RegisteredWorkload | None) -
     return record
 
 
+def workload_json(identity: WorkloadIdentity, workload: RegisteredWorkload | None) -> dict[str, Any]:
+    """The ``workload`` member of an entry (never the evidence itself, only its digest)."""
+    return _workload(identity, workload)
+
+
 def issuance_entry(
-    *, grant: Grant, now: float, request_id: str, credential: dict[str, Any]
+    *, grant: Grant, now: float, request_id: str, credential: dict[str, Any],
+    approval: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The entry that must be durable before ``credential`` leaves the broker."""
-    return {
+    """The entry that must be durable before ``credential`` leaves the broker.
+
+    ``approval`` (``{auth_req_id, index, leaf_hash, approvers}``) points at the ``approval`` entry
+    that released an intent held for review.
+    """
+    entry = {
         "v": ENTRY_VERSION,
         "kind": "issuance",
         "time": rfc3339(now),
@@ -59,6 +71,38 @@ def issuance_entry(
             "policy_version": grant.policy_version,
         },
         "credential": credential,
+    }
+    if approval is not None:
+        entry["approval"] = approval
+    return entry
+
+
+def approval_entry(
+    *,
+    now: float,
+    request_id: str,
+    workload: dict[str, Any],
+    audience: str,
+    intent: dict[str, Any],
+    rule_id: str,
+    policy_version: str,
+    approval: dict[str, Any],
+) -> dict[str, Any]:
+    """A decision on an intent held for review: one approver's approval or denial, or its expiry.
+
+    ``request_id`` is the token request that was held; ``approval`` is ``{auth_req_id, group,
+    needed, outcome, approver, reason, approvers, final}`` (docs/ledger.md).
+    """
+    return {
+        "v": ENTRY_VERSION,
+        "kind": "approval",
+        "time": rfc3339(now),
+        "request_id": request_id,
+        "workload": workload,
+        "audience": audience,
+        "intent": intent,
+        "decision": {"effect": "review", "rule": rule_id, "policy_version": policy_version},
+        "approval": approval,
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Grant", "Intent", "Issued", "Receipt", "RegisteredWorkload", "WorkloadIdentity"]
+__all__ = ["Grant", "Held", "Intent", "Issued", "Receipt", "RegisteredWorkload", "ReviewTerms", "WorkloadIdentity"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,17 @@ class RegisteredWorkload:
 
 
 @dataclass(frozen=True, slots=True)
+class ReviewTerms:
+    """What a ``review`` rule demands before anything is issued (``policies/approvals.toml``)."""
+
+    rule_id: str
+    approvers: str  # the operator group whose members may decide
+    approvals: int  # distinct approvals needed
+    max_wait: int  # seconds a request may wait for its decision
+    owner_may_approve: bool = False  # may the workload's own owner be the only approver?
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     """An allow decision of the intent policy, built only by ``broker.policy``.
 
@@ -73,6 +84,8 @@ class Grant:
     policy_version: str
     #: Sender constraint the policy demands: ``optional``, ``dpop`` or ``dpop-identity-key``.
     binding: str = "optional"
+    #: Set when the deciding rule is a ``review`` rule: nothing is issued before a person approves.
+    review: ReviewTerms | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +109,13 @@ class Issued:
     grant: Grant
     # Kind-specific response fields (Vault: username, release token, ...); empty for task tokens.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """An intent held for human review (OpenID CIBA poll mode): poll with ``auth_req_id``."""
+
+    auth_req_id: str
+    expires_in: int
+    interval: int
+    grant: Grant

@@ -9,7 +9,7 @@ token from an ``operator_issuers`` issuer such as the organisation's OIDC provid
 ID by the issuer's template and matched against the operator's ``spiffe_id``)::
 
     admin      revoke by scope, suspend and resume workloads, and everything below
-    approver   decide pending approvals (when that capability exists) and read state
+    approver   decide pending approvals of the groups it belongs to (``groups``) and read state
     auditor    read state only
 
 Resource servers authenticate to ``/v1/introspect`` and ``/v1/revoke`` either with HTTP Basic client
@@ -26,7 +26,7 @@ import hmac
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -92,6 +92,8 @@ class OperatorCredential(BaseModel):
     role: Role
     token_sha256: str | None = None
     spiffe_id: str | None = Field(None, pattern=_SPIFFE_PATTERN)
+    #: Approver groups (``approvers`` of ``policies/approvals.toml``) this operator decides for.
+    groups: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")], ...] = ()
 
     @model_validator(mode="after")
     def _one_method(self) -> OperatorCredential:
@@ -152,6 +154,7 @@ class Operator:
     name: str
     role: str
     method: str
+    groups: tuple[str, ...] = ()
 
     def require(self, permission: str) -> Operator:
         """Return self if the role grants ``permission``; raise :class:`InsufficientRole` otherwise."""
@@ -224,7 +227,7 @@ class OperatorAuthenticator:
         if index is None:
             raise InvalidOperatorToken("the operator token is not valid")
         cred = self._secrets[index]
-        return Operator(name=cred.name, role=cred.role, method="bearer")
+        return Operator(name=cred.name, role=cred.role, method="bearer", groups=cred.groups)
 
     def _by_identity(self, token: str) -> Operator:
         assert self._attest is not None
@@ -235,7 +238,7 @@ class OperatorAuthenticator:
         cred = self._identities.get(identity.spiffe_id)
         if cred is None:
             raise InvalidOperatorToken("this identity is not a configured operator")
-        return Operator(name=cred.name, role=cred.role, method=f"identity:{identity.method}")
+        return Operator(name=cred.name, role=cred.role, method=f"identity:{identity.method}", groups=cred.groups)
 
 
 class ClientAuthenticator:

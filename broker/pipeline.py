@@ -11,6 +11,11 @@
 
 If step 3 fails nothing was signed: the caller gets 503 and no credential exists.
 
+An intent a ``review`` rule decides is not issued: :meth:`Broker.exchange` returns :class:`Held`
+(the pending request lives in :mod:`broker.approvals`). Its workload polls with a fresh identity
+token; :meth:`Broker.redeem` attests it, claims the approved request and runs steps 2-4 for the
+held intent with the approval bound into the token and the issuance entry.
+
 Steps 1 and 2 are CPU work on cached keys and local state, so they run on the event loop: a hop to
 a worker thread costs more than it saves and, under load, makes every thread queue for the GIL.
 They move to a worker thread only when attestation must fetch an issuer's JWKS over the network,
@@ -22,21 +27,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import anyio.to_thread
 
+from broker.approvals.desk import Approval, ApprovalDesk
 from broker.attest.jwks import FetchRequired
 from broker.clock import Clock, SystemClock
 from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
-from broker.errors import AccessDenied, BrokerError, InvalidTarget, PolicyDenied
+from broker.errors import AccessDenied, BrokerError, InvalidTarget, PolicyDenied, TemporarilyUnavailable
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
-from broker.models import Grant, Intent, Issued, Receipt, RegisteredWorkload, WorkloadIdentity
+from broker.models import Grant, Held, Intent, Issued, Receipt, RegisteredWorkload, WorkloadIdentity
 from broker.vault.errors import VaultUnavailable
 from broker.vault.kinds import check_requested_type
 
-__all__ = ["Broker", "ExchangeRequest"]
+__all__ = ["Broker", "ExchangeRequest", "PollRequest"]
 
 log = logging.getLogger("nhi_broker.pipeline")
 
@@ -81,6 +88,23 @@ class ExchangeRequest:
     request_id: str
     dpop: DPoPProof | None = None  # verified by broker.dpop; binds the token to its key
     requested_token_type: str | None = None
+    approval: Approval | None = None  # set by Broker.redeem: the approval that releases a held intent
+
+
+@dataclass(frozen=True)
+class PollRequest:
+    """A CIBA poll for a held intent: its ``auth_req_id`` and a fresh identity token of the same workload."""
+
+    auth_req_id: str
+    subject_token: str
+    subject_token_type: str
+    request_id: str
+    dpop: DPoPProof | None = None
+
+
+@dataclass(frozen=True)
+class _Hold:
+    grant: Grant
 
 
 @dataclass(frozen=True)
@@ -104,6 +128,7 @@ class Broker:
         *,
         decide_in_thread: bool = False,
         vault: SecretIssuer | None = None,
+        approvals: ApprovalDesk | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
@@ -113,12 +138,18 @@ class Broker:
         self.guard = guard
         self.decide_in_thread = decide_in_thread
         self.vault = vault
+        self.approvals = approvals
 
     def _decide(
         self, request: ExchangeRequest, may_fetch: bool = True
-    ) -> tuple[Grant, PreparedToken | None] | _Refusal:
+    ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
         # (1) attestation errors propagate: no identity, no ledger entry.
         identity = self.attestor.verify(request.subject_token, request.subject_token_type, may_fetch=may_fetch)
+        return self._authorize(identity, request)
+
+    def _authorize(
+        self, identity: WorkloadIdentity, request: ExchangeRequest
+    ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
         workload: RegisteredWorkload | None = None
         try:
             # (2) registry, then intent policy.
@@ -126,17 +157,26 @@ class Broker:
             grant = self.policies.authorize(identity, workload, request.audience, request.intent)
             enforce_binding(grant, request.dpop)
             check_requested_type(grant.credential_kind, request.requested_token_type)
+            if grant.review is not None and request.approval is None:
+                return _Hold(grant)  # limits are charged when the approved intent is issued
+            if request.approval is not None:
+                _check_approval(grant, request.approval, request.dpop)
             # (2b) kill switch, rates and budgets (broker.state.guard); shared-state outages raise 503.
             extra = self.guard.admit(grant, self.policies.limits.get(grant.rule_id)) if self.guard else {}
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc)
         if grant.credential_kind != "jwt":
             return grant, None  # a Vault kind: broker.vault mints it
+        if request.approval is not None:
+            extra = {**extra, "approval": request.approval.token_claim()}
         cnf_jkt = request.dpop.jkt if request.dpop else None
         return grant, self.minter.prepare(grant, cnf_jkt=cnf_jkt, extra_claims=extra)
 
-    async def exchange(self, request: ExchangeRequest) -> Issued:
-        """Attest, authorize, record and mint; see the module docstring for the order."""
+    async def exchange(self, request: ExchangeRequest) -> Issued | Held:
+        """Attest, authorize, record and mint; see the module docstring for the order.
+
+        Returns :class:`Held` when a review rule decides the intent: nothing is issued until approved.
+        """
         if self.decide_in_thread:
             outcome = await anyio.to_thread.run_sync(self._decide, request)
         else:
@@ -148,7 +188,51 @@ class Broker:
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error
+        if isinstance(outcome, _Hold):
+            if self.approvals is None:
+                raise TemporarilyUnavailable("this broker cannot hold intents for review")
+            jkt = request.dpop.jkt if request.dpop else None
+            return await self.approvals.hold(outcome.grant, request.request_id, jkt)
         grant, prepared = outcome
+        return await self._issue(request, grant, prepared)
+
+    async def redeem(self, poll: PollRequest) -> Issued:
+        """A CIBA poll: attest the poller, claim its approved request, issue the held intent with the
+        approval bound in. Raises the CIBA error (``authorization_pending``, ...) while it cannot."""
+        if self.approvals is None:
+            raise TemporarilyUnavailable("this broker cannot hold intents for review")
+        verify = partial(self.attestor.verify, poll.subject_token, poll.subject_token_type)
+        if self.decide_in_thread:
+            identity = await anyio.to_thread.run_sync(verify)
+        else:
+            try:
+                identity = verify(may_fetch=False)
+            except FetchRequired:
+                identity = await anyio.to_thread.run_sync(verify)
+        approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
+        held = approval.record.intent
+        request = ExchangeRequest(
+            subject_token=poll.subject_token, subject_token_type=poll.subject_token_type,
+            audience=approval.record.audience,
+            intent=Intent(action=held["action"], resource=held["resource"], context=dict(held["context"])),
+            request_id=poll.request_id, dpop=poll.dpop, approval=approval,
+        )
+        try:
+            outcome = (await anyio.to_thread.run_sync(self._authorize, identity, request) if self.decide_in_thread
+                       else self._authorize(identity, request))
+            if isinstance(outcome, _Refusal):
+                await self._record_refusal(request, outcome)
+                await self.approvals.settle(approval, jti=None)
+                raise outcome.error
+            assert not isinstance(outcome, _Hold)
+            issued = await self._issue(request, *outcome)
+        except TemporarilyUnavailable:
+            await self.approvals.settle(approval, jti=None, retry=True)
+            raise
+        await self.approvals.settle(approval, jti=issued.jti)
+        return issued
+
+    async def _issue(self, request: ExchangeRequest, grant: Grant, prepared: PreparedToken | None) -> Issued:
         if prepared is None:
             # A Vault kind: broker.vault.issuer mints, records and revokes on failure.
             if self.vault is None:
@@ -168,7 +252,10 @@ class Broker:
         }
         if request.dpop is not None:
             credential["cnf_jkt"] = request.dpop.jkt
-        entry = issuance_entry(grant=grant, now=self.clock.now(), request_id=request.request_id, credential=credential)
+        entry = issuance_entry(
+            grant=grant, now=self.clock.now(), request_id=request.request_id, credential=credential,
+            approval=request.approval.ledger_ref() if request.approval is not None else None,
+        )
         receipt = await self.ledger.append_async(entry)
         # (4) sign, binding the leaf hash.
         token = self.minter.sign(prepared, txn=receipt.leaf_hash)
@@ -187,6 +274,7 @@ class Broker:
         )
 
     async def _record_refusal(self, request: ExchangeRequest, refusal: _Refusal) -> None:
+        """A ``denial`` entry for an attested workload that was refused."""
         error = refusal.error
         rule_id = error.rule_id if isinstance(error, PolicyDenied | DPoPBindingRequired) else None
         entry = denial_entry(
@@ -205,4 +293,18 @@ class Broker:
         log.info(
             "denied workload=%s action=%s rule=%s index=%d",
             refusal.identity.spiffe_id, request.intent.action, rule_id, receipt.index,
+        )
+
+
+def _check_approval(grant: Grant, approval: Approval, proof: DPoPProof | None) -> None:
+    """The approval must still fit: the same review rule decides, and the same DPoP key holds it."""
+    if grant.review is not None and grant.rule_id != approval.record.rule:
+        raise PolicyDenied(
+            f"the policy changed since approval: rule {grant.rule_id} now decides this intent; ask again",
+            rule_id=grant.rule_id, policy_version=grant.policy_version,
+        )
+    held_jkt = approval.record.dpop_jkt
+    if held_jkt is not None and (proof is None or proof.jkt != held_jkt):
+        raise DPoPBindingRequired(
+            "this request was held with a DPoP key: poll with a proof made with the same key", rule_id=grant.rule_id
         )

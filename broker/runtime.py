@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.approvals import ApprovalDesk, WebhookNotifier
 from broker.attest.dev import DevIssuer
 from broker.attest.verifier import Attestor
 from broker.clock import Clock, SystemClock
@@ -69,6 +70,7 @@ class Runtime:
     dpop: DPoPVerifier | None = None
     state: StateServices | None = None
     vault: VaultIssuer | None = None
+    approvals: ApprovalDesk | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -100,10 +102,12 @@ class Runtime:
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
         state = StateServices.from_settings(settings, store, keys, attestor, clock)
         vault = open_vault_issuer(settings.vault, data_dir, ledger, clock) if settings.vault else None
+        approvals = ApprovalDesk(store, ledger, clock, poll_interval=settings.approvals.poll_interval,
+                                 notify=_webhook(settings, clock))
         # A store across the network (Redis) would block the event loop: decide in a worker thread.
         broker = Broker(
             attestor, policies, minter, ledger, clock, guard=state.guard, vault=vault,
-            decide_in_thread=settings.state_backend != "sqlite",
+            decide_in_thread=settings.state_backend != "sqlite", approvals=approvals,
         )
         nonces = None
         if settings.dpop_nonce:
@@ -118,6 +122,7 @@ class Runtime:
             dpop=dpop,
             state=state,
             vault=vault,
+            approvals=approvals,
         )
 
     @property
@@ -161,3 +166,11 @@ class Runtime:
             self.state.close()
         self.ledger.close()
         self.store.close()
+
+
+def _webhook(settings: Settings, clock: Clock) -> WebhookNotifier | None:
+    cfg = settings.approvals
+    if cfg.webhook_url is None or cfg.webhook_secret is None:
+        return None
+    secret = cfg.webhook_secret.get_secret_value().encode("utf-8")
+    return WebhookNotifier(cfg.webhook_url, secret, clock, console_url=settings.issuer_url)

@@ -10,10 +10,11 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import admin, health, introspect, ledger, metrics, token, wellknown
+from broker.api.routes import admin, approvals, health, introspect, ledger, metrics, token, wellknown
 from broker.api.routes.credentials import router as credentials_router
 from broker.clock import Clock
 from broker.config import Settings
+from broker.console import router as console_router
 from broker.metrics import BrokerMetrics, MetricsMiddleware
 from broker.runtime import Runtime
 
@@ -54,6 +55,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
     app.include_router(metrics.router)
     app.include_router(introspect.router)
     app.include_router(admin.router)
+    app.include_router(approvals.router)
+    app.include_router(console_router)
     return app
 
 

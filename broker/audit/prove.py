@@ -74,7 +74,7 @@ class Attribution:
         if decision:
             out.append(f"decision         {decision.get('effect')} by rule {decision.get('rule')} "
                        f"(policy {decision.get('policy_version')})")
-        out.append(f"approver         {approval.get('approver') if isinstance(approval, dict) else 'none required'}")
+        out.append(f"approval         {_approval_line(self.entry.kind, approval)}")
         if credential:
             out += [
                 f"credential       {credential.get('kind')} jti {credential.get('jti')} key {credential.get('kid')}",
@@ -85,6 +85,18 @@ class Attribution:
         if self.token_matched:
             out.append("token            matches this entry (jti and claims digest)")
         return out
+
+
+def _approval_line(kind: str, approval: Any) -> str:
+    if not isinstance(approval, dict):
+        return "none required"
+    approvers = ", ".join(str(a) for a in approval.get("approvers", [])) or "nobody"
+    if kind == "approval":
+        actor = approval.get("approver") or {}
+        who = actor.get("name", "(expiry)") if isinstance(actor, dict) else "?"
+        return (f"{approval.get('outcome')} by {who} for request {approval.get('auth_req_id')} "
+                f"(approved so far: {approvers}; {approval.get('needed')} needed); reason: {approval.get('reason')}")
+    return f"approved by {approvers} (approval entry {approval.get('index')}, leaf {approval.get('leaf_hash')})"
 
 
 def _utc(t: Any) -> str:

@@ -6,8 +6,7 @@ their JSON types and their grammars — and refuses members the schema does not 
 problem raises :class:`~broker.audit.errors.EntrySchemaError` naming the member by its dotted
 path (``workload.evidence_digest``, ``policy.files.model.conf``).
 
-Kind ``approval`` is reserved: this version of the broker does not write it, so only its envelope
-is checked. Any other kind is refused.
+Every kind this version of the broker writes has a schema; any other kind is refused.
 """
 
 from __future__ import annotations
@@ -32,8 +31,10 @@ __all__ = [
 ]
 
 ENTRY_VERSION = 1
-WRITTEN_KINDS = frozenset({"issuance", "denial", "policy_load", "key_rotation", "revocation", "suspension"})
-RESERVED_KINDS = frozenset({"approval"})
+WRITTEN_KINDS = frozenset(
+    {"issuance", "denial", "policy_load", "key_rotation", "revocation", "suspension", "approval"}
+)
+RESERVED_KINDS: frozenset[str] = frozenset()
 ENTRY_KINDS = WRITTEN_KINDS | RESERVED_KINDS
 
 ATTESTATION_METHODS = frozenset({"kubernetes", "spiffe-jwt", "oidc", "dev"})
@@ -341,6 +342,64 @@ def _credential(value: Any, path: str) -> None:
     else:
         _JWT_CREDENTIAL(value, path)
 
+_AUTH_REQ_ID = _matching(re.compile(r"[A-Za-z0-9_-]{20,64}"), "an auth_req_id (base64url, 20-64 characters)")
+_HEX_LEAF = _matching(re.compile(r"[0-9a-f]{64}"), "a leaf hash (64 lower-case hex digits)")
+_OPERATOR_NAME = _text_of(128)
+APPROVAL_OUTCOMES = frozenset({"approved", "denied", "expired"})
+
+
+def _names(value: Any, path: str) -> None:
+    if not isinstance(value, list):
+        raise EntrySchemaError(path, f"must be an array, not {_type_name(value)}")
+    for i, name in enumerate(value):
+        _OPERATOR_NAME(name, f"{path}.{i}")
+    if len(set(value)) != len(value):
+        raise EntrySchemaError(path, "names an approver twice")
+
+
+def _boolean(value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        raise EntrySchemaError(path, f"must be a boolean, not {_type_name(value)}")
+
+
+def _positive_int(value: Any, path: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise EntrySchemaError(path, "must be a positive integer")
+
+
+_ACTOR = _obj({"kind": _equal("operator"), "name": _OPERATOR_NAME, "role": _text_of(32), "auth": _text_of(64)})
+
+_APPROVAL = _obj(
+    {
+        "request_id": _REQUEST_ID,
+        "workload": _obj({**_WORKLOAD_REQUIRED, **_WORKLOAD_NAMED}),
+        "audience": _text_of(256),
+        "intent": _INTENT,
+        "decision": _obj(
+            {
+                "effect": _equal("review"),
+                "rule": _matching(_RULE_ID_RE, "a rule id"),
+                "policy_version": _SHA256,
+            }
+        ),
+        "approval": _obj(
+            {
+                "auth_req_id": _AUTH_REQ_ID,
+                "group": _matching(_NAME_RE, "an approver group"),
+                "needed": _positive_int,
+                "outcome": _one_of(APPROVAL_OUTCOMES),
+                "approver": _nullable(_ACTOR),
+                "reason": _nullable(_text_of(500)),
+                "approvers": _names,
+                "final": _boolean,
+            }
+        ),
+    }
+)
+
+_ISSUANCE_APPROVAL = _obj(
+    {"auth_req_id": _AUTH_REQ_ID, "index": _non_negative_int, "leaf_hash": _HEX_LEAF, "approvers": _names}
+)
 
 _ISSUANCE = _obj(
     {
@@ -356,7 +415,8 @@ _ISSUANCE = _obj(
             }
         ),
         "credential": _credential,
-    }
+    },
+    {"approval": _ISSUANCE_APPROVAL},
 )
 
 _DENIAL = _obj(
@@ -460,6 +520,7 @@ _BODIES: dict[str, Check] = {
     "key_rotation": _KEY_ROTATION,
     "revocation": _REVOCATION,
     "suspension": _SUSPENSION,
+    "approval": _APPROVAL,
 }
 _ENVELOPE = ("v", "kind", "time")
 
@@ -498,6 +559,15 @@ def validate_entry(entry: Any) -> ValidatedEntry:
             raise EntrySchemaError("credential.exp", "must be after credential.iat")
     if kind == "key_rotation" and entry["key"]["public_jwk"]["kid"] != entry["key"]["kid"]:
         raise EntrySchemaError("key.kid", "differs from key.public_jwk.kid")
+    if kind == "approval":
+        approval = entry["approval"]
+        if (approval["outcome"] == "expired") != (approval["approver"] is None):
+            raise EntrySchemaError("approval.approver", "is null exactly when the outcome is expired")
+        reached = len(approval["approvers"]) >= approval["needed"]
+        if approval["outcome"] == "approved" and approval["final"] != reached:
+            raise EntrySchemaError("approval.final", "must say whether the approvers reached the number needed")
+    if kind == "issuance" and "approval" in entry and entry["approval"]["approvers"] == []:
+        raise EntrySchemaError("approval.approvers", "an approved issuance names at least one approver")
     workload = entry.get("workload")
     if workload is None:
         return ValidatedEntry(kind=kind, time=entry["time"], entry=entry)

@@ -58,6 +58,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"  JWKS              {base}/.well-known/jwks.json")
     print(f"  ledger checkpoint {base}/v1/ledger/checkpoint")
     print(f"  ledger verifier   {verifier_key}")
+    print(f"  console           {base}/console (approvals and ledger, for configured operators)")
     print(f"  data dir          {settings.data_dir.resolve()}")
     print(f"  policies          {settings.policies_dir.resolve()} ({runtime.policies.version})")
     print(f"  shared state      {settings.state_backend}"

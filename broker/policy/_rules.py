@@ -4,8 +4,12 @@ Casbin's own CSV loader splits on every comma, even inside double quotes, so a c
 ``"currency in ['EUR', 'USD']"`` would break it. We parse each line here (double quotes honoured,
 spaces after commas skipped) and hand Casbin the validated rows.
 
-    p, <subject>, <audience>, <action>, <resource>, <condition>, <allow|deny>, <rule id>, <ttl>, <kind>[, <binding>]
+    p, <subject>, <audience>, <action>, <resource>, <condition>, <allow|deny|review>, <rule id>, <ttl>, <kind>
+       [, <binding>]
     g, <role>, <parent role>
+
+The effect ``review`` is an allow that waits for human approval: ``approvals.toml`` names who
+approves, how many approvals are needed and how long the request may wait.
 
 The optional eleventh column is the sender constraint of an allow (RFC 9449 DPoP): ``optional`` (the
 default, also written ``-``), ``dpop`` (the request must carry a DPoP proof) or ``dpop-identity-key``
@@ -38,6 +42,7 @@ __all__ = [
     "ANY_WORKLOAD",
     "BINDINGS",
     "CREDENTIAL_KINDS",
+    "EFFECTS",
     "MAX_TTL",
     "RULE_ID_RE",
     "ParsedPolicy",
@@ -68,7 +73,7 @@ class Rule:
     action: str
     resource: str
     condition_text: str
-    effect: str  # "allow" | "deny"
+    effect: str  # "allow" | "deny" | "review" (an allow that waits for human approval)
     ttl: int | None
     kind: str | None
     source: str  # "policy.csv:14"
@@ -78,14 +83,18 @@ class Rule:
     binding: str = "optional"  # one of BINDINGS
 
     def casbin_row(self) -> list[str]:
-        """The row as Casbin sees it: ``p = sub, aud, act, obj, cond, eft, id, ttl, kind``."""
+        """The row as Casbin sees it: ``p = sub, aud, act, obj, cond, eft, id, ttl, kind``.
+
+        A ``review`` rule is an allow to Casbin (deny still wins over it); the engine then holds the
+        request for approval instead of issuing.
+        """
         return [
             self.subject,
             self.audience,
             self.action,
             self.resource,
             self.condition_text,
-            self.effect,
+            "allow" if self.effect == "review" else self.effect,
             self.rule_id,
             "-" if self.ttl is None else str(self.ttl),
             "-" if self.kind is None else self.kind,
@@ -123,15 +132,18 @@ def _lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
+EFFECTS = ("allow", "deny", "review")
+
+
 def _effect_problem(value: str) -> str | None:
-    if value in ("allow", "deny"):
+    if value in EFFECTS:
         return None
-    if value.strip().lower() in ("allow", "deny"):
+    if value.strip().lower() in EFFECTS:
         return (
-            f"effect {value!r} must be spelt exactly 'allow' or 'deny': Casbin treats any other spelling "
-            "as neither, so a misspelt deny would not deny"
+            f"effect {value!r} must be spelt exactly 'allow', 'deny' or 'review': Casbin treats any other "
+            "spelling as neither, so a misspelt deny would not deny"
         )
-    return f"effect {value!r} must be 'allow' or 'deny'"
+    return f"effect {value!r} must be 'allow', 'deny' or 'review'"
 
 
 def _parse_p(

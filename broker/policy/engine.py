@@ -15,9 +15,12 @@ Which rule decides:
 
 1. if any deny rule matches, the decision is deny and the first matching deny rule in file order
    is reported;
-2. else if allow rules match, the decision is allow by the one with the **smallest TTL** (the most
+2. else if ``review`` rules match, the decision is review (hold for human approval, see
+   :mod:`broker.approvals`) by the one with the smallest TTL: a review rule is an allow to Casbin,
+   and the stricter of the two outcomes wins over a plain allow;
+3. else if allow rules match, the decision is allow by the one with the **smallest TTL** (the most
    restrictive cap; ties go to the smallest rule id);
-3. else deny by default, with no rule.
+4. else deny by default, with no rule.
 
 When Casbin says allow, the bucket is also evaluated directly (the same match functions, called
 from Python) to choose the allow rule; if the two ever disagree, the request is denied and logged.
@@ -41,7 +44,7 @@ from casbin.util.expression import SimpleEval
 
 from broker.errors import InvalidTarget, PolicyDenied, PolicyLoadError, UnregisteredWorkload
 from broker.intent import is_valid_action, is_valid_resource
-from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
+from broker.models import Grant, Intent, RegisteredWorkload, ReviewTerms, WorkloadIdentity
 
 from ._patterns import audience_matches
 from ._rules import BINDINGS, Rule
@@ -99,20 +102,23 @@ class Decision:
     """The outcome of the intent policy for one request.
 
     ``rule_id`` is the deciding rule, ``None`` for a default deny. ``max_ttl`` and
-    ``credential_kind`` are set on allow only. ``reason`` names the rule id, never the rule text.
+    ``credential_kind`` are set on allow and review only. ``reason`` names the rule id, never the rule
+    text. ``review`` holds the approval terms of a review decision.
     """
 
-    effect: Literal["allow", "deny"]
+    effect: Literal["allow", "deny", "review"]
     rule_id: str | None
     max_ttl: int | None
     credential_kind: str | None
     policy_version: str
     reason: str
     binding: str = "optional"  # set on allow: the strictest binding of the matching allow rules
+    review: ReviewTerms | None = None
 
     @property
     def allowed(self) -> bool:
-        return self.effect == "allow"
+        """True when the intent may be issued, at once (allow) or once approved (review)."""
+        return self.effect in ("allow", "review")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +182,13 @@ class Explanation:
                 status = "ok  " if part.matched else "FAIL"
                 lines.append(f"        {status} {part.part:<10} {part.detail}")
         lines += ["", f"decision  {self.decision.effect.upper()}: {self.decision.reason}"]
+        if self.decision.review is not None:
+            terms = self.decision.review
+            lines.append(
+                f"          held for {terms.approvals} approval(s) by group {terms.approvers}, "
+                f"waiting at most {terms.max_wait}s"
+                + ("" if not terms.owner_may_approve else "; the owner may approve alone")
+            )
         if self.decision.allowed:
             lines.append(
                 f"          max ttl {self.decision.max_ttl}s, credential {self.decision.credential_kind}"
@@ -210,7 +223,11 @@ def _casbin_order(rules: list[Rule], file_order: Mapping[str, int]) -> tuple[Rul
     allows = sorted(
         (r for r in rules if r.effect == "allow"), key=lambda r: (r.ttl or 0, r.rule_id), reverse=True
     )
-    return (*denies, *allows)
+    # Review rows are allows to Casbin; last, so that Casbin's explanation names a matching review rule.
+    reviews = sorted(
+        (r for r in rules if r.effect == "review"), key=lambda r: (r.ttl or 0, r.rule_id), reverse=True
+    )
+    return (*denies, *allows, *reviews)
 
 
 def _parent_action(action: str) -> str | None:
@@ -234,6 +251,8 @@ class PolicySet:
         self.rules: tuple[Rule, ...] = loaded.rules
         #: Uses, rates and budgets by allow-rule id (``limits.toml``); set by the loader.
         self.limits: Mapping[str, RuleLimits] = {}
+        #: Approval terms by review-rule id (``approvals.toml``); set by the loader.
+        self.reviews: Mapping[str, ReviewTerms] = {}
         self._loaded = loaded
         self._subjects = dict(loaded.subjects)
         self._rules_by_id = {r.rule_id: r for r in loaded.rules}
@@ -379,17 +398,21 @@ class PolicySet:
     # -- decisions ------------------------------------------------------------------------------
 
     def _decision(
-        self, effect: Literal["allow", "deny"], rule: Rule | None, reason: str, binding: str = "optional"
+        self, effect: Literal["allow", "deny", "review"], rule: Rule | None, reason: str, binding: str = "optional"
     ) -> Decision:
-        allowed = effect == "allow" and rule is not None
+        allowed = effect in ("allow", "review") and rule is not None
+        review = self.reviews.get(rule.rule_id) if effect == "review" and rule is not None else None
+        if effect == "review" and review is None:
+            allowed = False  # a review rule without approval terms never issues (the loader refuses it)
         return Decision(
-            effect="allow" if allowed else "deny",
+            effect=effect if allowed else "deny",
             rule_id=rule.rule_id if rule is not None else None,
             max_ttl=rule.ttl if allowed and rule is not None else None,
             credential_kind=rule.kind if allowed and rule is not None else None,
             policy_version=self.version,
             reason=reason,
             binding=binding if allowed else "optional",
+            review=review,
         )
 
     def _default_deny(self, intent: Intent) -> Decision:
@@ -447,7 +470,8 @@ class PolicySet:
         if not matching or any(r.effect == "deny" for r in matching):
             log.error("policy engines disagree; denying (workload=%s policy=%s)", workload.name, self.version)
             return self._decision("deny", None, "policy evaluation failed")
-        chosen = min(matching, key=lambda r: (r.ttl or 0, r.rule_id))
+        reviews = [r for r in matching if r.effect == "review"]
+        chosen = min(reviews or matching, key=lambda r: (r.ttl or 0, r.rule_id))
         if not explain or explain[_RULE_ID_COLUMN] != chosen.rule_id:
             log.warning(
                 "Casbin explained allow by %s, chose %s (policy=%s)",
@@ -457,12 +481,17 @@ class PolicySet:
             )
         # A sender constraint any matching allow rule demands holds, whichever rule caps the TTL.
         binding = max((r.binding for r in matching), key=BINDINGS.index)
+        if reviews:
+            return self._decision("review", chosen, f"held for review by rule {chosen.rule_id}", binding)
         return self._decision("allow", chosen, f"allowed by rule {chosen.rule_id}", binding)
 
     def authorize(
         self, identity: WorkloadIdentity, workload: RegisteredWorkload, audience: str, intent: Intent
     ) -> Grant:
         """The :class:`Grant` for an allowed request, or the error the broker answers with.
+
+        A request a ``review`` rule decides gets a Grant whose ``review`` names the approval terms:
+        the broker must hold it until people approve it (:mod:`broker.approvals`).
 
         Raises :class:`UnregisteredWorkload` if ``workload`` is not this set's entry for
         ``identity``, :class:`InvalidTarget` if ``audience`` is not one of the workload's audiences,
@@ -497,6 +526,7 @@ class PolicySet:
             credential_kind=decision.credential_kind,
             policy_version=decision.policy_version,
             binding=decision.binding,
+            review=decision.review,
         )
 
     # -- explanations ---------------------------------------------------------------------------

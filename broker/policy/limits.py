@@ -138,8 +138,8 @@ def parse_limits(
         rule = rules.get(rule_id) if isinstance(rule_id, str) else None
         if rule is None:
             problems.append(f"{where}: rule {rule_id!r} is not a rule id of policy.csv")
-        elif rule.effect != "allow":
-            problems.append(f"{where}: rule {rule_id!r} is a deny rule; limits apply to allow rules")
+        elif rule.effect == "deny":
+            problems.append(f"{where}: rule {rule_id!r} is a deny rule; limits apply to allow and review rules")
         elif rule_id in limits:
             problems.append(f"{where}: rule {rule_id!r} already has a [[limit]]")
         if set(raw) <= {"rule"}:

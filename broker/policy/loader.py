@@ -7,6 +7,7 @@ A policy directory holds::
     workloads.toml  the workload registry
     tests.toml      policy test cases for ``nhi-broker policy test`` (optional for serving)
     limits.toml     uses, rates and value budgets of allow rules, by rule id (optional)
+    approvals.toml  approval terms of review rules, by rule id (required when a rule says review)
 
 The policy version is ``sha256:`` + the hex SHA-256 over the files present, sorted by name, each
 contributing ``name || 0x00 || bytes || 0x00``. Every decision records it.
@@ -22,15 +23,17 @@ from pathlib import Path
 from casbin.model import Model
 
 from broker.errors import PolicyLoadError
+from broker.models import ReviewTerms
 
 from ._rules import ANY_WORKLOAD, ParsedPolicy, parse_policy_lines
 from .engine import _CASBIN_SILENT, PolicySet, _LoadedPolicy
 from .limits import RuleLimits, parse_limits
 from .registry import WorkloadRegistry, parse_registry
+from .reviews import parse_reviews
 
 __all__ = ["MAX_ROLE_DEPTH", "POLICY_FILES", "SUPPORTED_MODEL", "load_policies", "policy_version"]
 
-POLICY_FILES = ("model.conf", "policy.csv", "workloads.toml", "tests.toml", "limits.toml")
+POLICY_FILES = ("model.conf", "policy.csv", "workloads.toml", "tests.toml", "limits.toml", "approvals.toml")
 _REQUIRED = ("model.conf", "policy.csv", "workloads.toml")
 MAX_FILE_BYTES = 8 * 1024 * 1024
 # Casbin's role manager silently stops following links after 10 hops; stay well inside that.
@@ -239,6 +242,11 @@ def load_policies(directory: Path) -> PolicySet:
         if limits_text is not None:
             limits, limit_problems = parse_limits(limits_text, {r.rule_id: r for r in parsed.rules})
             problems.extend(limit_problems)
+    reviews: dict[str, ReviewTerms] = {}
+    if not problems:
+        reviews_text = _decode(files, "approvals.toml", problems) if "approvals.toml" in files else None
+        reviews, review_problems = parse_reviews(reviews_text, {r.rule_id: r for r in parsed.rules})
+        problems.extend(review_problems)
     if problems:
         raise PolicyLoadError(problems)
     assert registry is not None
@@ -257,4 +265,5 @@ def load_policies(directory: Path) -> PolicySet:
         )
     )
     policy_set.limits = limits
+    policy_set.reviews = reviews
     return policy_set

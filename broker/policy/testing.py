@@ -10,7 +10,7 @@ Each case is a request and the outcome the security engineer expects::
     action = "payments.refund"
     resource = "customers/c-1001/orders/o-77"
     context = { customer = "c-1001", amount = 20, currency = "EUR" }
-    expect = "allow"                 # allow | deny | unregistered | invalid_target
+    expect = "allow"                 # allow | review | deny | unregistered | invalid_target
     rule = "refund-small-eur"        # optional; "" expects no deciding rule (default deny)
     ttl = 120                        # optional; the expected max TTL of an allow
     binding = "optional"             # optional; the expected sender constraint of an allow
@@ -40,7 +40,7 @@ from .registry import ATTESTATION_METHODS
 
 __all__ = ["OUTCOMES", "PolicyTestCase", "PolicyTestResult", "load_cases", "run_case", "run_policy_tests"]
 
-OUTCOMES = ("allow", "deny", "unregistered", "invalid_target")
+OUTCOMES = ("allow", "review", "deny", "unregistered", "invalid_target")
 _KEYS = frozenset(
     {"name", "workload", "method", "audience", "action", "resource", "context", "expect", "rule", "ttl", "binding",
      "kind"}
@@ -214,9 +214,13 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     except PolicyDenied as exc:
         outcome, detail, rule_id = "deny", exc.description, exc.rule_id
     else:
-        outcome, rule_id, max_ttl = "allow", grant.rule_id, grant.max_ttl
+        outcome = "review" if grant.review is not None else "allow"
+        rule_id, max_ttl = grant.rule_id, grant.max_ttl
         binding, kind = grant.binding, grant.credential_kind
         detail = f"allowed by rule {grant.rule_id} (ttl {grant.max_ttl}s)"
+        if grant.review is not None:
+            detail = (f"held for review by rule {grant.rule_id} ({grant.review.approvals} approval(s) "
+                      f"by {grant.review.approvers}, ttl {grant.max_ttl}s)")
 
     mismatches = []
     if outcome != case.expect:

@@ -1,12 +1,15 @@
 """The shared-state interface the broker's replicas agree on.
 
-Three primitives cover every shared decision:
+Four primitives cover every shared decision:
 
 - :meth:`StateStore.consume_once` -- single-use values (identity ``jti``, later DPoP ``jti``);
 - :meth:`StateStore.count_up` -- a bounded counter: N-use task tokens, request rates, value budgets;
 - :meth:`StateStore.set_mark` / :meth:`StateStore.get_marks` / :meth:`StateStore.delete_mark` --
   timestamps and flags: revoked ``jti``, revocation cut-offs per workload, end user or conversation,
-  suspended workloads.
+  suspended workloads;
+- :meth:`StateStore.put_record` / :meth:`StateStore.get_record` / :meth:`StateStore.swap_record` /
+  :meth:`StateStore.list_records` -- small JSON documents changed by compare-and-swap on a version:
+  pending approval requests and console sessions.
 
 Two implementations keep the same semantics, checked by one shared test suite: SQLite for one
 machine (safe across worker processes) and Redis for replicas. Every check-and-update is one atomic
@@ -50,6 +53,23 @@ class StateStore(Protocol):
 
     def delete_mark(self, namespace: str, key: str) -> bool:
         """Remove a mark; True if one was live."""
+        ...
+
+    def put_record(self, namespace: str, key: str, value: str, expires_at: float) -> bool:
+        """Create a record (version 1) unless a live one exists; True if created."""
+        ...
+
+    def get_record(self, namespace: str, key: str) -> tuple[str, int] | None:
+        """The live record's ``(value, version)``, or ``None``."""
+        ...
+
+    def swap_record(self, namespace: str, key: str, version: int, value: str, expires_at: float) -> bool:
+        """Replace the live record if its version is still ``version`` (it becomes ``version + 1``);
+        False if it changed or is gone, so two racing writers never both win."""
+        ...
+
+    def list_records(self, namespace: str, limit: int) -> list[tuple[str, str, int]]:
+        """Up to ``limit`` live records of ``namespace`` as ``(key, value, version)``, soonest expiry first."""
         ...
 
     def ping(self) -> None:

@@ -51,6 +51,27 @@ return 1
 """
 
 
+# KEYS[1] record (a hash: v = value, n = version), KEYS[2] the namespace's expiry index (a sorted set);
+# ARGV value, ttl ms, absolute expiry (index score), key. Creates the record unless it exists.
+_PUT_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+# Same keys; ARGV expected version, value, ttl ms, absolute expiry, key. Compare-and-swap on the version.
+_SWAP_RECORD = """
+local current = redis.call('HGET', KEYS[1], 'n')
+if current == false or current ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'n', tonumber(current) + 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
+
+
 @contextmanager
 def _redis_errors() -> Iterator[None]:
     try:
@@ -78,6 +99,8 @@ class RedisStateStore:
             )
             self._count_up = self._redis.register_script(_COUNT_UP)
             self._set_mark = self._redis.register_script(_SET_MARK)
+            self._put_record = self._redis.register_script(_PUT_RECORD)
+            self._swap_record = self._redis.register_script(_SWAP_RECORD)
 
     def _key(self, namespace: str, key: str) -> str:
         return f"{self._prefix}{namespace}:{key}"
@@ -115,6 +138,46 @@ class RedisStateStore:
     def delete_mark(self, namespace: str, key: str) -> bool:
         with _redis_errors():
             return bool(self._redis.delete(self._key(namespace, key)))
+
+    def _index(self, namespace: str) -> str:
+        return f"{self._prefix}{namespace}:~index"
+
+    def put_record(self, namespace: str, key: str, value: str, expires_at: float) -> bool:
+        ttl = self._ttl_ms(expires_at)
+        if ttl <= 0:
+            return True  # already expired: created and gone, as the SQLite store would see it
+        with _redis_errors():
+            keys = [self._key(namespace, key), self._index(namespace)]
+            return bool(self._put_record(keys=keys, args=[value, ttl, repr(float(expires_at)), key]))
+
+    def get_record(self, namespace: str, key: str) -> tuple[str, int] | None:
+        with _redis_errors():
+            value, version = self._redis.hmget(self._key(namespace, key), ["v", "n"])
+        if value is None or version is None:
+            return None
+        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        return text, int(version)
+
+    def swap_record(self, namespace: str, key: str, version: int, value: str, expires_at: float) -> bool:
+        ttl = max(1, self._ttl_ms(expires_at))
+        with _redis_errors():
+            keys = [self._key(namespace, key), self._index(namespace)]
+            args: list[str | int] = [str(int(version)), value, ttl, repr(float(expires_at)), key]
+            return bool(self._swap_record(keys=keys, args=args))
+
+    def list_records(self, namespace: str, limit: int) -> list[tuple[str, str, int]]:
+        now = self._clock.now()
+        with _redis_errors():
+            index = self._index(namespace)
+            self._redis.zremrangebyscore(index, "-inf", now)
+            found = self._redis.zrangebyscore(index, f"({now!r}", "+inf", 0, int(limit))
+            keys = [k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in found]
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(self._key(namespace, key), ["v", "n"])
+            rows = pipe.execute()
+        return [(k, v.decode("utf-8"), int(n)) for k, (v, n) in zip(keys, rows, strict=True)
+                if v is not None and n is not None]
 
     def publish(self, channel: str, message: str) -> None:
         """Publish an event on ``<prefix><channel>`` for subscribers that cache state (verifier SDKs)."""

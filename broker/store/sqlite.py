@@ -33,6 +33,15 @@ CREATE TABLE IF NOT EXISTS counters (
     expires_at REAL    NOT NULL,
     PRIMARY KEY (namespace, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (
+    namespace  TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    value      TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    expires_at REAL    NOT NULL,
+    PRIMARY KEY (namespace, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_expiry ON records (namespace, expires_at);
 CREATE TABLE IF NOT EXISTS marks (
     namespace  TEXT    NOT NULL,
     key        TEXT    NOT NULL,
@@ -105,6 +114,7 @@ class SqliteStateStore:
             conn.execute("DELETE FROM single_use WHERE expires_at <= ?", (now,))
             conn.execute("DELETE FROM counters WHERE expires_at <= ?", (now,))
             conn.execute("DELETE FROM marks WHERE expires_at <= ?", (now,))
+            conn.execute("DELETE FROM records WHERE expires_at <= ?", (now,))
 
     def consume_once(self, namespace: str, key: str, expires_at: float) -> bool:
         now = self._clock.now()
@@ -178,6 +188,60 @@ class SqliteStateStore:
                 "DELETE FROM marks WHERE namespace = ? AND key = ? RETURNING expires_at", (namespace, key)
             ).fetchall()
             return bool(rows) and (rows[0][0] is None or rows[0][0] > now)
+
+        return self._run(work)
+
+    def put_record(self, namespace: str, key: str, value: str, expires_at: float) -> bool:
+        now = self._clock.now()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO records (namespace, key, value, version, expires_at) VALUES (?, ?, ?, 1, ?) "
+                "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, version = 1, "
+                "expires_at = excluded.expires_at WHERE records.expires_at <= ?",
+                (namespace, key, value, float(expires_at), now),
+            )
+            self._wrote(conn, now)
+            return cur.rowcount == 1
+
+        return self._run(work)
+
+    def get_record(self, namespace: str, key: str) -> tuple[str, int] | None:
+        now = self._clock.now()
+
+        def work(conn: sqlite3.Connection) -> tuple[str, int] | None:
+            row = conn.execute(
+                "SELECT value, version FROM records WHERE namespace = ? AND key = ? AND expires_at > ?",
+                (namespace, key, now),
+            ).fetchone()
+            return None if row is None else (str(row[0]), int(row[1]))
+
+        return self._run(work)
+
+    def swap_record(self, namespace: str, key: str, version: int, value: str, expires_at: float) -> bool:
+        now = self._clock.now()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE records SET value = ?, version = version + 1, expires_at = ? "
+                "WHERE namespace = ? AND key = ? AND version = ? AND expires_at > ?",
+                (value, float(expires_at), namespace, key, int(version), now),
+            )
+            self._wrote(conn, now)
+            return cur.rowcount == 1
+
+        return self._run(work)
+
+    def list_records(self, namespace: str, limit: int) -> list[tuple[str, str, int]]:
+        now = self._clock.now()
+
+        def work(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            rows = conn.execute(
+                "SELECT key, value, version FROM records WHERE namespace = ? AND expires_at > ? "
+                "ORDER BY expires_at, key LIMIT ?",
+                (namespace, now, int(limit)),
+            ).fetchall()
+            return [(str(k), str(v), int(n)) for k, v, n in rows]
 
         return self._run(work)
 

@@ -82,7 +82,7 @@ def test_prove_by_token_jti_and_leaf_hash(served_ledger: tuple[LiveBroker, Ledge
         "payments.refund",
         "rule refund-small-eur",
         "policy sha256:",
-        "approver         none required",
+        "approval         none required",
         "issued / expires",
         "token            matches this entry",
     ):

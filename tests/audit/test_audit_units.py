@@ -119,8 +119,9 @@ SCHEMA_ATTACKS = [
 def test_valid_entries_pass() -> None:
     assert validate_entry(ISSUANCE).owner == "Dana Reyes <dana.reyes@example.com>"
     assert validate_entry(KEY_ROTATION).kind == "key_rotation"
-    reserved = {"v": 1, "kind": "approval", "time": "2026-11-23T10:00:00Z", "request_id": "r"}
-    assert validate_entry(reserved).kind == "approval"
+    # Every kind now has a full schema: a bare envelope is no longer enough for any of them.
+    with pytest.raises(EntrySchemaError):
+        validate_entry({"v": 1, "kind": "approval", "time": "2026-11-23T10:00:00Z", "request_id": "r"})
 
 
 @pytest.mark.parametrize(("name", "entry", "member", "problem"), SCHEMA_ATTACKS, ids=[a[0] for a in SCHEMA_ATTACKS])

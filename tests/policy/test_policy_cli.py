@@ -35,11 +35,11 @@ def test_shipped_samples_pass(samples: PolicySet) -> None:
     assert len(results) >= 15
     assert [r.name for r in results if not r.passed] == []
     outcomes = {r.outcome for r in results}
-    assert outcomes == {"allow", "deny", "unregistered", "invalid_target"}
+    assert outcomes == {"allow", "review", "deny", "unregistered", "invalid_target"}
     # the cases the samples promise
     by_name = {r.name: r for r in results}
     assert by_name["support may not export customer data"].rule_id == "no-customer-export"
-    assert by_name["refund over the limit is denied by default"].rule_id is None
+    assert by_name["refund over the limit is held for review"].rule_id == "refund-review-eur"
     assert by_name["triage is denied refunds by its deny rule"].rule_id == "triage-no-payments"
     assert by_name["support refunds 20 EUR"].max_ttl == 120
 
@@ -81,7 +81,8 @@ def test_cli_explain(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(argv) == 0
     out = capsys.readouterr().out
     assert "refund-small-eur" in out and "FAIL condition  amount <= 50" in out
-    assert "DENY: no rule allows payments.refund on customers/c-1/orders/o-1" in out
+    assert "REVIEW: held for review by rule refund-review-eur" in out
+    assert "held for 1 approval(s) by group refund-approvers, waiting at most 900s" in out
 
     argv[-1] = '{"customer": "c-1", "amount": 25, "currency": "EUR"}'
     assert run(argv) == 0

@@ -18,7 +18,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "policies"
 def policy_dir(tmp_path: Path, limits: str | None) -> Path:
     target = tmp_path / "policies"
     target.mkdir(parents=True)
-    for name in ("model.conf", "policy.csv", "workloads.toml"):
+    for name in ("model.conf", "policy.csv", "workloads.toml", "approvals.toml"):
         shutil.copy(SAMPLES / name, target / name)
     if limits is not None:
         (target / "limits.toml").write_text(limits)

@@ -18,8 +18,8 @@ BAD_LINES = [
     ("effect 'Deny ' with trailing space", "p, reader, *, a.b, x/*, , Deny , r1, 60, jwt", "spelt exactly"),
     ("effect DENY", "p, reader, *, a.b, x/*, , DENY, r1, 60, jwt", "spelt exactly"),
     ("effect 'allow '", "p, reader, *, a.b, x/*, , allow , r1, 60, jwt", "spelt exactly"),
-    ("effect permit", "p, reader, *, a.b, x/*, , permit, r1, 60, jwt", "must be 'allow' or 'deny'"),
-    ("effect empty", "p, reader, *, a.b, x/*, , , r1, 60, jwt", "must be 'allow' or 'deny'"),
+    ("effect permit", "p, reader, *, a.b, x/*, , permit, r1, 60, jwt", "must be 'allow', 'deny' or 'review'"),
+    ("effect empty", "p, reader, *, a.b, x/*, , , r1, 60, jwt", "must be 'allow', 'deny' or 'review'"),
     (
         "duplicate rule id",
         "p, reader, *, a.b, x/*, , allow, read-own, 60, jwt",

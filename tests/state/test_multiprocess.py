@@ -50,7 +50,7 @@ class Pair:
     def __init__(self, root: Path, backend: str, prefix: str) -> None:
         policies = root / "policies"
         policies.mkdir(parents=True)
-        for name in ("model.conf", "policy.csv", "workloads.toml"):
+        for name in ("model.conf", "policy.csv", "workloads.toml", "approvals.toml"):
             shutil.copy(POLICIES / name, policies / name)
         (policies / "limits.toml").write_text(LIMITS)
         config = root / "broker.toml"

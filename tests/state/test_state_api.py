@@ -384,7 +384,7 @@ def test_requests_without_a_conversation_share_one_budget(harness: Harness) -> N
 def test_rate_limit(tmp_path: Path, backend: str, redis_prefix: str) -> None:
     policies = tmp_path / "policies"
     policies.mkdir()
-    for name in ("model.conf", "policy.csv", "workloads.toml"):
+    for name in ("model.conf", "policy.csv", "workloads.toml", "approvals.toml"):
         (policies / name).write_bytes((POLICIES / name).read_bytes())
     (policies / "limits.toml").write_text('[[limit]]\nrule = "orders-read-own-customer"\nrate = "2/hour"\n')
     settings = state_settings(tmp_path / "data", backend, redis_prefix, policies)

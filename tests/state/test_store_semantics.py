@@ -149,3 +149,42 @@ def test_redis_publishes_state_events(redis_prefix: str) -> None:
     finally:
         listener.close()
         store.close()
+
+
+def test_records_create_once_and_swap_by_version(store: StateStore) -> None:
+    assert store.get_record("approval", "r1") is None
+    assert store.put_record("approval", "r1", '{"status":"pending"}', far()) is True
+    assert store.put_record("approval", "r1", '{"status":"other"}', far()) is False
+    assert store.get_record("approval", "r1") == ('{"status":"pending"}', 1)
+    assert store.swap_record("approval", "r1", 1, '{"status":"approved"}', far()) is True
+    assert store.swap_record("approval", "r1", 1, '{"status":"denied"}', far()) is False  # stale version
+    assert store.get_record("approval", "r1") == ('{"status":"approved"}', 2)
+    assert store.swap_record("approval", "missing", 1, "{}", far()) is False
+    assert store.get_record("other", "r1") is None
+
+
+def test_records_list_live_ones_soonest_first_and_expire(store: StateStore) -> None:
+    store.put_record("approval", "late", "L", far() + 10)
+    store.put_record("approval", "soon", "S", time.time() + 0.2)
+    store.put_record("session", "x", "X", far())
+    assert store.list_records("approval", 10) == [("soon", "S", 1), ("late", "L", 1)]
+    assert store.list_records("approval", 1) == [("soon", "S", 1)]
+    time.sleep(0.3)
+    assert store.list_records("approval", 10) == [("late", "L", 1)]
+    assert store.get_record("approval", "soon") is None
+    assert store.swap_record("approval", "soon", 1, "S2", far()) is False  # an expired record is gone
+    assert store.put_record("approval", "soon", "S3", far()) is True
+
+
+def test_racing_swaps_have_one_winner(backend: str, tmp_path: Path, redis_prefix: str) -> None:
+    first = make_store(backend, tmp_path, redis_prefix)
+    first.put_record("approval", "race", "0", far())
+    stores = [make_store(backend, tmp_path, redis_prefix) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            wins = list(pool.map(lambda i: stores[i % 4].swap_record("approval", "race", 1, str(i), far()), range(16)))
+        assert wins.count(True) == 1
+        assert first.get_record("approval", "race")[1] == 2  # type: ignore[index]
+    finally:
+        for s in [first, *stores]:
+            s.close()

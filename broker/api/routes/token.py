@@ -27,14 +27,17 @@ from broker.errors import (
 )
 from broker.intent import parse_authorization_details
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE
-from broker.pipeline import ExchangeRequest
+from broker.models import Held, Issued
+from broker.pipeline import ExchangeRequest, PollRequest
 from broker.vault.kinds import TOKEN_TYPES
 
-__all__ = ["TOKEN_EXCHANGE_GRANT", "router"]
+__all__ = ["CIBA_GRANT", "TOKEN_EXCHANGE_GRANT", "router"]
 
 router = APIRouter()
 
 TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+#: OpenID CIBA poll mode: collect an intent held for review (docs/approvals.md).
+CIBA_GRANT = "urn:openid:params:grant-type:ciba"
 _ISSUABLE = {ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, *TOKEN_TYPES.values()}
 _UNSUPPORTED_PARAMS = {
     "actor_token": "actor_token is not supported; the subject token is the workload identity",
@@ -51,7 +54,8 @@ _FORM_SCHEMA: dict[str, Any] = {
                     "required": ["grant_type", "subject_token", "subject_token_type", "audience",
                                  "authorization_details"],
                     "properties": {
-                        "grant_type": {"type": "string", "enum": [TOKEN_EXCHANGE_GRANT]},
+                        "grant_type": {"type": "string", "enum": [TOKEN_EXCHANGE_GRANT, CIBA_GRANT]},
+                        "auth_req_id": {"type": "string", "description": "CIBA polls: the held request."},
                         "subject_token": {"type": "string", "description": "The workload identity JWT."},
                         "subject_token_type": {
                             "type": "string",
@@ -88,10 +92,26 @@ async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None
     return await anyio.to_thread.run_sync(verify)
 
 
+def _poll_request(form: dict[str, str], request_id: str) -> PollRequest:
+    """A CIBA poll: ``auth_req_id`` plus a fresh identity token of the workload that was held."""
+    for name in ("audience", "authorization_details", "requested_token_type", *_UNSUPPORTED_PARAMS):
+        if name in form:
+            raise InvalidRequest(f"{name} is not a parameter of a CIBA poll; the held intent is fixed")
+    auth_req_id = required(form, "auth_req_id")
+    if len(auth_req_id) > 64:
+        raise InvalidRequest("auth_req_id is too long")
+    return PollRequest(
+        auth_req_id=auth_req_id,
+        subject_token=required(form, "subject_token"),
+        subject_token_type=required(form, "subject_token_type"),
+        request_id=request_id,
+    )
+
+
 def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
     grant_type = required(form, "grant_type")
     if grant_type != TOKEN_EXCHANGE_GRANT:
-        raise UnsupportedGrantType(f"grant_type must be {TOKEN_EXCHANGE_GRANT}")
+        raise UnsupportedGrantType(f"grant_type must be {TOKEN_EXCHANGE_GRANT} or {CIBA_GRANT}")
     for name, why in _UNSUPPORTED_PARAMS.items():
         if name in form:
             raise InvalidRequest(why)
@@ -122,14 +142,30 @@ def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
                503: {"description": "a backend is unavailable; nothing was issued"}},
 )
 async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
-    """RFC 8693 token exchange. Answers the RFC 8693 §2.2.1 response plus the ledger receipt."""
+    """RFC 8693 token exchange. Answers the RFC 8693 §2.2.1 response plus the ledger receipt.
+
+    An intent held for review is answered as OpenID CIBA acknowledges a request (``auth_req_id``,
+    ``expires_in``, ``interval``); poll with ``grant_type=urn:openid:params:grant-type:ciba``.
+    """
     request_id = uuid.uuid4().hex
     form = await read_form(request, runtime.settings.max_body_bytes)
-    exchange = _exchange_request(form, request_id)
-    proof = await _dpop_proof(request, runtime)
-    if proof is not None:
-        exchange = dataclasses.replace(exchange, dpop=proof)
-    issued = await runtime.broker.exchange(exchange)
+    headers = {**NO_STORE, "X-Request-Id": request_id}
+    outcome: Issued | Held
+    if form.get("grant_type") == CIBA_GRANT:
+        poll = _poll_request(form, request_id)
+        proof = await _dpop_proof(request, runtime)
+        outcome = await runtime.broker.redeem(dataclasses.replace(poll, dpop=proof) if proof else poll)
+    else:
+        exchange = _exchange_request(form, request_id)
+        proof = await _dpop_proof(request, runtime)
+        if proof is not None:
+            exchange = dataclasses.replace(exchange, dpop=proof)
+        outcome = await runtime.broker.exchange(exchange)
+    if isinstance(outcome, Held):
+        held = {"auth_req_id": outcome.auth_req_id, "expires_in": outcome.expires_in, "interval": outcome.interval,
+                "rule_id": outcome.grant.rule_id}
+        return JSONResponse(held, headers=headers)
+    issued = outcome
     payload = {
         "access_token": issued.access_token,
         "issued_token_type": issued.issued_token_type,
@@ -139,7 +175,6 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
         **issued.extra,
         "receipt": {"index": issued.receipt.index, "leaf_hash": issued.receipt.leaf_hash},
     }
-    headers = {**NO_STORE, "X-Request-Id": request_id}
     nonce = runtime.dpop.fresh_nonce() if runtime.dpop else None
     if nonce is not None:
         headers["DPoP-Nonce"] = nonce

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import RuntimeDep
-from broker.api.routes.token import TOKEN_EXCHANGE_GRANT
+from broker.api.routes.token import CIBA_GRANT, TOKEN_EXCHANGE_GRANT
 
 __all__ = ["router"]
 
@@ -32,7 +32,9 @@ def metadata(runtime: RuntimeDep) -> dict[str, Any]:
         # Resource servers may also present their workload identity token (Bearer); RFC 8414 has no name for it.
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic"],
-        "grant_types_supported": [TOKEN_EXCHANGE_GRANT],
+        "grant_types_supported": [TOKEN_EXCHANGE_GRANT, CIBA_GRANT],
+        # OpenID CIBA discovery: intents held for review are collected by polling (docs/approvals.md).
+        "backchannel_token_delivery_modes_supported": ["poll"],
         "token_endpoint_auth_methods_supported": ["none"],
         "authorization_details_types_supported": ["intent"],
         "response_types_supported": [],

@@ -1,0 +1,147 @@
+"""What the auditors' pages show: ledger search, one entry proven, and the latest checkpoint's status.
+
+Everything goes through :mod:`broker.audit` exactly as an outside auditor's tools do: the ledger of
+this process is an untrusted :class:`~broker.audit.LocalLedgerSource`, checked against the signed
+checkpoint with the ledger's verifier key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from broker.audit import AuditFailure, prove_attribution, verify_ledger
+from broker.audit.local import LocalLedgerSource
+from broker.errors import InvalidRequest, NotFound
+from broker.ledger.log import MAX_ENTRIES_PER_CALL, Ledger
+from broker.ledger.merkle import leaf_hash
+
+__all__ = ["CheckpointStatus", "LedgerBrowser", "SearchFilter"]
+
+#: A search looks at most this many of the newest entries, and lists at most MAX_RESULTS of them.
+SCAN_LIMIT = 20000
+MAX_RESULTS = 100
+_FILTER_MAX = 256
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Ledger search criteria; empty strings match everything. ``since``/``until`` are RFC 3339 prefixes."""
+
+    workload: str = ""
+    owner: str = ""
+    action: str = ""
+    jti: str = ""
+    kind: str = ""
+    since: str = ""
+    until: str = ""
+
+    @classmethod
+    def from_query(cls, query: dict[str, str]) -> SearchFilter:
+        """The filter from the page's query string; over-long or control characters are refused."""
+        values = {}
+        for name in cls.__dataclass_fields__:
+            value = query.get(name, "").strip()
+            if len(value) > _FILTER_MAX or any(ord(c) < 32 for c in value):
+                raise InvalidRequest(f"search field {name} is too long or has control characters")
+            values[name] = value
+        return cls(**values)
+
+    def matches(self, entry: dict[str, Any]) -> bool:
+        """True if the entry fits every non-empty criterion (case-insensitive substring matches)."""
+        workload = entry.get("workload") or {}
+        intent = entry.get("intent") or {}
+        credential = entry.get("credential") or {}
+        checks = [
+            (self.workload, f"{workload.get('name', '')} {workload.get('spiffe_id', '')}"),
+            (self.owner, str(workload.get("owner", ""))),
+            (self.action, str(intent.get("action", ""))),
+            (self.kind, str(entry.get("kind", ""))),
+        ]
+        if any(want and want.casefold() not in have.casefold() for want, have in checks):
+            return False
+        if self.jti and credential.get("jti") != self.jti:
+            return False
+        when = str(entry.get("time", ""))
+        return not (self.since and when < self.since) and not (self.until and when[: len(self.until)] > self.until)
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """Whether the latest signed checkpoint verified, with every entry it commits to."""
+
+    verified: bool
+    size: int
+    root_b64: str
+    checked_at: float
+    problem: str | None = None
+
+
+class LedgerBrowser:
+    """Search and prove entries of ``ledger`` with its ``verifier_key`` (``<name>+<keyid>+<base64>``)."""
+
+    def __init__(self, ledger: Ledger, verifier_key: str, origin: str) -> None:
+        self._ledger = ledger
+        self._source = LocalLedgerSource(ledger, "this broker's ledger")
+        self._key = verifier_key
+        self._origin = origin
+        self._lock = threading.Lock()
+        self._status: CheckpointStatus | None = None
+
+    def checkpoint_status(self) -> CheckpointStatus:
+        """Verify the latest checkpoint and every entry under it (cached until the ledger grows)."""
+        with self._lock:
+            size = self._ledger.size()
+            if self._status is not None and self._status.size == size:
+                return self._status
+            try:
+                verified = verify_ledger(self._source, self._key, origin=self._origin)
+                status = CheckpointStatus(True, verified.checkpoint.size,
+                                          base64.b64encode(verified.checkpoint.root).decode(), time.time())
+            except AuditFailure as exc:
+                status = CheckpointStatus(False, size, "", time.time(), problem=str(exc))
+            self._status = status
+            return status
+
+    def search(self, criteria: SearchFilter) -> list[dict[str, Any]]:
+        """The newest matching entries (at most :data:`MAX_RESULTS`), each ``{index, leaf_hash, entry}``."""
+        size = self._ledger.size()
+        results: list[dict[str, Any]] = []
+        end = size
+        floor = max(0, size - SCAN_LIMIT)
+        while end > floor and len(results) < MAX_RESULTS:
+            start = max(floor, end - MAX_ENTRIES_PER_CALL)
+            leaves = self._ledger.entries(start, end)
+            for offset in range(len(leaves) - 1, -1, -1):
+                entry = json.loads(leaves[offset])
+                if criteria.matches(entry):
+                    results.append({"index": start + offset, "leaf_hash": leaf_hash(leaves[offset]).hex(),
+                                    "entry": entry})
+                    if len(results) >= MAX_RESULTS:
+                        break
+            end = start
+        return results
+
+    def entry(self, index: int) -> dict[str, Any]:
+        """One entry proven included in the latest signed checkpoint: attribution, audit path, entry."""
+        size = self._ledger.size()
+        if index < 0 or index >= size:
+            raise NotFound(f"no ledger entry {index} (the ledger has {size})")
+        leaf = self._ledger.entries(index, index + 1)[0]
+        digest = leaf_hash(leaf).hex()
+        try:
+            attribution = prove_attribution(self._source, self._key, leaf_hash_hex=digest, origin=self._origin)
+        except AuditFailure as exc:
+            return {"index": index, "leaf_hash": digest, "entry": json.loads(leaf), "proven": False,
+                    "problem": str(exc), "lines": [], "path": []}
+        path = self._ledger.inclusion_proof(attribution.index, attribution.checkpoint.size)
+        return {
+            "index": index, "leaf_hash": digest, "entry": attribution.entry.entry, "proven": True, "problem": None,
+            "lines": attribution.lines(), "path": [p.hex() for p in path],
+            "tree_size": attribution.checkpoint.size,
+            "root_b64": base64.b64encode(attribution.checkpoint.root).decode(),
+        }
