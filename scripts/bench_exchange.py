@@ -8,10 +8,13 @@ in time; the broker is stopped at the end.
 
     python scripts/bench_exchange.py [--workers 2] [--duration 8] [--connections 4,16,64]
                                      [--state sqlite|redis] [--redis-url URL] [--introspect]
+    python scripts/bench_exchange.py --vault [--vault-requests 200]
 
 Prints exchanges/s, p50 and p99 latency and non-200 answers for each concurrency level; with
 ``--state redis`` the shared state (replay, limits, suspension checks) lives in Redis instead of the
 embedded SQLite file; with ``--introspect`` it also measures RFC 7662 introspections/s of one token.
+``--vault`` measures Vault-backed intents instead (latency, not throughput: the broker's p50 and p99
+added over a direct hvac call to the same local OpenBao; see scripts/bench_vault.py).
 """
 
 from __future__ import annotations
@@ -196,7 +199,16 @@ def main() -> int:
     parser.add_argument("--state", choices=["sqlite", "redis"], default="sqlite", help="shared-state backend")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --state redis")
     parser.add_argument("--introspect", action="store_true", help="also measure introspection requests/s")
+    parser.add_argument("--vault", action="store_true",
+                        help="measure Vault-backed intents instead: the broker's added latency over a direct "
+                             "hvac call to the same OpenBao (runs scripts/bench_vault.py)")
+    parser.add_argument("--vault-requests", type=int, default=200, help="with --vault: requests per measurement")
     args = parser.parse_args()
+    if args.vault:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_vault
+
+        return bench_vault.main(["--requests", str(args.vault_requests)])
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install wrk", file=sys.stderr)
         return 2

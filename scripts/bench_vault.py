@@ -64,10 +64,10 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
     raise SystemExit("broker did not become ready")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="nhi-bench-vault-"))
     vault = DevVault.start(work / "openbao")
     server = None
