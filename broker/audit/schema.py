@@ -38,7 +38,9 @@ ENTRY_KINDS = WRITTEN_KINDS | RESERVED_KINDS
 ATTESTATION_METHODS = frozenset({"kubernetes", "spiffe-jwt", "oidc", "dev"})
 KEY_PURPOSES = frozenset({"task-token", "ledger"})
 KEY_ALGS = frozenset({"ES256", "EdDSA"})
-DENIAL_ERRORS = frozenset({"access_denied", "invalid_target"})
+# Every error the pipeline records on a denial: policy, audience, kill switch, limits, DPoP binding.
+DENIAL_ERRORS = frozenset({"access_denied", "invalid_target", "workload_suspended", "rate_limit_exceeded",
+                           "budget_exceeded", "invalid_dpop_proof"})
 # JWK members that carry private key material (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037 §2).
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 

@@ -213,3 +213,5 @@ def test_suspension_after_approval_still_stops_the_token(harness: Harness) -> No
     assert error(harness.poll(rid)) == (400, "invalid_grant")  # the approval was used up by the refusal
     kinds = [e["kind"] for e in harness.ledger()]
     assert kinds[-1] == "denial" and "issuance" not in kinds
+    assert harness.ledger()[-1]["decision"]["error"] == "workload_suspended"
+    validate_entry(harness.ledger()[-1])  # an auditor's verifier accepts the kill switch's denials
