@@ -182,10 +182,11 @@ async def login(request: Request) -> Response:
     authenticate = partial(console.runtime.state.operators.authenticate, "Bearer " + form.get("credential", ""))
     try:
         operator = await anyio.to_thread.run_sync(authenticate)
-    except InvalidOperatorToken:
+    except BrokerError as exc:  # a wrong credential (401), or an identity provider unreachable (503)
         token = secrets.token_urlsafe(24)
-        response = _page("login.html", 401, title="Sign in", login_csrf=token, session=None,
-                         problem="That credential was not accepted.")
+        problem = ("That credential was not accepted." if isinstance(exc, InvalidOperatorToken)
+                   else f"Sign-in is unavailable: {exc.description}")
+        response = _page("login.html", exc.status, title="Sign in", login_csrf=token, session=None, problem=problem)
         _set_cookie(console, response, LOGIN_COOKIE, token, 900)
         return response
     cookie, _ = await console.sessions.create(operator)
