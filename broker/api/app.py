@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,9 +34,15 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
         app.state.runtime = runtime if runtime is not None else Runtime.open(settings, clock=clock)
         live = app.state.runtime
         app.state.metrics = BrokerMetrics(live.ledger.size, lambda: live.policies.version)
+        # Requests held for review expire (and are recorded) even when nobody looks at them again.
+        sweeper = None
+        if live.approvals is not None:
+            sweeper = asyncio.create_task(live.approvals.run_sweeper(live.settings.approvals.sweep_interval))
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
             if owned:
                 app.state.runtime.close()
 

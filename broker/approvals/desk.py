@@ -315,6 +315,16 @@ class ApprovalDesk:
                 expired += await self._expire(record)
         return expired
 
+    async def run_sweeper(self, every: float = 15.0) -> None:
+        """Expire overdue requests every ``every`` seconds until cancelled (one task per broker process;
+        the compare-and-swap makes each expiry, and its ledger entry, happen once across processes)."""
+        while True:
+            await anyio.sleep(every)
+            try:
+                await self.sweep()
+            except Exception as exc:  # a store or ledger outage: try again next round
+                log.warning("approval sweep failed (%s)", type(exc).__name__)
+
     async def _expire(self, record: PendingApproval) -> int:
         try:
             await self._record(record, replace(record, status="expired", decided_at=self._clock.now()),

@@ -23,6 +23,7 @@ class ApprovalSettings(BaseModel):
         None, pattern=r"^https?://[^\s]+$", description="Where new pending requests are POSTed (signed)."
     )
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of the webhook; 32+ characters.")
+    sweep_interval: int = Field(15, ge=1, le=3600, description="Seconds between sweeps expiring overdue requests.")
     console_session_minutes: int = Field(30, ge=1, le=720, description="Console sessions end this long after login.")
 
     @field_validator("webhook_secret")

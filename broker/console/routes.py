@@ -148,6 +148,7 @@ def _refused_page(exc: _Refused, session: ConsoleSession | None) -> HTMLResponse
 
 @router.get("")
 async def home(request: Request) -> Response:
+    """Send the operator to the page of their role, or to sign in."""
     console = _console(request)
     session = await _session(request, console)
     if session is None:
@@ -158,6 +159,7 @@ async def home(request: Request) -> Response:
 
 @router.get("/login")
 async def login_page(request: Request) -> Response:
+    """The sign-in form, with a fresh pre-login CSRF token."""
     console = _console(request)
     if await _session(request, console) is not None:
         return _redirect("/console")
@@ -169,6 +171,7 @@ async def login_page(request: Request) -> Response:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
+    """Check the operator credential; start a session."""
     console = _console(request)
     try:
         _same_origin(request, console)
@@ -182,10 +185,11 @@ async def login(request: Request) -> Response:
     authenticate = partial(console.runtime.state.operators.authenticate, "Bearer " + form.get("credential", ""))
     try:
         operator = await anyio.to_thread.run_sync(authenticate)
-    except InvalidOperatorToken:
+    except BrokerError as exc:  # a wrong credential (401), or an identity provider unreachable (503)
         token = secrets.token_urlsafe(24)
-        response = _page("login.html", 401, title="Sign in", login_csrf=token, session=None,
-                         problem="That credential was not accepted.")
+        problem = ("That credential was not accepted." if isinstance(exc, InvalidOperatorToken)
+                   else f"Sign-in is unavailable: {exc.description}")
+        response = _page("login.html", exc.status, title="Sign in", login_csrf=token, session=None, problem=problem)
         _set_cookie(console, response, LOGIN_COOKIE, token, 900)
         return response
     cookie, _ = await console.sessions.create(operator)
@@ -197,6 +201,7 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
+    """End the session."""
     console = _console(request)
     session = await _session(request, console)
     try:
@@ -219,6 +224,7 @@ _AuthReqId = Annotated[str, PathParam(min_length=20, max_length=64, pattern=r"^[
 
 @router.get("/approvals")
 async def approvals(request: Request) -> Response:
+    """Every live approval request, pending first."""
     console = _console(request)
     session = await _session(request, console)
     if session is None:
@@ -250,6 +256,7 @@ async def _approval_page(console: _Console, session: ConsoleSession, auth_req_id
 
 @router.get("/approvals/{auth_req_id}")
 async def approval(request: Request, auth_req_id: _AuthReqId) -> Response:
+    """One request: the full intent and context, and the decision form for its approvers."""
     console = _console(request)
     session = await _session(request, console)
     if session is None:
@@ -262,6 +269,7 @@ async def approval(request: Request, auth_req_id: _AuthReqId) -> Response:
 
 @router.post("/approvals/{auth_req_id}")
 async def decide(request: Request, auth_req_id: _AuthReqId) -> Response:
+    """Record an approval or denial with its reason (through the ApprovalDesk)."""
     console = _console(request)
     session = await _session(request, console)
     if session is None:
@@ -289,6 +297,7 @@ async def decide(request: Request, auth_req_id: _AuthReqId) -> Response:
 
 @router.get("/ledger")
 async def ledger(request: Request) -> Response:
+    """The latest checkpoint's verification and the ledger search."""
     console = _console(request)
     session = await _session(request, console)
     if session is None:
@@ -306,6 +315,7 @@ async def ledger(request: Request) -> Response:
 
 @router.get("/ledger/{index}")
 async def entry(request: Request, index: Annotated[int, PathParam(ge=0, le=2**53)]) -> Response:
+    """One entry with its attribution and inclusion proof."""
     console = _console(request)
     session = await _session(request, console)
     if session is None:
@@ -321,5 +331,6 @@ async def entry(request: Request, index: Annotated[int, PathParam(ge=0, le=2**53
 
 @router.get("/static/console.css")
 async def stylesheet() -> FileResponse:
+    """The console's only static file."""
     return FileResponse(_HERE / "static" / "console.css", media_type="text/css",
                         headers={"Cache-Control": "max-age=3600"})

@@ -19,9 +19,9 @@ from tests.state.conftest import SHARED_REDIS
 
 CIBA = "urn:openid:params:grant-type:ciba"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
-APRIL, OTTO, DANA, AUDREY = (
+APRIL, OTTO, DANA, AUDREY, ADA = (
     "april-approver-secret-0123456789", "otto-approver-secret-0123456789",
-    "dana-owner-secret-0123456789", "audrey-auditor-secret-0123456789",
+    "dana-owner-secret-0123456789", "audrey-auditor-secret-0123456789", "ada-admin-secret-0123456789",
 )
 OPERATORS = [
     {"name": "april", "role": "approver", "token_sha256": hash_secret(APRIL), "groups": ["refund-approvers"]},
@@ -30,6 +30,7 @@ OPERATORS = [
     {"name": "dana.reyes@example.com", "role": "approver", "token_sha256": hash_secret(DANA),
      "groups": ["refund-approvers"]},
     {"name": "audrey", "role": "auditor", "token_sha256": hash_secret(AUDREY)},
+    {"name": "ada", "role": "admin", "token_sha256": hash_secret(ADA)},
 ]
 
 
@@ -83,6 +84,8 @@ class Harness:
 
     def ledger(self) -> list[dict[str, Any]]:
         size = int(self.client.get("/v1/ledger/checkpoint").text.splitlines()[1])
+        if size == 0:
+            return []
         body = self.client.get("/v1/ledger/entries", params={"start": 0, "end": size}).json()
         return [json.loads(base64.b64decode(e["leaf"])) for e in body["entries"]]
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from broker.api.app import create_app
 from broker.audit.schema import validate_entry
 from broker.clock import FixedClock
-from tests.approvals.harness import AUDREY, DANA, OTTO, Harness, approval_settings, bearer, claims, refund
+from tests.approvals.harness import ADA, AUDREY, DANA, OTTO, Harness, approval_settings, bearer, claims, refund
 from tests.helpers import TRIAGE
 
 
@@ -185,3 +185,33 @@ def test_metadata_announces_ciba_polling(harness: Harness) -> None:
     meta = harness.client.get("/.well-known/oauth-authorization-server").json()
     assert "urn:openid:params:grant-type:ciba" in meta["grant_types_supported"]
     assert meta["backchannel_token_delivery_modes_supported"] == ["poll"]
+
+
+def test_the_sweeper_records_expiry_without_anyone_looking(tmp_path: Path, redis_prefix: str) -> None:
+    settings = approval_settings(tmp_path / "data", "sqlite", redis_prefix, sweep_interval=1)
+    clock = FixedClock(time.time())
+    with TestClient(create_app(settings, clock=clock), raise_server_exceptions=False) as client:
+        h = Harness(client, settings, clock)
+        rid = h.hold()
+        clock.advance(901)
+        deadline = time.monotonic() + 5
+        while not [e for e in h.ledger() if e["kind"] == "approval"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (entry,) = [e for e in h.ledger() if e["kind"] == "approval"]
+        assert entry["approval"]["auth_req_id"] == rid and entry["approval"]["outcome"] == "expired"
+
+
+def test_suspension_after_approval_still_stops_the_token(harness: Harness) -> None:
+    rid = harness.hold()
+    assert harness.decide(rid, "approve").status_code == 200
+    r = harness.client.post("/v1/admin/workloads/support-assistant/suspend", json={"reason": "incident 7"},
+                            headers=bearer(ADA))
+    assert r.status_code == 200, r.text
+    harness.clock.advance(2)
+    assert error(harness.poll(rid)) == (403, "workload_suspended")
+    harness.clock.advance(2)
+    assert error(harness.poll(rid)) == (400, "invalid_grant")  # the approval was used up by the refusal
+    kinds = [e["kind"] for e in harness.ledger()]
+    assert kinds[-1] == "denial" and "issuance" not in kinds
+    assert harness.ledger()[-1]["decision"]["error"] == "workload_suspended"
+    validate_entry(harness.ledger()[-1])  # an auditor's verifier accepts the kill switch's denials

@@ -12,7 +12,9 @@ from fastapi.testclient import TestClient
 
 from broker.api.app import create_app
 from broker.clock import FixedClock
+from broker.config import Settings
 from tests.approvals.harness import APRIL, AUDREY, DANA, OTTO, Harness, approval_settings
+from tests.helpers import POLICIES
 
 
 @pytest.fixture
@@ -128,3 +130,26 @@ def test_logout_ends_the_session(harness: Harness) -> None:
     csrf = csrf_of(harness.client.get("/console/ledger").text)
     assert harness.client.post("/console/logout", data={"csrf": csrf}, follow_redirects=False).status_code == 303
     assert harness.client.get("/console/ledger", follow_redirects=False).status_code == 303
+
+
+def test_sign_in_with_an_oidc_identity_token(tmp_path: Path) -> None:
+    from tests.state.test_operator_oidc import AUDIENCE, ISSUER, Idp
+
+    idp = Idp(tmp_path)
+    settings = Settings(
+        data_dir=tmp_path / "data", policies_dir=POLICIES,
+        operator_issuers=[{"issuer": ISSUER, "kind": "oidc", "audience": AUDIENCE, "jwks_file": idp.jwks_file,
+                           "spiffe_id_template": "spiffe://ops.example.org/user/{sub}"}],
+        operators=[{"name": "rita@example.com", "role": "approver", "groups": ["refund-approvers"],
+                    "spiffe_id": "spiffe://ops.example.org/user/u-9"}],
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        h = Harness(client, settings, FixedClock(time.time()))
+        sign_in(h, idp.token("u-9"))
+        assert "rita@example.com (approver; refund-approvers)" in client.get("/console/approvals").text
+        page = client.get("/console/login")  # signed in: the login page sends you on
+        assert page.url.path == "/console/approvals"
+        client.cookies.clear()
+        login = client.get("/console/login")
+        other = client.post("/console/login", data={"csrf": csrf_of(login.text), "credential": idp.token("u-1")})
+        assert other.status_code == 401 and "not accepted" in other.text

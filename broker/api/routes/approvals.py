@@ -44,6 +44,7 @@ def _desk(runtime: Runtime) -> ApprovalDesk:
 
 @router.get("", summary="Every live approval request (pending first), with its full intent and context")
 async def list_requests(operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """Every live request (any role may read)."""
     operator.require("read")
     desk = _desk(runtime)
     return {"requests": [desk.public_view(r) for r in await desk.listing()]}
@@ -51,6 +52,7 @@ async def list_requests(operator: OperatorDep, runtime: RuntimeDep) -> dict[str,
 
 @router.get("/{auth_req_id}", summary="One approval request")
 async def get_request(auth_req_id: _AuthReqId, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """One request, as approvers see it."""
     operator.require("read")
     desk = _desk(runtime)
     return desk.public_view(await desk.get(auth_req_id))
@@ -60,6 +62,7 @@ async def get_request(auth_req_id: _AuthReqId, operator: OperatorDep, runtime: R
 async def approve(
     auth_req_id: _AuthReqId, body: DecisionRequest, operator: OperatorDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
+    """Approve as the calling operator (approver role, in the rule's group)."""
     desk = _desk(runtime)
     return desk.public_view(await desk.decide(operator, auth_req_id, approve=True, reason=body.reason))
 
@@ -68,5 +71,6 @@ async def approve(
 async def deny(
     auth_req_id: _AuthReqId, body: DecisionRequest, operator: OperatorDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
+    """Deny as the calling operator: the request never yields a token."""
     desk = _desk(runtime)
     return desk.public_view(await desk.decide(operator, auth_req_id, approve=False, reason=body.reason))
