@@ -64,7 +64,9 @@ class IntentPolicy(Protocol):
 
 
 class LimitGuard(Protocol):
-    def admit(self, grant: Grant, limits: Any) -> dict[str, Any]: ...
+    def admit(self, grant: Grant, limits: Any, *, count_rate: bool = True) -> dict[str, Any]: ...
+
+    def admit_hold(self, grant: Grant, limits: Any) -> None: ...
 
 
 class AppendOnlyLog(Protocol):
@@ -157,12 +159,17 @@ class Broker:
             grant = self.policies.authorize(identity, workload, request.audience, request.intent)
             enforce_binding(grant, request.dpop)
             check_requested_type(grant.credential_kind, request.requested_token_type)
+            limits = self.policies.limits.get(grant.rule_id)
             if grant.review is not None and request.approval is None:
-                return _Hold(grant)  # limits are charged when the approved intent is issued
+                # Suspension and rate apply to holds too; the budget is charged at issuance.
+                if self.guard:
+                    self.guard.admit_hold(grant, limits)
+                return _Hold(grant)
             if request.approval is not None:
                 _check_approval(grant, request.approval, request.dpop)
             # (2b) kill switch, rates and budgets (broker.state.guard); shared-state outages raise 503.
-            extra = self.guard.admit(grant, self.policies.limits.get(grant.rule_id)) if self.guard else {}
+            counted = request.approval is not None  # its rate was counted when it was held
+            extra = self.guard.admit(grant, limits, count_rate=not counted) if self.guard else {}
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc)
         if grant.credential_kind != "jwt":

@@ -41,15 +41,38 @@ class IssuanceGuard:
         self._tokens = tokens
         self._clock = clock
 
-    def admit(self, grant: Grant, limits: RuleLimits | None) -> dict[str, Any]:
-        """Admit ``grant`` or raise; returns extra task-token claims."""
+    def admit(self, grant: Grant, limits: RuleLimits | None, *, count_rate: bool = True) -> dict[str, Any]:
+        """Admit ``grant`` or raise; returns extra task-token claims.
+
+        ``count_rate=False`` when the request was already counted: an approved intent, whose rate was
+        counted when it was held (:meth:`admit_hold`).
+        """
         # (1) the kill switch beats every allow.
-        if self._tokens.suspended_since(grant.workload.name) is not None:
-            raise WorkloadSuspended(f"workload {grant.workload.name!r} is suspended by an operator")
+        self._check_not_suspended(grant)
         if limits is None:
             return {}
         now = self._clock.now()
         # (2) request rate per (workload, action).
+        if count_rate:
+            self._count_rate(grant, limits, now)
+        # (3) cumulative value budget.
+        if limits.budget is not None:
+            self._charge(grant, limits.budget, now)
+        return {"num_uses": limits.uses} if limits.uses is not None else {}
+
+    def admit_hold(self, grant: Grant, limits: RuleLimits | None) -> None:
+        """Admit an intent to be held for review, or raise: a suspended workload cannot queue requests
+        for approvers, and holds count toward the rule's request rate. Budgets are charged only when
+        the approved intent is issued."""
+        self._check_not_suspended(grant)
+        if limits is not None:
+            self._count_rate(grant, limits, self._clock.now())
+
+    def _check_not_suspended(self, grant: Grant) -> None:
+        if self._tokens.suspended_since(grant.workload.name) is not None:
+            raise WorkloadSuspended(f"workload {grant.workload.name!r} is suspended by an operator")
+
+    def _count_rate(self, grant: Grant, limits: RuleLimits, now: float) -> None:
         if limits.rate is not None:
             count, seconds = limits.rate
             window = int(now // seconds)
@@ -59,10 +82,6 @@ class IssuanceGuard:
                     f"rule {grant.rule_id!r} allows {count} requests per {seconds} s for this workload and action",
                     rule_id=grant.rule_id, policy_version=grant.policy_version,
                 )
-        # (3) cumulative value budget.
-        if limits.budget is not None:
-            self._charge(grant, limits.budget, now)
-        return {"num_uses": limits.uses} if limits.uses is not None else {}
 
     def _charge(self, grant: Grant, budget: Budget, now: float) -> None:
         context = grant.intent.context

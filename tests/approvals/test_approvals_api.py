@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from broker.api.app import create_app
 from broker.audit.schema import validate_entry
 from broker.clock import FixedClock
-from tests.approvals.harness import ADA, AUDREY, DANA, OTTO, Harness, approval_settings, bearer, claims, refund
+from tests.approvals.harness import ADA, APRIL, AUDREY, DANA, OTTO, Harness, approval_settings, bearer, claims, refund
 from tests.helpers import TRIAGE
 
 
@@ -215,3 +215,15 @@ def test_suspension_after_approval_still_stops_the_token(harness: Harness) -> No
     assert kinds[-1] == "denial" and "issuance" not in kinds
     assert harness.ledger()[-1]["decision"]["error"] == "workload_suspended"
     validate_entry(harness.ledger()[-1])  # an auditor's verifier accepts the kill switch's denials
+
+
+def test_a_suspended_workload_cannot_queue_requests_for_approvers(harness: Harness) -> None:
+    r = harness.client.post("/v1/admin/workloads/support-assistant/suspend", json={"reason": "incident 8"},
+                            headers=bearer(ADA))
+    assert r.status_code == 200, r.text
+    assert error(harness.exchange(refund(120))) == (403, "workload_suspended")
+    assert harness.client.get("/v1/admin/approvals", headers=bearer(APRIL)).json()["requests"] == []
+    last = harness.ledger()[-1]
+    assert (last["kind"], last["decision"]["error"]) == ("denial", "workload_suspended")
+    assert not any(e["kind"] == "approval" for e in harness.ledger())
+    validate_entry(last)
