@@ -11,6 +11,8 @@ from ._client import AsyncBrokerClient, BrokerClient, TaskToken
 from ._dpop import DPoPKey, InMemoryReplayCache, ReplayCache, access_token_hash
 from ._errors import (
     AccessDeniedError,
+    ApprovalExpiredError,
+    ApprovalPending,
     BrokerResponseError,
     BrokerUnavailableError,
     IntentMismatchError,
@@ -33,6 +35,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDeniedError",
+    "ApprovalExpiredError",
+    "ApprovalPending",
     "AsyncBrokerClient",
     "BrokerClient",
     "BrokerResponseError",

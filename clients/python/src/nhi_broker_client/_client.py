@@ -7,6 +7,7 @@ The protocol logic lives in :class:`_Exchanger` (no I/O), shared by :class:`Brok
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import threading
@@ -18,12 +19,13 @@ from typing import Any
 import httpx
 
 from ._dpop import DPoPKey
-from ._errors import BrokerResponseError, TransportError, error_from_response
+from ._errors import ApprovalPending, BrokerResponseError, TransportError, error_from_response
 from ._intent import Intent
 
 __all__ = ["AsyncBrokerClient", "BrokerClient", "TaskToken"]
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+CIBA = "urn:openid:params:grant-type:ciba"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 _METADATA_PATH = "/.well-known/oauth-authorization-server"
 
@@ -59,6 +61,13 @@ class TaskToken:
 
 class _Retry(Exception):
     """The broker asked for a DPoP nonce; try once more."""
+
+
+class _StillPending(Exception):
+    """CIBA ``authorization_pending`` or ``slow_down`` (``slower``): poll again after the interval."""
+
+    def __init__(self, slower: bool) -> None:
+        self.slower = slower
 
 
 class _Exchanger:
@@ -113,7 +122,6 @@ class _Exchanger:
         self.token_endpoint = endpoint
 
     def request(self, subject_token: str, audience: str, intent: Intent) -> tuple[dict[str, str], dict[str, str]]:
-        assert self.token_endpoint is not None
         form = {
             "grant_type": TOKEN_EXCHANGE,
             "subject_token": subject_token,
@@ -121,10 +129,34 @@ class _Exchanger:
             "audience": audience,
             "authorization_details": json.dumps([intent.to_json()]),
         }
+        return form, self._headers()
+
+    def poll_request(self, subject_token: str, pending: ApprovalPending) -> tuple[dict[str, str], dict[str, str]]:
+        """A CIBA poll: the held request's id and a fresh identity of this workload (docs/approvals.md)."""
+        form = {
+            "grant_type": CIBA,
+            "auth_req_id": pending.auth_req_id,
+            "subject_token": subject_token,
+            "subject_token_type": self.subject_token_type,
+        }
+        return form, self._headers()
+
+    def poll_response(self, response: httpx.Response, pending: ApprovalPending, first_try: bool) -> TaskToken:
+        if response.status_code == 400:
+            try:
+                code = response.json().get("error")
+            except (ValueError, AttributeError):
+                code = None
+            if code in ("authorization_pending", "slow_down"):
+                raise _StillPending(slower=code == "slow_down")
+        return self.response(response, pending.audience, pending.intent, first_try)
+
+    def _headers(self) -> dict[str, str]:
+        assert self.token_endpoint is not None
         headers = {"Accept": "application/json"}
         if self.dpop_key is not None:
             headers["DPoP"] = self.dpop_key.proof("POST", self.token_endpoint, nonce=self.nonce, now=self.clock())
-        return form, headers
+        return headers
 
     def response(self, response: httpx.Response, audience: str, intent: Intent, first_try: bool) -> TaskToken:
         if "DPoP-Nonce" in response.headers:
@@ -138,6 +170,8 @@ class _Exchanger:
             if error.code == "use_dpop_nonce" and first_try and self.dpop_key is not None:
                 raise _Retry
             raise error
+        if isinstance(body, dict) and isinstance(body.get("auth_req_id"), str) and "access_token" not in body:
+            raise self._held(body, audience, intent)
         if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
             raise BrokerResponseError("invalid_response", "the broker's answer has no access_token", status=200)
         token_type = str(body.get("token_type", ""))
@@ -162,6 +196,18 @@ class _Exchanger:
             receipt_leaf_hash=leaf if isinstance(leaf, str) else None,
             dpop_key=self.dpop_key if token_type.lower() == "dpop" else None,
         )
+
+
+    def _held(self, body: dict[str, Any], audience: str, intent: Intent) -> ApprovalPending:
+        """The :class:`ApprovalPending` for a CIBA-style answer (raises if the answer is malformed)."""
+        expires_in, interval = body.get("expires_in"), body.get("interval", 5)
+        if not isinstance(expires_in, int) or isinstance(expires_in, bool) or expires_in <= 0:
+            raise BrokerResponseError("invalid_response", "the broker held the intent without expires_in", status=200)
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            interval = 5
+        rule_id = body.get("rule_id")
+        return ApprovalPending(body["auth_req_id"], self.clock() + expires_in, float(interval),
+                               rule_id if isinstance(rule_id, str) else None, audience, intent)
 
 
 def _intent(action: str, resource: str, context: Mapping[str, Any] | None) -> Intent:
@@ -214,18 +260,64 @@ class BrokerClient:
 
     def get_token(
         self, audience: str, action: str, resource: str, context: Mapping[str, Any] | None = None,
-        *, fresh: bool = False,
+        *, fresh: bool = False, wait_for_approval: bool | float = False,
     ) -> TaskToken:
         """A task token for this intent at ``audience``: from the cache, or a new exchange (``fresh=True``
         forces one). Raises a :class:`~nhi_broker_client.BrokerResponseError` subclass or
-        :class:`~nhi_broker_client.TransportError`."""
+        :class:`~nhi_broker_client.TransportError`.
+
+        When a review rule holds the intent for a person's approval, raises
+        :class:`~nhi_broker_client.ApprovalPending`; with ``wait_for_approval`` (``True``, or at most
+        that many seconds) it polls until someone decided instead (see :meth:`wait_for_approval`).
+        """
         intent = _intent(action, resource, context)
         key = _Exchanger.cache_key(audience, intent)
         if not fresh and (cached := self._core.cached(key)) is not None:
             return cached
-        token = self._exchange(audience, intent)
+        try:
+            token = self._exchange(audience, intent)
+        except ApprovalPending as pending:
+            if wait_for_approval is False:
+                raise
+            limit = None if wait_for_approval is True else float(wait_for_approval)
+            token = self.wait_for_approval(pending, timeout=limit)
         self._core.store(key, token)
         return token
+
+    def collect(self, pending: ApprovalPending) -> TaskToken:
+        """Poll once for a held intent (CIBA poll mode) with a fresh identity token.
+
+        Returns the token once approved; raises ``pending`` again while nobody decided (its
+        ``interval`` grows on ``slow_down``), :class:`~nhi_broker_client.AccessDeniedError` when
+        denied, :class:`~nhi_broker_client.ApprovalExpiredError` when nobody decided in time. Each
+        poll spends one identity token, so ``identity`` must be a callable for polling.
+        """
+        subject_token = self._identity() if callable(self._identity) else self._identity
+        for first_try in (True, False):
+            form, headers = self._core.poll_request(subject_token, pending)
+            assert self._core.token_endpoint is not None
+            response = self._send("POST", self._core.token_endpoint, data=form, headers=headers)
+            try:
+                return self._core.poll_response(response, pending, first_try)
+            except _Retry:
+                continue
+            except _StillPending as still:
+                if still.slower:
+                    pending.interval += 5  # RFC 8628 §3.5 / CIBA §11: slow down by 5 s
+                raise pending from None
+        raise AssertionError("unreachable")
+
+    def wait_for_approval(self, pending: ApprovalPending, *, timeout: float | None = None) -> TaskToken:
+        """Poll every ``pending.interval`` seconds until the intent is approved (the token), denied or
+        expired (the typed error), or ``timeout`` seconds passed (``pending`` is raised again)."""
+        deadline = pending.expires_at if timeout is None else min(pending.expires_at, self._core.clock() + timeout)
+        while True:
+            time.sleep(min(pending.interval, max(0.0, deadline - self._core.clock())))
+            try:
+                return self.collect(pending)
+            except ApprovalPending:
+                if self._core.clock() >= deadline:
+                    raise
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -289,16 +381,50 @@ class AsyncBrokerClient:
 
     async def get_token(
         self, audience: str, action: str, resource: str, context: Mapping[str, Any] | None = None,
-        *, fresh: bool = False,
+        *, fresh: bool = False, wait_for_approval: bool | float = False,
     ) -> TaskToken:
         """See :meth:`BrokerClient.get_token`."""
         intent = _intent(action, resource, context)
         key = _Exchanger.cache_key(audience, intent)
         if not fresh and (cached := self._core.cached(key)) is not None:
             return cached
-        token = await self._exchange(audience, intent)
+        try:
+            token = await self._exchange(audience, intent)
+        except ApprovalPending as pending:
+            if wait_for_approval is False:
+                raise
+            limit = None if wait_for_approval is True else float(wait_for_approval)
+            token = await self.wait_for_approval(pending, timeout=limit)
         self._core.store(key, token)
         return token
+
+    async def collect(self, pending: ApprovalPending) -> TaskToken:
+        """See :meth:`BrokerClient.collect`."""
+        subject_token = await self._subject_token()
+        for first_try in (True, False):
+            form, headers = self._core.poll_request(subject_token, pending)
+            assert self._core.token_endpoint is not None
+            response = await self._send("POST", self._core.token_endpoint, data=form, headers=headers)
+            try:
+                return self._core.poll_response(response, pending, first_try)
+            except _Retry:
+                continue
+            except _StillPending as still:
+                if still.slower:
+                    pending.interval += 5
+                raise pending from None
+        raise AssertionError("unreachable")
+
+    async def wait_for_approval(self, pending: ApprovalPending, *, timeout: float | None = None) -> TaskToken:
+        """See :meth:`BrokerClient.wait_for_approval`."""
+        deadline = pending.expires_at if timeout is None else min(pending.expires_at, self._core.clock() + timeout)
+        while True:
+            await asyncio.sleep(min(pending.interval, max(0.0, deadline - self._core.clock())))
+            try:
+                return await self.collect(pending)
+            except ApprovalPending:
+                if self._core.clock() >= deadline:
+                    raise
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:

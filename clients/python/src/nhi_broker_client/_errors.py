@@ -89,6 +89,29 @@ class BrokerUnavailableError(BrokerResponseError):
     """A broker backend is unavailable; nothing was issued. Safe to retry later."""
 
 
+class ApprovalExpiredError(BrokerResponseError):
+    """Nobody approved the held intent in time (CIBA ``expired_token``); ask again if still needed."""
+
+
+class ApprovalPending(NhiBrokerError):
+    """The intent is held for human review (OpenID CIBA poll mode); nothing is issued yet.
+
+    Pass it to ``collect()`` to poll once, or to ``wait_for_approval()`` to poll until a person decided.
+    ``interval`` is the broker's polling interval in seconds; ``expires_at`` the clock time after which
+    the request can no longer be approved.
+    """
+
+    def __init__(self, auth_req_id: str, expires_at: float, interval: float, rule_id: str | None,
+                 audience: str, intent: Any) -> None:
+        super().__init__(f"intent held for review by rule {rule_id or '?'}; poll with its auth_req_id")
+        self.auth_req_id = auth_req_id
+        self.expires_at = expires_at
+        self.interval = interval
+        self.rule_id = rule_id
+        self.audience = audience
+        self.intent = intent
+
+
 _BY_CODE: dict[str, type[BrokerResponseError]] = {
     "invalid_request": InvalidRequestError,
     "invalid_target": InvalidRequestError,
@@ -100,6 +123,7 @@ _BY_CODE: dict[str, type[BrokerResponseError]] = {
     "use_dpop_nonce": InvalidDPoPProofError,
     "access_denied": AccessDeniedError,
     "temporarily_unavailable": BrokerUnavailableError,
+    "expired_token": ApprovalExpiredError,
 }
 
 
