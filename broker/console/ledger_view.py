@@ -8,6 +8,7 @@ checkpoint with the ledger's verifier key.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import threading
 import time
@@ -26,6 +27,9 @@ __all__ = ["CheckpointStatus", "LedgerBrowser", "SearchFilter"]
 SCAN_LIMIT = 20000
 MAX_RESULTS = 100
 _FILTER_MAX = 256
+#: Up to this many entries a full verification takes about a second: the page waits for it. Above it,
+#: the page shows the last completed verification while a new one runs in the background.
+SYNC_VERIFY_LIMIT = 50_000
 
 
 @dataclass(frozen=True)
@@ -72,40 +76,75 @@ class SearchFilter:
 
 @dataclass(frozen=True)
 class CheckpointStatus:
-    """Whether the latest signed checkpoint verified, with every entry it commits to."""
+    """Whether the latest signed checkpoint verified, with every entry it commits to.
+
+    ``pending`` while the first verification of a large ledger runs; ``behind`` counts the entries
+    appended since the checkpoint this status is about (a newer verification is then under way).
+    """
 
     verified: bool
     size: int
     root_b64: str
     checked_at: float
     problem: str | None = None
+    pending: bool = False
+    behind: int = 0
 
 
 class LedgerBrowser:
     """Search and prove entries of ``ledger`` with its ``verifier_key`` (``<name>+<keyid>+<base64>``)."""
 
-    def __init__(self, ledger: Ledger, verifier_key: str, origin: str) -> None:
+    def __init__(
+        self, ledger: Ledger, verifier_key: str, origin: str, *, sync_limit: int = SYNC_VERIFY_LIMIT
+    ) -> None:
         self._ledger = ledger
         self._source = LocalLedgerSource(ledger, "this broker's ledger")
         self._key = verifier_key
         self._origin = origin
+        self._sync_limit = sync_limit
         self._lock = threading.Lock()
         self._status: CheckpointStatus | None = None
+        self._worker: threading.Thread | None = None
 
     def checkpoint_status(self) -> CheckpointStatus:
-        """Verify the latest checkpoint and every entry under it (cached until the ledger grows)."""
+        """Verify the latest checkpoint and every entry under it (cached until the ledger grows).
+
+        A ledger larger than ``sync_limit`` is verified in the background (one run at a time): the
+        answer is then the last completed verification, marked ``behind`` (or ``pending`` at first).
+        """
         with self._lock:
             size = self._ledger.size()
-            if self._status is not None and self._status.size == size:
+            current = self._status
+            if current is not None and current.size == size:
+                return current
+            if size <= self._sync_limit:
+                self._status = self._verify(size)
                 return self._status
-            try:
-                verified = verify_ledger(self._source, self._key, origin=self._origin)
-                status = CheckpointStatus(True, verified.checkpoint.size,
-                                          base64.b64encode(verified.checkpoint.root).decode(), time.time())
-            except AuditFailure as exc:
-                status = CheckpointStatus(False, size, "", time.time(), problem=str(exc))
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._refresh, name="console-verify", daemon=True)
+                self._worker.start()
+            if current is None:
+                return CheckpointStatus(False, size, "", time.time(), pending=True)
+            return dataclasses.replace(current, behind=size - current.size)
+
+    def wait_for_verification(self, timeout: float) -> None:
+        """Block until a background verification (if any) finished (tests and shutdown)."""
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+
+    def _refresh(self) -> None:
+        status = self._verify(self._ledger.size())
+        with self._lock:
             self._status = status
-            return status
+
+    def _verify(self, size: int) -> CheckpointStatus:
+        try:
+            verified = verify_ledger(self._source, self._key, origin=self._origin)
+        except AuditFailure as exc:
+            return CheckpointStatus(False, size, "", time.time(), problem=str(exc))
+        return CheckpointStatus(True, verified.checkpoint.size,
+                                base64.b64encode(verified.checkpoint.root).decode(), time.time())
 
     def search(self, criteria: SearchFilter) -> list[dict[str, Any]]:
         """The newest matching entries (at most :data:`MAX_RESULTS`), each ``{index, leaf_hash, entry}``."""
