@@ -11,15 +11,20 @@
    (a) refunds 20 EUR with a fresh DPoP-bound task token,
    (b) is denied a 500 EUR refund by the intent policy,
    (c) shows that a copied token replayed from another key is refused,
-   (d) prints and checks the ledger proof of (a) against the signed checkpoint.
+   (d) prints and checks the ledger proof of (a) against the signed checkpoint,
+   (e) asks for a 120 EUR refund, which the policy holds for a person's approval: an approver
+       approves it (through the admin API, as the console would), and the assistant's SDK collects
+       the token with the approval bound in.
 
 Exit status 0 when every step behaved as described; 1 otherwise. Nothing is left running.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the route's Annotated dependency as an object.
 import base64
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +41,7 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from nhi_broker_client import (
     AccessDeniedError,
+    ApprovalPending,
     BrokerClient,
     DPoPKey,
     TaskTokenVerifier,
@@ -85,14 +91,14 @@ def create_orders_app(verifier: TaskTokenVerifier) -> FastAPI:
 class Broker:
     """``nhi-broker serve`` as a child process, in its own process group."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, config: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("nhi-broker")
         command = [str(exe)] if exe.exists() else [shutil.which("nhi-broker") or "nhi-broker"]
         self.proc = subprocess.Popen(
             [*command, "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--policies", str(REPO / "policies")],
+             "--policies", str(REPO / "policies"), "--config", str(config)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")},
         )
@@ -152,7 +158,15 @@ def run(workdir: Path) -> bool:
             ok = False
             say(f"    !! unexpected: {what}")
 
-    broker = Broker(workdir / "broker-data")
+    # One refund approver for (e): only the SHA-256 of her secret is in the broker's configuration.
+    approver_secret = secrets.token_urlsafe(32)
+    config = workdir / "broker.toml"
+    config.write_text(
+        "[approvals]\npoll_interval = 1\n\n"
+        '[[operators]]\nname = "april"\nrole = "approver"\ngroups = ["refund-approvers"]\n'
+        f'token_sha256 = "{hashlib.sha256(approver_secret.encode()).hexdigest()}"\n'
+    )
+    broker = Broker(workdir / "broker-data", config)
     verifier = TaskTokenVerifier(broker.url, "payments-api")
     service = Service(create_orders_app(verifier))
     try:
@@ -248,6 +262,35 @@ def run(workdir: Path) -> bool:
         say(f"    checkpoint size={checkpoint.size} root={base64.b64encode(checkpoint.root).decode()}")
         say(f"               signature verified with {meta['ledger_verifier_key']}")
         say(f"    inclusion  {len(path)}-hash audit path from leaf #{index} to the signed root: VERIFIED")
+
+        # (e)
+        say()
+        say("(e) refund 120 EUR: above what the assistant may do alone, so a person must approve it")
+        with BrokerClient(broker.url, identity, dpop_key=key) as assistant:
+            try:
+                assistant.get_token("payments-api", "payments.refund", RESOURCE,
+                                    {"customer": CUSTOMER, "amount": 120, "currency": "EUR"})
+                check(False, "the broker issued a 120 EUR refund token without an approval")
+                say("demo FAILED")
+                return False
+            except ApprovalPending as held:
+                pending = held
+            say(f"    broker  HELD for review by rule {pending.rule_id} (OpenID CIBA poll mode, "
+                f"auth_req_id {pending.auth_req_id[:12]}...)")
+            reason = "customer sent photos of the damaged parcel"
+            r = httpx.post(f"{broker.url}/v1/admin/approvals/{pending.auth_req_id}/approve",
+                           json={"reason": reason}, headers={"Authorization": f"Bearer {approver_secret}"})
+            check(r.status_code == 200, "the approver could not approve")
+            say(f"    april   (refund-approvers) APPROVED: {reason}")
+            approved = assistant.wait_for_approval(pending, timeout=30)
+        grant = json.loads(base64.urlsafe_b64decode(approved.access_token.split(".")[1] + "=="))["approval"]
+        say(f"    broker  issued after approval by {', '.join(grant['approvers'])}; "
+            f"approval entry {grant['txn'][:16]}... is in the ledger")
+        r = httpx.post(refund_url, json={"amount": 120, "currency": "EUR"},
+                       headers=approved.headers("POST", refund_url))
+        check(r.status_code == 200 and r.json().get("refunded") == 120, "the approved refund was not made")
+        if r.status_code == 200:
+            say(f"    orders  {r.status_code} REFUNDED 120 EUR on {r.json()['order']}")
     finally:
         service.stop()
         verifier.close()

@@ -25,6 +25,11 @@ def test_demo_runs_and_shows_each_step() -> None:
         "(d) ledger proof of (a)",
         "kind=issuance rule=refund-small-eur",
         "to the signed root: VERIFIED",
+        "(e) refund 120 EUR",
+        "HELD for review by rule refund-review-eur",
+        "(refund-approvers) APPROVED",
+        "issued after approval by april",
+        "orders  200 REFUNDED 120 EUR on ord-1001",
         "demo OK",
     ]:
         assert line in out, f"missing {line!r} in:\n{out}"
