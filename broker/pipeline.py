@@ -18,8 +18,10 @@ held intent with the approval bound into the token and the issuance entry.
 
 Steps 1 and 2 are CPU work on cached keys and local state, so they run on the event loop: a hop to
 a worker thread costs more than it saves and, under load, makes every thread queue for the GIL.
-They move to a worker thread only when attestation must fetch an issuer's JWKS over the network,
-or when the broker is built with ``decide_in_thread=True`` (a state store across the network).
+That holds for the Redis state store as well (a few calls of tens of microseconds; a Redis that
+stops answering fails fast after one timeout, see :mod:`broker.store.redis`). They move to a worker
+thread only when attestation must fetch an issuer's JWKS over the network, or when the broker is
+built with ``decide_in_thread=True`` (for an embedding with a slow state store).
 """
 
 from __future__ import annotations

@@ -3,14 +3,16 @@
 Every check-and-update is one Redis command or one Lua script, so it is atomic across replicas.
 Keys are ``<prefix><namespace>:<key>``; lifetimes are relative ``PX`` values computed from the
 broker's clock, so an injected clock and the server's clock never have to agree. Any Redis error
-becomes :class:`~broker.errors.StoreUnavailable` at one choke point (:func:`_redis_errors`): the
-broker fails closed and the connection pool reconnects by itself when Redis returns.
+becomes :class:`~broker.errors.StoreUnavailable` at one choke point (:meth:`RedisStateStore._calls`): the
+broker fails closed and the connection pool reconnects by itself when Redis returns. A server that
+stops answering costs one socket timeout per :data:`TIMEOUT_BACKOFF_SECONDS`, not one per request.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -72,36 +74,51 @@ return 1
 """
 
 
-@contextmanager
-def _redis_errors() -> Iterator[None]:
-    try:
-        yield
-    except redis.RedisError as exc:
-        # The type only: messages can carry the URL.
-        log.warning("redis state store unavailable (%s): failing closed", type(exc).__name__)
-        raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from None
+#: After a Redis call timed out, fail fast for this long before trying again. The broker decides on
+#: its event loop, so a server that accepts connections but does not answer must not hold every
+#: request for the socket timeout: at most one call per window waits for it.
+TIMEOUT_BACKOFF_SECONDS = 5.0
 
 
 class RedisStateStore:
     """Shared state in Redis (one server, or a Sentinel-managed primary behind ``url``)."""
 
     def __init__(
-        self, url: str, *, prefix: str = "nhi-broker:", clock: Clock | None = None, timeout: float = 0.5
+        self, url: str, *, prefix: str = "nhi-broker:", clock: Clock | None = None, timeout: float = 0.5,
+        timeout_backoff: float = TIMEOUT_BACKOFF_SECONDS,
     ) -> None:
         self._prefix = prefix
         self._clock = clock or SystemClock()
-        with _redis_errors():
-            # One quick retry covers a pooled connection that went stale when Redis restarted;
-            # short timeouts make an unreachable server a fast 503, not a hung request.
+        self._timeout_backoff = timeout_backoff
+        self._failing_fast_until = 0.0
+        with self._calls():
+            # One quick retry covers a pooled connection that went stale when Redis restarted (a fast
+            # ConnectionError); a timeout is not retried. Short timeouts make an unreachable server a
+            # fast 503, not a hung request.
             self._redis = redis.Redis.from_url(
                 url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                retry_on_error=[redis.ConnectionError],
             )
             self._count_up = self._redis.register_script(_COUNT_UP)
             self._set_mark = self._redis.register_script(_SET_MARK)
             self._put_record = self._redis.register_script(_PUT_RECORD)
             self._swap_record = self._redis.register_script(_SWAP_RECORD)
 
+
+    @contextmanager
+    def _calls(self) -> Iterator[None]:
+        """Redis errors become :class:`StoreUnavailable` (fail closed); a timeout also makes the next
+        calls fail fast for ``timeout_backoff`` seconds."""
+        if time.monotonic() < self._failing_fast_until:
+            raise StoreUnavailable("state store unavailable: it stopped answering (retrying shortly)")
+        try:
+            yield
+        except redis.RedisError as exc:
+            if isinstance(exc, redis.TimeoutError):
+                self._failing_fast_until = time.monotonic() + self._timeout_backoff
+            # The type only: messages can carry the URL.
+            log.warning("redis state store unavailable (%s): failing closed", type(exc).__name__)
+            raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from None
     def _key(self, namespace: str, key: str) -> str:
         return f"{self._prefix}{namespace}:{key}"
 
@@ -112,31 +129,31 @@ class RedisStateStore:
         ttl = self._ttl_ms(expires_at)
         if ttl <= 0:
             return True  # already expired: nothing to remember, as the SQLite store would forget it
-        with _redis_errors():
+        with self._calls():
             return bool(self._redis.set(self._key(namespace, key), b"1", nx=True, px=ttl))
 
     def count_up(self, namespace: str, key: str, amount: int, limit: int, expires_at: float) -> int | None:
         if amount < 0 or amount > limit:
             return None
         ttl = max(1, self._ttl_ms(expires_at))
-        with _redis_errors():
+        with self._calls():
             total = int(self._count_up(keys=[self._key(namespace, key)], args=[int(amount), int(limit), ttl]))
         return None if total < 0 else total
 
     def set_mark(self, namespace: str, key: str, value: float, expires_at: float | None) -> None:
         ttl = "" if expires_at is None else str(max(1, self._ttl_ms(expires_at)))
-        with _redis_errors():
+        with self._calls():
             self._set_mark(keys=[self._key(namespace, key)], args=[repr(float(value)), ttl])
 
     def get_marks(self, items: Sequence[tuple[str, str]]) -> list[float | None]:
         if not items:
             return []
-        with _redis_errors():
+        with self._calls():
             values = self._redis.mget([self._key(ns, key) for ns, key in items])
         return [None if v is None else float(v) for v in values]
 
     def delete_mark(self, namespace: str, key: str) -> bool:
-        with _redis_errors():
+        with self._calls():
             return bool(self._redis.delete(self._key(namespace, key)))
 
     def _index(self, namespace: str) -> str:
@@ -146,12 +163,12 @@ class RedisStateStore:
         ttl = self._ttl_ms(expires_at)
         if ttl <= 0:
             return True  # already expired: created and gone, as the SQLite store would see it
-        with _redis_errors():
+        with self._calls():
             keys = [self._key(namespace, key), self._index(namespace)]
             return bool(self._put_record(keys=keys, args=[value, ttl, repr(float(expires_at)), key]))
 
     def get_record(self, namespace: str, key: str) -> tuple[str, int] | None:
-        with _redis_errors():
+        with self._calls():
             value, version = self._redis.hmget(self._key(namespace, key), ["v", "n"])
         if value is None or version is None:
             return None
@@ -160,14 +177,14 @@ class RedisStateStore:
 
     def swap_record(self, namespace: str, key: str, version: int, value: str, expires_at: float) -> bool:
         ttl = max(1, self._ttl_ms(expires_at))
-        with _redis_errors():
+        with self._calls():
             keys = [self._key(namespace, key), self._index(namespace)]
             args: list[str | int] = [str(int(version)), value, ttl, repr(float(expires_at)), key]
             return bool(self._swap_record(keys=keys, args=args))
 
     def list_records(self, namespace: str, limit: int) -> list[tuple[str, str, int]]:
         now = self._clock.now()
-        with _redis_errors():
+        with self._calls():
             index = self._index(namespace)
             self._redis.zremrangebyscore(index, "-inf", now)
             found = self._redis.zrangebyscore(index, f"({now!r}", "+inf", 0, int(limit))
@@ -181,11 +198,11 @@ class RedisStateStore:
 
     def publish(self, channel: str, message: str) -> None:
         """Publish an event on ``<prefix><channel>`` for subscribers that cache state (verifier SDKs)."""
-        with _redis_errors():
+        with self._calls():
             self._redis.publish(self._prefix + channel, message)
 
     def ping(self) -> None:
-        with _redis_errors():
+        with self._calls():
             self._redis.ping()
 
     def close(self) -> None:

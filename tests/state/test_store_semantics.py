@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +130,48 @@ def test_redis_fails_closed_and_recovers(own_redis: OwnRedis) -> None:
         assert store.consume_once("jti", "b", far())
     finally:
         store.close()
+
+
+def test_a_redis_that_stops_answering_costs_one_timeout_per_backoff_window() -> None:
+    """A server that accepts connections and never answers (a black hole) must not hold every call."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])  # keep it open, never answer
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    store = RedisStateStore(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", prefix="t:", timeout=0.3,
+                            timeout_backoff=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="TimeoutError"):
+            store.consume_once("jti", "a", far())
+        assert 0.25 < time.monotonic() - started < 1.0  # one timeout, not retried
+        started = time.monotonic()
+        for _ in range(20):
+            with pytest.raises(StoreUnavailable, match="stopped answering"):
+                store.consume_once("jti", "b", far())
+        assert time.monotonic() - started < 0.1  # inside the window: fail fast
+        time.sleep(1.05)
+        with pytest.raises(StoreUnavailable, match="TimeoutError"):
+            store.consume_once("jti", "c", far())  # after the window: it tries again
+    finally:
+        store.close()
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
 
 
 def test_redis_publishes_state_events(redis_prefix: str) -> None:
