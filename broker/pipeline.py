@@ -78,7 +78,7 @@ class AppendOnlyLog(Protocol):
 class SecretIssuer(Protocol):
     """Issues Vault-backed credentials for a grant (``broker.vault.issuer.VaultIssuer``)."""
 
-    async def issue(self, grant: Grant, request_id: str) -> Issued: ...
+    async def issue(self, grant: Grant, request_id: str, approval: dict[str, Any] | None = None) -> Issued: ...
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,8 @@ class Broker:
             workload = self.policies.resolve_workload(identity)
             grant = self.policies.authorize(identity, workload, request.audience, request.intent)
             enforce_binding(grant, request.dpop)
-            check_requested_type(grant.credential_kind, request.requested_token_type)
+            if request.approval is None:  # a held intent's type was checked when it was held
+                check_requested_type(grant.credential_kind, request.requested_token_type)
             limits = self.policies.limits.get(grant.rule_id)
             if grant.review is not None and request.approval is None:
                 # Suspension and rate apply to holds too; the budget is charged at issuance.
@@ -249,7 +250,8 @@ class Broker:
                     f"rule {grant.rule_id} issues a Vault secret and this broker has no Vault configured"))
                 await self._record_refusal(request, refusal)
                 raise refusal.error
-            return await self.vault.issue(grant, request.request_id)
+            approval = request.approval.ledger_ref() if request.approval is not None else None
+            return await self.vault.issue(grant, request.request_id, approval)
         # (3) durable before the credential exists.
         credential = {
             "kind": "jwt",

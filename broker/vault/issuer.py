@@ -71,8 +71,11 @@ class VaultIssuer:
 
     # -- issuance -------------------------------------------------------------------------------
 
-    async def issue(self, grant: Grant, request_id: str) -> Issued:
-        """Steps 1-4 of the module docstring for an allowed Vault grant."""
+    async def issue(self, grant: Grant, request_id: str, approval: dict[str, Any] | None = None) -> Issued:
+        """Steps 1-4 of the module docstring for an allowed Vault grant.
+
+        ``approval`` (an approved held intent) points the issuance entry at its approval entry.
+        """
         kind = parse_vault_kind(grant.credential_kind)
         task_id = uuid.uuid4().hex
         meta = {"task_id": task_id, "workload": grant.workload.name, "rule": grant.rule_id}
@@ -93,7 +96,9 @@ class VaultIssuer:
         receipt: Receipt | None = None
         try:
             self.leases.add(record, release_token)
-            entry = issuance_entry(grant=grant, now=now, request_id=request_id, credential=credential)
+            entry = issuance_entry(
+                grant=grant, now=now, request_id=request_id, credential=credential, approval=approval
+            )
             receipt = await self.ledger.append_async(entry)
             self.leases.mark_live(task_id, receipt.leaf_hash)
         except BaseException as exc:

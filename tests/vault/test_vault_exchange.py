@@ -8,6 +8,7 @@ revocation is on the ledger, with the lease id or accessor and never the secret.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ import hvac.exceptions
 import psycopg
 import pytest
 
+from broker.audit.schema import validate_entry
 from broker.config import Settings
 from broker.vault.devserver import DevVault
 from tests.helpers import SUPPORT, TRIAGE, intent
@@ -218,3 +220,43 @@ def test_suspension_revokes_every_open_lease_of_the_workload(vault_broker: Vault
     # The other workload's token is untouched.
     assert dev_vault.client().auth.token.lookup(r.json()["access_token"])["data"]["ttl"] > 0
     assert vault.revoke_workload("support-assistant", "admin-suspend-2", admin) == 0
+
+
+def test_a_held_vault_intent_is_issued_with_its_approval_on_the_ledger(tmp_path: Path, dev_vault: DevVault) -> None:
+    """A review rule with a Vault kind: the secret is minted only after approval, and its issuance
+    entry points at the approval entry, as for task tokens."""
+    policies = policies_with(
+        tmp_path, "p, support-agent, orders-db, orders.export, customers/{customer}/orders, , review, "
+                  "orders-export-review, 120, vault-db:orders-reader")
+    with (policies / "approvals.toml").open("a") as f:
+        f.write('\n[[review]]\nrule = "orders-export-review"\napprovers = "data-approvers"\napprovals = 1\n'
+                "max_wait = 300\n")
+    secret = "april-data-approver-secret-0123456789"
+    settings = Settings.model_validate({
+        "data_dir": tmp_path / "data", "policies_dir": policies, "vault": dev_vault.settings(sweep_interval=3600),
+        "operators": [{"name": "april", "role": "approver", "groups": ["data-approvers"],
+                       "token_sha256": hashlib.sha256(secret.encode()).hexdigest()}],
+    })
+    export = intent("orders.export", "customers/c-1001/orders", customer="c-1001")
+    for broker in open_broker(settings):
+        held = broker.exchange(SUPPORT, "orders-db", export, requested_token_type=DB_CREDS)
+        assert held.status_code == 200 and "access_token" not in held.json(), held.text
+        auth_req_id = held.json()["auth_req_id"]
+        assert not any(e["kind"] == "issuance" for e in broker.entries())  # nothing minted while held
+        r = broker.client.post(f"/v1/admin/approvals/{auth_req_id}/approve", json={"reason": "audit export"},
+                               headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 200, r.text
+        poll = broker.client.post("/v1/token", data={
+            "grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id,
+            "subject_token": broker.identity(SUPPORT), "subject_token_type": "urn:ietf:params:oauth:token-type:jwt"})
+        assert poll.status_code == 200, poll.text
+        assert poll.json()["vault"]["username"]
+        approval_entry = next(e for e in broker.entries() if e["kind"] == "approval")
+        issuance = broker.entries()[-1]
+        assert issuance["kind"] == "issuance" and issuance["credential"]["kind"] == "vault-db"
+        assert issuance["approval"]["auth_req_id"] == auth_req_id
+        assert issuance["approval"]["approvers"] == ["april"]
+        assert approval_entry["approval"]["outcome"] == "approved"
+        validate_entry(issuance)
+        lease_id = issuance["credential"]["lease_id"]
+        assert lease_ttl(dev_vault, lease_id)
