@@ -71,7 +71,8 @@ async def _authenticated_form(request: Request, runtime: Any) -> tuple[Authentic
 async def introspect(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """``active`` plus the granted intent, owner and ledger ``txn``; ``{"active": false}`` otherwise."""
     client, token = await _authenticated_form(request, runtime)
-    answer = await anyio.to_thread.run_sync(_services(runtime).introspector.introspect, token, client)
+    # On the event loop: the broker's own keys and a few state-store reads (see broker.pipeline).
+    answer = _services(runtime).introspector.introspect(token, client)
     return JSONResponse(answer, headers=NO_STORE)
 
 
