@@ -18,7 +18,7 @@ from broker.audit.monitor import ConsistentCheckpoint, check_consistency
 from broker.audit.prove import Attribution, prove_attribution
 from broker.audit.schema import ValidatedEntry, validate_entry
 from broker.audit.source import LedgerSource, RawEntry
-from broker.audit.verify import LedgerSummary, VerifiedLedger, verify_ledger
+from broker.audit.verify import LedgerSummary, VerifiedLedger, extend_verified, verify_ledger
 from broker.audit.witness import Cosignature, WitnessSigner, WitnessVerifier
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "WitnessSigner",
     "WitnessVerifier",
     "check_consistency",
+    "extend_verified",
     "prove_attribution",
     "validate_entry",
     "verify_ledger",

@@ -38,6 +38,7 @@ __all__ = [
     "Progress",
     "VerifiedLedger",
     "VerifierKeys",
+    "extend_verified",
     "verify_checkpoint_from",
     "verify_ledger",
     "verify_note",
@@ -340,6 +341,54 @@ def verify_ledger(
         # The source signed a new history that does not extend the trusted one: a fork.
         raise ConsistencyViolation("fork", mismatch.reason, previous=reference_note, latest=note, index=mismatch.index)
     raise mismatch
+
+
+def extend_verified(
+    source: LedgerSource, previous: VerifiedLedger, verifier_key: VerifierKeys, *, origin: str | None = None
+) -> VerifiedLedger:
+    """Verify what ``source`` appended since ``previous`` (an earlier :func:`verify_ledger` result).
+
+    Checks the latest checkpoint's signature, then only the new entries (bytes, leaf hash, canonical
+    form, schema), extends ``previous.tree`` with their leaf hashes and requires the recomputed root to
+    be the signed one — so the old entries are covered by the signed root too. O(new entries).
+    Raises :class:`AuditFailure` on any problem, including a shrunk log or a new ledger key (verify
+    in full then: :func:`verify_ledger` follows endorsements and names the exact bad entry). On
+    failure ``previous.tree`` may hold unverified leaf hashes: discard ``previous``.
+    """
+    keys = _keys(verifier_key)
+    if previous.signed_by and previous.signed_by not in keys:
+        keys.append(previous.signed_by)  # a rotated key the full verification already followed
+    note = source.checkpoint()
+    checkpoint, signed_by = verify_note(note, keys, origin or previous.checkpoint.origin)
+    old, size = previous.checkpoint.size, checkpoint.size
+    if size < old:
+        raise AuditFailure(f"the log has {size} entries but a verified checkpoint covered {old}", index=size)
+    tree = previous.tree
+    if tree.size != old:
+        raise AuditFailure("the verified tree does not match its checkpoint; verify in full")
+    summary = LedgerSummary()
+    summary.merge(previous.summary)
+    leaves: list[bytes] = []
+    recorded: list[bytes | None] = []
+    expected = old
+    for raw in source.entries(old, size) if size > old else ():
+        if raw.index != expected:
+            raise AuditFailure(f"the source returned entry {raw.index} out of order", index=expected)
+        leaves.append(raw.leaf)
+        recorded.append(raw.recorded_leaf_hash)
+        expected += 1
+    if expected != size:
+        raise AuditFailure(f"the source ended after {expected} of {size} entries", index=expected)
+    result = _check_batch(old, leaves, recorded)
+    if result.error is not None:
+        raise AuditFailure(result.error[1], index=result.error[0])
+    if result.endorsements:
+        raise AuditFailure("the new entries rotate the ledger key; verify in full", index=result.endorsements[0][0])
+    tree.extend(result.hashes[i : i + HASH_SIZE] for i in range(0, len(result.hashes), HASH_SIZE))
+    if not hmac.compare_digest(tree.root(size), checkpoint.root):
+        raise AuditFailure("the recomputed root differs from the signed checkpoint; verify in full", index=old)
+    summary.merge(result.summary)
+    return VerifiedLedger(checkpoint=checkpoint, note=note, summary=summary, tree=tree, signed_by=signed_by)
 
 
 def _saved_hashes(trusted: Checkpoint | None, hashes: bytes | None) -> bytes | None:

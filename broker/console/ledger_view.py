@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from broker.audit import AuditFailure, prove_attribution, verify_ledger
+from broker.audit import AuditFailure, VerifiedLedger, extend_verified, prove_attribution, verify_ledger
 from broker.audit.local import LocalLedgerSource
 from broker.errors import InvalidRequest, NotFound
 from broker.ledger.log import MAX_ENTRIES_PER_CALL, Ledger
@@ -28,7 +28,8 @@ SCAN_LIMIT = 20000
 MAX_RESULTS = 100
 _FILTER_MAX = 256
 #: Up to this many entries a full verification takes about a second: the page waits for it. Above it,
-#: the page shows the last completed verification while a new one runs in the background.
+#: the page shows the last completed verification while a new one runs in the background. Once one
+#: verification succeeded, later ones only check the entries appended since (fast at any size).
 SYNC_VERIFY_LIMIT = 50_000
 
 
@@ -104,6 +105,7 @@ class LedgerBrowser:
         self._sync_limit = sync_limit
         self._lock = threading.Lock()
         self._status: CheckpointStatus | None = None
+        self._verified: VerifiedLedger | None = None  # the last success, extended incrementally
         self._worker: threading.Thread | None = None
 
     def checkpoint_status(self) -> CheckpointStatus:
@@ -117,9 +119,8 @@ class LedgerBrowser:
             current = self._status
             if current is not None and current.size == size:
                 return current
-            if size <= self._sync_limit:
-                self._status = self._verify(size)
-                return self._status
+            if size <= self._sync_limit or self._verified is not None:
+                return self._verify(size)
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._refresh, name="console-verify", daemon=True)
                 self._worker.start()
@@ -134,17 +135,31 @@ class LedgerBrowser:
             worker.join(timeout)
 
     def _refresh(self) -> None:
-        status = self._verify(self._ledger.size())
+        status, verified = self._check(self._ledger.size(), None)
         with self._lock:
-            self._status = status
+            if self._verified is None:  # nothing newer was verified meanwhile
+                self._status, self._verified = status, verified
 
     def _verify(self, size: int) -> CheckpointStatus:
+        """Verify now (the caller holds the lock): incrementally from the last success, if any."""
+        self._status, self._verified = self._check(size, self._verified)
+        return self._status
+
+    def _check(self, size: int, base: VerifiedLedger | None) -> tuple[CheckpointStatus, VerifiedLedger | None]:
+        verified: VerifiedLedger | None = None
+        if base is not None:
+            try:
+                verified = extend_verified(self._source, base, self._key, origin=self._origin)
+            except AuditFailure:
+                verified = None  # verify in full: it names the exact problem, or follows a key rotation
         try:
-            verified = verify_ledger(self._source, self._key, origin=self._origin)
+            if verified is None:
+                verified = verify_ledger(self._source, self._key, origin=self._origin)
         except AuditFailure as exc:
-            return CheckpointStatus(False, size, "", time.time(), problem=str(exc))
-        return CheckpointStatus(True, verified.checkpoint.size,
-                                base64.b64encode(verified.checkpoint.root).decode(), time.time())
+            return CheckpointStatus(False, size, "", time.time(), problem=str(exc)), None
+        status = CheckpointStatus(True, verified.checkpoint.size,
+                                  base64.b64encode(verified.checkpoint.root).decode(), time.time())
+        return status, verified
 
     def search(self, criteria: SearchFilter) -> list[dict[str, Any]]:
         """The newest matching entries (at most :data:`MAX_RESULTS`), each ``{index, leaf_hash, entry}``."""
