@@ -21,12 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from broker.attest.dev import DevIssuer
@@ -86,9 +86,21 @@ def shoot(driver: WebDriver, tmp_path: Path, name: str) -> None:
 
 
 def follow(driver: WebDriver, element: WebElement) -> None:
-    """Click a link or submit button and wait until the next page replaced this one."""
+    """Click a link or submit button and wait until the next page replaced this one and loaded."""
     element.click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(element))
+
+    def replaced(_: WebDriver) -> bool:
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            # Chromium may report a node of the old document this way while the new one loads.
+            return "does not belong to the document" in str(exc)
+        return False
+
+    WebDriverWait(driver, 10).until(replaced)
+    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def sign_in(driver: WebDriver, broker: LiveBroker, credential: str) -> None:
