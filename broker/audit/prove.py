@@ -4,10 +4,11 @@
 with the auditor's key, (2) the entry was located (by leaf hash, by ``jti``, or by a task token's
 ``txn`` claim), (3) its leaf hash is proven included in the signed tree, (4) the entry passed the
 schema, and (5) for a token, the entry is the issuance of exactly that token (same ``jti``, and the
-SHA-256 of its canonical claims without ``txn`` equals ``credential.claims_sha256``).
-
-The token's signature is not checked here: the entry proves what the broker *recorded* issuing;
-a resource server checks signatures with the JWKS.
+SHA-256 of its canonical claims without ``txn`` equals ``credential.claims_sha256``), and (6) the
+token's signature verifies with the task-token key the ledger itself recorded (the ``key_rotation``
+entry whose ``kid`` the token and the issuance entry name). Nothing but the ledger and the
+auditor's verifier key is trusted: a JWT assembled from copied claims is refused, and so is a token
+signed by a key the ledger never announced. Expiry is not checked: old tokens are still attributable.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
 import rfc8785
 
 from broker.audit._canonical import decode_leaf
@@ -83,7 +85,8 @@ class Attribution:
             if credential.get("cnf_jkt"):
                 out.append(f"bound to         DPoP key {credential['cnf_jkt']} (RFC 7638 thumbprint)")
         if self.token_matched:
-            out.append("token            matches this entry (jti and claims digest)")
+            out.append("token            matches this entry (jti and claims digest), and its signature verifies\n"
+                       "                 with the task-token key the ledger recorded")
         return out
 
 
@@ -120,6 +123,54 @@ def peek_unverified_token_claims(token: str) -> dict[str, Any]:
     if not isinstance(claims, dict):
         raise AuditFailure("the token's payload is not a JSON object")
     return claims
+
+
+def _recorded_task_key(source: LedgerSource, kid: str, size: int) -> dict[str, Any]:
+    """The public JWK of task-token key ``kid`` as a ``key_rotation`` entry in the tree records it."""
+    for raw in source.entries(0, size):
+        try:
+            entry = decode_leaf(raw.leaf)
+        except VerificationError:
+            continue  # `audit verify` reports bad leaves; here we only look for the key
+        key = entry.get("key")
+        if entry.get("kind") == "key_rotation" and isinstance(key, dict) and key.get("purpose") == "task-token" \
+                and key.get("kid") == kid:
+            validate_entry(entry)  # the key's JWK is public, and its kid is its thumbprint
+            return dict(key["public_jwk"])
+    raise AuditFailure(f"the ledger records no task-token key {kid!r}: the token was not signed by this broker")
+
+
+def _verify_token_signature(token: str, jwk: dict[str, Any], alg: str) -> None:
+    try:
+        key = jwt.PyJWK(jwk, algorithm=alg).key
+        # Only the signature and the token type: an expired token is still attributable.
+        jwt.decode(token, key, algorithms=[alg], options={
+            "verify_signature": True, "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+            "verify_aud": False, "verify_iss": False,
+        })
+        if jwt.get_unverified_header(token).get("typ") != "at+jwt":
+            raise AuditFailure("the token is not a task token (typ is not at+jwt)")
+    except jwt.PyJWTError:
+        raise AuditFailure("the token's signature does not verify with the key the ledger recorded") from None
+
+
+def _token_header(token: str) -> dict[str, Any]:
+    try:
+        header = jwt.get_unverified_header(token)  # only to pick the key; the signature is checked next
+    except jwt.PyJWTError:
+        raise AuditFailure("the token's header is not base64url JSON") from None
+    return header
+
+
+def _token_kid(token: str) -> Any:
+    return _token_header(token).get("kid")
+
+
+def _token_alg(token: str) -> str:
+    alg = _token_header(token).get("alg")
+    if alg not in ("ES256", "EdDSA"):  # the broker signs task tokens with these only
+        raise AuditFailure(f"the token's algorithm {alg!r} is not one the broker signs with")
+    return str(alg)
 
 
 def _find_by_jti(source: LedgerSource, jti: str, size: int) -> int:
@@ -197,5 +248,12 @@ def prove_attribution(
             raise AuditFailure("the token's claims cannot be canonicalised", index=index) from None
         if claims_digest != credential.get("claims_sha256"):
             raise AuditFailure("the token's claims differ from those the entry committed to", index=index)
+        # (6) signed by the key the ledger recorded for the kid the entry names.
+        assert token is not None
+        kid = credential.get("kid")
+        alg = _token_alg(token)
+        if not isinstance(kid, str) or _token_kid(token) != kid:
+            raise AuditFailure("the token names another signing key than its issuance entry", index=index)
+        _verify_token_signature(token, _recorded_task_key(source, kid, size), alg)
     return Attribution(index=index, leaf_hash=digest.hex(), checkpoint=checkpoint, entry=entry,
                        token_matched=_unverified_claims is not None)

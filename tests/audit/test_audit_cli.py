@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jwt
 import pytest
 
 from broker.audit import BundleLedgerSource, HttpLedgerSource, prove_attribution, verify_ledger
@@ -122,6 +123,24 @@ def _forge_claim(token: str) -> str:
     return f"{header}.{forged}.{sig}"
 
 
+def _resigned(token: str, alg: str = "ES256") -> str:
+    """The same header and claims, signed by a key the broker never had (or with alg none)."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    header_b64, payload, _ = token.split(".")
+    header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    if alg == "none":  # an unsigned token: a rejection test only
+        unsigned = {**header, "alg": "none"}
+        encode = base64.urlsafe_b64encode
+        return (encode(json.dumps(unsigned).encode()).decode().rstrip("=") + "."
+                + encode(json.dumps(claims).encode()).decode().rstrip("=") + ".")
+    return jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                      headers={"kid": header["kid"], "typ": header["typ"]})
+
+
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
@@ -130,8 +149,11 @@ def _forge_claim(token: str) -> str:
         (lambda led: ["--jti", "never-issued"], "no issuance entry in the verified tree"),
         (lambda led: ["--token", "not.a.jwt.at.all"], "not a compact JWT"),
         (lambda led: ["--token", _forge_claim(led.issued[0].token)], "claims differ from those the entry committed"),
+        (lambda led: ["--token", _resigned(led.issued[0].token)], "signature does not verify with the key the ledger"),
+        (lambda led: ["--token", _resigned(led.issued[0].token, "none")], "algorithm 'none' is not one the broker"),
     ],
-    ids=["unknown-hash", "malformed-hash", "unknown-jti", "not-a-jwt", "altered-claims"],
+    ids=["unknown-hash", "malformed-hash", "unknown-jti", "not-a-jwt", "altered-claims", "copied-claims-other-key",
+         "alg-none"],
 )
 def test_prove_refuses(served_ledger: tuple[LiveBroker, Ledger], query, expected: str) -> None:  # type: ignore[no-untyped-def]
     broker, ledger = served_ledger
