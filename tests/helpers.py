@@ -52,9 +52,15 @@ def form_body(form: dict[str, str]) -> bytes:
 
 
 class LiveBroker:
-    """A ``nhi-broker serve`` process on a free loopback port, stopped by its fixture."""
+    """A ``nhi-broker serve`` process on a free loopback port, stopped by its fixture.
 
-    def __init__(self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, config: Path | None = None) -> None:
+    ``env`` adds ``NHI_BROKER_*`` settings (the caller's own are never inherited).
+    """
+
+    def __init__(
+        self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, config: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -67,7 +73,7 @@ class LiveBroker:
             [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--policies", str(policies),
              "--workers", str(workers), *(["--config", str(config)] if config else [])],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")},
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}, **(env or {})},
         )
         self._wait_ready()
 

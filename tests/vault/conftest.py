@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
@@ -26,7 +20,7 @@ from broker.clock import SystemClock
 from broker.config import Settings
 from broker.runtime import Runtime
 from broker.vault.devserver import DEMO_DATABASE, DevVault
-from tests.helpers import POLICIES, exchange_form, form_body, free_port
+from tests.helpers import POLICIES, exchange_form, form_body
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 DB_CREDS = "urn:nhi-broker:token-type:vault-db-creds"
@@ -102,45 +96,3 @@ def db_connect(username: str, password: str) -> psycopg.Connection[Any]:
     """Log in to the demo database as a Vault-issued user."""
     return psycopg.connect(host="127.0.0.1", port=5432, dbname=DEMO_DATABASE, user=username, password=password,
                            connect_timeout=5, autocommit=True)
-
-
-class ServeProcess:
-    """``nhi-broker serve`` with extra environment (the Vault settings, as docs/vault.md sets them).
-
-    Output goes to a file, never an unread pipe; :meth:`stop` returns it.
-    """
-
-    def __init__(self, data_dir: Path, policies: Path, env: dict[str, str]) -> None:
-        self.data_dir = data_dir
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = data_dir.parent / f"broker-{port}.log"
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [str(Path(sys.executable).with_name("nhi-broker")), "serve", "--port", str(port), "--data-dir",
-                 str(data_dir), "--policies", str(policies)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**clean, **env},
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited: {self.stop()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("broker did not become ready")
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.log_path.read_text(errors="replace")

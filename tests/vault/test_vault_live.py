@@ -14,19 +14,19 @@ import psycopg
 import pytest
 
 from broker.vault.devserver import DevVault
-from tests.helpers import SUPPORT, exchange_form, intent
-from tests.vault.conftest import DB_CREDS, ServeProcess, db_connect, policies_with
+from tests.helpers import SUPPORT, LiveBroker, exchange_form, intent
+from tests.vault.conftest import DB_CREDS, db_connect, policies_with
 
 NHI = str(Path(sys.executable).with_name("nhi-broker"))
 
 
-def dev_identity(broker: ServeProcess) -> str:
+def dev_identity(broker: LiveBroker) -> str:
     out = subprocess.run([NHI, "dev", "identity", SUPPORT, "--data-dir", str(broker.data_dir)],
                          capture_output=True, text=True, check=True, timeout=60)
     return out.stdout.strip()
 
 
-def ledger(broker: ServeProcess) -> list[dict[str, Any]]:
+def ledger(broker: LiveBroker) -> list[dict[str, Any]]:
     size = int(httpx.get(broker.url + "/v1/ledger/checkpoint").text.splitlines()[1])
     return [e["entry"] for e in httpx.get(broker.url + "/v1/ledger/entries",
                                           params={"start": 0, "end": size}).json()["entries"]]
@@ -36,7 +36,7 @@ def test_live_broker_db_user_release_and_sweep(tmp_path: Path, dev_vault: DevVau
     policies = policies_with(tmp_path, "p, support-agent, orders-db, orders.peek, customers/{customer}/orders, , "
                                        "allow, peek, 2, vault-db:orders-reader")
     env = {**dev_vault.env(), "NHI_BROKER_VAULT__SWEEP_INTERVAL": "0.5"}
-    broker = ServeProcess(tmp_path / "data", policies, env)
+    broker = LiveBroker(tmp_path / "data", policies, env=env)
     try:
         details = intent("orders.query", "customers/c-1001/orders", customer="c-1001")
         r = httpx.post(broker.url + "/v1/token", data=exchange_form(dev_identity(broker), "orders-db", details,
