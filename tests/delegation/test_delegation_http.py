@@ -337,3 +337,47 @@ def test_parent_token_type_must_be_an_access_token_or_jwt(broker: LiveBroker) ->
     form["subject_token_type"] = "urn:ietf:params:oauth:token-type:id_token"
     r = post(broker, form)
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+
+
+# --- the SDK speaks it (sync and async) ----------------------------------------------------------
+
+def test_sdk_delegation_and_child_exchange_sync(broker: LiveBroker) -> None:
+    from nhi_broker_client import BrokerClient, BrokerResponseError
+
+    context = refund_context()
+    with BrokerClient(broker.url, actor=lambda: workload(broker), user_token=lambda: user(broker), dpop=False) as bot:
+        parent = bot.get_token("payments-api", "payments.refund", ORDER, context)
+        assert verify_independently(broker, parent.access_token)["act"] == {"sub": SUPPORT}
+        with pytest.raises(BrokerResponseError) as refused:
+            bot.get_token("payments-api", "payments.refund", "customers/c-77/orders/o-1",
+                          {**context, "customer": "c-77"})
+        assert (refused.value.code, refused.value.rule_id) == ("access_denied", "refund-other-customer")
+    with BrokerClient(broker.url, lambda: workload(broker, EXECUTOR)) as sub_agent:
+        child = sub_agent.narrow(parent, "payments-api", "payments.refund", ORDER, {**context, "amount": 10})
+        claims = verify_independently(broker, child.access_token)
+        assert claims["act"] == {"sub": EXECUTOR, "act": {"sub": SUPPORT}}
+        with pytest.raises(BrokerResponseError) as wider:
+            sub_agent.narrow(parent.access_token, "payments-api", "payments.refund", ORDER, {**context, "amount": 99})
+        assert wider.value.code == "invalid_target"
+
+
+def test_sdk_delegation_and_child_exchange_async(broker: LiveBroker) -> None:
+    import asyncio
+
+    from nhi_broker_client import AsyncBrokerClient
+
+    async def run() -> dict[str, Any]:
+        context = refund_context()
+
+        async def fresh_user() -> str:
+            return user(broker)
+
+        async with AsyncBrokerClient(broker.url, actor=lambda: workload(broker), user_token=fresh_user,
+                                     dpop=False) as bot:
+            parent = await bot.get_token("payments-api", "payments.refund", ORDER, context)
+        async with AsyncBrokerClient(broker.url, lambda: workload(broker, EXECUTOR)) as sub_agent:
+            child = await sub_agent.narrow(parent, "payments-api", "payments.refund", ORDER, context)
+        return verify_independently(broker, child.access_token)
+
+    claims = asyncio.run(run())
+    assert claims["sub"] == "c-42" and claims["act"]["act"] == {"sub": SUPPORT}
