@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,14 @@ def test_held_delegated_refund_is_issued_for_the_verified_user(broker: LiveBroke
     view = httpx.get(f"{broker.url}/v1/admin/approvals", headers=approvers).json()
     pending = next(p for p in view["requests"] if p["auth_req_id"] == auth_req_id)
     assert pending["user"] == {"iss": DEV_USER_ISSUER, "sub": "c-42"}  # the approver sees who it is for
+    with httpx.Client(base_url=broker.url) as console:
+        login = console.get("/console/login").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', login)
+        assert csrf is not None
+        signed_in = console.post("/console/login", data={"csrf": csrf.group(1), "credential": APPROVER})
+        assert signed_in.status_code in (200, 303), signed_in.text
+        page = console.get(f"/console/approvals/{auth_req_id}").text
+        assert 'Verified end user</dt><dd><code id="end-user">c-42</code>' in page
     r = httpx.post(f"{broker.url}/v1/admin/approvals/{auth_req_id}/approve", json={"reason": "ok"},
                    headers=approvers)
     assert r.status_code == 200, r.text
