@@ -9,7 +9,8 @@ Everything on the embedded default lives under ``settings.data_dir``::
                             PostgreSQL (one log for every replica; docs/scaling.md)
     state.sqlite3           shared state on the embedded default (state_backend = "sqlite"):
                             single-use values, revocations, suspensions, use counts, rates, budgets
-    vault-leases.sqlite3    Vault leases handed out (when [vault] is configured)
+    vault-leases.sqlite3    Vault leases handed out (when [vault] is configured), unless the ledger is
+                            in PostgreSQL: then the lease book is there too, shared by every replica
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class Runtime:
         )
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
         state = StateServices.from_settings(settings, store, keys, attestor, clock)
-        vault = open_vault_issuer(settings.vault, data_dir, ledger, clock) if settings.vault else None
+        shared = settings.ledger_storage_url if is_shared(settings.ledger_storage_url) else None
+        vault = open_vault_issuer(settings.vault, data_dir, ledger, clock, shared) if settings.vault else None
         approvals = ApprovalDesk(store, ledger, clock, poll_interval=settings.approvals.poll_interval,
                                  notify=_webhook(settings, clock))
         # Decisions stay on the event loop with Redis too: its calls take tens of microseconds, and

@@ -29,7 +29,6 @@ resumes by itself after PostgreSQL restarts.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -40,12 +39,13 @@ from psycopg import errors as pg_errors
 from broker.errors import InvalidRequest, LedgerUnavailable
 from broker.ledger.merkle import HASH_SIZE, leaf_hash
 from broker.ledger.storage import DuplicateLeaf
-from broker.pg import connect, describe, redact, require_schema
+from broker.pg import describe, redact, require_schema
+from broker.pg.session import Connection as _Conn
+from broker.pg.session import Session
 
 __all__ = ["PostgresLedgerStorage"]
 
 _T = TypeVar("_T")
-_Conn = psycopg.Connection[tuple[object, ...]]
 
 
 @contextmanager
@@ -73,55 +73,6 @@ def _bytes(value: object) -> bytes:
     return bytes(value)
 
 
-class _Session:
-    """One connection, opened on first use and again after it failed; callers hold ``lock``."""
-
-    def __init__(self, url: str, *, autocommit: bool, application: str) -> None:
-        self.url = url
-        self.autocommit = autocommit
-        self.application = application
-        self.lock = threading.Lock()
-        self.conn: _Conn | None = None
-        self.closed = False
-
-    def get(self) -> _Conn:
-        if self.closed:
-            raise LedgerUnavailable("ledger storage is closed")
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            self.drop()
-            self.conn = connect(self.url, autocommit=self.autocommit, application=self.application)
-        return self.conn
-
-    def drop(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except psycopg.Error:
-                pass  # the connection is unusable either way
-        self.conn = None
-
-    def run(self, work: Callable[[_Conn], _T], *, retry: bool) -> _T:
-        """``work(conn)``; on a connection failure, drop the connection (and retry once if ``retry``).
-
-        Only work that is safe to repeat retries: reads, and writes whose transaction never reached
-        ``COMMIT`` (``work`` raises before committing, so PostgreSQL rolled it back).
-        """
-        with self.lock, _pg_errors():
-            for attempt in (1, 2):
-                try:
-                    return work(self.get())
-                except psycopg.OperationalError:
-                    # A stale connection after a server restart fails on first use; a fresh one may not.
-                    self.drop()
-                    if not retry or attempt == 2:
-                        raise
-                except psycopg.Error:
-                    if self.conn is not None and (self.conn.closed or self.conn.broken):
-                        self.drop()
-                    raise
-            raise AssertionError("unreachable")
-
-
 class PostgresLedgerStorage:
     """Leaves in PostgreSQL, shared by every replica (see the module docstring for the guarantees)."""
 
@@ -129,10 +80,14 @@ class PostgresLedgerStorage:
         """Connect to ``url`` and check the schema version; :class:`LedgerUnavailable` or
         :class:`~broker.pg.SchemaOutdated` (which names ``nhi-broker db upgrade``) when it cannot run.
         """
-        self._writer = _Session(url, autocommit=False, application="nhi-broker ledger writer")
-        self._reader = _Session(url, autocommit=True, application="nhi-broker ledger reader")
+        def closed() -> LedgerUnavailable:
+            return LedgerUnavailable("ledger storage is closed")
+
+        self._writer = Session(url, autocommit=False, application="nhi-broker ledger writer", closed_error=closed)
+        self._reader = Session(url, autocommit=True, application="nhi-broker ledger reader", closed_error=closed)
         shown = redact(url)
-        self._reader.run(lambda conn: require_schema(conn, shown), retry=False)
+        with _pg_errors():
+            self._reader.run(lambda conn: require_schema(conn, shown), retry=False)
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -181,7 +136,8 @@ class PostgresLedgerStorage:
                 raise
             return first
 
-        return self._writer.run(work, retry=True)
+        with _pg_errors():
+            return self._writer.run(work, retry=True)
 
     def record_checkpoint(self, size: int, root: bytes, note: str) -> None:
         """Remember a checkpoint (durably) before it is published; the first one per size stays."""
@@ -194,7 +150,8 @@ class PostgresLedgerStorage:
                     (size, root, note),
                 )
 
-        self._writer.run(work, retry=True)  # idempotent: repeating it is harmless
+        with _pg_errors():
+            self._writer.run(work, retry=True)  # idempotent: repeating it is harmless
 
     def record_cosignatures(self, size: int, lines: dict[str, str]) -> None:
         """Keep the newest cosignature line of each witness (by name) for the checkpoint of ``size``."""
@@ -207,12 +164,14 @@ class PostgresLedgerStorage:
                     [(size, name, line) for name, line in lines.items()],
                 )
 
-        self._writer.run(work, retry=True)
+        with _pg_errors():
+            self._writer.run(work, retry=True)
 
     # -- reads -----------------------------------------------------------------------------------
 
     def _read(self, work: Callable[[_Conn], _T]) -> _T:
-        return self._reader.run(work, retry=True)
+        with _pg_errors():
+            return self._reader.run(work, retry=True)
 
     def size(self) -> int:
         """Number of committed leaves: the sequencer, which moves in the same transaction as the rows."""
@@ -292,7 +251,5 @@ class PostgresLedgerStorage:
 
     def close(self) -> None:
         """Close both connections; idempotent. Later calls raise :class:`LedgerUnavailable`."""
-        for session in (self._writer, self._reader):
-            with session.lock:
-                session.closed = True
-                session.drop()
+        self._writer.close()
+        self._reader.close()

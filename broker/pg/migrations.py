@@ -103,6 +103,31 @@ REVOKE UPDATE, DELETE, TRUNCATE ON ledger_entries, ledger_checkpoints FROM PUBLI
 REVOKE DELETE, TRUNCATE ON ledger_sequencer, ledger_cosignatures FROM PUBLIC;
 """
 
+_LEASES = """
+CREATE TABLE vault_leases (
+    task_id        text             PRIMARY KEY,
+    workload       text             NOT NULL,
+    spiffe_id      text             NOT NULL,
+    kind           text             NOT NULL,
+    ref_type       text             NOT NULL,
+    ref            text             NOT NULL,
+    issued_at      double precision NOT NULL,
+    expires_at     double precision NOT NULL,
+    release_sha256 text             NOT NULL UNIQUE,
+    leaf_hash      text,
+    state          text             NOT NULL CHECK (state IN ('pending', 'live', 'revoking', 'revoked')),
+    reason         text,
+    revoked_at     double precision
+);
+CREATE INDEX vault_leases_due ON vault_leases (state, expires_at);
+CREATE INDEX vault_leases_workload ON vault_leases (workload, state);
+CREATE TRIGGER vault_leases_no_delete BEFORE DELETE ON vault_leases
+    FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
+CREATE TRIGGER vault_leases_no_truncate BEFORE TRUNCATE ON vault_leases
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only();
+REVOKE DELETE, TRUNCATE ON vault_leases FROM PUBLIC;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -114,6 +139,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             ("SELECT, INSERT, UPDATE", "ledger_cosignatures"),
             ("SELECT, UPDATE", "ledger_sequencer"),
         ),
+    ),
+    Migration(
+        2,
+        "vault lease book shared by every replica (rows are never deleted)",
+        _LEASES,
+        (("SELECT, INSERT, UPDATE", "vault_leases"),),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

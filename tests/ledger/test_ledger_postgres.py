@@ -123,7 +123,7 @@ def test_commits_are_synchronous_even_when_the_server_default_is_off(pg_url):
     s = PostgresLedgerStorage(weakened)
     try:
         s.append_batch([b"x"])
-        conn = s._writer.conn
+        conn = s._writer.connection
         assert conn is not None and conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
     finally:
         s.close()
