@@ -17,8 +17,8 @@ embedded SQLite file; with ``--introspect`` it also measures RFC 7662 introspect
 ``--vault`` measures Vault-backed intents instead (latency, not throughput: the broker's p50 and p99
 added over a direct hvac call to the same local OpenBao; see scripts/bench_vault.py).
 ``--replicas`` runs 1, 2, ... broker replicas (``--workers`` each) on one PostgreSQL ledger (a temporary
-schema in ``--pg-url``) and the Redis state store, one wrk per replica splitting the connections, and
-prints the combined exchanges/s per replica count (see :func:`bench_replicas`).
+schema in ``--pg-url``) and a private Redis it starts, one wrk per replica splitting the connections, and
+prints the combined exchanges/s and Redis commands per exchange by replica count (:func:`bench_replicas`).
 """
 
 from __future__ import annotations
@@ -214,9 +214,23 @@ def bench_replicas(args: argparse.Namespace) -> int:
     sep = "&" if "?" in args.pg_url else "?"
     schemas: list[str] = []
     servers: list[tuple[subprocess.Popen[bytes], BinaryIO]] = []
+    # A private Redis, so its command counter measures the brokers alone (commands per exchange).
+    redis_port = free_port()
+    redis_proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    import redis
+
+    counter = redis.Redis.from_url(args.redis_url)
+    for _ in range(100):
+        try:
+            counter.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
     print(f"replicas of {args.workers} worker(s) each; ledger: PostgreSQL (synchronous_commit=on), state: Redis; "
           f"{connections} connections in all; {os.cpu_count()} cores shared by everything")
-    print(f"{'replicas':>8} {'exchanges/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}")
+    print(f"{'replicas':>8} {'exchanges/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8} {'redis cmds/exch':>14}")
     try:
         for n in counts:
             # A fresh ledger per replica count (its first replica creates the ledger key).
@@ -251,6 +265,7 @@ def bench_replicas(args: argparse.Namespace) -> int:
             for i in range(n):
                 pools.append(run_dir / f"bodies-{i}.txt")
                 make_bodies(run_dir / "replica-0", args.tokens or 3000 * args.duration // n, pools[-1])
+            commands_before = int(counter.info("stats")["total_commands_processed"])
             procs = []
             for url, bodies in zip(urls, pools, strict=True):
                 cmd = ["wrk", f"-t{min(args.threads, per)}", f"-c{per}", f"-d{args.duration}s", "--latency", "-s",
@@ -263,11 +278,13 @@ def bench_replicas(args: argparse.Namespace) -> int:
                 if proc.returncode != 0 or line is None:
                     raise SystemExit(f"wrk failed: {err.strip() or out.strip()}")
                 results.append(json.loads(line[5:]))
+            commands = int(counter.info("stats")["total_commands_processed"]) - commands_before
             rate = sum(r["requests"] / (r["duration_us"] / 1e6) for r in results)
             p50 = max(r["p50_us"] for r in results) / 1000
             p99 = max(r["p99_us"] for r in results) / 1000
             bad = sum(r["non200"] + r["socket_errors"] for r in results)
-            print(f"{n:>8} {rate:>12.0f} {p50:>8.2f} {p99:>8.2f} {bad:>8}")
+            done = sum(r["requests"] for r in results)
+            print(f"{n:>8} {rate:>12.0f} {p50:>8.2f} {p99:>8.2f} {bad:>8} {commands / max(1, done):>14.1f}")
             for server, log in servers:
                 os.killpg(server.pid, signal.SIGTERM)
                 server.wait(timeout=30)
@@ -282,13 +299,9 @@ def bench_replicas(args: argparse.Namespace) -> int:
         with psycopg.connect(args.pg_url, autocommit=True) as conn:
             for name in schemas:
                 conn.execute(f'DROP SCHEMA "{name}" CASCADE')
-        import redis
-
-        client = redis.Redis.from_url(args.redis_url)
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        for i in range(0, len(keys), 1000):
-            client.delete(*keys[i:i + 1000])
-        client.close()
+        counter.close()
+        redis_proc.terminate()
+        redis_proc.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -67,6 +67,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"  ledger storage    {redact(settings.ledger_storage_url)}")
     print(f"  shared state      {settings.state_backend}"
           + (f" (key prefix {settings.redis_prefix})" if settings.state_backend == "redis" else ""))
+    from broker.ledger.engines import is_shared
+
+    if is_shared(settings.ledger_storage_url) and settings.state_backend == "sqlite":
+        print("  WARNING           the ledger is shared (PostgreSQL) but the state store is this host's SQLite file:"
+              " replicas on other hosts will not see its replay, revocation, suspension and approval state;"
+              " set state_backend = \"redis\"")
     if dev:
         print("  trial issuer      ON (no trust configured) - `nhi-broker dev identity <spiffe-id>`;"
               " for trials only")
