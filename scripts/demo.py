@@ -173,20 +173,23 @@ class LedgerProof:
         self.checkpoint, self.path_length, self.verifier_key = checkpoint, path_length, verifier_key
 
 
-def prove(broker_url: str, leaf_hash_hex: str) -> LedgerProof:
+def prove(broker_url: str, leaf_hash_hex: str, http: httpx.Client | None = None) -> LedgerProof:
     """Fetch the signed checkpoint, the entry with this leaf hash and its RFC 6962 inclusion proof, and
     verify all three against the ledger's verifier key (raises if anything does not check out)."""
     from broker.ledger.checkpoint import verify_checkpoint
     from broker.ledger.merkle import leaf_hash, verify_inclusion
 
-    meta = httpx.get(broker_url + "/.well-known/oauth-authorization-server").json()
-    checkpoint = verify_checkpoint(httpx.get(broker_url + "/v1/ledger/checkpoint").text, meta["ledger_verifier_key"])
-    proof = httpx.get(broker_url + "/v1/ledger/proof/inclusion",
-                      params={"leaf_hash": leaf_hash_hex, "tree_size": checkpoint.size}).json()
+    if http is None:
+        with httpx.Client() as own:
+            return prove(broker_url, leaf_hash_hex, own)
+    meta = http.get(broker_url + "/.well-known/oauth-authorization-server").json()
+    checkpoint = verify_checkpoint(http.get(broker_url + "/v1/ledger/checkpoint").text, meta["ledger_verifier_key"])
+    proof = http.get(broker_url + "/v1/ledger/proof/inclusion",
+                     params={"leaf_hash": leaf_hash_hex, "tree_size": checkpoint.size}).json()
     index = int(proof["index"])
     path = [base64.b64decode(h) for h in proof["audit_path"]]
     verify_inclusion(bytes.fromhex(leaf_hash_hex), index, checkpoint.size, path, checkpoint.root)
-    listed = httpx.get(broker_url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
+    listed = http.get(broker_url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
     leaf = base64.b64decode(listed["entries"][0]["leaf"])
     if leaf_hash(leaf).hex() != leaf_hash_hex:
         raise ValueError("the entry does not hash to its leaf hash")

@@ -145,6 +145,11 @@ async def assistant_story(broker: Broker, mcp_url: str, approver_secret: str, bo
 
 
 def ledger_story(broker_url: str, proofs: dict[str, str], first_index: int, check: Any) -> None:
+    with httpx.Client() as http:
+        _ledger_story(http, broker_url, proofs, first_index, check)
+
+
+def _ledger_story(http: httpx.Client, broker_url: str, proofs: dict[str, str], first_index: int, check: Any) -> None:
     say()
     say("(e) the ledger proves each step (signed checkpoint, RFC 6962 inclusion proof per entry)")
     # (b) and the approval of (d) are found by content: the assistant holds no receipt for a denial.
@@ -157,11 +162,12 @@ def ledger_story(broker_url: str, proofs: dict[str, str], first_index: int, chec
             proofs.setdefault("d approval", item["leaf_hash"])
     labels = {"a": "(a) 20 EUR refund", "b": "(b) other customer", "c": "(c) the token the injection misused",
               "d approval": "(d) approval", "d": "(d) 120 EUR refund"}
+    verifier_key = "?"
     for step in ("a", "b", "c", "d approval", "d"):
         if not proofs.get(step):
             check(False, f"no ledger entry for step {step}")
             continue
-        proven = prove(broker_url, proofs[step])
+        proven = prove(broker_url, proofs[step], http)
         entry = proven.entry
         intent = entry.get("intent", {})
         amount = intent.get("context", {}).get("amount")
@@ -174,8 +180,8 @@ def ledger_story(broker_url: str, proofs: dict[str, str], first_index: int, chec
         say(f"    #{proven.index:<3} {entry['kind']:9} {labels[step]:38} {detail}{who}")
         say(f"         rule={rule}  inclusion in checkpoint of size "
             f"{proven.checkpoint.size}: VERIFIED")
-    meta_key = prove(broker_url, proofs["a"]).verifier_key if proofs.get("a") else "?"
-    say(f"    checkpoint signature verified with {meta_key}")
+        verifier_key = proven.verifier_key
+    say(f"    every checkpoint signature verified with {verifier_key}")
 
 
 def run(workdir: Path) -> bool:

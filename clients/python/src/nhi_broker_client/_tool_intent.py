@@ -72,7 +72,7 @@ class ToolIntent:
             refs = [name for _, name in parts if name is not None]
             if len(refs) > 1 or (refs and (len(parts) != 1 or parts[0][0])):
                 raise ValueError(f"resource {self.resource!r}: a placeholder must be a whole segment")
-            if not refs and _LITERAL_SEGMENT_RE.fullmatch(segment) is None:
+            if not refs and (_LITERAL_SEGMENT_RE.fullmatch(segment) is None or segment in (".", "..")):
                 raise ValueError(f"resource {self.resource!r}: segment {segment!r} is not allowed")
         object.__setattr__(self, "context", dict(self.context))
         object.__setattr__(self, "session_context", tuple(self.session_context))
