@@ -470,8 +470,8 @@ def scripted_model(calls: list[tuple[str, dict[str, Any]]]) -> Any:
 def test_pydantic_ai_agent_tool_calls_carry_their_intent(
     orders: Orders, broker: LiveBroker, identity: Callable[[], str]
 ) -> None:
-    from pydantic_ai import Agent, DeferredToolRequests
     from nhi_broker_client.pydantic_ai import IntentToolset
+    from pydantic_ai import Agent, DeferredToolRequests
 
     async def scenario() -> tuple[str, str, Any]:
         async with assistant(broker, identity, orders.url) as client:
