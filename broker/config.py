@@ -22,9 +22,12 @@ from pydantic_settings import (
 
 from broker.approvals.settings import ApprovalSettings
 from broker.attest.issuers import IssuerConfig
+from broker.attest.methods.wimse import WimseSettings
+from broker.attest.methods.x509_svid import X509Settings
 from broker.attest.users import UserIssuerConfig
 from broker.errors import ConfigError
 from broker.operators import IntrospectionClient, OperatorCredential
+from broker.tls import TlsSettings
 from broker.vault.settings import VaultSettings
 
 __all__ = ["CONFIG_ENV", "Settings", "load_settings"]
@@ -45,7 +48,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
-    public_url: str | None = Field(None, description="Issuer URL; defaults to http://host:port.")
+    public_url: str | None = Field(None, description="Issuer URL; defaults to http(s)://host:port.")
     audience: str = Field("nhi-broker", description="The `aud` subject tokens must carry for this broker.")
     token_alg: Literal["ES256", "EdDSA"] = "ES256"
     token_ttl: int = Field(300, ge=10, le=3600, description="Default task-token lifetime; rules cap it.")
@@ -87,6 +90,13 @@ class Settings(BaseSettings):
     vault: VaultSettings | None = Field(None, description="Vault/OpenBao for vault-* intents (docs/vault.md).")
     # Human approval of intents held for review (issue 7): polling, webhook, console sessions.
     approvals: ApprovalSettings = ApprovalSettings()  # frozen, so one shared default is safe
+    x509: X509Settings | None = Field(
+        None, description="X.509-SVID attestation: trust bundles per trust domain, proxies trusted for XFCC."
+    )
+    wimse: WimseSettings | None = Field(None, description="WIMSE WIT + WPT attestation: trust anchors per domain.")
+    tls: TlsSettings | None = Field(
+        None, description="Serve HTTPS, requesting client certificates verified against the x509 bundles."
+    )
 
     @field_validator("ledger_origin")
     @classmethod
@@ -138,10 +148,24 @@ class Settings(BaseSettings):
                 raise ValueError("a user issuer cannot be the broker itself (public_url)")
         return self
 
+    @model_validator(mode="after")
+    def _tls_needs_one_worker(self) -> Settings:
+        if self.tls is not None and self.workers != 1:
+            # The TLS layer's client CAs follow bundle rotation in the one process that holds them.
+            raise ValueError("tls (mutual TLS termination) runs with workers = 1; scale out with replicas")
+        if self.tls is not None and self.tls.client_certificates == "required" and self.x509 is None:
+            raise ValueError("tls.client_certificates = \"required\" needs [x509] bundles to verify them")
+        return self
+
+    @property
+    def token_endpoint(self) -> str:
+        """The token endpoint's URL under the issuer URL (a WIMSE proof's required ``aud``)."""
+        return self.issuer_url + "/v1/token"
+
     @property
     def issuer_url(self) -> str:
         """The ``iss`` of task tokens and the RFC 8414 issuer."""
-        return self.public_url or f"http://{self.host}:{self.port}"
+        return self.public_url or f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
     @property
     def ledger_storage_url(self) -> str:

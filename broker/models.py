@@ -34,13 +34,15 @@ class WorkloadIdentity:
 
     spiffe_id: str
     issuer: str
-    method: str  # "kubernetes" | "spiffe-jwt" | "oidc" | "dev"
+    method: str  # a registered attestation method (broker.attest.methods)
     subject: str  # the token's own ``sub``
     evidence_digest: str
     expires_at: int
     jti: str | None = None
     #: RFC 7638 thumbprint of the key the identity token is bound to (its ``cnf``), if any.
     cnf_jkt: str | None = None
+    #: RFC 8705 §3.1 thumbprint of the X.509-SVID the workload presented: task tokens are bound to it.
+    cnf_x5t_s256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,8 +35,10 @@ from typing import Any, Protocol
 import anyio.to_thread
 
 from broker.approvals.desk import Approval, ApprovalDesk
+from broker.attest.evidence import Evidence
 from broker.attest.jwks import FetchRequired
 from broker.attest.jwt_checks import check_shape, peek_unverified
+from broker.attest.methods.base import AttestationMethod
 from broker.attest.users import UserTokenVerifier
 from broker.clock import Clock, SystemClock
 from broker.delegation import ParentTokens, check_within
@@ -74,6 +76,8 @@ class IdentityVerifier(Protocol):
     def verify(
         self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True, label: str = "subject_token"
     ) -> WorkloadIdentity: ...
+
+    def request_method(self, token_type: str | None) -> AttestationMethod | None: ...
 
 
 class IntentPolicy(Protocol):
@@ -125,6 +129,8 @@ class ExchangeRequest:
     actor_token: str | None = None
     actor_token_type: str | None = None
     user: EndUser | None = None  # set by Broker.redeem: the verified user a held intent was for
+    # What the transport says besides the form (peer certificate, address, headers): request methods.
+    evidence: Evidence | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ class PollRequest:
     subject_token_type: str
     request_id: str
     dpop: DPoPProof | None = None
+    evidence: Evidence | None = None
 
 
 @dataclass(frozen=True)
@@ -204,17 +211,29 @@ class Broker:
         except FetchRequired:
             return await anyio.to_thread.run_sync(verify)
 
+    async def _workload(
+        self, token: str, token_type: str, evidence: Evidence | None, label: str = "subject_token"
+    ) -> WorkloadIdentity:
+        """The workload identity of a token request: a request method (X.509-SVID, WIMSE) verifies the
+        request's evidence when the token type selects one; otherwise the token is an identity JWT."""
+        method = self.attestor.request_method(token_type)
+        if method is not None:
+            base = evidence if evidence is not None else Evidence(token=None, token_type=None)
+            return await method.verify(replace(base, token=token, token_type=token_type, label=label))
+        identity: WorkloadIdentity = await self._verified(
+            partial(self.attestor.verify, token, token_type, label=label)
+        )
+        return identity
+
     async def _attest(self, request: ExchangeRequest) -> _Principals:
         """(1) Who asks, and for whom. Errors propagate: nothing proven, no ledger entry."""
         if request.actor_token is None:
-            identity = await self._verified(
-                partial(self.attestor.verify, request.subject_token, request.subject_token_type)
-            )
+            identity = await self._workload(request.subject_token, request.subject_token_type, request.evidence)
             return _Principals(identity)
         # Delegation (RFC 8693 §2.1): the actor token is the workload's identity, attested as a subject
         # token is on a plain exchange; a user token there is refused (its issuer is no workload issuer).
-        identity = await self._verified(
-            partial(self.attestor.verify, request.actor_token, request.actor_token_type or "", label="actor_token")
+        identity = await self._workload(
+            request.actor_token, request.actor_token_type or "", request.evidence, label="actor_token"
         )
         # The subject token's issuer decides how it is verified: this broker (a parent task token of a
         # sub-agent) or a configured user issuer. The peek only routes; each verifier checks everything.
@@ -299,7 +318,7 @@ class Broker:
         approval bound in. Raises the CIBA error (``authorization_pending``, ...) while it cannot."""
         if self.approvals is None:
             raise TemporarilyUnavailable("this broker cannot hold intents for review")
-        identity = await self._verified(partial(self.attestor.verify, poll.subject_token, poll.subject_token_type))
+        identity = await self._workload(poll.subject_token, poll.subject_token_type, poll.evidence)
         approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
         # The user was verified when the intent was held; the poller is the same workload (claim()).
@@ -308,7 +327,7 @@ class Broker:
             subject_token=poll.subject_token, subject_token_type=poll.subject_token_type,
             audience=approval.record.audience,
             intent=Intent(action=held["action"], resource=held["resource"], context=dict(held["context"])),
-            request_id=poll.request_id, dpop=poll.dpop, approval=approval, user=user,
+            request_id=poll.request_id, dpop=poll.dpop, approval=approval, user=user, evidence=poll.evidence,
         )
         principals = _Principals(identity, user=user)
         try:
@@ -348,6 +367,8 @@ class Broker:
         }
         if request.dpop is not None:
             credential["cnf_jkt"] = request.dpop.jkt
+        if grant.identity.cnf_x5t_s256 is not None:
+            credential["cnf_x5t_s256"] = grant.identity.cnf_x5t_s256
         entry = issuance_entry(
             grant=grant, now=self.clock.now(), request_id=request.request_id, credential=credential,
             approval=request.approval.ledger_ref() if request.approval is not None else None,

@@ -25,6 +25,8 @@ from pathlib import Path
 from broker.approvals import ApprovalDesk, WebhookNotifier
 from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.attest.jwks import JwksSource
+from broker.attest.methods.wimse import WimseMethod
+from broker.attest.methods.x509_svid import X509SvidMethod
 from broker.attest.users import UserTokenVerifier
 from broker.attest.verifier import Attestor
 from broker.clock import Clock, SystemClock
@@ -82,6 +84,8 @@ class Runtime:
     approvals: ApprovalDesk | None = None
     users: UserTokenVerifier | None = None
     dev_user_issuer: DevUserIssuer | None = None
+    #: The configured X.509-SVID method: the app refreshes its bundles from a worker thread.
+    x509: X509SvidMethod | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -112,8 +116,13 @@ class Runtime:
             dev_issuer = DevIssuer.load_or_create(data_dir)
             issuers.append(dev_issuer.issuer_config(settings.audience))
             sources[dev_issuer.issuer] = dev_issuer.jwks_source()
+        x509 = X509SvidMethod.configured(settings.x509, clock) if settings.x509 is not None else None
+        wimse = (WimseMethod.configured(settings.wimse, store, clock, settings.token_endpoint)
+                 if settings.wimse is not None else None)
+        request_methods = [method for method in (x509, wimse) if method is not None]
         attestor = Attestor(
-            issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, jwks_sources=sources
+            issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, jwks_sources=sources,
+            request_methods=request_methods,
         )
         user_issuers = list(settings.user_issuers)
         dev_user_issuer = None
@@ -154,6 +163,7 @@ class Runtime:
             approvals=approvals,
             users=users,
             dev_user_issuer=dev_user_issuer,
+            x509=x509,
         )
 
     @property

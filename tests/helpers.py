@@ -59,11 +59,13 @@ class LiveBroker:
 
     def __init__(
         self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, config: Path | None = None,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, tls_verify: Any = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # tls_verify: the CA (an ssl.SSLContext or a PEM path) a broker serving HTTPS ([tls]) is checked with.
+        self.tls_verify = tls_verify
+        self.url = f"{'https' if tls_verify is not None else 'http'}://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("nhi-broker")
         # Output goes to a file, never an unread pipe: a full pipe would stall the broker under load.
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ class LiveBroker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited: {self.output()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/readyz", timeout=1, verify=self.tls_verify or True).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -18,6 +18,7 @@ from broker.config import Settings
 from broker.console import router as console_router
 from broker.metrics import BrokerMetrics, MetricsMiddleware
 from broker.runtime import Runtime
+from broker.tls import ServerTls
 from broker.tracing import TraceContextMiddleware
 
 __all__ = ["SETTINGS_ENV", "app_from_environment", "create_app"]
@@ -26,8 +27,14 @@ __all__ = ["SETTINGS_ENV", "app_from_environment", "create_app"]
 SETTINGS_ENV = "NHI_BROKER_SETTINGS_JSON"
 
 
-def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clock | None = None) -> FastAPI:
-    """A FastAPI app for ``settings``; the runtime is opened in the lifespan unless given."""
+def create_app(
+    settings: Settings, *, runtime: Runtime | None = None, clock: Clock | None = None, tls: ServerTls | None = None
+) -> FastAPI:
+    """A FastAPI app for ``settings``; the runtime is opened in the lifespan unless given.
+
+    ``tls`` is the SSL context of a broker that terminates mutual TLS itself: rotated trust bundles'
+    new roots are added to it.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,11 +46,18 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
         sweeper = None
         if live.approvals is not None:
             sweeper = asyncio.create_task(live.approvals.run_sweeper(live.settings.approvals.sweep_interval))
+        # X.509 bundles follow their files without a restart (read in a worker thread).
+        refresher = None
+        if live.x509 is not None and live.settings.x509 is not None:
+            refresher = asyncio.create_task(live.x509.run_refresher(
+                live.settings.x509.refresh_interval, tls.add_roots if tls is not None else None))
         try:
             yield
         finally:
             if sweeper is not None:
                 sweeper.cancel()
+            if refresher is not None:
+                refresher.cancel()
             if owned:
                 app.state.runtime.close()
 

@@ -32,7 +32,7 @@ from broker.attest.issuers import IssuerConfig
 from broker.attest.jwks import JwksSource
 from broker.attest.jwt_checks import check_header, check_shape, check_times, peek_unverified, pyjwt_errors
 from broker.attest.methods import REGISTRY
-from broker.attest.methods.base import TokenMethod, VerifiedJwt
+from broker.attest.methods.base import AttestationMethod, TokenMethod, VerifiedJwt
 from broker.attest.template import SpiffeIdTemplate
 from broker.clock import Clock
 from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
@@ -76,6 +76,7 @@ class Attestor:
         *,
         max_token_bytes: int = _DEFAULT_MAX_TOKEN_BYTES,
         jwks_sources: Mapping[str, JwksSource] | None = None,
+        request_methods: Sequence[AttestationMethod] = (),
     ) -> None:
         if not 1024 <= max_token_bytes <= 65536:
             raise ConfigError("max_token_bytes must be 1024..65536")
@@ -99,11 +100,27 @@ class Attestor:
         self._replay = replay
         self._clock = clock
         self._max_token_bytes = max_token_bytes
+        # Request methods configured for this broker; the registry's own instances refuse as unconfigured.
+        self._request_methods = {method.name: method for method in request_methods}
+
+    def request_method(self, token_type: str | None) -> AttestationMethod | None:
+        """The request method (X.509-SVID, WIMSE) a token type selects, ``None`` for a JWT.
+
+        The method verifies the whole :class:`~broker.attest.evidence.Evidence` of the request itself.
+        """
+        method = REGISTRY.for_evidence_type(token_type)
+        if method is None:
+            return None
+        return self._request_methods.get(method.name, method)
 
     def close(self) -> None:
         """Release the HTTP clients of the key sources this attestor built."""
         for source in self._owned:
             source.close()
+        for method in self._request_methods.values():
+            close = getattr(method, "close", None)
+            if close is not None:
+                close()
 
     def verify(
         self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True, label: str = "subject_token"

@@ -84,6 +84,8 @@ class Attribution:
             ]
             if credential.get("cnf_jkt"):
                 out.append(f"bound to         DPoP key {credential['cnf_jkt']} (RFC 7638 thumbprint)")
+            if credential.get("cnf_x5t_s256"):
+                out.append(f"bound to         certificate {credential['cnf_x5t_s256']} (RFC 8705 x5t#S256)")
         if self.token_matched:
             out.append("token            matches this entry (jti and claims digest), and its signature verifies\n"
                        "                 with the task-token key the ledger recorded")

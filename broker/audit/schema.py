@@ -37,7 +37,7 @@ WRITTEN_KINDS = frozenset(
 RESERVED_KINDS: frozenset[str] = frozenset()
 ENTRY_KINDS = WRITTEN_KINDS | RESERVED_KINDS
 
-ATTESTATION_METHODS = frozenset({"kubernetes", "spiffe-jwt", "oidc", "dev"})
+ATTESTATION_METHODS = frozenset({"kubernetes", "spiffe-jwt", "oidc", "dev", "x509-svid", "wimse"})
 KEY_PURPOSES = frozenset({"task-token", "ledger"})
 KEY_ALGS = frozenset({"ES256", "EdDSA"})
 DENIAL_ERRORS = frozenset({
@@ -317,8 +317,10 @@ _JWT_CREDENTIAL = _obj(
         "exp": _non_negative_int,
         "claims_sha256": _SHA256,
     },
-    # A DPoP-bound token: the RFC 7638 thumbprint of the proof key (the token's cnf.jkt).
-    {"cnf_jkt": _matching(_JKT_RE, "a JWK thumbprint (43 base64url characters)")},
+    # A DPoP-bound token: the RFC 7638 thumbprint of the proof key (the token's cnf.jkt); a
+    # certificate-bound one: the RFC 8705 thumbprint of the client certificate (its cnf.x5t#S256).
+    {"cnf_jkt": _matching(_JKT_RE, "a JWK thumbprint (43 base64url characters)"),
+     "cnf_x5t_s256": _matching(_JKT_RE, "a certificate thumbprint (43 base64url characters)")},
 )
 _TASK_ID = _matching(_TASK_ID_RE, "a task id (32 lower-case hex digits)")
 # A Vault secret is named by its lease id (dynamic database users) or token accessor (child and

@@ -19,9 +19,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker import __version__
 from broker.errors import BrokerError, ConfigError, PolicyLoadError
+
+if TYPE_CHECKING:
+    from broker.config import Settings
 
 __all__ = ["build_parser", "main"]
 
@@ -56,7 +60,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     base = settings.issuer_url
-    print(f"nhi-broker {__version__} listening on http://{settings.host}:{settings.port}")
+    scheme = "https" if settings.tls is not None else "http"
+    print(f"nhi-broker {__version__} listening on {scheme}://{settings.host}:{settings.port}")
     print(f"  issuer            {base}")
     print(f"  JWKS              {base}/.well-known/jwks.json")
     print(f"  ledger checkpoint {base}/v1/ledger/checkpoint")
@@ -83,17 +88,47 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               " for trials only")
     sys.stdout.flush()
     log_level = "info" if args.access_log else "warning"
-    if settings.workers == 1:
+    # proxy_headers=False: the client address must be the transport's, since it decides whether an
+    # x-forwarded-client-cert header is read (X-Forwarded-For must not make a caller a trusted proxy).
+    if settings.tls is not None:
+        _serve_tls(settings, log_level, args.access_log)
+    elif settings.workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=args.access_log, server_header=False)
+                    access_log=args.access_log, server_header=False, proxy_headers=False)
     else:
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
         # Every worker writes its counters here, so any worker's /metrics answers for all of them.
         prepare_multiprocess_dir(settings.data_dir)
         uvicorn.run("broker.api.app:app_from_environment", factory=True, host=settings.host,
                     port=settings.port, workers=settings.workers, log_level=log_level,
-                    access_log=args.access_log, server_header=False)
+                    access_log=args.access_log, server_header=False, proxy_headers=False)
     return 0
+
+
+def _serve_tls(settings: Settings, log_level: str, access_log: bool) -> None:
+    """HTTPS with optional or required client certificates (one worker; see broker.tls)."""
+    import uvicorn
+
+    from broker.api.app import create_app
+    from broker.attest.x509_bundles import X509Bundles
+    from broker.tls import ServerTls, peer_cert_protocol
+
+    assert settings.tls is not None
+    try:
+        roots = X509Bundles(settings.x509.bundles).roots if settings.x509 is not None else None
+        tls = ServerTls(settings.tls, roots)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"tls: {exc}") from None
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # httptools is optional
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base  # type: ignore[assignment]
+    config = uvicorn.Config(create_app(settings, tls=tls), host=settings.host, port=settings.port,
+                            log_level=log_level, access_log=access_log, server_header=False, proxy_headers=False,
+                            http=peer_cert_protocol(base))
+    config.load()
+    config.ssl = tls.context  # our context: its client CAs follow bundle rotation (ServerTls.add_roots)
+    uvicorn.Server(config).run()
 
 
 def _cmd_dev_identity(args: argparse.Namespace) -> int:

@@ -61,7 +61,8 @@ class TaskTokenMinter:
     ) -> PreparedToken:
         """Fix the claims for ``grant``; the lifetime is the default TTL, never above the rule's cap.
 
-        ``cnf_jkt`` binds the token to a DPoP key (RFC 9449 §6.1: ``cnf.jkt``). ``extra_claims``
+        ``cnf_jkt`` binds the token to a DPoP key (RFC 9449 §6.1: ``cnf.jkt``); an identity proven by
+        an X.509-SVID binds it to that certificate (RFC 8705 §3.1: ``cnf.x5t#S256``). ``extra_claims``
         (such as ``num_uses`` from the rule's limits) may add claims, never replace one.
         """
         now = int(self._clock.now())
@@ -93,8 +94,14 @@ class TaskTokenMinter:
         act = grant.act_claim()
         if act is not None:
             claims["act"] = act
+        cnf: dict[str, str] = {}
         if cnf_jkt is not None:
-            claims["cnf"] = {"jkt": cnf_jkt}
+            cnf["jkt"] = cnf_jkt
+        if grant.identity.cnf_x5t_s256 is not None:
+            # RFC 8705 §3.1: the workload authenticated with this certificate; the token is bound to it.
+            cnf["x5t#S256"] = grant.identity.cnf_x5t_s256
+        if cnf:
+            claims["cnf"] = cnf
         for name, value in (extra_claims or {}).items():
             if name in claims:
                 raise ValueError(f"extra claim {name!r} would replace a standard claim")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -28,41 +29,56 @@ class Authority:
     name: str
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey = field(repr=False)
+    #: The time validity periods are centred on (tests against a live broker pass the wall clock).
+    now: float = NOW
 
     @classmethod
-    def root(cls, trust_domain: str) -> Authority:
+    def root(cls, trust_domain: str, *, now: float = NOW) -> Authority:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"{trust_domain} root")])
-        cert = (_builder(name, name, key, key, ca=True, uris=[f"spiffe://{trust_domain}"])
+        cert = (_builder(name, name, key, key, ca=True, uris=[f"spiffe://{trust_domain}"],
+                         not_before=now - 86_400, not_after=now + 86_400)
                 .sign(key, hashes.SHA256()))
-        return cls(trust_domain, cert, key)
+        return cls(trust_domain, cert, key, now)
 
     def intermediate(self, *, ca: bool = True) -> Authority:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"{self.name} intermediate")])
-        cert = _builder(name, self.cert.subject, key, self.key, ca=ca).sign(self.key, hashes.SHA256())
-        return Authority(self.name, cert, key)
+        cert = _builder(name, self.cert.subject, key, self.key, ca=ca, not_before=self.now - 86_400,
+                        not_after=self.now + 86_400).sign(self.key, hashes.SHA256())
+        return Authority(self.name, cert, key, self.now)
 
     def leaf(
         self, *uris: str, ca: bool = False, usage: x509.KeyUsage | None = None, basic: bool = True,
-        not_before: float = NOW - 300, not_after: float = NOW + 3600, key_usage: bool = True,
+        not_before: float | None = None, not_after: float | None = None, key_usage: bool = True,
     ) -> x509.Certificate:
+        return self.leaf_and_key(*uris, ca=ca, usage=usage, basic=basic, not_before=not_before,
+                                 not_after=not_after, key_usage=key_usage)[0]
+
+    def leaf_and_key(
+        self, *uris: str, ca: bool = False, usage: x509.KeyUsage | None = None, basic: bool = True,
+        not_before: float | None = None, not_after: float | None = None, key_usage: bool = True,
+        ip: str | None = None,
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """A leaf and its private key (for a TLS client or server)."""
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "workload")])
         builder = _builder(name, self.cert.subject, key, self.key, ca=ca, uris=list(uris), basic=basic,
-                           not_before=not_before, not_after=not_after,
-                           usage=(usage or _usage(cert_sign=ca)) if key_usage else None)
+                           not_before=self.now - 300 if not_before is None else not_before,
+                           not_after=self.now + 3600 if not_after is None else not_after,
+                           usage=(usage or _usage(cert_sign=ca)) if key_usage else None,
+                           ip=ip)
         if not ca:
             builder = builder.add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]),
                 critical=False)
-        return builder.sign(self.key, hashes.SHA256())
+        return builder.sign(self.key, hashes.SHA256()), key
 
 
 def _builder(
     subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, issuer_key: ec.EllipticCurvePrivateKey,
     *, ca: bool, uris: list[str] | None = None, basic: bool = True, usage: x509.KeyUsage | None = None,
-    not_before: float = NOW - 86_400, not_after: float = NOW + 86_400,
+    not_before: float = NOW - 86_400, not_after: float = NOW + 86_400, ip: str | None = None,
 ) -> x509.CertificateBuilder:
     b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
          .serial_number(x509.random_serial_number())
@@ -71,9 +87,11 @@ def _builder(
          .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False))
     if basic:
         b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    if uris:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
-                            critical=False)
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris or []]
+    if ip is not None:
+        names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+    if names:
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if ca:
         b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         b = b.add_extension(usage or _usage(cert_sign=True), critical=True)

@@ -21,6 +21,9 @@ from fastapi.responses import JSONResponse
 from broker.api.deps import RuntimeDep
 from broker.api.errors import NO_STORE
 from broker.api.forms import read_form, required
+from broker.attest.evidence import Evidence
+from broker.attest.methods.wimse import WIT_TOKEN_TYPE, WPT_HEADER
+from broker.attest.methods.x509_svid import X509_SVID_TOKEN_TYPE, XFCC_HEADER
 from broker.dpop import DPoPProof, InvalidDPoPProof
 from broker.errors import (
     InvalidRequest,
@@ -31,6 +34,7 @@ from broker.intent import parse_authorization_details
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE
 from broker.models import Held, Issued
 from broker.pipeline import ExchangeRequest, PollRequest
+from broker.tls import peer_chain
 from broker.vault.kinds import TOKEN_TYPES
 
 __all__ = ["CIBA_GRANT", "TOKEN_EXCHANGE_GRANT", "router"]
@@ -64,10 +68,12 @@ _FORM_SCHEMA: dict[str, Any] = {
                             "type": "string",
                             "enum": ["urn:ietf:params:oauth:token-type:jwt",
                                      "urn:ietf:params:oauth:token-type:id_token",
-                                     "urn:ietf:params:oauth:token-type:access_token"],
+                                     "urn:ietf:params:oauth:token-type:access_token",
+                                     X509_SVID_TOKEN_TYPE, WIT_TOKEN_TYPE],
                         },
                         "actor_token": {"type": "string", "description": "Delegation: the workload identity JWT."},
-                        "actor_token_type": {"type": "string", "enum": ["urn:ietf:params:oauth:token-type:jwt"]},
+                        "actor_token_type": {"type": "string", "enum": ["urn:ietf:params:oauth:token-type:jwt",
+                                                                        X509_SVID_TOKEN_TYPE, WIT_TOKEN_TYPE]},
                         "audience": {"type": "string", "description": "The target service."},
                         "authorization_details": {
                             "type": "string",
@@ -96,6 +102,26 @@ async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None
     htu = runtime.settings.issuer_url + request.url.path
     # On the event loop, like the decision itself: a signature check and one state-store write.
     return runtime.dpop.verify(proofs[0], htm=request.method, htu=htu)
+
+
+def _evidence(request: Request, runtime: RuntimeDep) -> Evidence:
+    """What the transport carries besides the form, for request methods (X.509-SVID, WIMSE).
+
+    Repeated header fields are combined with ``,`` (RFC 9110 §5.3), so a method sees every value: two
+    Workload-Proof-Token fields, or an XFCC header of several hops, are refused rather than half-read.
+    The peer address is the transport's (``nhi-broker serve`` runs uvicorn without proxy headers), so
+    an X-Forwarded-For header cannot make a caller look like a trusted proxy.
+    """
+    headers: dict[str, str] = {}
+    for name in (XFCC_HEADER, WPT_HEADER):
+        values = request.headers.getlist(name)
+        if values:
+            headers[name] = ",".join(values)
+    return Evidence(
+        token=None, token_type=None, http_method=request.method,
+        http_url=runtime.settings.issuer_url + request.url.path, headers=headers,
+        peer_chain=peer_chain(request.scope), peer_address=request.client.host if request.client else None,
+    )
 
 
 def _poll_request(form: dict[str, str], request_id: str) -> PollRequest:
@@ -165,11 +191,11 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     headers = {**NO_STORE, "X-Request-Id": request_id}
     outcome: Issued | Held
     if form.get("grant_type") == CIBA_GRANT:
-        poll = _poll_request(form, request_id)
+        poll = dataclasses.replace(_poll_request(form, request_id), evidence=_evidence(request, runtime))
         proof = await _dpop_proof(request, runtime)
         outcome = await runtime.broker.redeem(dataclasses.replace(poll, dpop=proof) if proof else poll)
     else:
-        exchange = _exchange_request(form, request_id)
+        exchange = dataclasses.replace(_exchange_request(form, request_id), evidence=_evidence(request, runtime))
         proof = await _dpop_proof(request, runtime)
         if proof is not None:
             exchange = dataclasses.replace(exchange, dpop=proof)

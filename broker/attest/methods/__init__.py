@@ -33,6 +33,6 @@ from broker.attest.methods.base import (
 )
 
 # The built-in methods register themselves on import.
-from broker.attest.methods import dev, kubernetes, oidc, spiffe_jwt  # noqa: F401  isort: skip
+from broker.attest.methods import dev, kubernetes, oidc, spiffe_jwt, wimse, x509_svid  # noqa: F401  isort: skip
 
 __all__ = ["REGISTRY", "AttestationMethod", "MethodRegistry", "VerifiedJwt", "register"]
