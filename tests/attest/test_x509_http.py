@@ -24,6 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jwt as jwcrypto_jwt
+from nhi_broker_client import (
+    X509_SVID_TOKEN_TYPE,
+    BrokerClient,
+    InvalidTokenError,
+    TaskTokenVerifier,
+    certificate_thumbprint,
+)
 
 from tests.attest.x509_factory import Authority, pem, xfcc_value
 from tests.helpers import SUPPORT, LiveBroker, intent
@@ -248,3 +255,22 @@ def test_mutual_tls_refusals(terminating: tuple[LiveBroker, Path]) -> None:
     cert, _ = client_files(etc, Authority.root("example.org", now=NOW), SUPPORT)
     with mtls_client(etc, cert) as client, pytest.raises(httpx.HTTPError):
         client.post(broker.url + "/v1/token", data=form())
+
+
+def test_sdk_over_mutual_tls_and_the_resource_side_binding_check(terminating: tuple[LiveBroker, Path]) -> None:
+    broker, etc = terminating
+    cert, x5t = client_files(etc, ORG, SUPPORT)
+    other, _ = client_files(etc, ORG, SUPPORT)
+    with BrokerClient(broker.url, SUPPORT, subject_token_type=X509_SVID_TOKEN_TYPE, dpop=False, client_cert=cert,
+                      ca_file=str(etc / "server-ca.pem")) as client:
+        token = client.get_token("payments-api", "payments.refund", "customers/c-42/orders/ord-1001",
+                                 {"customer": "c-42", "amount": 20, "currency": "EUR"})
+    assert token.token_type == "Bearer"
+    with TaskTokenVerifier(broker.url, "payments-api", http_client=httpx.Client(verify=server_ca(etc))) as verifier:
+        presented = Path(cert[0]).read_text()
+        verified = verifier.verify(token.access_token, scheme="Bearer", client_certificate=presented)
+        assert verified.cnf_x5t_s256 == x5t == certificate_thumbprint(presented)
+        with pytest.raises(InvalidTokenError, match="needs the client certificate"):
+            verifier.verify(token.access_token, scheme="Bearer")
+        with pytest.raises(InvalidTokenError, match="not the one the token is bound to"):
+            verifier.verify(token.access_token, scheme="Bearer", client_certificate=Path(other[0]).read_bytes())

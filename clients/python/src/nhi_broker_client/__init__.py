@@ -9,7 +9,7 @@ carry their intent (:class:`ToolIntent`): :mod:`nhi_broker_client.mcp`; pydantic
 :mod:`nhi_broker_client.pydantic_ai`.
 """
 
-from ._client import AsyncBrokerClient, BrokerClient, TaskToken
+from ._client import X509_SVID_TOKEN_TYPE, AsyncBrokerClient, BrokerClient, TaskToken
 from ._dpop import DPoPKey, InMemoryReplayCache, ReplayCache, access_token_hash
 from ._errors import (
     AccessDeniedError,
@@ -32,11 +32,11 @@ from ._errors import (
 from ._intent import Intent
 from ._jose import jwk_thumbprint
 from ._tool_intent import ToolIntent
-from ._verify import Introspector, TaskTokenVerifier, VerifiedTaskToken
+from ._verify import Introspector, TaskTokenVerifier, VerifiedTaskToken, certificate_thumbprint
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022  (plain sorted(), as tests/clients/test_sdk_exports.py checks)
     "AccessDeniedError",
     "ApprovalExpiredError",
     "ApprovalPending",
@@ -64,7 +64,9 @@ __all__ = [
     "ToolIntent",
     "TransportError",
     "VerifiedTaskToken",
+    "X509_SVID_TOKEN_TYPE",
     "__version__",
     "access_token_hash",
+    "certificate_thumbprint",
     "jwk_thumbprint",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,9 @@ TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 CIBA = "urn:openid:params:grant-type:ciba"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+#: ``subject_token_type`` of X.509-SVID evidence: the token names the SPIFFE ID, the certificate is
+#: presented in mutual TLS (``client_cert``) or forwarded by a trusted proxy.
+X509_SVID_TOKEN_TYPE = "urn:nhi-broker:token-type:x509-svid"
 _METADATA_PATH = "/.well-known/oauth-authorization-server"
 
 IdentitySource = str | Callable[[], str]
@@ -225,6 +229,17 @@ def _workload_identity(identity: Any, actor: Any) -> Any:
     return identity if identity is not None else actor
 
 
+def _tls_context(client_cert: tuple[str, str] | None, ca_file: str | None) -> ssl.SSLContext | bool:
+    """The TLS settings of the client's own HTTP connection: system CAs unless ``ca_file``; a client
+    certificate for mutual TLS (RFC 8705) when ``client_cert`` = ``(cert_file, key_file)``."""
+    if client_cert is None and ca_file is None:
+        return True
+    context = ssl.create_default_context(cafile=ca_file)
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
+    return context
+
+
 def _parent_token(parent: TaskToken | str) -> str:
     if isinstance(parent, TaskToken):
         if parent.token_type.lower() == "dpop":
@@ -251,6 +266,11 @@ class BrokerClient:
     and the end user's token as ``user_token`` (a string or a callable, like ``identity``): tokens
     then have ``sub`` = the user and ``act.sub`` = this workload. :meth:`narrow` asks, as a
     sub-agent, for a token within a parent's task token.
+
+    Mutual TLS (RFC 8705): ``client_cert`` = ``(cert_file, key_file)`` of the workload's X.509-SVID
+    (leaf first, then intermediates) and ``ca_file`` the broker's server CA; with
+    ``subject_token_type=X509_SVID_TOKEN_TYPE`` and ``identity`` = the SVID's SPIFFE ID the broker
+    attests the certificate and binds the task token to it (``cnf.x5t#S256``).
     """
 
     def __init__(
@@ -267,13 +287,15 @@ class BrokerClient:
         clock: Callable[[], float] = time.time,
         http_client: httpx.Client | None = None,
         timeout: float = 10.0,
+        client_cert: tuple[str, str] | None = None,
+        ca_file: str | None = None,
     ) -> None:
         key = (dpop_key or DPoPKey.generate()) if dpop else None
         self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type)
         self._identity: IdentitySource = _workload_identity(identity, actor)
         self._user_token = user_token
         self._owns_client = http_client is None
-        self._http = http_client or httpx.Client(timeout=timeout)
+        self._http = http_client or httpx.Client(timeout=timeout, verify=_tls_context(client_cert, ca_file))
 
     @property
     def dpop_key(self) -> DPoPKey | None:
@@ -406,13 +428,15 @@ class AsyncBrokerClient:
         clock: Callable[[], float] = time.time,
         http_client: httpx.AsyncClient | None = None,
         timeout: float = 10.0,
+        client_cert: tuple[str, str] | None = None,
+        ca_file: str | None = None,
     ) -> None:
         key = (dpop_key or DPoPKey.generate()) if dpop else None
         self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type)
         self._identity: AsyncIdentitySource = _workload_identity(identity, actor)
         self._user_token = user_token
         self._owns_client = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        self._http = http_client or httpx.AsyncClient(timeout=timeout, verify=_tls_context(client_cert, ca_file))
 
     @property
     def dpop_key(self) -> DPoPKey | None:

@@ -11,12 +11,18 @@ each raising a :class:`~nhi_broker_client.TokenVerificationError` subclass:
    lifetime cap, one ``intent`` in ``authorization_details``;
 6. sender constraint: a token with ``cnf.jkt`` needs the ``DPoP`` scheme and a proof for this request,
    made with that key, carrying ``ath`` (RFC 9449 §7); an unbound token is refused when DPoP is required;
+   a token with ``cnf.x5t#S256`` (RFC 8705 §3) needs the client certificate of this request (from
+   mutual TLS or the proxy that terminated it), whose SHA-256 thumbprint must be the bound one;
 7. optional introspection (revocation, single use), last.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +65,8 @@ class VerifiedTaskToken:
     intent: Intent
     txn: str | None
     cnf_jkt: str | None
+    #: RFC 8705 §3.1 thumbprint of the client certificate the token is bound to, if any.
+    cnf_x5t_s256: str | None
     claims: Mapping[str, Any] = field(repr=False)
     token: str = field(repr=False)
     _key: object = field(repr=False, compare=False, default=None)
@@ -71,6 +79,19 @@ class VerifiedTaskToken:
         """Raise :class:`~nhi_broker_client.IntentMismatchError` unless the actual request is the granted
         intent (see :meth:`Intent.require_match`)."""
         self.intent.require_match(action, resource, context)
+
+
+def certificate_thumbprint(certificate: bytes | str) -> str:
+    """RFC 8705 §3.1 ``x5t#S256`` of a certificate given as DER bytes or PEM (str or bytes)."""
+    if isinstance(certificate, bytes) and certificate.lstrip().startswith(b"-----BEGIN"):
+        certificate = certificate.decode("ascii")
+    if isinstance(certificate, str):
+        try:
+            certificate = ssl.PEM_cert_to_DER_cert(certificate.strip() + "\n")
+        except ValueError:
+            raise InvalidTokenError("the client certificate is not PEM") from None
+    digest = hashlib.sha256(certificate).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 class TaskTokenVerifier:
@@ -100,6 +121,7 @@ class TaskTokenVerifier:
         jwks_cache_ttl: float = 300.0,
         jwks_refresh_min_interval: float = 30.0,
         http_client: httpx.Client | None = None,
+        unsafe_skip_certificate_binding: bool = False,
     ) -> None:
         if any(a.upper().startswith("HS") or a.lower() == "none" for a in (*algorithms, *dpop_algorithms)):
             raise ValueError("only asymmetric signature algorithms are allowed")
@@ -110,6 +132,8 @@ class TaskTokenVerifier:
         self._leeway = leeway
         self._max_lifetime = max_lifetime
         self.require_dpop = require_dpop
+        # Accepting a certificate-bound token without its certificate makes it a bearer token again.
+        self._skip_certificate_binding = unsafe_skip_certificate_binding
         self._dpop_max_age = dpop_max_age
         self._replay: ReplayCache = replay_cache or InMemoryReplayCache(clock)
         self._introspect = introspect
@@ -136,14 +160,19 @@ class TaskTokenVerifier:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def verify_request(self, authorization: str | None, dpop: str | None, method: str, url: str) -> VerifiedTaskToken:
-        """Verify the ``Authorization`` and ``DPoP`` header values of a request ``method url``."""
+    def verify_request(
+        self, authorization: str | None, dpop: str | None, method: str, url: str,
+        client_certificate: bytes | str | None = None,
+    ) -> VerifiedTaskToken:
+        """Verify the ``Authorization`` and ``DPoP`` header values of a request ``method url``
+        (and its mutual-TLS client certificate, DER or PEM, for a certificate-bound token)."""
         if not authorization:
             raise InvalidTokenError("no Authorization header")
         match = _AUTHORIZATION_RE.fullmatch(authorization)
         if match is None:
             raise InvalidTokenError("Authorization must be 'DPoP <token>' or 'Bearer <token>'")
-        return self.verify(match.group(2), scheme=match.group(1), dpop_proof=dpop, method=method, url=url)
+        return self.verify(match.group(2), scheme=match.group(1), dpop_proof=dpop, method=method, url=url,
+                           client_certificate=client_certificate)
 
     def verify(
         self,
@@ -153,11 +182,13 @@ class TaskTokenVerifier:
         dpop_proof: str | None = None,
         method: str | None = None,
         url: str | None = None,
+        client_certificate: bytes | str | None = None,
     ) -> VerifiedTaskToken:
         """Verify ``token`` (see the module docstring) and return it, or raise.
 
         ``scheme`` is the ``Authorization`` scheme it came with (``DPoP`` or ``Bearer``), checked when given;
-        ``dpop_proof``, ``method`` and ``url`` are required for a DPoP-bound token.
+        ``dpop_proof``, ``method`` and ``url`` are required for a DPoP-bound token; ``client_certificate``
+        (the request's mutual-TLS client certificate, DER bytes or PEM) for a certificate-bound one.
         """
         # (1) size and shape, then strict JSON.
         if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS or COMPACT_JWS_RE.fullmatch(token) is None:
@@ -215,6 +246,11 @@ class TaskTokenVerifier:
             raise InvalidTokenError("this service accepts DPoP-bound tokens only")
         elif scheme is not None and scheme.lower() != "bearer":
             raise InvalidTokenError("the token is not DPoP-bound; send it with the Bearer scheme")
+        if verified.cnf_x5t_s256 is not None and not self._skip_certificate_binding:
+            if client_certificate is None:
+                raise InvalidTokenError("a certificate-bound token needs the client certificate of this request")
+            if not hmac.compare_digest(certificate_thumbprint(client_certificate), verified.cnf_x5t_s256):
+                raise InvalidTokenError("the client certificate is not the one the token is bound to")
         # (7) still active?
         if self._introspect is not None and not self._introspect(verified):
             raise TokenInactiveError("the token is no longer active")
@@ -247,11 +283,12 @@ class TaskTokenVerifier:
         ):
             raise InvalidTokenError("authorization_details must hold exactly one intent")
         cnf = claims.get("cnf")
-        cnf_jkt = None
+        cnf_jkt = cnf_x5t = None
         if cnf is not None:
-            if not isinstance(cnf, dict) or set(cnf) != {"jkt"} or not isinstance(cnf["jkt"], str):
-                raise InvalidTokenError("cnf must be {\"jkt\": <thumbprint>}")
-            cnf_jkt = cnf["jkt"]
+            if (not isinstance(cnf, dict) or not cnf or not set(cnf) <= {"jkt", "x5t#S256"}
+                    or any(not isinstance(v, str) or not v for v in cnf.values())):
+                raise InvalidTokenError("cnf must hold jkt and/or x5t#S256 thumbprints")
+            cnf_jkt, cnf_x5t = cnf.get("jkt"), cnf.get("x5t#S256")
         optional = {name: claims.get(name) for name in ("client_id", "owner", "txn")}
         if any(v is not None and not isinstance(v, str) for v in optional.values()):
             raise InvalidTokenError("client_id, owner and txn must be strings")
@@ -259,6 +296,7 @@ class TaskTokenVerifier:
             issuer=claims["iss"], subject=sub, audience=self.audience, client_id=optional["client_id"],
             owner=optional["owner"], jti=jti, issued_at=iat, expires_at=exp,
             intent=Intent(action, resource, MappingProxyType(dict(context))), txn=optional["txn"], cnf_jkt=cnf_jkt,
+            cnf_x5t_s256=cnf_x5t,
             claims=MappingProxyType(claims), token=token, _key=_CONSTRUCTION_KEY,
         )
 
