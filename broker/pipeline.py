@@ -3,7 +3,9 @@
 :meth:`Broker.exchange` returns an :class:`~broker.models.Issued` credential or raises a
 :class:`~broker.errors.BrokerError`. The order is what the auditors' contract needs:
 
-1. attest the subject token (an unauthenticated caller never writes to the ledger);
+1. attest the subject token (an unauthenticated caller never writes to the ledger), then consume
+   the DPoP proof's ``jti`` (checked, statelessly, when the request was read): an unauthenticated
+   caller writes nothing to the state store either;
 2. resolve the workload in the registry and ask the intent policy (a refusal of an attested
    workload is a ``denial`` entry);
 3. fix the task token's claims, append the ``issuance`` entry and wait until it is durable;
@@ -26,6 +28,7 @@ built with ``decide_in_thread=True`` (for an embedding with a slow state store).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ import anyio.to_thread
 from broker.approvals.desk import Approval, ApprovalDesk
 from broker.attest.jwks import FetchRequired
 from broker.clock import Clock, SystemClock
-from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
+from broker.dpop import CheckedDPoPProof, DPoPBindingRequired, DPoPProof, InvalidDPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
 from broker.errors import AccessDenied, BrokerError, InvalidTarget, PolicyDenied, TemporarilyUnavailable
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
@@ -71,6 +74,10 @@ class LimitGuard(Protocol):
     def admit_hold(self, grant: Grant, limits: Any) -> None: ...
 
 
+class DPoPConsumer(Protocol):
+    def consume(self, checked: CheckedDPoPProof) -> DPoPProof: ...
+
+
 class AppendOnlyLog(Protocol):
     async def append_async(self, entry: dict) -> Receipt: ...  # type: ignore[type-arg]
 
@@ -92,6 +99,8 @@ class ExchangeRequest:
     request_id: str
     dpop: DPoPProof | None = None  # verified by broker.dpop; binds the token to its key
     requested_token_type: str | None = None
+    #: A proof checked by broker.dpop whose jti the pipeline consumes once the identity is attested.
+    dpop_checked: CheckedDPoPProof | None = None
     approval: Approval | None = None  # set by Broker.redeem: the approval that releases a held intent
 
 
@@ -104,6 +113,7 @@ class PollRequest:
     subject_token_type: str
     request_id: str
     dpop: DPoPProof | None = None
+    dpop_checked: CheckedDPoPProof | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,7 @@ class Broker:
         decide_in_thread: bool = False,
         vault: SecretIssuer | None = None,
         approvals: ApprovalDesk | None = None,
+        dpop: DPoPConsumer | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
@@ -143,13 +154,25 @@ class Broker:
         self.decide_in_thread = decide_in_thread
         self.vault = vault
         self.approvals = approvals
+        self.dpop = dpop
+
+    def _consume_dpop(self, checked: CheckedDPoPProof | None) -> DPoPProof | None:
+        """(1b) The checked proof's ``jti``, consumed now that the caller is attested."""
+        if checked is None:
+            return None
+        if self.dpop is None:
+            raise InvalidDPoPProof("DPoP is not enabled on this broker")
+        return self.dpop.consume(checked)
 
     def _decide(
         self, request: ExchangeRequest, may_fetch: bool = True
-    ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
-        # (1) attestation errors propagate: no identity, no ledger entry.
+    ) -> tuple[ExchangeRequest, tuple[Grant, PreparedToken | None] | _Refusal | _Hold]:
+        # (1) attestation errors propagate: no identity, no ledger entry, no state written.
         identity = self.attestor.verify(request.subject_token, request.subject_token_type, may_fetch=may_fetch)
-        return self._authorize(identity, request)
+        if request.dpop_checked is not None:
+            proof = self._consume_dpop(request.dpop_checked)
+            request = dataclasses.replace(request, dpop=proof, dpop_checked=None)
+        return request, self._authorize(identity, request)
 
     def _authorize(
         self, identity: WorkloadIdentity, request: ExchangeRequest
@@ -188,13 +211,13 @@ class Broker:
         Returns :class:`Held` when a review rule decides the intent: nothing is issued until approved.
         """
         if self.decide_in_thread:
-            outcome = await anyio.to_thread.run_sync(self._decide, request)
+            request, outcome = await anyio.to_thread.run_sync(self._decide, request)
         else:
             try:
-                outcome = self._decide(request, may_fetch=False)
+                request, outcome = self._decide(request, may_fetch=False)
             except FetchRequired:
                 # The issuer's keys must come over the network: wait for them off the event loop.
-                outcome = await anyio.to_thread.run_sync(self._decide, request)
+                request, outcome = await anyio.to_thread.run_sync(self._decide, request)
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error
@@ -219,6 +242,8 @@ class Broker:
                 identity = verify(may_fetch=False)
             except FetchRequired:
                 identity = await anyio.to_thread.run_sync(verify)
+        if poll.dpop_checked is not None:
+            poll = dataclasses.replace(poll, dpop=self._consume_dpop(poll.dpop_checked), dpop_checked=None)
         approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
         request = ExchangeRequest(

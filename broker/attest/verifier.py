@@ -89,6 +89,8 @@ def _json_object(segment: str, what: str, dup_label: str) -> dict[str, Any]:
             raise AttestationError(f"subject_token {what} is not UTF-8") from None
         if exc.reason == "too_deep":
             raise AttestationError(f"subject_token {what} is nested too deeply") from None
+        if exc.reason in ("number", "surrogate"):
+            raise AttestationError(f"subject_token {what} is refused: {exc}") from None
         raise AttestationError(f"subject_token {what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise AttestationError(f"subject_token {what} is not a JSON object")
