@@ -480,3 +480,13 @@ def test_request_head_is_bounded(live_broker: LiveBroker) -> None:
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b'"unsupported_grant_type"' in answer
     assert live_broker.proc.poll() is None
+
+
+def test_invented_methods_do_not_grow_metrics(app: tuple[TestClient, DevIssuer]) -> None:
+    c, _ = app
+    for i in range(5):
+        r = c.request(f"XMETHOD{i}", "/v1/token")
+        assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    text = c.get("/metrics").text
+    assert "XMETHOD" not in text
+    assert 'method="other"' in text
