@@ -490,3 +490,12 @@ def test_invented_methods_do_not_grow_metrics(app: tuple[TestClient, DevIssuer])
     text = c.get("/metrics").text
     assert "XMETHOD" not in text
     assert 'method="other"' in text
+
+
+@pytest.mark.parametrize(("name", "subject"), SUBJECT_CASES, ids=[n for n, _ in SUBJECT_CASES])
+def test_delegated_subject_token(app: tuple[TestClient, DevIssuer], name: str, subject: str) -> None:
+    c, issuer = app
+    actor = issuer.mint(SUPPORT, "nhi-broker", clock=SystemClock())
+    form = exchange_form(subject, "orders-api", READ, actor_token=actor,
+                         actor_token_type="urn:ietf:params:oauth:token-type:jwt")
+    assert_precise(c.post("/v1/token", content=form_body(form), headers=FORM), 400, "invalid_grant")
