@@ -47,6 +47,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broker.api.app import SETTINGS_ENV, create_app
+    from broker.api.http_server import BoundedHttpToolsProtocol
     from broker.metrics import prepare_multiprocess_dir
     from broker.runtime import Runtime
 
@@ -94,14 +95,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _serve_tls(settings, log_level, args.access_log)
     elif settings.workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=args.access_log, server_header=False, proxy_headers=False)
+                    access_log=args.access_log, server_header=False, http=BoundedHttpToolsProtocol,
+                    proxy_headers=False)
     else:
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
         # Every worker writes its counters here, so any worker's /metrics answers for all of them.
         prepare_multiprocess_dir(settings.data_dir)
         uvicorn.run("broker.api.app:app_from_environment", factory=True, host=settings.host,
                     port=settings.port, workers=settings.workers, log_level=log_level,
-                    access_log=args.access_log, server_header=False, proxy_headers=False)
+                    access_log=args.access_log, server_header=False, http=BoundedHttpToolsProtocol,
+                    proxy_headers=False)
     return 0
 
 
@@ -119,13 +122,11 @@ def _serve_tls(settings: Settings, log_level: str, access_log: bool) -> None:
         tls = ServerTls(settings.tls, roots)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"tls: {exc}") from None
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
-    except ImportError:  # httptools is optional
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base  # type: ignore[assignment]
+    from broker.api.http_server import BoundedHttpToolsProtocol
+
     config = uvicorn.Config(create_app(settings, tls=tls), host=settings.host, port=settings.port,
                             log_level=log_level, access_log=access_log, server_header=False, proxy_headers=False,
-                            http=peer_cert_protocol(base))
+                            http=peer_cert_protocol(BoundedHttpToolsProtocol))
     config.load()
     config.ssl = tls.context  # our context: its client CAs follow bundle rotation (ServerTls.add_roots)
     uvicorn.Server(config).run()

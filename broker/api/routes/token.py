@@ -24,7 +24,7 @@ from broker.api.forms import read_form, required
 from broker.attest.evidence import Evidence
 from broker.attest.methods.wimse import WIT_TOKEN_TYPE, WPT_HEADER
 from broker.attest.methods.x509_svid import X509_SVID_TOKEN_TYPE, XFCC_HEADER
-from broker.dpop import DPoPProof, InvalidDPoPProof
+from broker.dpop import CheckedDPoPProof, InvalidDPoPProof
 from broker.errors import (
     InvalidRequest,
     InvalidTarget,
@@ -89,8 +89,11 @@ _FORM_SCHEMA: dict[str, Any] = {
 }
 
 
-async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None:
-    """The verified DPoP proof of this request (RFC 9449 §4.3), ``None`` when it carries none."""
+def _dpop_proof(request: Request, runtime: RuntimeDep) -> CheckedDPoPProof | None:
+    """The checked DPoP proof of this request (RFC 9449 §4.3), ``None`` when it carries none.
+
+    Its ``jti`` is consumed by the pipeline once the subject token is attested, so a caller without
+    a valid identity writes no state."""
     proofs = request.headers.getlist("dpop")
     if not proofs:
         return None
@@ -100,8 +103,8 @@ async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None
         raise InvalidDPoPProof("DPoP is not enabled on this broker")
     # htu is the token endpoint under the issuer URL: what clients read from the RFC 8414 metadata.
     htu = runtime.settings.issuer_url + request.url.path
-    # On the event loop, like the decision itself: a signature check and one state-store write.
-    return runtime.dpop.verify(proofs[0], htm=request.method, htu=htu)
+    # On the event loop, like the decision itself: a signature check, no state.
+    return runtime.dpop.check(proofs[0], htm=request.method, htu=htu)
 
 
 def _evidence(request: Request, runtime: RuntimeDep) -> Evidence:
@@ -192,13 +195,13 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     outcome: Issued | Held
     if form.get("grant_type") == CIBA_GRANT:
         poll = dataclasses.replace(_poll_request(form, request_id), evidence=_evidence(request, runtime))
-        proof = await _dpop_proof(request, runtime)
-        outcome = await runtime.broker.redeem(dataclasses.replace(poll, dpop=proof) if proof else poll)
+        proof = _dpop_proof(request, runtime)
+        outcome = await runtime.broker.redeem(dataclasses.replace(poll, dpop_checked=proof) if proof else poll)
     else:
         exchange = dataclasses.replace(_exchange_request(form, request_id), evidence=_evidence(request, runtime))
-        proof = await _dpop_proof(request, runtime)
+        proof = _dpop_proof(request, runtime)
         if proof is not None:
-            exchange = dataclasses.replace(exchange, dpop=proof)
+            exchange = dataclasses.replace(exchange, dpop_checked=proof)
         outcome = await runtime.broker.exchange(exchange)
     if isinstance(outcome, Held):
         held = {"auth_req_id": outcome.auth_req_id, "expires_in": outcome.expires_in, "interval": outcome.interval,
