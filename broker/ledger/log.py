@@ -41,9 +41,32 @@ _HEX_HASH = re.compile(r"[0-9a-fA-F]{64}")
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
+    """One queued append and whoever waits for it: a thread (``future``) or a coroutine (``waiter``)."""
+
     leaf: bytes
     leaf_hash: bytes
-    future: Future[Receipt]
+    future: Future[Receipt] | None
+    waiter: asyncio.Future[Receipt] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> bool:
+        """False if the caller gave up before the write started; it is then not written."""
+        if self.future is not None:
+            # Once RUNNING, a concurrent future can no longer be cancelled, so setting it cannot fail.
+            return self.future.set_running_or_notify_cancel()
+        # Read from the writer thread: a cancel racing with this check only costs an extra entry.
+        return self.waiter is not None and not self.waiter.cancelled()
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Receipt], Receipt | BaseException]]) -> None:
+    """On the event loop: hand each waiting coroutine its receipt or error (one call per batch)."""
+    for waiter, outcome in outcomes:
+        if waiter.done():  # timed out or cancelled meanwhile
+            continue
+        if isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
 
 
 _STOP = object()
@@ -122,21 +145,33 @@ class Ledger:
             raise LedgerUnavailable("ledger write timed out") from None
 
     async def append_async(self, entry: dict[str, Any]) -> Receipt:
-        """:meth:`append` for asyncio callers; the event loop is never blocked on the fsync."""
-        future = self._submit(entry)
+        """:meth:`append` for asyncio callers; the event loop is never blocked on the fsync.
+
+        The writer thread resolves the waiting coroutines of a batch with one hand-over to the loop
+        (not one per entry), which keeps the per-append cost on the loop small under load.
+        """
+        leaf = encode_entry(entry)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Receipt] = loop.create_future()
+        self._enqueue(_Pending(leaf, leaf_hash(leaf), None, waiter, loop))
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self._append_timeout)
+            async with asyncio.timeout(self._append_timeout):
+                return await waiter
         except TimeoutError:
             raise LedgerUnavailable("ledger write timed out") from None
 
     def _submit(self, entry: dict[str, Any]) -> Future[Receipt]:
         leaf = encode_entry(entry)
         pending = _Pending(leaf, leaf_hash(leaf), Future())
+        self._enqueue(pending)
+        assert pending.future is not None
+        return pending.future
+
+    def _enqueue(self, pending: _Pending) -> None:
         with self._state_lock:
             if self._closed:
                 raise LedgerUnavailable("ledger is closed")
             self._queue.put(pending)
-        return pending.future
 
     def _run_writer(self) -> None:
         while True:
@@ -160,9 +195,8 @@ class Ledger:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
-        # A caller that cancelled (asyncio timeout, client gone) before we start is not written;
-        # once RUNNING, a future can no longer be cancelled, so set_result below cannot fail.
-        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        # A caller that cancelled (asyncio timeout, client gone) before we start is not written.
+        live = [p for p in batch if p.start()]
         if not live:
             return
         distinct: dict[bytes, bytes] = {}
@@ -176,12 +210,25 @@ class Ledger:
             error = exc
         except Exception as exc:  # callers must never wait on a dead writer
             error = LedgerUnavailable(f"ledger write failed ({type(exc).__name__})")
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Receipt], Receipt | BaseException]]] = {}
         for p in live:
             index = indexes.get(p.leaf_hash)
-            if index is None:
-                p.future.set_exception(error or LedgerUnavailable("ledger write failed"))
-            else:
-                p.future.set_result(Receipt(index=index, leaf_hash=p.leaf_hash.hex()))
+            outcome: Receipt | BaseException = (
+                error or LedgerUnavailable("ledger write failed") if index is None
+                else Receipt(index=index, leaf_hash=p.leaf_hash.hex())
+            )
+            if p.future is not None:
+                if isinstance(outcome, BaseException):
+                    p.future.set_exception(outcome)
+                else:
+                    p.future.set_result(outcome)
+            elif p.waiter is not None and p.loop is not None:
+                by_loop.setdefault(p.loop, []).append((p.waiter, outcome))
+        for loop, outcomes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, outcomes)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
 
     def _store(self, distinct: dict[bytes, bytes]) -> dict[bytes, int]:
         """Append the distinct leaves; the index of each (existing ones for identical entries)."""
