@@ -125,6 +125,8 @@ def test_commits_are_synchronous_even_when_the_server_default_is_off(pg_url):
         s.append_batch([b"x"])
         conn = s._writer.connection
         assert conn is not None and conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        # A replica that vanishes mid-batch cannot hold the sequencer row for long.
+        assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("10s",)
     finally:
         s.close()
 
