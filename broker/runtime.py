@@ -82,12 +82,8 @@ class Runtime:
         keys = KeySet(data_dir / "keys" / "token", alg=settings.token_alg)
         ledger_key, ledger_key_created = load_or_create_private_key(data_dir / "keys" / "ledger-key.pem", "EdDSA")
         signer = NoteSigner(settings.ledger_key_name or settings.ledger_origin, ledger_key)  # type: ignore[arg-type]
+        # Opening checks integrity: a corrupt, cut-short or rewritten ledger stops the start, loudly.
         ledger = Ledger(SqliteLedgerStorage(data_dir / "ledger.sqlite3"), signer, settings.ledger_origin, clock)
-        try:
-            ledger.check_integrity()  # a corrupt or cut-short ledger stops the start, loudly
-        except BaseException:
-            ledger.close()
-            raise
         store = open_store(settings, clock)
         issuers = list(settings.trust)
         dev_issuer = None

@@ -27,7 +27,7 @@ from broker.ledger.canonical import encode_entry
 from broker.ledger.checkpoint import NoteSigner, sign_checkpoint, verify_checkpoint
 from broker.ledger.cosignature import Cosignature, CosignatureVerifier
 from broker.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
-from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage
+from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage, MissingEntry
 from broker.ledger.tiles import TILE_WIDTH, entry_bundle, parse_tile_path, tile_hashes
 from broker.models import Receipt
 
@@ -66,6 +66,12 @@ class Ledger:
         max_batch: int = 1024,
         append_timeout: float = 30.0,
     ) -> None:
+        """Open the log over ``storage`` and check its integrity (:meth:`check_integrity`).
+
+        Raises :class:`LedgerCorrupt` (and closes ``storage``) when the storage contradicts what
+        this log acknowledged or published: every command that holds the signing key opens the
+        ledger through here, so none of them can sign a checkpoint over a rewritten history.
+        """
         # Fail at construction, not at the first checkpoint request, on a bad origin or key.
         sign_checkpoint(signer, origin, 0, EMPTY_ROOT)
         if max_batch < 1:
@@ -83,6 +89,11 @@ class Ledger:
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._state_lock = threading.Lock()
         self._closed = False
+        try:
+            self.check_integrity()
+        except BaseException:
+            storage.close()
+            raise
         self._writer = threading.Thread(target=self._run_writer, name="ledger-writer", daemon=True)
         self._writer.start()
 
@@ -314,19 +325,27 @@ class Ledger:
         return entry_bundle(leaves), tile.width is None
 
     def check_integrity(self, *, tail: int = 1024, checkpoints: int = 1000) -> int:
-        """Check storage on start; the number of entries, or :class:`LedgerCorrupt` with what is wrong.
+        """Check storage against what this log acknowledged and published; the number of entries.
 
-        (1) indexes are gapless and every leaf hash loads; (2) the last ``tail`` leaves still hash to
-        their recorded leaf hashes (a torn or corrupt tail); (3) the tree still has the root of each
-        of the last ``checkpoints`` checkpoints this log published. Nothing is repaired or truncated.
+        Runs when the ledger is opened (so no command can sign over a rewritten history) and may be
+        run again. (1) indexes are gapless and every leaf hash loads; (2) the last ``tail`` leaves
+        still hash to their recorded leaf hashes (a torn or corrupt tail); (3) the tree still has
+        the root of each of the last ``checkpoints`` checkpoints this log published. Raises
+        :class:`LedgerCorrupt` naming the first bad index (or the checkpoint the storage
+        contradicts, and the index from which on the altered entry lies). Nothing is repaired.
         """
+        refusing = "refusing to serve or sign"
         with self._tree_lock:
             try:
                 size = self._sync()
+            except MissingEntry as exc:
+                raise LedgerCorrupt(f"ledger storage is missing entry {exc.index} (a row was deleted); {refusing}",
+                                    kind="corrupt", index=exc.index) from None
             except LedgerCorrupt:
                 raise
             except LedgerUnavailable as exc:
                 raise LedgerCorrupt(f"ledger storage cannot be read back in full: {exc.description}") from None
+            # (2) the tail's bytes against their recorded hashes.
             start = max(0, size - tail)
             for chunk in range(start, size, MAX_ENTRIES_PER_CALL):
                 end = min(size, chunk + MAX_ENTRIES_PER_CALL)
@@ -335,14 +354,25 @@ class Ledger:
                                                               strict=True)):
                     if leaf_hash(leaf) != recorded:
                         raise LedgerCorrupt(f"ledger entry {chunk + offset} does not match its recorded leaf hash "
-                                            "(corrupt or torn storage); refusing to start")
-            for cp_size, cp_root in self._storage.published_checkpoints(checkpoints):
+                                            f"(corrupt or torn storage); {refusing}",
+                                            kind="corrupt", index=chunk + offset)
+            # (3) published checkpoints, smallest first: the first one the tree contradicts, and the
+            # largest one below it that still holds, bound where the history was altered.
+            published = sorted(self._storage.published_checkpoints(checkpoints))
+            holds = 0
+            for cp_size, cp_root in published:
                 if cp_size > size:
                     raise LedgerCorrupt(f"ledger storage holds {size} entries but a checkpoint of {cp_size} was "
-                                        f"published: entries from index {size} are missing; refusing to start")
+                                        f"published: entries from index {size} are missing; {refusing}",
+                                        kind="rollback", index=size)
                 if self._tree.root(cp_size) != cp_root:
-                    raise LedgerCorrupt(f"ledger storage no longer matches the checkpoint of {cp_size} entries it "
-                                        "published: history was altered; refusing to start")
+                    raise LedgerCorrupt(
+                        f"ledger storage no longer matches the checkpoint of {cp_size} entries it published: "
+                        f"history was altered (the first altered entry is at or after index {holds}"
+                        + (f", where the checkpoint of {holds} entries still matches" if holds else "")
+                        + f"); {refusing}",
+                        kind="fork", index=holds)
+                holds = cp_size
             return size
 
     def entries(self, start: int, end: int) -> list[bytes]:

@@ -73,8 +73,8 @@ def rotate_ledger_key(data_dir: Path, key_name: str, origin: str, clock: Clock) 
                                kid=jwk["kid"], alg="EdDSA", jwk=jwk)
     entry["key"]["endorsement"] = endorsement
     # (1)-(3) with the old key: the entry, then a recorded hand-over checkpoint that covers it.
+    # Opening the ledger checks its integrity: never endorse a key over a rewritten history.
     with Ledger(SqliteLedgerStorage(data_dir / "ledger.sqlite3"), old_signer, origin, clock) as ledger:
-        ledger.check_integrity()
         ledger.append(entry)
         ledger.checkpoint()
     # (4) the new key in place; the old one kept, retired, for the record.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from broker.errors import InvalidRequest, LedgerUnavailable
 from broker.ledger.merkle import HASH_SIZE, leaf_hash
-from broker.ledger.storage import DuplicateLeaf
+from broker.ledger.storage import DuplicateLeaf, MissingEntry
 
 __all__ = ["SqliteLedgerStorage"]
 
@@ -163,14 +163,16 @@ class SqliteLedgerStorage:
             rows = (
                 self._conn(self._reader)
                 .execute(
-                    f"SELECT {column} FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",  # noqa: S608 -- column is ours
+                    f"SELECT idx, {column} FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",  # noqa: S608 -- column is ours
                     (start, end),
                 )
                 .fetchall()
             )
         if len(rows) != end - start:
-            raise LedgerUnavailable("ledger storage does not hold the requested entries")
-        return [bytes(row[0]) for row in rows]
+            # Name the first hole: an operator (and `serve`'s refusal) must say which row is gone.
+            missing = next((start + i for i, row in enumerate(rows) if row[0] != start + i), start + len(rows))
+            raise MissingEntry(missing)
+        return [bytes(row[1]) for row in rows]
 
     def leaf_hashes(self, start: int, end: int) -> list[bytes]:
         """Leaf hashes of ``[start, end)``."""

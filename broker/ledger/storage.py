@@ -11,7 +11,7 @@ from typing import Protocol
 
 from broker.errors import LedgerUnavailable
 
-__all__ = ["DuplicateLeaf", "LedgerCorrupt", "LedgerStorage"]
+__all__ = ["DuplicateLeaf", "LedgerCorrupt", "LedgerStorage", "MissingEntry"]
 
 
 class DuplicateLeaf(LedgerUnavailable):
@@ -25,9 +25,26 @@ class DuplicateLeaf(LedgerUnavailable):
 class LedgerCorrupt(LedgerUnavailable):
     """Storage no longer holds what the log acknowledged or published (corrupt, torn or cut short).
 
-    Raised at start instead of serving: the broker never truncates or repairs the ledger itself,
-    because an operator (and the auditors) must see the evidence as it is.
+    Raised when a ledger is opened, instead of serving or signing: the broker never truncates or
+    repairs the ledger itself, because an operator (and the auditors) must see the evidence as it
+    is. ``kind`` is ``"rollback"`` (fewer entries than a published checkpoint covered), ``"fork"``
+    (the entries no longer hash to a published root: signing now would publish a second history)
+    or ``"corrupt"`` (a row is missing or does not match its leaf hash). ``index`` is the first bad
+    index, or, for a fork, the index from which on the first altered entry lies.
     """
+
+    def __init__(self, description: str, *, kind: str = "corrupt", index: int | None = None) -> None:
+        super().__init__(description)
+        self.kind = kind
+        self.index = index
+
+
+class MissingEntry(LedgerUnavailable):
+    """Storage has no row at ``index`` although later rows exist (a deleted row)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"ledger storage is missing entry {index}")
+        self.index = index
 
 
 class LedgerStorage(Protocol):
@@ -46,11 +63,14 @@ class LedgerStorage(Protocol):
         ...
 
     def leaf_hashes(self, start: int, end: int) -> list[bytes]:
-        """Leaf hashes of indexes ``[start, end)``, all of them or an error."""
+        """Leaf hashes of indexes ``[start, end)``, all of them or an error.
+
+        A row missing inside the range raises :class:`MissingEntry` naming the first missing index.
+        """
         ...
 
     def entries(self, start: int, end: int) -> list[bytes]:
-        """Leaves of indexes ``[start, end)``, all of them or an error."""
+        """Leaves of indexes ``[start, end)``, all of them or an error (:class:`MissingEntry` for a gap)."""
         ...
 
     def index_of(self, leaf_hash: bytes) -> int | None:

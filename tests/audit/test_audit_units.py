@@ -26,6 +26,7 @@ from broker.audit.local import LocalLedgerSource
 from broker.clock import FixedClock
 from broker.errors import VerificationError
 from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage, decode_entry
+from broker.ledger.merkle import MerkleTree
 from broker.mint.keys import public_jwk
 
 H = "sha256:" + "ab" * 32
@@ -332,6 +333,8 @@ def test_saved_leaf_hashes_must_rebuild_the_trusted_root(tmp_path: Path) -> None
             ).checkpoint.size
             == 6
         )
-        # `audit consistency` keeps no hashes: it drops the saved ones, which would no longer match.
-        check_consistency(LocalLedgerSource(ledger), vkey, state)
-        assert load_state_hashes(state) is None
+        # `audit consistency` keeps the saved hashes up to date: they rebuild the new signed root.
+        latest = check_consistency(LocalLedgerSource(ledger), vkey, state)
+        kept = load_state_hashes(state)
+        assert kept is not None and len(kept) == 6 * 32 and kept[: 5 * 32] == hashes
+        assert MerkleTree(kept[i : i + 32] for i in range(0, len(kept), 32)).root() == latest.checkpoint.root
