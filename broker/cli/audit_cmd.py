@@ -1,4 +1,4 @@
-"""``nhi-broker audit verify|prove|consistency|witness`` and ``nhi-broker ledger export``.
+"""``nhi-broker audit verify|prove|consistency|witness`` and ``nhi-broker ledger export|schema|rotate-key``.
 
 Audit commands trust only the verifier key given with ``--verifier-key`` (the ``<name>+<keyid>+<base64>``
 line `nhi-broker serve` prints), never a key the source offers. Exit status (:mod:`broker.cli._exit`):
@@ -296,6 +296,14 @@ def _export_local(args: argparse.Namespace, bar: Callable[[int, int], None]) -> 
         ledger.close()
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from broker.ledger.schema import entry_json_schema
+
+    # The same models build and validate entries; this is their generated JSON Schema.
+    print(json.dumps(entry_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
 def _cmd_rotate_key(args: argparse.Namespace) -> int:
     from broker.cli.main import _settings
     from broker.clock import SystemClock
@@ -364,6 +372,8 @@ def register(sub: Any) -> None:
     export.add_argument("--progress", action="store_true", help="draw the progress bar even when not a terminal")
     _add_common(export)
     export.set_defaults(func=_guard(_cmd_export))
+    schema = ledger_sub.add_parser("schema", help="print the JSON Schema of ledger entries (version 1)")
+    schema.set_defaults(func=_guard(_cmd_schema))
     rotate = ledger_sub.add_parser("rotate-key", help="rotate the checkpoint signing key, recorded in the ledger")
     _add_common(rotate)
     rotate.set_defaults(func=_guard(_cmd_rotate_key))

@@ -6,7 +6,7 @@
     keys list|rotate       task-token signing keys
     policy test|explain|lint
     audit verify|prove|consistency|witness
-    ledger export|rotate-key
+    ledger export|schema|rotate-key
 """
 
 from __future__ import annotations

@@ -70,8 +70,7 @@ def rotate_ledger_key(data_dir: Path, key_name: str, origin: str, clock: Clock) 
     endorsement = old_signer.sign(f"{ENDORSEMENT_HEADER}\n{origin}\n{new_signer.verifier_key}\n")
     jwk = public_jwk(new)
     entry = key_rotation_entry(now=clock.now(), request_id=f"cli-{uuid.uuid4().hex}", purpose="ledger",
-                               kid=jwk["kid"], alg="EdDSA", jwk=jwk)
-    entry["key"]["endorsement"] = endorsement
+                               kid=jwk["kid"], alg="EdDSA", jwk=jwk, endorsement=endorsement)
     # (1)-(3) with the old key: the entry, then a recorded hand-over checkpoint that covers it.
     # Opening the ledger checks its integrity: never endorse a key over a rewritten history.
     with Ledger(SqliteLedgerStorage(data_dir / "ledger.sqlite3"), old_signer, origin, clock) as ledger:

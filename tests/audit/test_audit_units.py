@@ -107,7 +107,8 @@ SCHEMA_ATTACKS = [
     ("private-jwk", _set(KEY_ROTATION, "key.public_jwk.d", "secret"), "key.public_jwk.d", "private key material"),
     ("jwk-kid", _set(KEY_ROTATION, "key.public_jwk.kid", "other"), "key.public_jwk.kid", "thumbprint"),
     ("purpose", _set(KEY_ROTATION, "key.purpose", "tls"), "key.purpose", "must be one of"),
-    ("endorsement", _set(KEY_ROTATION, "key.endorsement", 5), "key.endorsement", "must be a signed note"),
+    ("endorsement", _set(KEY_ROTATION, "key.endorsement", 5), "key.endorsement", "must be a string, not a number"),
+    ("endorsement-text", _set(KEY_ROTATION, "key.endorsement", "x"), "key.endorsement", "must be a signed note"),
     (
         "reserved-no-request-id",
         {"v": 1, "kind": "approval", "time": "2026-11-23T10:00:00Z"},
