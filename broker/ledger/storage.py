@@ -77,6 +77,19 @@ class LedgerStorage(Protocol):
         """The index of the leaf with this hash, if stored."""
         ...
 
+    def record_tile_roots(self, start: int, roots: list[bytes]) -> None:
+        """Durably keep the roots of complete tiles ``start, start + 1, ...`` (idempotent per tile).
+
+        A tile is 256 consecutive leaves (C2SP tlog-tiles); its root is the level-8 interior
+        hash over their leaf hashes. Several processes may record the same tile: the first value
+        stays. Interior hashes let a process start without reading every leaf hash.
+        """
+        ...
+
+    def tile_roots(self, start: int, end: int) -> list[bytes]:
+        """Recorded roots of tiles ``[start, end)``, in order, stopping at the first tile not recorded."""
+        ...
+
     def record_checkpoint(self, size: int, root: bytes, note: str) -> None:
         """Durably remember a checkpoint before it is published (idempotent per size)."""
         ...
