@@ -20,7 +20,7 @@ import hmac
 import multiprocessing
 import struct
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +42,7 @@ __all__ = [
     "VerifierKeys",
     "extend_verified",
     "rollback_violation",
+    "verified_entries",
     "verify_checkpoint_from",
     "verify_ledger",
     "verify_note",
@@ -461,6 +462,20 @@ def extend_verified(
         raise AuditFailure("the recomputed root differs from the signed checkpoint; verify in full", index=old)
     summary.merge(result.summary)
     return VerifiedLedger(checkpoint=checkpoint, note=note, summary=summary, tree=tree, signed_by=signed_by)
+
+
+def verified_entries(source: LedgerSource, verified: VerifiedLedger) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """The source's entries again, ``(index, leaf hash, entry)``, each accepted only if it is the
+    leaf the verified tree holds (a source that changes after verification fails at that index)."""
+    tree = verified.tree
+    for raw in source.entries(0, verified.checkpoint.size):
+        digest = leaf_hash(raw.leaf)
+        if not hmac.compare_digest(digest, tree.leaf_hash(raw.index)):
+            raise AuditFailure("the source changed the entry after it was verified", index=raw.index)
+        try:
+            yield raw.index, digest, decode_leaf(raw.leaf)
+        except VerificationError as exc:  # cannot happen for a verified leaf; never silently skip
+            raise AuditFailure(f"leaf is not canonical JSON: {exc}", index=raw.index) from None
 
 
 def _saved_hashes(trusted: Checkpoint | None, hashes: bytes | None) -> bytes | None:

@@ -1,4 +1,4 @@
-"""``nhi-broker audit verify|prove|consistency|witness`` and ``nhi-broker ledger export|schema|rotate-key``.
+"""``nhi-broker audit verify|prove|consistency|witness|report`` and ``nhi-broker ledger export|schema|rotate-key``.
 
 Audit commands trust only the verifier key given with ``--verifier-key`` (the ``<name>+<keyid>+<base64>``
 line `nhi-broker serve` prints), never a key the source offers. Exit status (:mod:`broker.cli._exit`):
@@ -229,6 +229,44 @@ def _cmd_witness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    import datetime
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from broker.audit.report import build_report, render_html
+    from broker.cli.policy_cmd import _utc_bound
+
+    since, until = _utc_bound(args.since, "--since"), _utc_bound(args.until, "--until")
+    converter = None
+    if args.pdf is not None:
+        converter = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                                      shutil.which("google-chrome")) if p), None)
+        if converter is None:
+            raise UsageError("--pdf needs chromium (or google-chrome) on PATH to print the report")
+    with _open_source(args) as source:
+        report = build_report(source, args.verifier_key, since=since, until=until)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    tmp = args.out.with_name(args.out.name + ".partial")
+    tmp.write_text(render_html(report, now), encoding="utf-8")
+    os.replace(tmp, args.out)
+    _rotation_notice(report.signed_by, args.verifier_key)
+    print(f"report of {report.size} verified entries written to {args.out}")
+    if converter is not None:
+        with tempfile.TemporaryDirectory() as profile:
+            run = subprocess.run(
+                [converter, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                 "--no-pdf-header-footer", f"--print-to-pdf={args.pdf.resolve()}", args.out.resolve().as_uri()],
+                capture_output=True, timeout=120, check=False,
+            )
+        if run.returncode != 0 or not args.pdf.is_file():
+            raise OSError(f"{converter} could not print the PDF (exit {run.returncode})")
+        print(f"PDF written to {args.pdf}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from broker.audit.bundle import write_bundle
     from broker.cli._progress import ProgressBar
@@ -362,6 +400,15 @@ def register(sub: Any) -> None:
     wit.add_argument("--name", required=True, help="the witness name, e.g. witness.example.com/w1")
     wit.add_argument("--publish", action="store_true", help="send the cosignature to the broker (--url)")
     wit.set_defaults(func=_guard(_cmd_witness))
+
+    rep = audit_sub.add_parser("report", help="write a self-contained HTML report of the verified ledger "
+                                              "(and a PDF with --pdf)")
+    _add_source(rep)
+    rep.add_argument("--since", metavar="TIME", help="only entries at or after this UTC time (RFC 3339 or a date)")
+    rep.add_argument("--until", metavar="TIME", help="only entries before this UTC time (RFC 3339 or a date)")
+    rep.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    rep.add_argument("--pdf", type=Path, help="also print the report to this PDF (needs chromium)")
+    rep.set_defaults(func=_guard(_cmd_report))
 
     ledger = sub.add_parser("ledger", help="the broker's own ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)

@@ -5,7 +5,7 @@
     dev vault              run a local OpenBao configured for the sample vault-* intents
     keys list|rotate       task-token signing keys
     policy test|explain|lint
-    audit verify|prove|consistency|witness
+    audit verify|prove|consistency|witness|report
     ledger export|schema|rotate-key
 """
 
