@@ -22,7 +22,7 @@ from broker.ledger.schema import (
     SuspensionEntry,
     Workload,
 )
-from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
+from broker.models import Delegation, EndUser, Grant, Intent, RegisteredWorkload, WorkloadIdentity
 
 __all__ = [
     "ENTRY_VERSION",
@@ -64,7 +64,8 @@ def issuance_entry(
     """The entry that must be durable before ``credential`` leaves the broker.
 
     ``approval`` (``{auth_req_id, index, leaf_hash, approvers}``) points at the ``approval`` entry
-    that released an intent held for review.
+    that released an intent held for review. A delegated grant adds ``user`` (the verified end user)
+    and a sub-agent's grant ``parent`` (the parent token's ``jti`` and ledger leaf hash ``txn``).
     """
     return IssuanceEntry.model_validate({
         "v": ENTRY_VERSION,
@@ -77,7 +78,14 @@ def issuance_entry(
         "decision": {"effect": "allow", "rule": grant.rule_id, "policy_version": grant.policy_version},
         "credential": credential,
         "approval": approval,
+        **_delegation(grant.user, grant.delegation),
     }).to_json()
+
+
+def _delegation(user: EndUser | None, parent: Delegation | None) -> dict[str, Any]:
+    # Optional members: a plain exchange's entry is exactly what it was before delegation existed.
+    return {"user": user.ledger_json() if user is not None else None,
+            "parent": parent.ledger_json() if parent is not None else None}
 
 
 def approval_entry(
@@ -90,11 +98,13 @@ def approval_entry(
     rule_id: str,
     policy_version: str,
     approval: dict[str, Any],
+    user: EndUser | None = None,
 ) -> dict[str, Any]:
     """A decision on an intent held for review: one approver's approval or denial, or its expiry.
 
     ``request_id`` is the token request that was held; ``approval`` is ``{auth_req_id, group,
-    needed, outcome, approver, reason, approvers, final}`` (docs/ledger.md).
+    needed, outcome, approver, reason, approvers, final}`` (docs/ledger.md); ``user`` the verified
+    end user the intent is for, if it was delegated.
     """
     return ApprovalEntry.model_validate({
         "v": ENTRY_VERSION,
@@ -106,6 +116,7 @@ def approval_entry(
         "intent": intent,
         "decision": {"effect": "review", "rule": rule_id, "policy_version": policy_version},
         "approval": approval,
+        "user": user.ledger_json() if user is not None else None,
     }).to_json()
 
 
@@ -121,8 +132,13 @@ def denial_entry(
     reason: str,
     rule_id: str | None,
     policy_version: str,
+    user: EndUser | None = None,
+    parent: Delegation | None = None,
 ) -> dict[str, Any]:
-    """The entry for an attested workload that was refused (unregistered, wrong audience, policy deny)."""
+    """The entry for an attested workload that was refused (unregistered, wrong audience, policy deny).
+
+    ``user`` / ``parent`` as in :func:`issuance_entry`, when the refused request was delegated.
+    """
     return DenialEntry.model_validate({
         "v": ENTRY_VERSION,
         "kind": "denial",
@@ -138,6 +154,7 @@ def denial_entry(
             "error": error,
             "reason": reason,
         },
+        **_delegation(user, parent),
     }).to_json()
 
 

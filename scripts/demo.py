@@ -14,7 +14,11 @@
    (d) prints and checks the ledger proof of (a) against the signed checkpoint,
    (e) asks for a 120 EUR refund, which the policy holds for a person's approval: an approver
        approves it (through the admin API, as the console would), and the assistant's SDK collects
-       the token with the approval bound in.
+       the token with the approval bound in;
+   (f) acts for a verified end user (RFC 8693 delegation: the trial user issuer stands in for the
+       shop's login): a refund for customer c-42 names c-42 as ``sub`` and the assistant as ``act``;
+       a prompt-injected refund for another customer is refused because the user is verified, and a
+       refund sub-agent gets a narrower token with a nested ``act``, never a wider one.
 
 Exit status 0 when every step behaved as described; 1 otherwise. Nothing is left running.
 """
@@ -43,6 +47,7 @@ from nhi_broker_client import (
     AccessDeniedError,
     ApprovalPending,
     BrokerClient,
+    BrokerResponseError,
     DPoPKey,
     TaskTokenVerifier,
     VerifiedTaskToken,
@@ -125,10 +130,10 @@ class Broker:
 
 
 class Service:
-    """A uvicorn server in a thread (real HTTP on loopback)."""
+    """A uvicorn server in a thread (real HTTP on loopback) for any ASGI app."""
 
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -144,11 +149,61 @@ class Service:
         self.thread.join(timeout=10)
 
 
-def run(workdir: Path) -> bool:
-    from broker.attest.dev import DevIssuer
-    from broker.clock import SystemClock
+def approver_config(workdir: Path) -> tuple[Path, str]:
+    """A broker configuration with one refund approver, april (only her secret's SHA-256 is in it), and
+    a 1 s approval polling interval; returns its path and april's bearer secret."""
+    approver_secret = secrets.token_urlsafe(32)
+    config = workdir / "broker.toml"
+    config.write_text(
+        "[approvals]\npoll_interval = 1\n\n"
+        '[[operators]]\nname = "april"\nrole = "approver"\ngroups = ["refund-approvers"]\n'
+        f'token_sha256 = "{hashlib.sha256(approver_secret.encode()).hexdigest()}"\n'
+    )
+    return config, approver_secret
+
+
+def approve(broker_url: str, approver_secret: str, auth_req_id: str, reason: str) -> bool:
+    """Approve a held intent through the admin API, as the console would."""
+    r = httpx.post(f"{broker_url}/v1/admin/approvals/{auth_req_id}/approve", json={"reason": reason},
+                   headers={"Authorization": f"Bearer {approver_secret}"})
+    return r.status_code == 200
+
+
+class LedgerProof:
+    """One ledger entry, proven included in the broker's signed checkpoint (built by :func:`prove`)."""
+
+    def __init__(self, index: int, leaf_hash: str, entry: dict[str, Any], checkpoint: Any, path_length: int,
+                 verifier_key: str) -> None:
+        self.index, self.leaf_hash, self.entry = index, leaf_hash, entry
+        self.checkpoint, self.path_length, self.verifier_key = checkpoint, path_length, verifier_key
+
+
+def prove(broker_url: str, leaf_hash_hex: str, http: httpx.Client | None = None) -> LedgerProof:
+    """Fetch the signed checkpoint, the entry with this leaf hash and its RFC 6962 inclusion proof, and
+    verify all three against the ledger's verifier key (raises if anything does not check out)."""
     from broker.ledger.checkpoint import verify_checkpoint
     from broker.ledger.merkle import leaf_hash, verify_inclusion
+
+    if http is None:
+        with httpx.Client() as own:
+            return prove(broker_url, leaf_hash_hex, own)
+    meta = http.get(broker_url + "/.well-known/oauth-authorization-server").json()
+    checkpoint = verify_checkpoint(http.get(broker_url + "/v1/ledger/checkpoint").text, meta["ledger_verifier_key"])
+    proof = http.get(broker_url + "/v1/ledger/proof/inclusion",
+                     params={"leaf_hash": leaf_hash_hex, "tree_size": checkpoint.size}).json()
+    index = int(proof["index"])
+    path = [base64.b64decode(h) for h in proof["audit_path"]]
+    verify_inclusion(bytes.fromhex(leaf_hash_hex), index, checkpoint.size, path, checkpoint.root)
+    listed = http.get(broker_url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
+    leaf = base64.b64decode(listed["entries"][0]["leaf"])
+    if leaf_hash(leaf).hex() != leaf_hash_hex:
+        raise ValueError("the entry does not hash to its leaf hash")
+    return LedgerProof(index, leaf_hash_hex, json.loads(leaf), checkpoint, len(path), meta["ledger_verifier_key"])
+
+
+def run(workdir: Path) -> bool:
+    from broker.attest.dev import DevIssuer, DevUserIssuer
+    from broker.clock import SystemClock
 
     ok = True
 
@@ -159,13 +214,7 @@ def run(workdir: Path) -> bool:
             say(f"    !! unexpected: {what}")
 
     # One refund approver for (e): only the SHA-256 of her secret is in the broker's configuration.
-    approver_secret = secrets.token_urlsafe(32)
-    config = workdir / "broker.toml"
-    config.write_text(
-        "[approvals]\npoll_interval = 1\n\n"
-        '[[operators]]\nname = "april"\nrole = "approver"\ngroups = ["refund-approvers"]\n'
-        f'token_sha256 = "{hashlib.sha256(approver_secret.encode()).hexdigest()}"\n'
-    )
+    config, approver_secret = approver_config(workdir)
     broker = Broker(workdir / "broker-data", config)
     verifier = TaskTokenVerifier(broker.url, "payments-api")
     service = Service(create_orders_app(verifier))
@@ -238,19 +287,10 @@ def run(workdir: Path) -> bool:
         # (d)
         say()
         say(f"(d) ledger proof of (a): entry #{token.receipt_index}")
-        meta = httpx.get(broker.url + "/.well-known/oauth-authorization-server").json()
-        note = httpx.get(broker.url + "/v1/ledger/checkpoint").text
-        checkpoint = verify_checkpoint(note, meta["ledger_verifier_key"])
-        index = token.receipt_index
-        assert index is not None and token.receipt_leaf_hash is not None
-        entry_json = httpx.get(broker.url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
-        leaf = base64.b64decode(entry_json["entries"][0]["leaf"])
-        entry = json.loads(leaf)
-        proof = httpx.get(broker.url + "/v1/ledger/proof/inclusion",
-                          params={"leaf_hash": token.receipt_leaf_hash, "tree_size": checkpoint.size}).json()
-        path = [base64.b64decode(h) for h in proof["audit_path"]]
-        verify_inclusion(bytes.fromhex(token.receipt_leaf_hash), index, checkpoint.size, path, checkpoint.root)
-        check(leaf_hash(leaf).hex() == token.receipt_leaf_hash, "the entry does not hash to the receipt")
+        assert token.receipt_index is not None and token.receipt_leaf_hash is not None
+        proven = prove(broker.url, token.receipt_leaf_hash)
+        entry, checkpoint, index = proven.entry, proven.checkpoint, proven.index
+        check(index == token.receipt_index, "the entry is not at the receipt's index")
         check(entry["kind"] == "issuance" and entry["credential"].get("cnf_jkt") == key.jkt,
               "the entry is not the DPoP-bound issuance of (a)")
         say(f"    entry      kind={entry['kind']} rule={entry['decision']['rule']} "
@@ -260,8 +300,8 @@ def run(workdir: Path) -> bool:
         say(f"               credential jti={entry['credential']['jti']} cnf_jkt={entry['credential']['cnf_jkt']}")
         say(f"    leaf hash  {token.receipt_leaf_hash}  (= the token's txn claim)")
         say(f"    checkpoint size={checkpoint.size} root={base64.b64encode(checkpoint.root).decode()}")
-        say(f"               signature verified with {meta['ledger_verifier_key']}")
-        say(f"    inclusion  {len(path)}-hash audit path from leaf #{index} to the signed root: VERIFIED")
+        say(f"               signature verified with {proven.verifier_key}")
+        say(f"    inclusion  {proven.path_length}-hash audit path from leaf #{index} to the signed root: VERIFIED")
 
         # (e)
         say()
@@ -278,9 +318,7 @@ def run(workdir: Path) -> bool:
             say(f"    broker  HELD for review by rule {pending.rule_id} (OpenID CIBA poll mode, "
                 f"auth_req_id {pending.auth_req_id[:12]}...)")
             reason = "customer sent photos of the damaged parcel"
-            r = httpx.post(f"{broker.url}/v1/admin/approvals/{pending.auth_req_id}/approve",
-                           json={"reason": reason}, headers={"Authorization": f"Bearer {approver_secret}"})
-            check(r.status_code == 200, "the approver could not approve")
+            check(approve(broker.url, approver_secret, pending.auth_req_id, reason), "the approver could not approve")
             say(f"    april   (refund-approvers) APPROVED: {reason}")
             approved = assistant.wait_for_approval(pending, timeout=30)
         grant = json.loads(base64.urlsafe_b64decode(approved.access_token.split(".")[1] + "=="))["approval"]
@@ -291,6 +329,51 @@ def run(workdir: Path) -> bool:
         check(r.status_code == 200 and r.json().get("refunded") == 120, "the approved refund was not made")
         if r.status_code == 200:
             say(f"    orders  {r.status_code} REFUNDED 120 EUR on {r.json()['order']}")
+
+        # (f)
+        say()
+        say(f"(f) act for the verified end user {CUSTOMER} (signed in at the shop; RFC 8693 actor_token)")
+        users = DevUserIssuer.load_or_create(workdir / "broker-data")
+
+        def signed_in_user() -> str:
+            return users.mint_user(CUSTOMER, "nhi-broker", clock=SystemClock())
+
+        def claims_of(token: str) -> dict[str, Any]:
+            parsed: dict[str, Any] = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+            return parsed
+
+        refund_ctx = {"customer": CUSTOMER, "amount": 30, "currency": "EUR"}
+        with BrokerClient(broker.url, actor=identity, user_token=signed_in_user, dpop=False) as assistant:
+            delegated = assistant.get_token("payments-api", "payments.refund", RESOURCE, refund_ctx)
+            claims = claims_of(delegated.access_token)
+            check(claims.get("sub") == CUSTOMER and claims.get("act") == {"sub": ASSISTANT},
+                  "the delegated token does not name the user and the assistant")
+            say(f"    broker  issued: sub={claims['sub']} act={json.dumps(claims['act'])}")
+            say(f"            sub_id={json.dumps(claims['sub_id'], sort_keys=True)}")
+            other = "c-77"
+            say(f"    a prompt injection makes the assistant ask for a refund to customer {other}")
+            try:
+                assistant.get_token("payments-api", "payments.refund", f"customers/{other}/orders/ord-7",
+                                    {"customer": other, "amount": 30, "currency": "EUR"})
+                check(False, "the broker issued a refund for a customer other than the verified user")
+            except AccessDeniedError as exc:
+                say(f"    broker  DENIED {exc.status} {exc.code} by rule {exc.rule_id}: the user is verified "
+                    f"as {CUSTOMER}")
+                check(exc.rule_id == "refund-other-customer", "the cross-customer refund was not refused by its rule")
+        executor = "spiffe://example.org/ns/payments/sa/refund-executor"
+        with BrokerClient(broker.url, lambda: issuer.mint(executor, "nhi-broker", clock=SystemClock()),
+                          dpop=False) as sub_agent:
+            child = sub_agent.narrow(delegated, "payments-api", "payments.refund", RESOURCE,
+                                     {**refund_ctx, "amount": 25})
+            child_claims = claims_of(child.access_token)
+            say(f"    sub-agent refund-executor narrowed it to 25 EUR: act={json.dumps(child_claims['act'])}")
+            check(child_claims.get("act") == {"sub": executor, "act": {"sub": ASSISTANT}}, "no nested act")
+            try:
+                sub_agent.narrow(delegated, "payments-api", "payments.refund", RESOURCE, {**refund_ctx, "amount": 45})
+                check(False, "the sub-agent got a token wider than its parent")
+            except BrokerResponseError as exc:
+                say(f"    asking for 45 EUR (more than its parent's 30): {exc.status} {exc.code}: {exc.description}")
+                check(exc.code == "invalid_target", "a wider child was not refused with invalid_target")
     finally:
         service.stop()
         verifier.close()

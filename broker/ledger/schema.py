@@ -645,6 +645,23 @@ class SuspensionState(Member):
     reason: Text()
 
 
+class EndUserRef(Member):
+    """A delegated request's verified end user (RFC 8693 subject): its issuer and subject, and the
+    digest of the user token when it was presented (absent when carried over from a parent token)."""
+
+    iss: Text(2048)
+    sub: Text(255)
+    evidence_digest: Sha256 | None = None
+
+
+class ParentRef(Member):
+    """A sub-agent's parent task token: its ``jti``, the leaf hash of its issuance (``txn``), its workload."""
+
+    jti: B64Id
+    txn: LeafHashHex
+    client_id: Text(64)
+
+
 # -- entries ----------------------------------------------------------------------------------------
 
 
@@ -666,6 +683,8 @@ class IssuanceEntry(_Entry):
     decision: AllowDecision
     credential: Credential
     approval: IssuanceApproval | None = None
+    user: EndUserRef | None = None
+    parent: ParentRef | None = None
 
 
 class DenialEntry(_Entry):
@@ -676,6 +695,8 @@ class DenialEntry(_Entry):
     audience: Text(256)
     intent: IntentDetail
     decision: DenyDecision
+    user: EndUserRef | None = None
+    parent: ParentRef | None = None
 
 
 class ApprovalEntry(_Entry):
@@ -687,6 +708,7 @@ class ApprovalEntry(_Entry):
     intent: IntentDetail
     decision: ReviewDecision
     approval: ApprovalState
+    user: EndUserRef | None = None
 
 
 class RevocationEntry(_Entry):
