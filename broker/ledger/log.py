@@ -38,7 +38,7 @@ from broker.ledger.merkle import (
     leaf_hash,
     root_from_leaf_hashes,
 )
-from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage, MissingEntry
+from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage, MissingEntry, TileRootStorage
 from broker.ledger.tiles import TILE_WIDTH, entry_bundle, parse_tile_path, tile_hashes
 from broker.models import Receipt
 
@@ -251,7 +251,7 @@ class Ledger:
     def _record_tiles(self) -> None:
         """Persist the roots of tiles the tree completed (must hold ``_tree_lock``); best effort."""
         complete = self._tree.size >> TILE_LEVEL
-        if complete <= self._tiles_recorded:
+        if complete <= self._tiles_recorded or not isinstance(self._storage, TileRootStorage):
             return
         roots = self._tree.nodes(TILE_LEVEL, self._tiles_recorded, complete)
         try:
@@ -275,7 +275,7 @@ class Ledger:
         if durable < known:
             # Storage lost entries it had acknowledged: the file was replaced or rolled back.
             raise LedgerUnavailable("ledger storage is behind the published tree")
-        if known == 0 and durable >= TILE_WIDTH:
+        if known == 0 and durable >= TILE_WIDTH and isinstance(self._storage, TileRootStorage):
             # Cold start: the recorded tile roots (interior hashes), then only the leaf hashes after
             # them, instead of every leaf hash; lower nodes of old tiles are loaded when a proof
             # needs them. check_integrity() checks the tiles against the leaves they stand for.

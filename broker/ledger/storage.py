@@ -7,11 +7,11 @@ signatures: it assigns indexes, keeps bytes and their leaf hashes, and says when
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from broker.errors import LedgerUnavailable
 
-__all__ = ["DuplicateLeaf", "LedgerCorrupt", "LedgerStorage", "MissingEntry"]
+__all__ = ["DuplicateLeaf", "LedgerCorrupt", "LedgerStorage", "MissingEntry", "TileRootStorage"]
 
 
 class DuplicateLeaf(LedgerUnavailable):
@@ -77,19 +77,6 @@ class LedgerStorage(Protocol):
         """The index of the leaf with this hash, if stored."""
         ...
 
-    def record_tile_roots(self, start: int, roots: list[bytes]) -> None:
-        """Durably keep the roots of complete tiles ``start, start + 1, ...`` (idempotent per tile).
-
-        A tile is 256 consecutive leaves (C2SP tlog-tiles); its root is the level-8 interior
-        hash over their leaf hashes. Several processes may record the same tile: the first value
-        stays. Interior hashes let a process start without reading every leaf hash.
-        """
-        ...
-
-    def tile_roots(self, start: int, end: int) -> list[bytes]:
-        """Recorded roots of tiles ``[start, end)``, in order, stopping at the first tile not recorded."""
-        ...
-
     def record_checkpoint(self, size: int, root: bytes, note: str) -> None:
         """Durably remember a checkpoint before it is published (idempotent per size)."""
         ...
@@ -108,4 +95,28 @@ class LedgerStorage(Protocol):
 
     def close(self) -> None:
         """Release connections; later calls raise :class:`LedgerUnavailable`."""
+        ...
+
+
+@runtime_checkable
+class TileRootStorage(Protocol):
+    """A storage that also keeps interior hashes: the roots of complete tiles (optional).
+
+    With it, a process opens the ledger from the tile roots and the leaf hashes after them instead
+    of every leaf hash (:meth:`broker.ledger.Ledger.check_integrity` says what start-up checks);
+    without it, the ledger reads every leaf hash on open, as before. Both methods raise
+    :class:`LedgerUnavailable` on failure.
+    """
+
+    def record_tile_roots(self, start: int, roots: list[bytes]) -> None:
+        """Durably keep the roots of complete tiles ``start, start + 1, ...`` (idempotent per tile).
+
+        A tile is 256 consecutive leaves (C2SP tlog-tiles); its root is the level-8 interior
+        hash over their leaf hashes. Several processes may record the same tile: the first value
+        stays. Interior hashes let a process start without reading every leaf hash.
+        """
+        ...
+
+    def tile_roots(self, start: int, end: int) -> list[bytes]:
+        """Recorded roots of tiles ``[start, end)``, in order, stopping at the first tile not recorded."""
         ...
