@@ -206,6 +206,50 @@ def measure(label: str, url: str, lua: Path, bodies: Path, connections: int, arg
     }
 
 
+def start_profile(pid: int, seconds: int, out: Path, *, gil: bool = False) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling every process of the server (non-blocking) for ``seconds``, as collapsed stacks.
+
+    ``gil``: only samples of threads holding the GIL (where the Python CPU time goes)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("--profile needs py-spy (pip install py-spy)", file=sys.stderr)
+        return None
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-s", "-d", str(seconds), "-r", "200", "-f", "raw",
+                             "--nonblocking", "--function", "-o", str(out), *(["--gil"] if gil else [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """Top frames of a py-spy raw profile: share of samples in the frame itself, and with its callees."""
+    own: dict[str, int] = {}
+    total_in: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        samples += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total_in[frame] = total_in.get(frame, 0) + count
+    print(f"\nprofile: {samples} samples of busy threads ({path.name})")
+    print("  self %  frame")
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {100 * n / samples:5.1f}  {frame}")
+    print("  total %  frame (with callees; broker/ and server frames)")
+    shown = 0
+    for frame, n in sorted(total_in.items(), key=lambda kv: -kv[1]):
+        if "broker/" in frame or "uvicorn" in frame or "starlette" in frame or "fastapi" in frame:
+            print(f"  {100 * n / samples:6.1f}  {frame}")
+            shown += 1
+            if shown == top:
+                break
+
+
 def print_rows(rows: list[dict]) -> None:
     print(f"{'system':<28} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8} "
           f"{'CPU µs/req':>10} {'load':>5} {'ratio':>6}")
@@ -296,6 +340,10 @@ def main() -> int:
                         help="also drive OpenBao's JWT login (bao server, durable raft storage) at the same "
                              "connection counts in this run, and print the broker's ratio to it")
     parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
+    parser.add_argument("--profile-gil", action="store_true", help="with --profile: only samples holding the GIL")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the broker with py-spy during the first level into this file (raw "
+                             "collapsed stacks) and print its top frames")
     parser.add_argument("--introspect", action="store_true", help="also measure introspection requests/s")
     parser.add_argument("--vault", action="store_true",
                         help="measure Vault-backed intents instead: the broker's added latency over a direct "
@@ -372,7 +420,11 @@ def main() -> int:
               + ("; OpenBao: bao server, integrated raft storage, JWT auth, service tokens" if bao else ""))
         rows: list[dict] = []
         for i, c in enumerate(levels):
+            spy = (start_profile(server.pid, args.duration, args.profile, gil=args.profile_gil)
+                   if args.profile and i == 0 else None)
             row = measure(label, url, lua, pools[i], c, args, lambda: process_group_cpu(server.pid))
+            if spy is not None:
+                spy.wait(timeout=args.duration + 60)
             rows.append(row)
             if bao is not None:
                 anchor = measure(bao_label, bao.addr, lua, bao_pools[i], c, args, bao.cpu_seconds,
@@ -380,6 +432,8 @@ def main() -> int:
                 row["ratio"] = row["rate"] / anchor["rate"]
                 rows.append(anchor)
         print_rows(rows)
+        if args.profile and args.profile.exists():
+            print_profile(args.profile)
         if args.markdown:
             print()
             print_markdown(rows, command, (start_load, load_average()))
