@@ -5,7 +5,8 @@ Everything on the embedded default lives under ``settings.data_dir``::
     keys/token/*.pem        ES256 (or EdDSA) task-token signing keys, mode 0600
     keys/ledger-key.pem     Ed25519 signed-note key of the ledger, mode 0600
     dev-issuer-key.pem      trial-only workload-identity issuer (when enabled)
-    ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL)
+    ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL); ledger.sqlite3-append.lock
+                            gives worker processes their turns to append (flock)
     state.sqlite3           shared state on the embedded default (state_backend = "sqlite"):
                             single-use values, revocations, suspensions, use counts, rates, budgets
     vault-leases.sqlite3    Vault leases handed out (when [vault] is configured)
