@@ -327,6 +327,7 @@ def bench_introspection(url: str, work: Path, token_body: str, secret: str, leve
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--server", default=None, help="HTTP server of `nhi-broker serve` (default: its default)")
     parser.add_argument("--duration", type=int, default=8, help="seconds per level")
     parser.add_argument("--connections", default=None, help="comma-separated levels (default 4,16,64; "
                         "32 with --compare-openbao)")
@@ -398,7 +399,8 @@ def main() -> int:
     server_log = (work / "server.log").open("wb")
     server = subprocess.Popen(
         [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--workers", str(args.workers),
-         "--policies", str(ROOT / "policies"), "--config", str(config)],
+         "--policies", str(ROOT / "policies"), "--config", str(config), *(["--server", args.server] if args.server
+                                                                          else [])],
         stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     bao: RaftOpenBao | None = None
