@@ -48,7 +48,8 @@ def test_policy_test_fails_a_case_where_casbin_disagrees(samples: PolicySet, mon
                                                         ) -> None:
     # Casbin is the reference: a case whose request-path decision is not Casbin's fails, even when
     # the decision is what the case expects.
-    monkeypatch.setattr(PolicySet, "casbin_decision", lambda self, workload, audience, intent: ("deny", None))
+    monkeypatch.setattr(PolicySet, "casbin_decision",
+                        lambda self, workload, audience, intent, user=None: ("deny", None))
     by_name = {r.name: r for r in run_policy_tests(samples, SAMPLES / "tests.toml")}
     refund = by_name["support refunds 20 EUR"]
     assert not refund.passed and "Casbin disagree" in refund.message
