@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -54,6 +52,7 @@ from broker.clock import SystemClock  # noqa: E402
 from broker.vault.devserver import bao_binary  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
+from benchinfo import load_average, machine, markdown_caption  # noqa: E402
 from openbao_anchor import LOGIN_PATH, ROLE, RaftOpenBao, process_group_cpu  # noqa: E402
 
 WORKLOAD = "spiffe://example.org/ns/support/sa/support-assistant"
@@ -175,23 +174,6 @@ def issuer_public_pem(data_dir: Path) -> str:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def machine() -> str:
-    """One line naming the machine: cores, CPU model, kernel, Python."""
-    model = "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return (f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, Python {platform.python_version()}, "
-            f"wrk over loopback")
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages, as ``uptime`` prints them."""
-    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def measure(label: str, url: str, lua: Path, bodies: Path, connections: int, args: argparse.Namespace,
             cpu: Callable[[], float], **wrk_kw: str) -> dict:
     """One wrk run; its rate, latencies, failures, the server's CPU µs per request and the load before."""
@@ -260,10 +242,9 @@ def print_rows(rows: list[dict]) -> None:
     sys.stdout.flush()
 
 
-def print_markdown(rows: list[dict], command: str, loads: tuple[str, str]) -> None:
+def print_markdown(rows: list[dict], start_load: str) -> None:
     """The table for the README, pasted as is."""
-    print(f"`{command}` — {machine()}; load average {loads[0]} before, {loads[1]} after "
-          f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).\n")
+    print(markdown_caption("bench_exchange.py", start_load) + " wrk over loopback.\n")
     print("| system | connections | requests/s | p50 ms | p99 ms | non-200 | server CPU µs/request "
           "| load (1 min) | ÷ OpenBao |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -300,7 +281,7 @@ end
 
 
 def bench_introspection(url: str, work: Path, token_body: str, secret: str, levels: list[int], args: argparse.Namespace
-                        ) -> None:
+                        ) -> list[dict]:
     """Introspections/s of one live task token by an authenticated resource server (no use limit)."""
     request = urllib.request.Request(url + "/v1/token", data=token_body.encode(), method="POST",  # noqa: S310
                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
@@ -311,7 +292,9 @@ def bench_introspection(url: str, work: Path, token_body: str, secret: str, leve
     auth = "Basic " + base64.b64encode(f"bench-rs:{secret}".encode()).decode()
     body = urllib.parse.urlencode({"token": token})
     print(f"{'connections':>11} {'introspect/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'inactive':>8}")
+    rows = []
     for c in levels:
+        load = os.getloadavg()[0]
         cmd = ["wrk", f"-t{min(args.threads, c)}", f"-c{c}", f"-d{args.duration}s", "--latency", "-s", str(lua),
                url, "--", body, auth]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60, check=False)
@@ -322,6 +305,9 @@ def bench_introspection(url: str, work: Path, token_body: str, secret: str, leve
         rate = r["requests"] / (r["duration_us"] / 1e6)
         bad = r["non200"] + r["socket_errors"]
         print(f"{c:>11} {rate:>12.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} {bad:>8}")
+        rows.append({"connections": c, "rate": rate, "p50": r["p50_us"] / 1000, "p99": r["p99_us"] / 1000,
+                     "bad": bad, "load": load})
+    return rows
 
 
 def main() -> int:
@@ -359,7 +345,6 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install wrk", file=sys.stderr)
         return 2
-    command = "scripts/bench_exchange.py " + " ".join(sys.argv[1:])
     levels = [int(c) for c in (args.connections or ("32" if args.compare_openbao else "4,16,64")).split(",")]
     start_load = load_average()
     print(f"machine: {machine()}; load average {start_load}")
@@ -438,10 +423,19 @@ def main() -> int:
             print_profile(args.profile)
         if args.markdown:
             print()
-            print_markdown(rows, command, (start_load, load_average()))
+            print_markdown(rows, start_load)
         if args.introspect:
             make_bodies(data_dir, 1, work / "one.txt")
-            bench_introspection(url, work, (work / "one.txt").read_text().strip(), secret, levels, args)
+            seen = bench_introspection(url, work, (work / "one.txt").read_text().strip(), secret, levels, args)
+            if args.markdown:
+                print()
+                print(markdown_caption("bench_exchange.py", start_load) + " Introspection of one live token "
+                      "(RFC 7662, HTTP Basic client authentication), wrk over loopback.\n")
+                print("| system | connections | introspections/s | p50 ms | p99 ms | not active | load (1 min) |")
+                print("|---|---|---|---|---|---|---|")
+                for row in seen:
+                    print(f"| {label} | {row['connections']} | {row['rate']:,.0f} | {row['p50']:.1f} | "
+                          f"{row['p99']:.1f} | {row['bad']} | {row['load']:.2f} |")
     finally:
         if bao is not None:
             bao.stop()
