@@ -341,7 +341,7 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "scripts"))
         import bench_vault
 
-        return bench_vault.main(["--requests", str(args.vault_requests)])
+        return bench_vault.main(["--requests", str(args.vault_requests), *(["--markdown"] if args.markdown else [])])
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install wrk", file=sys.stderr)
         return 2
