@@ -249,7 +249,7 @@ def print_rows(rows: list[dict]) -> None:
 
 def print_markdown(rows: list[dict], start_load: str) -> None:
     """The table for the README, pasted as is."""
-    print(markdown_caption("bench_exchange.py", start_load) + " wrk over loopback.\n")
+    print(markdown_caption(start_load) + " wrk over loopback.\n")
     print("| system | connections | requests/s | p50 ms | p99 ms | non-200 | server CPU µs/request "
           "| load (1 min) | ÷ OpenBao |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -554,7 +554,7 @@ def main() -> int:
             seen = bench_introspection(url, work, (work / "one.txt").read_text().strip(), secret, levels, args)
             if args.markdown:
                 print()
-                print(markdown_caption("bench_exchange.py", start_load) + " Introspection of one live token "
+                print(markdown_caption(start_load) + " Introspection of one live token "
                       "(RFC 7662, HTTP Basic client authentication), wrk over loopback.\n")
                 print("| system | connections | introspections/s | p50 ms | p99 ms | not active | load (1 min) |")
                 print("|---|---|---|---|---|---|---|")

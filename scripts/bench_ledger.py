@@ -401,7 +401,7 @@ def main() -> None:
             bench_audit_verify(directory, args.leaves, args.jobs)
     if args.markdown:
         print()
-        print(markdown_caption("bench_ledger.py", start_load) + " Local disk.\n")
+        print(markdown_caption(start_load) + " Local disk.\n")
         print("| figure | target | measured |")
         print("|---|---|---|")
         for figure, target, measured in FIGURES:

@@ -246,7 +246,7 @@ def main() -> None:
         )
     if args.markdown:
         print()
-        print(markdown_caption("bench_policy.py", start_load) + " One thread.\n")
+        print(markdown_caption(start_load) + " One thread.\n")
         print("| rules | decide() p50 µs | p99 µs | CPU µs per decide() | plain Casbin `enforce()` p50 µs "
               "| plain ÷ decide() |")
         print("|---|---|---|---|---|---|")

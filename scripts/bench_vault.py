@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     if args.markdown:
         print()
-        print(markdown_caption("bench_exchange.py --vault", start_load) + f" {args.requests} sequential requests "
+        print(markdown_caption(start_load) + f" {args.requests} sequential requests "
               "per case, OpenBao dev server and PostgreSQL on loopback.\n")
         print("| Vault-backed intent | direct hvac p50 / p99 ms | through the broker p50 / p99 ms "
               "| added by the broker p50 / p99 ms |")

@@ -84,7 +84,7 @@ def main() -> None:
     print(f"  DPoP token + proof      {dpop_rate:8.0f} verifications/s  ({1e6 / dpop_rate:6.0f} us each)")
     if args.markdown:
         print()
-        print(markdown_caption("bench_verify.py", start_load) + " SDK `TaskTokenVerifier`, one thread, ES256.\n")
+        print(markdown_caption(start_load) + " SDK `TaskTokenVerifier`, one thread, ES256.\n")
         print("| case | verifications/s | µs each (wall) | CPU µs each |")
         print("|---|---|---|---|")
         print(f"| bearer token | {bearer_rate:,.0f} | {1e6 / bearer_rate:,.0f} | {bearer_cpu:,.0f} |")

@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["load_average", "machine", "markdown_caption"]
 
@@ -31,8 +32,8 @@ def load_average() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def markdown_caption(script: str, start_load: str) -> str:
-    """The caption above a pasted table: command, machine, load before and after, time."""
-    command = " ".join([f"scripts/{script}", *sys.argv[1:]])
+def markdown_caption(start_load: str) -> str:
+    """The caption above a pasted table: the command as run, machine, load before and after, time."""
+    command = " ".join([f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     return (f"`{command}` — {machine()}; load average {start_load} before, {load_average()} after "
             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).")
