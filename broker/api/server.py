@@ -1,8 +1,11 @@
-"""The HTTP servers ``nhi-broker serve`` runs the app on: granian (default) or uvicorn.
+"""The HTTP servers ``nhi-broker serve`` runs the app on: uvicorn (default) or granian (``--server granian``).
 
-granian parses HTTP and writes responses in Rust, outside the GIL; on the 2-core development
-machine it served the token exchange with about 15% less CPU per request than uvicorn with
-httptools and uvloop (``scripts/bench_exchange.py --server uvicorn|granian``). Both get the same
+uvicorn runs :class:`~broker.api.http_server.BoundedHttpToolsProtocol`, which refuses an oversized
+request head with a JSON 431. granian parses HTTP and writes responses in Rust, outside the GIL; on
+the 2-core development machine it served the token exchange with about 15% less CPU per request
+than uvicorn with httptools and uvloop (``scripts/bench_exchange.py --server uvicorn|granian``); it
+bounds the request head by its own buffer (about 400 KiB) and answers that with its own error,
+not the broker's JSON. Both get the same
 app: worker processes build it from ``$NHI_BROKER_SETTINGS_JSON`` (:func:`broker.api.app.app_from_environment`)
 and, with several workers, share their metrics through ``<data_dir>/metrics``.
 
@@ -20,7 +23,7 @@ from broker.config import Settings
 
 __all__ = ["SERVERS", "granian_app", "run"]
 
-SERVERS = ("granian", "uvicorn")
+SERVERS = ("uvicorn", "granian")
 _SERVER_HEADER = (b"server", b"nhi-broker")
 
 
@@ -77,10 +80,12 @@ def run(settings: Settings, server: str, *, access_log: bool = False) -> None:
         return
     import uvicorn
 
+    from broker.api.http_server import BoundedHttpToolsProtocol
+
     if settings.workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=access_log, server_header=False)
+                    access_log=access_log, server_header=False, http=BoundedHttpToolsProtocol)
     else:
         uvicorn.run("broker.api.app:app_from_environment", factory=True, host=settings.host,
                     port=settings.port, workers=settings.workers, log_level=log_level,
-                    access_log=access_log, server_header=False)
+                    access_log=access_log, server_header=False, http=BoundedHttpToolsProtocol)

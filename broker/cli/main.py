@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
-    serve.add_argument("--server", choices=["granian", "uvicorn"], default="granian",
-                       help="HTTP server (default granian; see broker/api/server.py)")
+    serve.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
+                       help="HTTP server (default uvicorn with a bounded request head; see broker/api/server.py)")
     serve.set_defaults(func=_cmd_serve)
 
     dev = sub.add_parser("dev", help="trial helpers (embedded defaults only)")
