@@ -5,15 +5,9 @@ Everything on the embedded default lives under ``settings.data_dir``::
     keys/token/*.pem        ES256 (or EdDSA) task-token signing keys, mode 0600
     keys/ledger-key.pem     Ed25519 signed-note key of the ledger, mode 0600
     dev-issuer-key.pem      trial-only workload-identity issuer (when enabled)
-<<<<<<< HEAD
-    dev-user-issuer-key.pem trial-only end-user issuer for delegated exchanges (when enabled)
-    ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL); ledger.sqlite3-append.lock
-                            gives worker processes their turns to append (flock)
-=======
         parents = ParentTokens(keys, settings.issuer_url, state.tokens, clock)
         shared = settings.ledger_storage_url if is_shared(settings.ledger_storage_url) else None
         vault = open_vault_issuer(settings.vault, data_dir, ledger, clock, shared) if settings.vault else None
->>>>>>> main
     state.sqlite3           shared state on the embedded default (state_backend = "sqlite"):
                             single-use values, revocations, suspensions, use counts, rates, budgets
     vault-leases.sqlite3    Vault leases handed out (when [vault] is configured), unless the ledger is
@@ -104,12 +98,8 @@ class Runtime:
         except BaseException:
             storage.close()
             raise
+        # Opening checks integrity: a corrupt, cut-short or rewritten ledger stops the start, loudly.
         ledger = Ledger(storage, signer, settings.ledger_origin, clock)
-        try:
-            ledger.check_integrity()  # a corrupt or cut-short ledger stops the start, loudly
-        except BaseException:
-            ledger.close()
-            raise
         store = open_store(settings, clock)
         issuers = list(settings.trust)
         dev_issuer = None

@@ -140,27 +140,6 @@ def test_async_append(ledger):
         assert_receipt_verifies(ledger, r, note)
 
 
-def test_async_appends_of_one_loop_turn_share_one_commit(tmp_path):
-    class Counting(SqliteLedgerStorage):
-        batches: list[int] = []
-
-        def append_batch(self, leaves: list[bytes]) -> int:
-            self.batches.append(len(leaves))
-            return super().append_batch(leaves)
-
-    led = make_ledger(tmp_path / "ledger.sqlite3", Counting(tmp_path / "ledger.sqlite3"))
-    try:
-        async def main() -> list[Receipt]:
-            return await asyncio.gather(*(led.append_async(entry(n)) for n in range(200)))
-
-        receipts = asyncio.run(main())
-        assert sorted(r.index for r in receipts) == list(range(200))
-        assert Counting.batches == [200]  # one hand-off, one transaction, one fsync
-        assert len({r.leaf_hash for r in receipts}) == 200
-    finally:
-        led.close()
-
-
 def test_async_append_cancelled_before_its_batch_is_written_is_left_out(ledger):
     async def main() -> Receipt:
         doomed = asyncio.ensure_future(ledger.append_async(entry(1)))
