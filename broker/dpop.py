@@ -40,7 +40,7 @@ from broker.clock import Clock
 from broker.errors import AttestationError, BrokerError
 from broker.models import Grant
 from broker.policy import BINDINGS
-from broker.store.base import StateStore
+from broker.state.store import StateStore
 from broker.strict_json import StrictJSONError, b64url_decode_canonical, loads_strict
 
 __all__ = [
@@ -243,7 +243,7 @@ class DPoPVerifier:
         """The nonce to send in ``DPoP-Nonce``, or ``None`` when nonces are off."""
         return self.nonces.current(self._clock.now()) if self.nonces else None
 
-    def verify(self, proof: str, *, htm: str, htu: str) -> DPoPProof:
+    async def verify(self, proof: str, *, htm: str, htu: str) -> DPoPProof:
         """Verify ``proof`` for a request ``htm htu`` and return it, or raise :class:`InvalidDPoPProof`."""
         # (1) size and shape before any decoding.
         if not isinstance(proof, str) or len(proof) > _MAX_PROOF_BYTES:
@@ -336,7 +336,8 @@ class DPoPVerifier:
 
         # (7) single use, per key, for as long as the proof could be accepted.
         jkt = jwk_thumbprint(jwk)
-        if not self._replay.consume_once(DPOP_JTI_NAMESPACE, f"{jkt}\x00{jti}", iat + self._max_age + self._leeway):
+        expires_at = iat + self._max_age + self._leeway
+        if not await self._replay.consume_once(DPOP_JTI_NAMESPACE, f"{jkt}\x00{jti}", expires_at):
             raise DPoPReplay("DPoP proof has already been used")
         return DPoPProof(jkt=jkt, jti=jti, iat=iat, htm=claim_htm, htu=normalize_htu(htu))
 

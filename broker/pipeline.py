@@ -16,32 +16,32 @@ An intent a ``review`` rule decides is not issued: :meth:`Broker.exchange` retur
 token; :meth:`Broker.redeem` attests it, claims the approved request and runs steps 2-4 for the
 held intent with the approval bound into the token and the issuance entry.
 
-Steps 1 and 2 are CPU work on cached keys and local state, so they run on the event loop: a hop to
-a worker thread costs more than it saves and, under load, makes every thread queue for the GIL.
-That holds for the Redis state store as well (a few calls of tens of microseconds; a Redis that
-stops answering fails fast after one timeout, see :mod:`broker.store.redis`). They move to a worker
-thread only when attestation must fetch an issuer's JWKS over the network, or when the broker is
-built with ``decide_in_thread=True`` (for an embedding with a slow state store).
+Steps 1 and 2 are CPU work on cached keys (signature, policy), so they run on the event loop: a hop
+to a worker thread costs more than it saves and, under load, makes every thread queue for the GIL.
+Nothing in them blocks: an issuer's JWKS that must be fetched is awaited, and the shared state is
+asked through the async :class:`~broker.state.store.StateStore` (``redis.asyncio``, or the SQLite
+store's own thread), once per request: the identity token's single use, the kill switch, the rate
+and the budget are one :meth:`~broker.state.store.StateStore.run_checks` round trip after the policy
+decided. A refused request still consumes its identity token's ``jti`` first, so a replayed token
+is refused as a replay whatever the policy says, as if the ``jti`` had been consumed during
+attestation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
-import anyio.to_thread
-
 from broker.approvals.desk import Approval, ApprovalDesk
-from broker.attest.jwks import FetchRequired
 from broker.clock import Clock, SystemClock
 from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
 from broker.errors import AccessDenied, BrokerError, InvalidTarget, PolicyDenied, TemporarilyUnavailable
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
 from broker.models import Grant, Held, Intent, Issued, Receipt, RegisteredWorkload, WorkloadIdentity
+from broker.state.store import ConsumeOnce
 from broker.vault.errors import VaultUnavailable
 from broker.vault.kinds import check_requested_type
 
@@ -51,7 +51,11 @@ log = logging.getLogger("nhi_broker.pipeline")
 
 
 class IdentityVerifier(Protocol):
-    def verify(self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True) -> WorkloadIdentity: ...
+    async def verify(self, subject_token: str, subject_token_type: str) -> WorkloadIdentity: ...
+
+    async def verify_signed(
+        self, subject_token: str, subject_token_type: str
+    ) -> tuple[WorkloadIdentity, ConsumeOnce | None]: ...
 
 
 class IntentPolicy(Protocol):
@@ -66,9 +70,13 @@ class IntentPolicy(Protocol):
 
 
 class LimitGuard(Protocol):
-    def admit(self, grant: Grant, limits: Any, *, count_rate: bool = True) -> dict[str, Any]: ...
+    async def admit(
+        self, grant: Grant, limits: Any, *, count_rate: bool = True, replay: Sequence[ConsumeOnce] = ()
+    ) -> dict[str, Any]: ...
 
-    def admit_hold(self, grant: Grant, limits: Any) -> None: ...
+    async def admit_hold(self, grant: Grant, limits: Any, *, replay: Sequence[ConsumeOnce] = ()) -> None: ...
+
+    async def consume(self, replay: Sequence[ConsumeOnce]) -> None: ...
 
 
 class AppendOnlyLog(Protocol):
@@ -127,10 +135,9 @@ class Broker:
         policies: IntentPolicy,
         minter: TaskTokenMinter,
         ledger: AppendOnlyLog,
+        guard: LimitGuard,
         clock: Clock | None = None,
-        guard: LimitGuard | None = None,
         *,
-        decide_in_thread: bool = False,
         vault: SecretIssuer | None = None,
         approvals: ApprovalDesk | None = None,
     ) -> None:
@@ -138,41 +145,38 @@ class Broker:
         self.policies = policies
         self.minter = minter
         self.ledger = ledger
-        self.clock = clock or SystemClock()
         self.guard = guard
-        self.decide_in_thread = decide_in_thread
+        self.clock = clock or SystemClock()
         self.vault = vault
         self.approvals = approvals
 
-    def _decide(
-        self, request: ExchangeRequest, may_fetch: bool = True
-    ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
-        # (1) attestation errors propagate: no identity, no ledger entry.
-        identity = self.attestor.verify(request.subject_token, request.subject_token_type, may_fetch=may_fetch)
-        return self._authorize(identity, request)
-
-    def _authorize(
-        self, identity: WorkloadIdentity, request: ExchangeRequest
+    async def _authorize(
+        self, identity: WorkloadIdentity, request: ExchangeRequest, single_use: Sequence[ConsumeOnce] = ()
     ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
         workload: RegisteredWorkload | None = None
         try:
-            # (2) registry, then intent policy.
-            workload = self.policies.resolve_workload(identity)
-            grant = self.policies.authorize(identity, workload, request.audience, request.intent)
-            enforce_binding(grant, request.dpop)
-            if request.approval is None:  # a held intent's type was checked when it was held
-                check_requested_type(grant.credential_kind, request.requested_token_type)
+            try:
+                # (2) registry, then intent policy.
+                workload = self.policies.resolve_workload(identity)
+                grant = self.policies.authorize(identity, workload, request.audience, request.intent)
+                enforce_binding(grant, request.dpop)
+                if request.approval is None:  # a held intent's type was checked when it was held
+                    check_requested_type(grant.credential_kind, request.requested_token_type)
+                if request.approval is not None:
+                    _check_approval(grant, request.approval, request.dpop)
+            except Exception:
+                # A refused token is burnt as if attestation had consumed it; a replay is refused as one.
+                await self.guard.consume(single_use)
+                raise
             limits = self.policies.limits.get(grant.rule_id)
             if grant.review is not None and request.approval is None:
                 # Suspension and rate apply to holds too; the budget is charged at issuance.
-                if self.guard:
-                    self.guard.admit_hold(grant, limits)
+                await self.guard.admit_hold(grant, limits, replay=single_use)
                 return _Hold(grant)
-            if request.approval is not None:
-                _check_approval(grant, request.approval, request.dpop)
-            # (2b) kill switch, rates and budgets (broker.state.guard); shared-state outages raise 503.
+            # (2b) single use, kill switch, rates and budgets (broker.state.guard) in one store round
+            # trip; shared-state outages raise 503.
             counted = request.approval is not None  # its rate was counted when it was held
-            extra = self.guard.admit(grant, limits, count_rate=not counted) if self.guard else {}
+            extra = await self.guard.admit(grant, limits, count_rate=not counted, replay=single_use)
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc)
         if grant.credential_kind != "jwt":
@@ -187,14 +191,9 @@ class Broker:
 
         Returns :class:`Held` when a review rule decides the intent: nothing is issued until approved.
         """
-        if self.decide_in_thread:
-            outcome = await anyio.to_thread.run_sync(self._decide, request)
-        else:
-            try:
-                outcome = self._decide(request, may_fetch=False)
-            except FetchRequired:
-                # The issuer's keys must come over the network: wait for them off the event loop.
-                outcome = await anyio.to_thread.run_sync(self._decide, request)
+        # (1) attestation errors propagate: no identity, no ledger entry.
+        identity, single_use = await self.attestor.verify_signed(request.subject_token, request.subject_token_type)
+        outcome = await self._authorize(identity, request, () if single_use is None else (single_use,))
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error
@@ -211,14 +210,7 @@ class Broker:
         approval bound in. Raises the CIBA error (``authorization_pending``, ...) while it cannot."""
         if self.approvals is None:
             raise TemporarilyUnavailable("this broker cannot hold intents for review")
-        verify = partial(self.attestor.verify, poll.subject_token, poll.subject_token_type)
-        if self.decide_in_thread:
-            identity = await anyio.to_thread.run_sync(verify)
-        else:
-            try:
-                identity = verify(may_fetch=False)
-            except FetchRequired:
-                identity = await anyio.to_thread.run_sync(verify)
+        identity = await self.attestor.verify(poll.subject_token, poll.subject_token_type)
         approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
         request = ExchangeRequest(
@@ -228,8 +220,7 @@ class Broker:
             request_id=poll.request_id, dpop=poll.dpop, approval=approval,
         )
         try:
-            outcome = (await anyio.to_thread.run_sync(self._authorize, identity, request) if self.decide_in_thread
-                       else self._authorize(identity, request))
+            outcome = await self._authorize(identity, request)
             if isinstance(outcome, _Refusal):
                 await self._record_refusal(request, outcome)
                 await self.approvals.settle(approval, jti=None)

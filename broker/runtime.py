@@ -13,6 +13,7 @@ Everything on the embedded default lives under ``settings.data_dir``::
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -31,8 +32,8 @@ from broker.mint.jwt import TaskTokenMinter
 from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, public_jwk
 from broker.pipeline import Broker
 from broker.policy import POLICY_FILES, PolicySet, load_policies
-from broker.state import StateServices
-from broker.store import StateStore, open_store
+from broker.state import StateStore, open_store
+from broker.state.services import StateServices
 from broker.vault.issuer import VaultIssuer
 from broker.vault.wiring import open_vault_issuer
 
@@ -104,11 +105,8 @@ class Runtime:
         vault = open_vault_issuer(settings.vault, data_dir, ledger, clock) if settings.vault else None
         approvals = ApprovalDesk(store, ledger, clock, poll_interval=settings.approvals.poll_interval,
                                  notify=_webhook(settings, clock))
-        # Decisions stay on the event loop with Redis too: its calls take tens of microseconds, and
-        # a Redis that stops answering costs one short timeout per backoff window (store/redis.py).
-        broker = Broker(
-            attestor, policies, minter, ledger, clock, guard=state.guard, vault=vault, approvals=approvals,
-        )
+        # Decisions run on the event loop; the store is async (broker.state.store), never blocking it.
+        broker = Broker(attestor, policies, minter, ledger, state.guard, clock, vault=vault, approvals=approvals)
         nonces = None
         if settings.dpop_nonce:
             # Every worker derives the same nonce key from one key file (created once, mode 0600).
@@ -157,15 +155,24 @@ class Runtime:
             )
         )
 
-    def close(self) -> None:
-        """Stop the ledger writer and release connections."""
+    def _close_sync_parts(self) -> None:
         if self.vault is not None:
             self.vault.close()
         self.attestor.close()
         if self.state is not None:
             self.state.close()
         self.ledger.close()
-        self.store.close()
+
+    async def aclose(self) -> None:
+        """Stop the ledger writer and release connections, from the event loop (the lifespan)."""
+        await self.store.close()
+        # Joining the ledger writer and the Vault sweeper waits for their current work: off the loop.
+        await asyncio.to_thread(self._close_sync_parts)
+
+    def close(self) -> None:
+        """:meth:`aclose` for synchronous code (the CLI, tests); never call it on an event loop."""
+        asyncio.run(self.store.close())
+        self._close_sync_parts()
 
 
 def _webhook(settings: Settings, clock: Clock) -> WebhookNotifier | None:

@@ -17,3 +17,9 @@ def live_broker(tmp_path: Path) -> Iterator[LiveBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio, the loop the broker serves on."""
+    return "asyncio"

@@ -36,7 +36,7 @@ from broker.attest.template import SpiffeIdTemplate, TemplateError
 from broker.clock import Clock
 from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
 from broker.models import WorkloadIdentity
-from broker.store.base import StateStore
+from broker.state.store import ConsumeOnce, StateStore
 from broker.strict_json import StrictJSONError, b64url_decode_canonical, loads_strict
 
 __all__ = ["JTI_NAMESPACE", "SUBJECT_TOKEN_TYPES", "Attestor"]
@@ -196,11 +196,24 @@ class Attestor:
         for source in self._owned:
             source.close()
 
-    def verify(self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True) -> WorkloadIdentity:
-        """Verify ``subject_token`` and return the workload identity it proves (see module docstring).
+    async def verify(self, subject_token: str, subject_token_type: str) -> WorkloadIdentity:
+        """Verify ``subject_token`` and return the workload identity it proves (see module docstring)."""
+        identity, single_use = await self.verify_signed(subject_token, subject_token_type)
+        if single_use is not None and not await self._replay.consume_once(
+            single_use.namespace, single_use.key, single_use.expires_at
+        ):
+            raise ReplayDetected("subject_token has already been used")
+        return identity
 
-        With ``may_fetch=False``, :class:`~broker.attest.jwks.FetchRequired` is raised (before any
-        state changes) when only fetching the issuer's JWKS over the network could answer.
+    async def verify_signed(
+        self, subject_token: str, subject_token_type: str
+    ) -> tuple[WorkloadIdentity, ConsumeOnce | None]:
+        """Steps (1)-(11) except consuming the ``jti``: the identity and its single-use check.
+
+        The caller MUST apply the returned check before it acts on the identity and raise
+        :class:`~broker.errors.ReplayDetected` if it fails: the token path folds it into its one
+        state-store round trip (:meth:`~broker.state.guard.IssuanceGuard.admit`); :meth:`verify`
+        applies it at once.
         """
         # (1) Only JWT-shaped subject tokens are supported (RFC 8693 §3 type URIs).
         if subject_token_type not in SUBJECT_TOKEN_TYPES:
@@ -239,7 +252,7 @@ class Attestor:
             raise AttestationError(f"algorithm {alg} is not allowed for this issuer")
 
         # (6) The issuer's key named by kid (a one-key JWKS may be used without kid), fit for alg.
-        key = issuer.keys.get_key(_unverified_header.get("kid"), may_fetch=may_fetch)
+        key = await issuer.keys.get_key_async(_unverified_header.get("kid"))
         key.check_algorithm(alg)
 
         # (7)+(8) Signature, iss, aud, required claims; then types, time and lifetime.
@@ -258,21 +271,19 @@ class Attestor:
             except ValueError as exc:
                 raise AttestationError(str(exc)) from None
 
-        # (10) Single use: the jti is consumed last, so a token refused above is not burnt.
+        # (10) Single use: the jti is consumed last (by the caller), so a token refused above is not burnt.
         jti = claims.get("jti")
         if jti is None:
             if cfg.require_jti:
                 raise AttestationError("missing required claim 'jti'")
         elif not isinstance(jti, str) or _JTI_RE.fullmatch(jti) is None:
             raise AttestationError("claim 'jti' must be 1..256 printable ASCII characters")
-        if cfg.require_jti:
-            # Remember it for as long as the token could still be accepted (exp + leeway).
-            if not self._replay.consume_once(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway):
-                raise ReplayDetected("subject_token has already been used")
+        # Remember it for as long as the token could still be accepted (exp + leeway).
+        single_use = ConsumeOnce(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway) if cfg.require_jti else None
 
         # (11) The identity, with a digest of the evidence (never the token itself).
         digest = hashlib.sha256(subject_token.encode("ascii")).hexdigest()
-        return WorkloadIdentity(
+        identity = WorkloadIdentity(
             spiffe_id=str(spiffe_id),
             issuer=cfg.issuer,
             method=cfg.kind,
@@ -282,6 +293,7 @@ class Attestor:
             jti=jti,
             cnf_jkt=cnf_jkt,
         )
+        return identity, single_use
 
     @staticmethod
     def _check_header(_unverified_header: Mapping[str, Any]) -> str:

@@ -86,8 +86,8 @@ async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None
         raise InvalidDPoPProof("DPoP is not enabled on this broker")
     # htu is the token endpoint under the issuer URL: what clients read from the RFC 8414 metadata.
     htu = runtime.settings.issuer_url + request.url.path
-    # On the event loop, like the decision itself: a signature check and one state-store write.
-    return runtime.dpop.verify(proofs[0], htm=request.method, htu=htu)
+    # On the event loop, like the decision itself: a signature check and one (async) state-store write.
+    return await runtime.dpop.verify(proofs[0], htm=request.method, htu=htu)
 
 
 def _poll_request(form: dict[str, str], request_id: str) -> PollRequest:
