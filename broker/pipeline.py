@@ -20,27 +20,47 @@ Steps 1 and 2 are CPU work on cached keys (signature, policy), so they run on th
 to a worker thread costs more than it saves and, under load, makes every thread queue for the GIL.
 Nothing in them blocks: an issuer's JWKS that must be fetched is awaited, and the shared state is
 asked through the async :class:`~broker.state.store.StateStore` (``redis.asyncio``, or the SQLite
-store's own thread), once per request: the identity token's single use, the kill switch, the rate
-and the budget are one :meth:`~broker.state.store.StateStore.run_checks` round trip after the policy
-decided. A refused request still consumes its identity token's ``jti`` first, so a replayed token
-is refused as a replay whatever the policy says, as if the ``jti`` had been consumed during
-attestation.
+store's own thread), once per request: the workload identity token's single use, the kill switch,
+the rate and the budget are one :meth:`~broker.state.store.StateStore.run_checks` round trip after
+the policy decided. A refused request still consumes that ``jti`` first, so a replayed token is
+refused as a replay whatever the policy says, as if the ``jti`` had been consumed during attestation.
+(A delegated exchange's user token or parent task token is checked by its own verifier, awaited.)
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from broker.approvals.desk import Approval, ApprovalDesk
+from broker.attest.jwt_checks import check_shape, peek_unverified
+from broker.attest.users import UserTokenVerifier
 from broker.clock import Clock, SystemClock
+from broker.delegation import ParentTokens, check_within
 from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
-from broker.errors import AccessDenied, BrokerError, InvalidTarget, PolicyDenied, TemporarilyUnavailable
+from broker.errors import (
+    AccessDenied,
+    AttestationError,
+    BrokerError,
+    InvalidTarget,
+    PolicyDenied,
+    TemporarilyUnavailable,
+)
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
-from broker.models import Grant, Held, Intent, Issued, Receipt, RegisteredWorkload, WorkloadIdentity
+from broker.models import (
+    Delegation,
+    EndUser,
+    Grant,
+    Held,
+    Intent,
+    Issued,
+    Receipt,
+    RegisteredWorkload,
+    WorkloadIdentity,
+)
 from broker.state.store import ConsumeOnce
 from broker.vault.errors import VaultUnavailable
 from broker.vault.kinds import check_requested_type
@@ -51,10 +71,12 @@ log = logging.getLogger("nhi_broker.pipeline")
 
 
 class IdentityVerifier(Protocol):
-    async def verify(self, subject_token: str, subject_token_type: str) -> WorkloadIdentity: ...
+    async def verify(
+        self, subject_token: str, subject_token_type: str, *, label: str = "subject_token"
+    ) -> WorkloadIdentity: ...
 
     async def verify_signed(
-        self, subject_token: str, subject_token_type: str
+        self, subject_token: str, subject_token_type: str, *, label: str = "subject_token"
     ) -> tuple[WorkloadIdentity, ConsumeOnce | None]: ...
 
 
@@ -65,7 +87,12 @@ class IntentPolicy(Protocol):
     def resolve_workload(self, identity: WorkloadIdentity) -> RegisteredWorkload: ...
 
     def authorize(
-        self, identity: WorkloadIdentity, workload: RegisteredWorkload, audience: str, intent: Intent
+        self,
+        identity: WorkloadIdentity,
+        workload: RegisteredWorkload,
+        audience: str,
+        intent: Intent,
+        user: EndUser | None = None,
     ) -> Grant: ...
 
 
@@ -101,6 +128,11 @@ class ExchangeRequest:
     dpop: DPoPProof | None = None  # verified by broker.dpop; binds the token to its key
     requested_token_type: str | None = None
     approval: Approval | None = None  # set by Broker.redeem: the approval that releases a held intent
+    # RFC 8693 §2.1: with an actor_token (the workload's identity), subject_token is an end user's
+    # token (from a configured user issuer) or a parent task token this broker signed (a sub-agent).
+    actor_token: str | None = None
+    actor_token_type: str | None = None
+    user: EndUser | None = None  # set by Broker.redeem: the verified user a held intent was for
 
 
 @dataclass(frozen=True)
@@ -124,6 +156,19 @@ class _Refusal:
     identity: WorkloadIdentity
     workload: RegisteredWorkload | None
     error: BrokerError
+    user: EndUser | None = None
+    delegation: Delegation | None = None
+
+
+@dataclass(frozen=True)
+class _Principals:
+    """Who a request is from and for: the attested workload, and the verified user or parent token."""
+
+    identity: WorkloadIdentity
+    user: EndUser | None = None
+    delegation: Delegation | None = None
+    #: The identity token's single use, still to be applied (folded into the guard's round trip).
+    single_use: tuple[ConsumeOnce, ...] = ()
 
 
 class Broker:
@@ -140,6 +185,8 @@ class Broker:
         *,
         vault: SecretIssuer | None = None,
         approvals: ApprovalDesk | None = None,
+        users: UserTokenVerifier | None = None,
+        parents: ParentTokens | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
@@ -149,21 +196,57 @@ class Broker:
         self.clock = clock or SystemClock()
         self.vault = vault
         self.approvals = approvals
+        self.users = users
+        self.parents = parents
+
+    async def _attest(self, request: ExchangeRequest) -> _Principals:
+        """(1) Who asks, and for whom. Errors propagate: nothing proven, no ledger entry."""
+        if request.actor_token is None:
+            identity, single_use = await self.attestor.verify_signed(request.subject_token, request.subject_token_type)
+            return _Principals(identity, single_use=() if single_use is None else (single_use,))
+        # Delegation (RFC 8693 §2.1): the actor token is the workload's identity, attested as a subject
+        # token is on a plain exchange; a user token there is refused (its issuer is no workload issuer).
+        # Its jti is consumed at once, before the subject token is looked at.
+        identity = await self.attestor.verify(request.actor_token, request.actor_token_type or "", label="actor_token")
+        # The subject token's issuer decides how it is verified: this broker (a parent task token of a
+        # sub-agent) or a configured user issuer. The peek only routes; each verifier checks everything.
+        check_shape(request.subject_token, 16384, "subject_token")
+        _unverified_claims = peek_unverified(request.subject_token)[1]
+        if self.parents is not None and _unverified_claims.get("iss") == self.parents.issuer:
+            delegation, user = await self.parents.verify(request.subject_token, request.subject_token_type)
+            return _Principals(identity, user=user, delegation=delegation)
+        if self.users is None:
+            raise AttestationError("unknown user issuer (this broker has no user issuers configured)")
+        user = await self.users.verify(request.subject_token, request.subject_token_type)
+        return _Principals(identity, user=user)
 
     async def _authorize(
-        self, identity: WorkloadIdentity, request: ExchangeRequest, single_use: Sequence[ConsumeOnce] = ()
+        self, principals: _Principals, request: ExchangeRequest
     ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
+        identity, user, delegation = principals.identity, principals.user, principals.delegation
+        single_use = principals.single_use
         workload: RegisteredWorkload | None = None
         try:
             try:
                 # (2) registry, then intent policy.
                 workload = self.policies.resolve_workload(identity)
-                grant = self.policies.authorize(identity, workload, request.audience, request.intent)
+                if delegation is not None:
+                    # (2a) a sub-agent narrows only the task tokens of workloads it takes sub-tasks from,
+                    # and only within their grant; then its own rules decide.
+                    if delegation.parent_client_id not in workload.delegators:
+                        raise AccessDenied(
+                            f"workload {workload.name} does not take sub-tasks from {delegation.parent_client_id} "
+                            "(delegators in workloads.toml)"
+                        )
+                    check_within(delegation, request.audience, request.intent)
+                grant = self.policies.authorize(identity, workload, request.audience, request.intent, user)
+                if delegation is not None:
+                    grant = replace(grant, delegation=delegation)
+                    if grant.review is not None:
+                        raise AccessDenied("a sub-agent's intent cannot be held for review: the parent asks for it")
                 enforce_binding(grant, request.dpop)
                 if request.approval is None:  # a held intent's type was checked when it was held
                     check_requested_type(grant.credential_kind, request.requested_token_type)
-                if request.approval is not None:
-                    _check_approval(grant, request.approval, request.dpop)
             except Exception:
                 # A refused token is burnt as if attestation had consumed it; a replay is refused as one.
                 await self.guard.consume(single_use)
@@ -173,12 +256,14 @@ class Broker:
                 # Suspension and rate apply to holds too; the budget is charged at issuance.
                 await self.guard.admit_hold(grant, limits, replay=single_use)
                 return _Hold(grant)
+            if request.approval is not None:
+                _check_approval(grant, request.approval, request.dpop)
             # (2b) single use, kill switch, rates and budgets (broker.state.guard) in one store round
             # trip; shared-state outages raise 503.
             counted = request.approval is not None  # its rate was counted when it was held
             extra = await self.guard.admit(grant, limits, count_rate=not counted, replay=single_use)
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
-            return _Refusal(identity, workload, exc)
+            return _Refusal(identity, workload, exc, user=user, delegation=delegation)
         if grant.credential_kind != "jwt":
             return grant, None  # a Vault kind: broker.vault mints it
         if request.approval is not None:
@@ -191,9 +276,7 @@ class Broker:
 
         Returns :class:`Held` when a review rule decides the intent: nothing is issued until approved.
         """
-        # (1) attestation errors propagate: no identity, no ledger entry.
-        identity, single_use = await self.attestor.verify_signed(request.subject_token, request.subject_token_type)
-        outcome = await self._authorize(identity, request, () if single_use is None else (single_use,))
+        outcome = await self._authorize(await self._attest(request), request)
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error
@@ -213,14 +296,17 @@ class Broker:
         identity = await self.attestor.verify(poll.subject_token, poll.subject_token_type)
         approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
+        # The user was verified when the intent was held; the poller is the same workload (claim()).
+        user = approval.record.end_user()
         request = ExchangeRequest(
             subject_token=poll.subject_token, subject_token_type=poll.subject_token_type,
             audience=approval.record.audience,
             intent=Intent(action=held["action"], resource=held["resource"], context=dict(held["context"])),
-            request_id=poll.request_id, dpop=poll.dpop, approval=approval,
+            request_id=poll.request_id, dpop=poll.dpop, approval=approval, user=user,
         )
+        principals = _Principals(identity, user=user)
         try:
-            outcome = await self._authorize(identity, request)
+            outcome = await self._authorize(principals, request)
             if isinstance(outcome, _Refusal):
                 await self._record_refusal(request, outcome)
                 await self.approvals.settle(approval, jti=None)
@@ -238,7 +324,8 @@ class Broker:
             # A Vault kind: broker.vault.issuer mints, records and revokes on failure.
             if self.vault is None:
                 refusal = _Refusal(grant.identity, grant.workload, VaultUnavailable(
-                    f"rule {grant.rule_id} issues a Vault secret and this broker has no Vault configured"))
+                    f"rule {grant.rule_id} issues a Vault secret and this broker has no Vault configured"),
+                    user=grant.user, delegation=grant.delegation)
                 await self._record_refusal(request, refusal)
                 raise refusal.error
             approval = request.approval.ledger_ref() if request.approval is not None else None
@@ -290,6 +377,8 @@ class Broker:
             reason=error.description,
             rule_id=rule_id,
             policy_version=self.policies.version,
+            user=refusal.user,
+            parent=refusal.delegation,
         )
         receipt = await self.ledger.append_async(entry)
         log.info(
