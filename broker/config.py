@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     token_ttl: int = Field(300, ge=10, le=3600, description="Default task-token lifetime; rules cap it.")
     ledger_origin: str = Field("nhi-broker.local/ledger", description="Checkpoint origin line.")
     ledger_key_name: str | None = Field(None, description="Signed-note key name; defaults to the origin.")
+    ledger_url: str | None = Field(
+        None,
+        description="Ledger storage: sqlite:///<path> (default: <data_dir>/ledger.sqlite3) or postgresql://... "
+        "(one log for every replica; `nhi-broker db upgrade` creates its schema).",
+    )
     trust: list[IssuerConfig] = Field(default_factory=list, description="Trusted workload-identity issuers.")
     ledger_witnesses: list[str] = Field(
         default_factory=list, description="Witness verifier keys whose checkpoint cosignatures the broker publishes."
@@ -89,6 +94,13 @@ class Settings(BaseSettings):
         if _ORIGIN_RE.fullmatch(value) is None:
             raise ValueError("ledger_origin must be a schema-less URL-like name without spaces")
         return value
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _ledger_url(cls, value: str | None) -> str | None:
+        from broker.ledger.engines import check_ledger_url
+
+        return None if value is None else check_ledger_url(value)
 
     @field_validator("ledger_witnesses")
     @classmethod
@@ -130,6 +142,13 @@ class Settings(BaseSettings):
     def issuer_url(self) -> str:
         """The ``iss`` of task tokens and the RFC 8414 issuer."""
         return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def ledger_storage_url(self) -> str:
+        """``ledger_url``, or the embedded default under ``data_dir``."""
+        from broker.ledger.engines import default_ledger_url
+
+        return self.ledger_url or default_ledger_url(self.data_dir)
 
     @property
     def dev_issuer_enabled(self) -> bool:

@@ -8,6 +8,7 @@
     policy test|explain|lint
     audit verify|prove|consistency|witness
     ledger export|rotate-key
+    db upgrade|status      the shared PostgreSQL schema (ledger_url = "postgresql://...")
 """
 
 from __future__ import annotations
@@ -63,8 +64,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"  console           {base}/console (approvals and ledger, for configured operators)")
     print(f"  data dir          {settings.data_dir.resolve()}")
     print(f"  policies          {settings.policies_dir.resolve()} ({runtime.policies.version})")
+    from broker.pg import redact
+
+    print(f"  ledger storage    {redact(settings.ledger_storage_url)}")
     print(f"  shared state      {settings.state_backend}"
           + (f" (key prefix {settings.redis_prefix})" if settings.state_backend == "redis" else ""))
+    from broker.ledger.engines import is_shared
+
+    if is_shared(settings.ledger_storage_url) and settings.state_backend == "sqlite":
+        print("  WARNING           the ledger is shared (PostgreSQL) but the state store is this host's SQLite file:"
+              " replicas on other hosts will not see its replay, revocation, suspension and approval state;"
+              " set state_backend = \"redis\"")
     if dev:
         print("  trial issuer      ON (no trust configured) - `nhi-broker dev identity <spiffe-id>`;"
               " for trials only")
@@ -206,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(krot)
     krot.set_defaults(func=_cmd_keys_rotate)
 
-    from broker.cli import audit_cmd, policy_cmd
+    from broker.cli import audit_cmd, db_cmd, policy_cmd
 
     policy_cmd.register(sub)
     audit_cmd.register(sub)
+    db_cmd.register(sub)
     return parser
 
 
