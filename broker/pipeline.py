@@ -3,7 +3,9 @@
 :meth:`Broker.exchange` returns an :class:`~broker.models.Issued` credential or raises a
 :class:`~broker.errors.BrokerError`. The order is what the auditors' contract needs:
 
-1. attest the subject token (an unauthenticated caller never writes to the ledger);
+1. attest the subject token (an unauthenticated caller never writes to the ledger), then consume
+   the DPoP proof's ``jti`` (checked, statelessly, when the request was read): an unauthenticated
+   caller writes nothing to the state store either;
 2. resolve the workload in the registry and ask the intent policy (a refusal of an attested
    workload is a ``denial`` entry);
 3. fix the task token's claims, append the ``issuance`` entry and wait until it is durable;
@@ -39,7 +41,7 @@ from broker.attest.jwt_checks import check_shape, peek_unverified
 from broker.attest.users import UserTokenVerifier
 from broker.clock import Clock, SystemClock
 from broker.delegation import ParentTokens, check_within
-from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
+from broker.dpop import CheckedDPoPProof, DPoPBindingRequired, DPoPProof, InvalidDPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
 from broker.errors import (
     AccessDenied,
@@ -106,6 +108,10 @@ class LimitGuard(Protocol):
     async def consume(self, replay: Sequence[ConsumeOnce]) -> None: ...
 
 
+class DPoPConsumer(Protocol):
+    async def consume(self, checked: CheckedDPoPProof) -> DPoPProof: ...
+
+
 class AppendOnlyLog(Protocol):
     async def append_async(self, entry: dict) -> Receipt: ...  # type: ignore[type-arg]
 
@@ -127,6 +133,8 @@ class ExchangeRequest:
     request_id: str
     dpop: DPoPProof | None = None  # verified by broker.dpop; binds the token to its key
     requested_token_type: str | None = None
+    #: A proof checked by broker.dpop whose jti the pipeline consumes once the caller is attested.
+    dpop_checked: CheckedDPoPProof | None = None
     approval: Approval | None = None  # set by Broker.redeem: the approval that releases a held intent
     # RFC 8693 §2.1: with an actor_token (the workload's identity), subject_token is an end user's
     # token (from a configured user issuer) or a parent task token this broker signed (a sub-agent).
@@ -144,6 +152,7 @@ class PollRequest:
     subject_token_type: str
     request_id: str
     dpop: DPoPProof | None = None
+    dpop_checked: CheckedDPoPProof | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,7 @@ class Broker:
         approvals: ApprovalDesk | None = None,
         users: UserTokenVerifier | None = None,
         parents: ParentTokens | None = None,
+        dpop: DPoPConsumer | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
@@ -198,6 +208,15 @@ class Broker:
         self.approvals = approvals
         self.users = users
         self.parents = parents
+        self.dpop = dpop
+
+    async def _consume_dpop(self, checked: CheckedDPoPProof | None) -> DPoPProof | None:
+        """(1b) The checked proof's ``jti``, consumed only now that the caller is attested."""
+        if checked is None:
+            return None
+        if self.dpop is None:
+            raise InvalidDPoPProof("DPoP is not enabled on this broker")
+        return await self.dpop.consume(checked)
 
     async def _attest(self, request: ExchangeRequest) -> _Principals:
         """(1) Who asks, and for whom. Errors propagate: nothing proven, no ledger entry."""
@@ -262,12 +281,18 @@ class Broker:
             # trip; shared-state outages raise 503.
             counted = request.approval is not None  # its rate was counted when it was held
             extra = await self.guard.admit(grant, limits, count_rate=not counted, replay=single_use)
+            if delegation is not None and self.parents is not None:
+                # Only now, with the child admitted: a wider or refused child leaves the parent's uses.
+                await self.parents.consume_use(delegation)
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc, user=user, delegation=delegation)
         if grant.credential_kind != "jwt":
             return grant, None  # a Vault kind: broker.vault mints it
         if request.approval is not None:
             extra = {**extra, "approval": request.approval.token_claim()}
+        if delegation is not None and delegation.num_uses is not None:
+            # The child carries on the one use of its parent it consumed (ParentTokens.consume_use).
+            extra = {**extra, "num_uses": 1}
         cnf_jkt = request.dpop.jkt if request.dpop else None
         return grant, self.minter.prepare(grant, cnf_jkt=cnf_jkt, extra_claims=extra)
 
@@ -276,7 +301,10 @@ class Broker:
 
         Returns :class:`Held` when a review rule decides the intent: nothing is issued until approved.
         """
-        outcome = await self._authorize(await self._attest(request), request)
+        principals = await self._attest(request)
+        if request.dpop_checked is not None:
+            request = replace(request, dpop=await self._consume_dpop(request.dpop_checked), dpop_checked=None)
+        outcome = await self._authorize(principals, request)
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error
@@ -294,6 +322,8 @@ class Broker:
         if self.approvals is None:
             raise TemporarilyUnavailable("this broker cannot hold intents for review")
         identity = await self.attestor.verify(poll.subject_token, poll.subject_token_type)
+        if poll.dpop_checked is not None:
+            poll = replace(poll, dpop=await self._consume_dpop(poll.dpop_checked), dpop_checked=None)
         approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
         # The user was verified when the intent was held; the poller is the same workload (claim()).

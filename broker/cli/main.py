@@ -43,6 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broker.api.app import SETTINGS_ENV, create_app
+    from broker.api.http_server import BoundedHttpToolsProtocol
     from broker.metrics import prepare_multiprocess_dir
     from broker.runtime import Runtime
 
@@ -85,14 +86,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log_level = "info" if args.access_log else "warning"
     if settings.workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=args.access_log, server_header=False)
+                    access_log=args.access_log, server_header=False, http=BoundedHttpToolsProtocol)
     else:
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
         # Every worker writes its counters here, so any worker's /metrics answers for all of them.
         prepare_multiprocess_dir(settings.data_dir)
         uvicorn.run("broker.api.app:app_from_environment", factory=True, host=settings.host,
                     port=settings.port, workers=settings.workers, log_level=log_level,
-                    access_log=args.access_log, server_header=False)
+                    access_log=args.access_log, server_header=False, http=BoundedHttpToolsProtocol)
     return 0
 
 

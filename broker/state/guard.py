@@ -15,6 +15,7 @@ Windows are fixed UTC periods (``floor(now / period)``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 from broker.clock import Clock
 from broker.errors import BrokerError, BudgetExceeded, PolicyDenied, RateLimited, ReplayDetected, WorkloadSuspended
 from broker.models import Grant
-from broker.policy.limits import Budget, RuleLimits, to_minor_units
+from broker.money import CURRENCY_EXPONENTS, to_minor_units
+from broker.policy.limits import Budget, RuleLimits
 from broker.state.store import Check, ConsumeOnce, CountUp, NoMark, StateStore
 from broker.state.tokens import TokenState
 
@@ -32,8 +34,8 @@ _NS_RATE = "rate"
 _NS_BUDGET = "budget"
 
 
-def _amount(minor: int) -> str:
-    return str(Decimal(minor).scaleb(-2))
+def _amount(minor: int, currency: str) -> str:
+    return str(Decimal(minor).scaleb(-CURRENCY_EXPONENTS[currency]))
 
 
 class IssuanceGuard:
@@ -103,14 +105,14 @@ class IssuanceGuard:
             count, seconds = limits.rate
             raise RateLimited(
                 f"rule {grant.rule_id!r} allows {count} requests per {seconds} s for this workload and action",
-                **deny,
+                **deny, retry_after=max(1, math.ceil(check.expires_at - self._clock.now())),
             )
         budget = limits.budget
         assert budget is not None
-        unit = f" {budget.currency}" if budget.currency else ""
+        unit = budget.currency
         raise BudgetExceeded(
-            f"rule {grant.rule_id!r} allows at most {_amount(budget.max_minor)}{unit} per {budget.per} "
-            f"per {budget.period}; this request of {_amount(check.amount)}{unit} would exceed it", **deny,
+            f"rule {grant.rule_id!r} allows at most {_amount(budget.max_minor, unit)} {unit} per {budget.per} "
+            f"per {budget.period}; this request of {_amount(check.amount, unit)} {unit} would exceed it", **deny,
         )
 
     @staticmethod
@@ -126,14 +128,16 @@ class IssuanceGuard:
     def _budget_check(grant: Grant, budget: Budget, now: float) -> CountUp | BrokerError:
         context = grant.intent.context
         deny = {"rule_id": grant.rule_id, "policy_version": grant.policy_version}
-        minor = to_minor_units(context.get(budget.key))
+        if context.get("currency") != budget.currency:
+            return PolicyDenied(f"rule {grant.rule_id!r} budgets {budget.currency} only", **deny)
+        value = context.get(budget.key)
+        # A JSON number only: the intent parser has made it exact (broker.money).
+        minor = to_minor_units(value, budget.currency) if isinstance(value, int | float) else None
         if minor is None:
             return PolicyDenied(
                 f"rule {grant.rule_id!r} has a budget: context.{budget.key} must be a positive amount "
-                "with at most two decimals", **deny,
+                f"with at most {CURRENCY_EXPONENTS[budget.currency]} decimals for {budget.currency}", **deny,
             )
-        if budget.currency is not None and context.get("currency") != budget.currency:
-            return PolicyDenied(f"rule {grant.rule_id!r} budgets {budget.currency} only", **deny)
         # A request that does not name its scope shares one bucket with every other such request of
         # the workload: leaving the key out can only make the budget tighter, never bypass it.
         scope = context.get(budget.context_key)
