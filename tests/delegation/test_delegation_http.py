@@ -406,6 +406,6 @@ def test_a_single_use_parent_hands_on_its_one_use(broker: LiveBroker) -> None:
     try:
         assert runtime.state is not None
         claims = verify_independently(broker, parent)
-        assert runtime.state.tokens.status(claims, consume_use=True).active is False
+        assert run(runtime.state.tokens.status(claims, consume_use=True)).active is False
     finally:
         runtime.close()
