@@ -66,12 +66,13 @@ def form_body(form: dict[str, str]) -> bytes:
 class LiveBroker:
     """A ``nhi-broker serve`` process on a free loopback port, stopped by its fixture.
 
-    ``env`` adds ``NHI_BROKER_*`` settings (the caller's own are never inherited).
+    ``env`` adds ``NHI_BROKER_*`` settings (the caller's own are never inherited); ``server`` picks
+    the HTTP server (``serve --server``).
     """
 
     def __init__(
         self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, config: Path | None = None,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, server: str | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
@@ -83,7 +84,8 @@ class LiveBroker:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--policies", str(policies),
-             "--workers", str(workers), *(["--config", str(config)] if config else [])],
+             "--workers", str(workers), *(["--config", str(config)] if config else []),
+             *(["--server", server] if server else [])],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**{k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}, **(env or {})},
         )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,11 +39,7 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from broker.api.app import SETTINGS_ENV, create_app
-    from broker.api.http_server import BoundedHttpToolsProtocol
-    from broker.metrics import prepare_multiprocess_dir
+    from broker.api.server import run as run_server
     from broker.runtime import Runtime
 
     settings = _settings(args)
@@ -83,17 +78,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("  trial user issuer ON (no user_issuers configured) - `nhi-broker dev user <subject>`;"
               " for trials only")
     sys.stdout.flush()
-    log_level = "info" if args.access_log else "warning"
-    if settings.workers == 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=args.access_log, server_header=False, http=BoundedHttpToolsProtocol)
-    else:
-        os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        # Every worker writes its counters here, so any worker's /metrics answers for all of them.
-        prepare_multiprocess_dir(settings.data_dir)
-        uvicorn.run("broker.api.app:app_from_environment", factory=True, host=settings.host,
-                    port=settings.port, workers=settings.workers, log_level=log_level,
-                    access_log=args.access_log, server_header=False, http=BoundedHttpToolsProtocol)
+    run_server(settings, args.server, access_log=args.access_log)
     return 0
 
 
@@ -187,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
+                       help="HTTP server (default uvicorn with a bounded request head; see broker/api/server.py)")
     serve.set_defaults(func=_cmd_serve)
 
     dev = sub.add_parser("dev", help="trial helpers (embedded defaults only)")
