@@ -135,8 +135,6 @@ class Runtime:
             nonce_key, _ = load_or_create_private_key(data_dir / "keys" / "dpop-nonce-key.pem", "EdDSA")
             nonces = NonceIssuer(nonce_key.private_bytes_raw())  # type: ignore[union-attr]
         dpop = DPoPVerifier(store, clock, nonces=nonces)
-        # Decisions stay on the event loop with Redis too: its calls take tens of microseconds, and
-        # a Redis that stops answering costs one short timeout per backoff window (store/redis.py).
         # Decisions run on the event loop; the store is async (broker.state.store), never blocking it.
         broker = Broker(
             attestor, policies, minter, ledger, state.guard, clock, vault=vault, approvals=approvals,
