@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,8 +11,9 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -21,6 +23,16 @@ SUPPORT = "spiffe://example.org/ns/support/sa/support-assistant"
 TRIAGE = "spiffe://example.org/ns/helpdesk/sa/ticket-triage"
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+_T = TypeVar("_T")
+
+
+def run(awaitable: Coroutine[Any, Any, _T]) -> _T:
+    """Run one coroutine of the broker from synchronous test code, on a fresh event loop.
+
+    For stores that are not tied to one loop (SQLite, whose calls go to the store's own thread).
+    """
+    return asyncio.run(awaitable)
 
 
 def free_port() -> int:

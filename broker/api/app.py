@@ -59,7 +59,7 @@ def create_app(
             if refresher is not None:
                 refresher.cancel()
             if owned:
-                app.state.runtime.close()
+                await app.state.runtime.aclose()
 
     app = FastAPI(
         title="nhi-broker",

@@ -34,7 +34,7 @@ from broker.attest.wimse import verify_wit, verify_wpt
 from broker.clock import Clock
 from broker.errors import AttestationError, ReplayDetected
 from broker.models import WorkloadIdentity
-from broker.store.base import StateStore
+from broker.state.store import StateStore
 
 __all__ = ["WIT_TOKEN_TYPE", "WPT_HEADER", "WimseMethod", "WimseSettings", "WimseTrustAnchor"]
 
@@ -198,7 +198,7 @@ class WimseMethod:
             leeway=_PROOF_LEEWAY, max_lifetime=self._max_proof_lifetime,
         )
         # (4) Single use of the proof, for as long as it could be accepted.
-        if not self._store.consume_once(WPT_JTI_NAMESPACE, f"{wit.trust_domain}\x00{proof.jti}",
+        if not await self._store.consume_once(WPT_JTI_NAMESPACE, f"{wit.trust_domain}\x00{proof.jti}",
                                         proof.expires_at + _PROOF_LEEWAY):
             raise ReplayDetected("the Workload-Proof-Token has already been used")
         return WorkloadIdentity(
