@@ -92,7 +92,7 @@ class Runtime:
         issuers = list(settings.trust)
         dev_issuer = None
         sources = {}
-        if settings.dev_issuer_enabled:
+        if settings.trial_issuers_enabled:
             dev_issuer = DevIssuer.load_or_create(data_dir)
             issuers.append(dev_issuer.issuer_config(settings.audience))
             sources[dev_issuer.issuer] = dev_issuer.jwks_source()

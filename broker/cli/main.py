@@ -7,24 +7,33 @@
     policy test|explain|lint
     audit verify|prove|consistency|witness
     ledger export|rotate-key
+    config check|docs      validate a configuration without starting; the configuration reference
+    admin ...              operators: workloads, revoke, approvals, leases (against a running broker)
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from broker import __version__
 from broker.errors import BrokerError, ConfigError, PolicyLoadError
 
+if TYPE_CHECKING:
+    from broker.config import Settings
+
 __all__ = ["build_parser", "main"]
 
 
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from ``--config``, the environment and the command's flags."""
     from broker.config import load_settings
 
     return load_settings(
@@ -37,21 +46,60 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen before anything is written: a start that cannot serve leaves no trace."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "the address is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason} (nothing was started or recorded)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _trust_lines(settings: Any, trial: bool) -> list[str]:
+    lines = []
+    for issuer in settings.trust:
+        lines.append(f"  trusted issuer    {issuer.issuer} ({issuer.kind})")
+    if trial:
+        why = "explicitly enabled" if settings.unsafe_trial_issuers else "embedded defaults on loopback"
+        lines.append(f"  trial issuer      ON ({why}) - `nhi-broker dev identity <spiffe-id>`; for trials only")
+    else:
+        why = ("unsafe_trial_issuers = false" if settings.unsafe_trial_issuers is False
+               else "trust is configured" if settings.trust
+               else "not on loopback embedded defaults; set unsafe_trial_issuers = true to try it anyway")
+        lines.append(f"  trial issuer      OFF ({why})")
+        if not settings.trust:
+            lines.append("  WARNING           no [[trust]] issuer is configured: every token exchange is refused")
+    return lines
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from broker.api.app import SETTINGS_ENV, create_app
     from broker.metrics import prepare_multiprocess_dir
     from broker.runtime import Runtime
 
     settings = _settings(args)
-    runtime = Runtime.open(settings)
+    sock = _listen(settings.host, settings.port)
     try:
-        runtime.record_startup()
-        verifier_key = runtime.ledger_verifier_key
-        dev = runtime.dev_issuer is not None
-    finally:
-        runtime.close()
+        runtime = Runtime.open(settings)
+        try:
+            runtime.record_startup()
+            verifier_key = runtime.ledger_verifier_key
+            trial = runtime.dev_issuer is not None
+        finally:
+            runtime.close()
+    except BaseException:
+        sock.close()
+        raise
     base = settings.issuer_url
     print(f"nhi-broker {__version__} listening on http://{settings.host}:{settings.port}")
     print(f"  issuer            {base}")
@@ -63,21 +111,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"  policies          {settings.policies_dir.resolve()} ({runtime.policies.version})")
     print(f"  shared state      {settings.state_backend}"
           + (f" (key prefix {settings.redis_prefix})" if settings.state_backend == "redis" else ""))
-    if dev:
-        print("  trial issuer      ON (no trust configured) - `nhi-broker dev identity <spiffe-id>`;"
-              " for trials only")
+    for line in _trust_lines(settings, trial):
+        print(line)
     sys.stdout.flush()
     log_level = "info" if args.access_log else "warning"
-    if settings.workers == 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=args.access_log, server_header=False)
-    else:
-        os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        # Every worker writes its counters here, so any worker's /metrics answers for all of them.
-        prepare_multiprocess_dir(settings.data_dir)
-        uvicorn.run("broker.api.app:app_from_environment", factory=True, host=settings.host,
-                    port=settings.port, workers=settings.workers, log_level=log_level,
-                    access_log=args.access_log, server_header=False)
+    common: dict[str, Any] = {"log_level": log_level, "access_log": args.access_log, "server_header": False}
+    try:
+        if settings.workers == 1:
+            server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
+            server.run(sockets=[sock])
+            if not server.started:
+                return 1
+        else:
+            os.environ[SETTINGS_ENV] = settings.model_dump_json()
+            # Every worker writes its counters here, so any worker's /metrics answers for all of them.
+            prepare_multiprocess_dir(settings.data_dir)
+            config = uvicorn.Config("broker.api.app:app_from_environment", factory=True,
+                                    workers=settings.workers, **common)
+            Multiprocess(config, sockets=[sock]).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
     return 0
 
 
@@ -87,7 +142,7 @@ def _cmd_dev_identity(args: argparse.Namespace) -> int:
     from broker.clock import SystemClock
 
     settings = _settings(args)
-    if not settings.dev_issuer_enabled:
+    if not settings.trial_issuers_enabled:
         raise ConfigError("the trial issuer is off because trust is configured")
     try:
         parse_spiffe_id(args.spiffe_id)
@@ -100,14 +155,23 @@ def _cmd_dev_identity(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_list(args: argparse.Namespace) -> int:
+    import json
+
+    from broker.cli.admin_cmd import human_time
     from broker.mint.keys import KeySet
 
     settings = _settings(args)
     keys = KeySet(settings.data_dir / "keys" / "token", alg=settings.token_alg)
     published = {k["kid"] for k in keys.jwks()["keys"]}
+    rows: list[dict[str, Any]] = []
     for key in reversed(keys.keys):
         state = "active" if key is keys.active else ("published" if key.kid in published else "retired")
-        print(f"{key.kid}  {key.alg}  created {key.created_at}  {state}")
+        rows.append({"kid": key.kid, "alg": key.alg, "created_at": key.created_at, "state": state})
+    if args.format == "json":
+        print(json.dumps({"keys": rows}, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['kid']}  {row['alg']}  created {human_time(row['created_at'])}  {row['state']}")
     return 0
 
 
@@ -169,15 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
     klist = keys_sub.add_parser("list", help="list keys, newest first")
     _add_common(klist)
+    klist.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     klist.set_defaults(func=_cmd_keys_list)
     krot = keys_sub.add_parser("rotate", help="create a new signing key (recorded in the ledger)")
     _add_common(krot)
     krot.set_defaults(func=_cmd_keys_rotate)
 
-    from broker.cli import audit_cmd, policy_cmd
+    from broker.cli import admin_cmd, audit_cmd, config_cmd, policy_cmd
 
     policy_cmd.register(sub)
     audit_cmd.register(sub)
+    config_cmd.register(sub)
+    admin_cmd.register(sub)
     return parser
 
 
