@@ -1,6 +1,10 @@
 # nhi-broker: a slim, non-root image. Build: docker build -t nhi-broker .
-# Run:   docker run -p 8080:8080 -e NHI_BROKER_PUBLIC_URL=https://broker.example.org -v nhi-data:/var/lib/nhi-broker nhi-broker
+# Run:   docker run -p 8080:8080 -e NHI_BROKER_PUBLIC_URL=https://broker.example.org \
+#          -e NHI_BROKER_CONFIG=/etc/nhi-broker/broker.toml -v ./broker.toml:/etc/nhi-broker/broker.toml:ro \
+#          -v nhi-data:/var/lib/nhi-broker nhi-broker
 # Set NHI_BROKER_PUBLIC_URL: it is the issuer of task tokens and must be the URL clients use.
+# The image binds every interface, so the trial issuer is OFF: configure [[trust]] (docs/deploy.md).
+# Check a configuration without starting: docker run ... nhi-broker config check
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -26,7 +30,7 @@ USER nhi
 WORKDIR /var/lib/nhi-broker
 VOLUME ["/var/lib/nhi-broker"]
 EXPOSE 8080
-HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"]
+# Probes /healthz on the port the settings say (NHI_BROKER_PORT, the config file), not a fixed one.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 CMD ["nhi-broker", "healthcheck"]
 ENTRYPOINT ["nhi-broker"]
 CMD ["serve"]

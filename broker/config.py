@@ -166,14 +166,16 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"configuration file {previous} (from {CONFIG_ENV}) does not exist")
         toml_path = Path(previous)
     toml_text = read_toml(toml_path)[0] if toml_path is not None else None  # syntax errors name file:line
-    problems = unknown_environment(Settings, os.environ)
+    unknown = unknown_environment(Settings, os.environ)
+    problems = list(unknown.values())
     if config is not None:
         os.environ[CONFIG_ENV] = str(config)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         problems += explain_validation_error(
-            exc, Settings, toml_path=toml_path, toml_text=toml_text, environ=dict(os.environ), overrides=overrides
+            exc, Settings, toml_path=toml_path, toml_text=toml_text, environ=dict(os.environ), overrides=overrides,
+            unknown_env=list(unknown),
         )
     except ValueError as exc:  # raised outside pydantic's validation (e.g. by a settings source)
         problems.append(f"{toml_path or 'settings'}: {exc}")

@@ -150,6 +150,20 @@ def _field_at(model: type[BaseModel], loc: _Loc) -> tuple[type[BaseModel], Field
     return current, field
 
 
+def _model_at(model: type[BaseModel], loc: _Loc) -> type[BaseModel]:
+    """The model of the table at ``loc`` (``model`` itself for the top level)."""
+    current = model
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = current.model_fields.get(key)
+        sub = nested_model(field.annotation) if field is not None else None
+        if sub is None:
+            return current
+        current = sub
+    return current
+
+
 # -- where a key is -----------------------------------------------------------------------------
 
 
@@ -288,13 +302,21 @@ def explain_validation_error(
     toml_text: str | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    unknown_env: Sequence[str] = (),
 ) -> list[str]:
-    """One line per problem: source, key, what is wrong, and what the value must be."""
+    """One line per problem: source, key, what is wrong, and what the value must be.
+
+    Problems inside a table that an unknown variable of ``unknown_env`` (``NHI_BROKER_VAULT__ADR``)
+    put there are left out: they follow from the typo, which is reported on its own.
+    """
     environ = environ if environ is not None else {}
     overrides = overrides or {}
+    typo_tables = {n.upper()[len(ENV_PREFIX):].split("__")[0].lower() for n in unknown_env if "__" in n}
     lines: list[str] = []
     for error in exc.errors(include_url=False):
         loc: _Loc = tuple(error.get("loc", ()))
+        if loc and loc[0] in typo_tables:
+            continue
         where = _source(loc, toml_path, toml_text, environ, overrides)
         key = format_key(loc)
         kind = error.get("type", "")
@@ -315,6 +337,15 @@ def explain_validation_error(
         message = str(error.get("msg", "invalid value"))
         message = re.sub(r"^(Value|Assertion) error, ", "", message)
         _, field = _field_at(model, loc)
+        if not loc or isinstance(loc[-1], int) or (field is not None and nested_model(field.annotation)):
+            # A rule over a whole table: point at the first of its keys the message names.
+            holder = _model_at(model, loc)
+            named = sorted((m.start(), n) for n in holder.model_fields
+                           if (m := re.search(rf"\b{re.escape(n)}\b", message)) is not None)
+            if named:
+                where = _source((*loc, named[0][1]), toml_path, toml_text, environ, overrides)
+            lines.append(f"{where}: {format_key(loc) + ': ' if loc else ''}{message}")
+            continue
         must = ""
         if field is not None and loc and isinstance(loc[-1], str):
             must = f"; must be {describe_field(field)}"
@@ -336,15 +367,15 @@ def _valid_env_names(model: type[BaseModel]) -> list[str]:
     return names
 
 
-def unknown_environment(model: type[BaseModel], environ: Mapping[str, str]) -> list[str]:
-    """One line per ``NHI_BROKER_*`` variable that names no setting, with the nearest valid name."""
+def unknown_environment(model: type[BaseModel], environ: Mapping[str, str]) -> dict[str, str]:
+    """``{variable: problem}`` for each ``NHI_BROKER_*`` variable that names no setting (nearest valid name)."""
     valid = _valid_env_names(model)
     known = {v.upper() for v in valid} | NON_SETTING_ENV
-    problems = []
+    problems = {}
     for name in sorted(environ):
         upper = name.upper()
         if upper.startswith(ENV_PREFIX) and upper not in known:
-            problems.append(
+            problems[name] = (
                 f"environment variable {name}: names no setting{_did_you_mean(upper, valid)} "
                 "(see docs/configuration.md; unset it or fix its name)"
             )

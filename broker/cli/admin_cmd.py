@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -265,6 +266,7 @@ def _reason(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``admin ...`` to the ``nhi-broker`` subcommands."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the answer
     admin = subparsers.add_parser("admin", help="operators' commands against a running broker (see exit codes)",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = admin.add_subparsers(dest="admin_group", metavar="GROUP", required=True)

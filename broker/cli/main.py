@@ -8,6 +8,7 @@
     audit verify|prove|consistency|witness
     ledger export|rotate-key
     config check|docs      validate a configuration without starting; the configuration reference
+    healthcheck            probe the local broker on its configured port (Docker HEALTHCHECK)
     admin ...              operators: workloads, revoke, approvals, leases (against a running broker)
 """
 
@@ -196,6 +197,24 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = _settings(args)
+    # A wildcard bind is probed on loopback; a specific address on that address.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)  # noqa: S104
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        status = httpx.get(url, timeout=args.timeout).status_code
+    except httpx.HTTPError as exc:
+        print(f"unhealthy: {url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"unhealthy: {url} answered HTTP {status}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML settings file (default: $NHI_BROKER_CONFIG)")
     p.add_argument("--data-dir", type=Path, help="state directory (default: ./.nhi-broker)")
@@ -216,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=_cmd_serve)
+
+    health = sub.add_parser("healthcheck", help="probe the local broker's /healthz (or /readyz) on its configured "
+                            "port; exit 0 healthy, 1 not (the Docker HEALTHCHECK)")
+    health.add_argument("--config", type=Path, help="TOML settings file (default: $NHI_BROKER_CONFIG)")
+    health.add_argument("--ready", action="store_true", help="probe /readyz (backends) instead of /healthz")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    health.set_defaults(func=_cmd_healthcheck)
 
     dev = sub.add_parser("dev", help="trial helpers (embedded defaults only)")
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="COMMAND", required=True)
