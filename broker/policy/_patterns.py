@@ -118,6 +118,11 @@ class ResourcePattern:
     segments: tuple[_Segment, ...]
 
     @property
+    def context_keys(self) -> frozenset[str]:
+        """The context keys this pattern binds as ``{key}`` segments."""
+        return frozenset(s.value for s in self.segments if s.kind == "ctx")
+
+    @property
     def has_rest(self) -> bool:
         return self.segments[-1].kind == "rest"
 

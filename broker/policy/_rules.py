@@ -195,10 +195,20 @@ def _parse_p(
             kind_value = kind
         elif kind.startswith("vault-"):
             try:
-                parse_vault_kind(kind)
+                vault_kind = parse_vault_kind(kind)
                 kind_value = kind
             except ValueError as exc:
                 problems.append(f"{where}: {exc}")
+            else:
+                # The scope value is a resource segment the pattern already checked (no quotes, no
+                # separators), never free context text: the rule must bind it as {key}.
+                if vault_kind.rows is not None and (
+                    resource_pattern is None or vault_kind.rows not in resource_pattern.context_keys
+                ):
+                    problems.append(
+                        f"{where}: kind {kind!r} scopes rows by context {vault_kind.rows!r}, so the resource "
+                        f"pattern must bind {{{vault_kind.rows}}} (e.g. customers/{{{vault_kind.rows}}}/orders)"
+                    )
         else:
             problems.append(
                 f"{where}: credential kind {kind!r} is not one of {sorted(CREDENTIAL_KINDS)} or a vault-* kind"

@@ -7,7 +7,10 @@ waits until it is unsealed, then configures:
 - the Vault policies in ``policies/vault/*.hcl`` (``nhi-broker`` is the broker's own);
 - AppRole ``nhi-broker`` (the broker's identity; role id and secret id written to files, mode 0600);
 - the database engine against the local PostgreSQL: database ``nhi_vault_demo`` (tables ``orders``
-  and ``payment_cards``) and Vault role ``orders-reader`` (``SELECT`` on ``orders`` only);
+  and ``payment_cards``) and Vault role ``orders-reader`` (``SELECT`` on ``orders`` only). ``orders``
+  has row-level security keyed on ``nhi.row_scope``: a user sees the orders of the customer its scope
+  row names, and none without one (the broker writes ``scoped-orders-reader-*`` roles that record the
+  scope when a rule says ``vault-db:orders-reader;rows=customer``; docs/vault.md);
 - KV v2 at ``kv/`` with ``kv/support/smtp`` and ``kv/kb/config``;
 - token role ``nhi-broker-task`` (orphan, not renewable, allowed policies: the task policies).
 
@@ -28,9 +31,10 @@ from pathlib import Path
 
 import hvac
 
+from .kinds import SCOPED_ROLE_PREFIX
 from .settings import VaultSettings
 
-__all__ = ["DEMO_DATABASE", "DevVault", "bao_binary"]
+__all__ = ["DEMO_DATABASE", "ROW_SCOPE_SCHEMA", "DevVault", "bao_binary"]
 
 DEMO_DATABASE = "nhi_vault_demo"
 BROKER_POLICY = "nhi-broker"
@@ -44,11 +48,32 @@ _REVOKE = [
     'REVOKE ALL PRIVILEGES ON ALL TABLES IN SCHEMA public FROM "{{name}}";',
     'DROP ROLE IF EXISTS "{{name}}";',
 ]
+#: The scope table and its lookup, for any database whose tables a broker-minted user must see row by
+#: row (docs/vault.md "Row-scoped users"). Dynamic users get no privilege on the table: they cannot read
+#: or change scopes, only ask ``nhi.row_scope(key)`` for their own (``session_user``: SET ROLE cannot
+#: change it, and they are members of no other role).
+ROW_SCOPE_SCHEMA = [
+    "CREATE SCHEMA IF NOT EXISTS nhi",
+    "REVOKE ALL ON SCHEMA nhi FROM PUBLIC",
+    "GRANT USAGE ON SCHEMA nhi TO PUBLIC",
+    "CREATE TABLE IF NOT EXISTS nhi.row_scope (role_name name NOT NULL, scope_key text NOT NULL, "
+    "scope_value text NOT NULL, PRIMARY KEY (role_name, scope_key))",
+    "REVOKE ALL ON nhi.row_scope FROM PUBLIC",
+    "CREATE OR REPLACE FUNCTION nhi.row_scope(key text) RETURNS text LANGUAGE sql STABLE SECURITY DEFINER "
+    "SET search_path = pg_catalog, pg_temp AS "
+    "$$ SELECT scope_value FROM nhi.row_scope WHERE role_name = session_user AND scope_key = key $$",
+    "GRANT EXECUTE ON FUNCTION nhi.row_scope(text) TO PUBLIC",
+]
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS orders (id text PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL)",
     "CREATE TABLE IF NOT EXISTS payment_cards (customer text PRIMARY KEY, pan text NOT NULL)",
     "INSERT INTO orders VALUES ('o-77', 'c-1001', 42.50), ('o-91', 'c-2002', 19.99) ON CONFLICT DO NOTHING",
     "INSERT INTO payment_cards VALUES ('c-1001', '4111111111111111') ON CONFLICT DO NOTHING",
+    *ROW_SCOPE_SCHEMA,
+    # Orders are row-scoped: a user sees the rows its scope names, and nothing without a scope.
+    "ALTER TABLE orders ENABLE ROW LEVEL SECURITY",
+    "DROP POLICY IF EXISTS orders_by_customer ON orders",
+    "CREATE POLICY orders_by_customer ON orders USING (customer = nhi.row_scope('customer'))",
 ]
 # Lifetimes of the broker's own AppRole tokens, and of child tokens made through the task token role.
 _APPROLE_TOKENS = {"token_ttl": "1h", "token_max_ttl": "24h", "token_type": "service"}
@@ -204,7 +229,8 @@ class DevVault:
         pg = psycopg.conninfo.conninfo_to_dict(postgres_dsn)
         c.sys.enable_secrets_engine("database", path="database")
         c.secrets.database.configure(
-            name="demo-postgres", plugin_name="postgresql-database-plugin", allowed_roles=list(DB_ROLES),
+            name="demo-postgres", plugin_name="postgresql-database-plugin",
+            allowed_roles=[*DB_ROLES, f"{SCOPED_ROLE_PREFIX}*"],
             connection_url=(f"postgresql://{{{{username}}}}:{{{{password}}}}@{pg.get('host', '127.0.0.1')}:"
                             f"{pg.get('port', 5432)}/{DEMO_DATABASE}?sslmode=disable"),
             username=pg.get("user", "postgres"), password=str(pg.get("password") or "unused-with-trust-auth"),

@@ -30,7 +30,7 @@ from broker.models import Grant, Issued, Receipt
 from .errors import VaultRefused, VaultUnavailable
 from .kinds import VaultKind, parse_vault_kind
 from .leases import LeaseBook, LeaseRecord
-from .minter import MintedSecret, VaultMinter
+from .minter import MintedSecret, RowScope, VaultMinter
 
 __all__ = ["VaultIssuer"]
 
@@ -54,6 +54,22 @@ def _credential(kind: VaultKind, minted_ref_type: str, ref: str, task_id: str) -
     cred: dict[str, Any] = {"kind": kind.family, "jti": task_id, "vault": kind.target}
     cred["lease_id" if minted_ref_type == "lease" else "accessor"] = ref
     return cred
+
+
+def _row_scope(kind: VaultKind, grant: Grant) -> RowScope | None:
+    """The rows a row-scoped ``vault-db`` grant confines its user to: the intent's ``context[rows]``.
+
+    The rule's resource pattern binds ``{rows}`` (checked when policies load), so the value is a
+    resource segment the policy matched, not free text.
+    """
+    if kind.rows is None:
+        return None
+    value = grant.intent.context.get(kind.rows)
+    try:
+        return RowScope(kind.rows, value if isinstance(value, str) else "")
+    except ValueError:
+        raise VaultRefused(f"{kind.describe} is scoped by context {kind.rows!r}, which is not a plain identifier") \
+            from None
 
 
 class VaultIssuer:
@@ -80,7 +96,8 @@ class VaultIssuer:
         task_id = uuid.uuid4().hex
         meta = {"task_id": task_id, "workload": grant.workload.name, "rule": grant.rule_id}
         try:
-            minted = await anyio.to_thread.run_sync(self.minter.mint, kind, grant.max_ttl, meta)
+            rows = _row_scope(kind, grant)
+            minted = await anyio.to_thread.run_sync(self.minter.mint, kind, grant.max_ttl, meta, rows)
         except (VaultUnavailable, VaultRefused) as exc:
             await self._record_denial(grant, request_id, exc)
             raise

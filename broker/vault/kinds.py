@@ -3,7 +3,10 @@
 A rule names its credential in one CSV field (Casbin sees it as an opaque string)::
 
     jwt                                   a broker task token (the default)
-    vault-db:<role>                       dynamic database user from <database mount>/creds/<role>
+    vault-db:<role>[;rows=<context key>]  dynamic database user from <database mount>/creds/<role>;
+                                          with ``rows=``, a user that PostgreSQL's row-level security
+                                          confines to the rows of the intent's ``context[<key>]``
+                                          (the rule's resource pattern must bind ``{<key>}``)
     vault-token:<policy>[+<policy>...][;uses=<n>]
                                           a child Vault token with exactly these Vault policies,
                                           the rule's TTL and at most <n> uses (default 1)
@@ -26,10 +29,12 @@ import re
 from dataclasses import dataclass
 
 from broker.errors import InvalidTarget
+from broker.intent import CONTEXT_KEY_RE
 
 __all__ = [
     "MAX_TOKEN_USES",
     "MAX_WRAP_TTL",
+    "SCOPED_ROLE_PREFIX",
     "TOKEN_TYPES",
     "VAULT_DB_CREDS",
     "VAULT_TOKEN",
@@ -45,6 +50,8 @@ VAULT_WRAPPED = "urn:nhi-broker:token-type:vault-wrapped"
 TOKEN_TYPES = {"vault-db": VAULT_DB_CREDS, "vault-token": VAULT_TOKEN, "vault-wrapped": VAULT_WRAPPED}
 MAX_WRAP_TTL = 60
 MAX_TOKEN_USES = 100
+# Vault roles the broker writes for row-scoped users (one per base role and scope value).
+SCOPED_ROLE_PREFIX = "scoped-"
 
 # Vault role and policy names: no path separators, so a rule can never point outside its mount.
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -57,13 +64,16 @@ class VaultKind:
     """A parsed Vault credential kind.
 
     ``family`` is ``vault-db``, ``vault-token`` or ``vault-wrapped``; ``target`` the database role,
-    the ``+``-joined policies, or the KV path (``kv/...``); ``uses`` the token's ``num_uses``.
+    the ``+``-joined policies, or the KV path (``kv/...``); ``uses`` the token's ``num_uses``;
+    ``rows`` the context key of a row-scoped database user (docs/vault.md, "Row-scoped users").
     """
 
     family: str
     target: str
     policies: tuple[str, ...] = ()
     uses: int = 0
+    #: ``vault-db`` only: the intent context key whose value scopes the user's rows (``rows=<key>``).
+    rows: str | None = None
 
     @property
     def token_type(self) -> str:
@@ -88,9 +98,17 @@ def parse_vault_kind(text: str) -> VaultKind:
     if not colon or not spec:
         raise ValueError(f"credential kind {family!r} needs a target after ':'")
     if family == "vault-db":
-        if _NAME.fullmatch(spec) is None:
-            raise ValueError(f"vault-db role {spec!r} must match [a-z0-9][a-z0-9_-]* (at most 64)")
-        return VaultKind(family, spec)
+        role, semi, option = spec.partition(";")
+        if _NAME.fullmatch(role) is None or role.startswith(SCOPED_ROLE_PREFIX):
+            raise ValueError(
+                f"vault-db role {role!r} must match [a-z0-9][a-z0-9_-]* (at most 64, not {SCOPED_ROLE_PREFIX}*)"
+            )
+        if not semi:
+            return VaultKind(family, role)
+        key, eq, value = option.partition("=")
+        if key != "rows" or not eq or CONTEXT_KEY_RE.fullmatch(value) is None:
+            raise ValueError(f"vault-db option {option!r} must be rows=<context key>")
+        return VaultKind(family, role, rows=value)
     if family == "vault-token":
         names, semi, option = spec.partition(";")
         uses = 1

@@ -3,7 +3,10 @@
 Every call goes through :func:`~broker.vault.errors.vault_errors`; every TTL is capped by the rule:
 
 - ``vault-db``: ``<database>/creds/<role>``; a lease longer than the rule's TTL is shortened with a
-  renewal to exactly that TTL, and revoked (refused) if Vault will not shorten it;
+  renewal to exactly that TTL, and revoked (refused) if Vault will not shorten it. A row-scoped kind
+  (``rows=<key>``) reads ``<database>/creds/scoped-<role>-<digest>`` instead: a Vault role the broker
+  writes from ``<role>`` whose creation statements also record the user's scope in
+  ``nhi.row_scope``, which the database's row-level security policies consult (docs/vault.md);
 - ``vault-token``: ``auth/token/create/<token role>`` with exactly the rule's policies, ``ttl`` and
   ``explicit_max_ttl`` = the rule's TTL, ``num_uses`` from the rule, not renewable, no default policy;
 - ``vault-wrapped``: a KV v2 read with ``X-Vault-Wrap-TTL`` = min(rule TTL, 60 s); the broker sees the
@@ -12,21 +15,54 @@ Every call goes through :func:`~broker.vault.errors.vault_errors`; every TTL is 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import hvac.exceptions as hvac_errors
 
+from broker.intent import CONTEXT_KEY_RE
+
 from .errors import VaultRefused, vault_errors
 from .identity import VaultIdentity
-from .kinds import MAX_WRAP_TTL, VaultKind
+from .kinds import MAX_WRAP_TTL, SCOPED_ROLE_PREFIX, VaultKind
 
-__all__ = ["MintedSecret", "VaultMinter"]
+__all__ = ["SCOPE_TABLE", "MintedSecret", "RowScope", "VaultMinter", "scoped_role_name"]
 
 log = logging.getLogger("nhi_broker.vault")
 
 RefType = Literal["lease", "accessor"]
+
+#: The table the creation statements of a scoped role fill: ``(role_name, scope_key, scope_value)``.
+SCOPE_TABLE = "nhi.row_scope"
+# A scope value goes into a SQL string literal: the resource-segment grammar without '.', so no quote,
+# backslash or separator can reach the statement (checked here again, whatever the caller checked).
+_SCOPE_VALUE = re.compile(r"[A-Za-z0-9_~:@-][A-Za-z0-9_.~:@-]{0,127}")
+# How long this process trusts that a scoped role it wrote is still in Vault as written.
+_SCOPED_ROLE_FRESH = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RowScope:
+    """The rows a database user may see: ``nhi.row_scope`` gets ``(user, key, value)``."""
+
+    key: str
+    value: str
+
+    def __post_init__(self) -> None:
+        if CONTEXT_KEY_RE.fullmatch(self.key) is None:
+            raise ValueError(f"row scope key {self.key!r} is not a context key")
+        if _SCOPE_VALUE.fullmatch(self.value) is None or ".." in self.value:
+            raise ValueError(f"row scope {self.key!r} needs a plain identifier value")
+
+
+def scoped_role_name(base_role: str, scope: RowScope) -> str:
+    """The Vault role of ``base_role``'s users confined to ``scope``: ``scoped-<base>-<24 hex digest>``."""
+    digest = hashlib.sha256(f"{base_role}\0{scope.key}\0{scope.value}".encode()).hexdigest()[:24]
+    return f"{SCOPED_ROLE_PREFIX}{base_role}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -49,20 +85,55 @@ class VaultMinter:
     def __init__(self, identity: VaultIdentity) -> None:
         self.identity = identity
         self.settings = identity.settings
+        # Scoped role -> monotonic time this process wrote it (single dict operations: no lock needed).
+        self._scoped_roles: dict[str, float] = {}
 
-    def mint(self, kind: VaultKind, max_ttl: int, meta: dict[str, str] | None = None) -> MintedSecret:
-        """Issue ``kind`` living at most ``max_ttl`` seconds; raises VaultUnavailable / VaultRefused."""
+    def mint(
+        self, kind: VaultKind, max_ttl: int, meta: dict[str, str] | None = None, rows: RowScope | None = None
+    ) -> MintedSecret:
+        """Issue ``kind`` living at most ``max_ttl`` seconds; raises VaultUnavailable / VaultRefused.
+
+        ``rows`` is required for (and only for) a row-scoped ``vault-db`` kind.
+        """
+        if (kind.rows is not None) != (rows is not None) or (rows is not None and rows.key != kind.rows):
+            raise VaultRefused(f"{kind.describe} is row-scoped by {kind.rows!r}; the grant's scope does not match")
         with vault_errors(kind.describe):
             if kind.family == "vault-db":
-                return self._db(kind, max_ttl)
+                role = self._scoped_role(kind.target, rows) if rows is not None else kind.target
+                return self._db(kind, role, max_ttl)
             if kind.family == "vault-token":
                 return self._token(kind, max_ttl, meta or {})
             return self._wrapped(kind, max_ttl)
 
-    def _db(self, kind: VaultKind, max_ttl: int) -> MintedSecret:
+    def _scoped_role(self, base_role: str, scope: RowScope) -> str:
+        """Write (or trust, for a minute) the Vault role whose users see only ``scope``'s rows."""
+        name = scoped_role_name(base_role, scope)
+        written = self._scoped_roles.get(name)
+        if written is not None and time.monotonic() - written < _SCOPED_ROLE_FRESH:
+            return name
         client = self.identity.client()
         mount = self.settings.database_mount
-        resp = client.secrets.database.generate_credentials(name=kind.target, mount_point=mount)
+        try:
+            base = client.secrets.database.read_role(name=base_role, mount_point=mount)["data"]
+        except hvac_errors.InvalidPath:
+            raise VaultRefused(f"Vault has no database role {base_role!r} to scope") from None
+        # Literals, not parameters: Vault runs statements as text. RowScope admits no quote or backslash.
+        record = (f"INSERT INTO {SCOPE_TABLE} (role_name, scope_key, scope_value) "  # noqa: S608
+                  f"VALUES ('{{{{name}}}}', '{scope.key}', '{scope.value}');")
+        forget = f"DELETE FROM {SCOPE_TABLE} WHERE role_name = '{{{{name}}}}';"  # noqa: S608
+        client.secrets.database.create_role(
+            name=name, db_name=base["db_name"], mount_point=mount,
+            creation_statements=[*base["creation_statements"], record],
+            revocation_statements=[forget, *(base.get("revocation_statements") or [])],
+            default_ttl=base.get("default_ttl") or None, max_ttl=base.get("max_ttl") or None,
+        )
+        self._scoped_roles[name] = time.monotonic()
+        return name
+
+    def _db(self, kind: VaultKind, role: str, max_ttl: int) -> MintedSecret:
+        client = self.identity.client()
+        mount = self.settings.database_mount
+        resp = client.secrets.database.generate_credentials(name=role, mount_point=mount)
         lease_id, ttl = resp["lease_id"], int(resp["lease_duration"])
         if ttl > max_ttl:
             # The role's default TTL is longer than the rule allows: shorten this lease to the rule's TTL.

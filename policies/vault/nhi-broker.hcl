@@ -6,6 +6,23 @@ path "database/creds/*" {
   capabilities = ["read"]
 }
 
+# Row-scoped database users (rule kind vault-db:<role>;rows=<key>): read the operator's base role and
+# write its scoped copies, scoped-<role>-<digest>, whose creation statements also record the user's scope
+# in nhi.row_scope (docs/vault.md). Only these five role fields; nothing else under database/roles.
+path "database/roles/*" {
+  capabilities = ["read"]
+}
+path "database/roles/scoped-*" {
+  capabilities = ["create", "update", "read"]
+  allowed_parameters = {
+    "db_name"               = []
+    "creation_statements"   = []
+    "revocation_statements" = []
+    "default_ttl"           = []
+    "max_ttl"               = []
+  }
+}
+
 # Shorten a database lease to the rule's TTL, and end it (release, expiry sweep, failed ledger append).
 # Only database leases: the broker cannot renew or revoke anyone else's.
 path "sys/leases/renew/database/creds/*" {

@@ -79,7 +79,7 @@ action = "orders.query"
 resource = "customers/c-1001/orders"
 context = { customer = "c-1001" }
 expect = "allow"
-kind = "vault-db:orders-reader"
+kind = "vault-db:orders-reader;rows=customer"
 
 [[case]]
 name = "wrong kind"
@@ -93,4 +93,4 @@ kind = "jwt"
 ''')
     results = run_policy_tests(load_policies(POLICIES), tests)
     assert [r.passed for r in results] == [True, False]
-    assert results[1].message.startswith("expected kind jwt, got vault-db:orders-reader")
+    assert results[1].message.startswith("expected kind jwt, got vault-db:orders-reader;rows=customer")
