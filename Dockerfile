@@ -17,7 +17,7 @@ RUN python -m venv /opt/nhi-broker \
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 nhi \
  && useradd --system --uid 10001 --gid nhi --home-dir /var/lib/nhi-broker --shell /usr/sbin/nologin nhi \
- && install -d -o nhi -g nhi -m 0700 /var/lib/nhi-broker
+ && install -d -o nhi -g nhi -m 0700 /var/lib/nhi-broker /var/lib/nhi-broker/keys
 COPY --from=build /opt/nhi-broker /opt/nhi-broker
 COPY policies /etc/nhi-broker/policies
 ENV PATH=/opt/nhi-broker/bin:$PATH \

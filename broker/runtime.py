@@ -131,22 +131,31 @@ class Runtime:
         assert self.ledger_signer is not None
         return str(self.ledger_signer.verifier_key)
 
+    def record_new_keys(self, request_id: str) -> list[str]:
+        """``key_rotation`` entries for the keys this process created; returns their purposes."""
+        now = self.clock.now()
+        recorded = []
+        if self.ledger_key_created and self.ledger_signer_key is not None:
+            jwk = public_jwk(self.ledger_signer_key)
+            entry = key_rotation_entry(
+                now=now, request_id=request_id, purpose="ledger", kid=jwk["kid"], alg="EdDSA", jwk=jwk
+            )
+            self.ledger.append(entry)
+            recorded.append("ledger")
+        if self.keys.created:
+            active = self.keys.active
+            entry = key_rotation_entry(
+                now=now, request_id=request_id, purpose="task-token", kid=active.kid, alg=active.alg, jwk=active.jwk
+            )
+            self.ledger.append(entry)
+            recorded.append("task-token")
+        return recorded
+
     def record_startup(self) -> None:
         """Ledger entries for what went live at this start: new keys and the policy set."""
         now = self.clock.now()
         start_id = f"start-{uuid.uuid4().hex}"
-        if self.ledger_key_created and self.ledger_signer_key is not None:
-            jwk = public_jwk(self.ledger_signer_key)
-            entry = key_rotation_entry(
-                now=now, request_id=start_id, purpose="ledger", kid=jwk["kid"], alg="EdDSA", jwk=jwk
-            )
-            self.ledger.append(entry)
-        if self.keys.created:
-            active = self.keys.active
-            entry = key_rotation_entry(
-                now=now, request_id=start_id, purpose="task-token", kid=active.kid, alg=active.alg, jwk=active.jwk
-            )
-            self.ledger.append(entry)
+        self.record_new_keys(start_id)
         self.ledger.append(
             policy_load_entry(
                 now=now,

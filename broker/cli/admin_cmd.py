@@ -246,6 +246,17 @@ def _revoke_body(args: argparse.Namespace) -> dict[str, Any]:
     raise _Failure(EXIT_USAGE, "name what to revoke: --workload, --end-user or --conversation")
 
 
+class _IdParser(argparse.ArgumentParser):
+    """Treats an unknown ``-…`` word as a positional value: ids (base64url) may start with ``-``."""
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        parsed = super()._parse_optional(arg_string)
+        items = parsed if isinstance(parsed, list) else [parsed] if parsed is not None else []
+        if items and all(item[0] is None for item in items) and not arg_string.startswith("--"):
+            return None
+        return parsed
+
+
 def _decide(verb: str) -> Callable[[argparse.Namespace], Any]:
     def request(args: argparse.Namespace) -> Any:
         return _call(args, "POST", f"/v1/admin/approvals/{_seg(args.auth_req_id)}/{verb}",
@@ -279,7 +290,7 @@ def register(subparsers: Any) -> None:
         return p
 
     wl = groups.add_parser("workloads", help="list, show, suspend and resume workloads").add_subparsers(
-        dest="workloads_command", metavar="COMMAND", required=True)
+        dest="workloads_command", metavar="COMMAND", required=True, parser_class=_IdParser)
     leaf(wl, "list", "every registered workload with its state",
          lambda a: _call(a, "GET", "/v1/admin/workloads"), _show_workloads)
     p = leaf(wl, "show", "one workload's suspension and revocation state",
@@ -305,7 +316,7 @@ def register(subparsers: Any) -> None:
     _reason(p)
 
     ap = groups.add_parser("approvals", help="list, show, approve and deny intents held for review").add_subparsers(
-        dest="approvals_command", metavar="COMMAND", required=True)
+        dest="approvals_command", metavar="COMMAND", required=True, parser_class=_IdParser)
     leaf(ap, "list", "every live approval request, pending first",
          lambda a: _call(a, "GET", "/v1/admin/approvals"), _show_approvals)
     p = leaf(ap, "show", "one approval request",
@@ -318,7 +329,7 @@ def register(subparsers: Any) -> None:
         _reason(p)
 
     ls = groups.add_parser("leases", help="Vault/OpenBao leases: list and revoke").add_subparsers(
-        dest="leases_command", metavar="COMMAND", required=True)
+        dest="leases_command", metavar="COMMAND", required=True, parser_class=_IdParser)
     p = leaf(ls, "list", "open leases (or --all), newest first",
              lambda a: _call(a, "GET", "/v1/admin/leases", params={
                  "state": "all" if a.all else "open", **({"workload": a.workload} if a.workload else {})}),

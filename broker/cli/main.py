@@ -176,6 +176,26 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    import uuid
+
+    from broker.runtime import Runtime
+
+    settings = _settings(args)
+    runtime = Runtime.open(settings)  # creates the ledger key and a first token key when absent
+    try:
+        recorded = runtime.record_new_keys(f"keys-init-{uuid.uuid4().hex}")
+        verifier, kid = runtime.ledger_verifier_key, runtime.keys.active.kid
+    finally:
+        runtime.close()
+    keys_dir = (settings.data_dir / "keys").resolve()
+    print(f"keys in {keys_dir} ({'created and recorded: ' + ', '.join(recorded) if recorded else 'all existed'})")
+    print(f"  ledger verifier   {verifier}")
+    print(f"  task-token key    {kid} ({settings.token_alg})")
+    print("copy keys/ to every replica's data_dir (docs/deploy.md); publish the verifier key out of band")
+    return 0
+
+
 def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     import uuid
 
@@ -261,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(klist)
     klist.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     klist.set_defaults(func=_cmd_keys_list)
+    kinit = keys_sub.add_parser("init", help="create the ledger key and a first token key if absent, "
+                                "recorded in the ledger (provisioning for replicas)")
+    _add_common(kinit)
+    kinit.set_defaults(func=_cmd_keys_init)
     krot = keys_sub.add_parser("rotate", help="create a new signing key (recorded in the ledger)")
     _add_common(krot)
     krot.set_defaults(func=_cmd_keys_rotate)

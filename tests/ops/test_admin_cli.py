@@ -179,3 +179,15 @@ def test_token_file(broker: LiveBroker, tmp_path: Path) -> None:
     secret.write_text(AUDITOR + "\n")
     out = admin(broker, "workloads", "list", "--token-file", str(secret), token=None)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("ident", ["-UH9M5H6_c_g25QKPwRm232bTOf0aa", "--x", "plain-id_0123456789abcdef"])
+def test_ids_that_start_with_a_dash_are_ids(ident: str) -> None:
+    from broker.cli.main import build_parser
+
+    if ident.startswith("--"):  # a long option stays an option: a typo is an error, never an id
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["admin", "approvals", "show", ident])
+        return
+    args = build_parser().parse_args(["admin", "approvals", "deny", ident, "--reason", "r"])
+    assert args.auth_req_id == ident and args.reason == "r"

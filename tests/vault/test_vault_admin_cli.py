@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from broker.operators import hash_secret
 from broker.vault.devserver import DevVault
-from tests.helpers import SUPPORT, LiveBroker, exchange_form, intent
+from tests.helpers import REPO, SUPPORT, LiveBroker, exchange_form, intent
 from tests.vault.conftest import DB_CREDS, db_connect
 
 NHI = str(Path(sys.executable).with_name("nhi-broker"))
@@ -39,6 +40,10 @@ def test_list_and_revoke_a_lease(tmp_path: Path, dev_vault: DevVault) -> None:
         assert r.status_code == 200, r.text
         body = r.json()
         task = body["task_id"]
+        # docs/vault.md's response example has exactly the members the broker serves.
+        documented = json.loads(re.findall(r"```json\n(\{\n  \"access_token\".*?)```",
+                                           (REPO / "docs" / "vault.md").read_text(), re.S)[0])
+        assert set(documented) == set(body) and set(documented["vault"]) == set(body["vault"])
         cli = {"NHI_BROKER_URL": broker.url, "NHI_BROKER_TOKEN": ADMIN}
 
         listing = run("admin", "leases", "list", "--format", "json", env=cli)

@@ -1,0 +1,142 @@
+"""The deployment files: Kubernetes manifests valid against the Kubernetes 1.37 JSON schemas (strict,
+offline: the schemas ship inside the ``kubernetes-validate`` package), the ConfigMaps generated from
+the sources they copy, the compose file's shape, and their settings run directly: ``config check``
+passes and a broker starts with configured trust and no trial issuer. The Dockerfile's documented run
+trusts no trial issuer, and its HEALTHCHECK follows the configured port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from broker.config import Settings
+from tests.helpers import POLICIES, REPO, LiveBroker, free_port
+
+NHI = str(Path(sys.executable).with_name("nhi-broker"))
+K8S = REPO / "deploy" / "kubernetes"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+LABELS = {"app.kubernetes.io/name": "nhi-broker"}
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def resource(kind: str, name: str = "nhi-broker") -> dict[str, Any]:
+    return next(d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+@pytest.mark.parametrize("doc", manifests(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_manifests_validate_against_the_kubernetes_schemas(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, "1.37.0", strict=True)  # raises ValidationError naming the path
+
+
+def test_a_broken_manifest_is_caught() -> None:
+    bad = json.loads(json.dumps(resource("Deployment")))
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = {"name": "http"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.37.0", strict=True)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_configmaps_are_generated_from_their_sources() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import k8s_configmaps
+    finally:
+        sys.path.pop(0)
+    assert (K8S / "configmap.yaml").read_text() == k8s_configmaps.render(), (
+        "run: .venv/bin/python scripts/k8s_configmaps.py > deploy/kubernetes/configmap.yaml")
+    policies = resource("ConfigMap", "nhi-broker-policies")["data"]
+    assert policies["policy.csv"] == (POLICIES / "policy.csv").read_text()
+
+
+def test_the_deployment_is_hardened_and_probed() -> None:
+    deployment = resource("Deployment")
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    (broker,) = pod["containers"]
+    assert spec["replicas"] >= 2 and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["automountServiceAccountToken"] is False
+    for container in [broker, *pod["initContainers"]]:
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+    assert broker["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert broker["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert broker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == "nhi-broker-keys"
+    assert volumes["policies"]["configMap"]["name"] == "nhi-broker-policies"
+    assert spec["selector"]["matchLabels"] == LABELS == spec["template"]["metadata"]["labels"]
+    assert resource("PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == LABELS
+    assert resource("PodDisruptionBudget")["spec"]["minAvailable"] < spec["replicas"]
+    assert resource("Service")["spec"]["selector"] == LABELS
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "compose.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def test_compose_runs_two_brokers_on_the_shared_engines() -> None:
+    services = compose()["services"]
+    assert {"postgres", "redis", "openbao", "init", "broker-a", "broker-b"} <= set(services)
+    for name in ("broker-a", "broker-b"):
+        broker = services[name]
+        assert broker["read_only"] is True and broker["cap_drop"] == ["ALL"]
+        assert broker["depends_on"]["init"]["condition"] == "service_completed_successfully"
+        assert "keys:/var/lib/nhi-broker/keys" in broker["volumes"]  # one key set for both
+    assert services["init"]["command"][-1] == "nhi-broker db upgrade && nhi-broker keys init"
+
+
+def dockerfile_env() -> dict[str, str]:
+    text = (REPO / "Dockerfile").read_text()
+    block = text[text.rindex("ENV "):].split("\n\n")[0]
+    block = block[: block.index("\nUSER")]
+    return dict(re.findall(r"(NHI_BROKER_\w+)=(\S+)", block))
+
+
+def test_the_image_run_as_documented_trusts_no_trial_issuer() -> None:
+    env = {**dockerfile_env(), "NHI_BROKER_PUBLIC_URL": "https://broker.example.org"}
+    assert env["NHI_BROKER_HOST"] == "0.0.0.0"  # noqa: S104 - read from the Dockerfile, not bound here
+    settings = Settings(**{k[len("NHI_BROKER_"):].lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+    assert settings.trial_issuers_enabled is False
+
+
+def test_the_healthcheck_follows_the_configured_port(tmp_path: Path) -> None:
+    assert 'CMD ["nhi-broker", "healthcheck"]' in (REPO / "Dockerfile").read_text()
+    broker = LiveBroker(tmp_path / "data")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}
+    try:
+        healthy = subprocess.run([NHI, "healthcheck"], env={**clean, "NHI_BROKER_PORT": str(broker.port)},
+                                 capture_output=True, text=True, timeout=60)
+        assert healthy.returncode == 0, healthy.stderr
+        ready = subprocess.run([NHI, "healthcheck", "--ready"], env={**clean, "NHI_BROKER_PORT": str(broker.port)},
+                               capture_output=True, text=True, timeout=60)
+        assert ready.returncode == 0, ready.stderr
+    finally:
+        broker.stop()
+    port = free_port()
+    down = subprocess.run([NHI, "healthcheck"], env={**clean, "NHI_BROKER_PORT": str(port)},
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1
+    assert down.stderr.startswith(f"unhealthy: http://127.0.0.1:{port}/healthz: ConnectError")
