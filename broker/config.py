@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from broker.approvals.settings import ApprovalSettings
 from broker.attest.issuers import IssuerConfig, is_loopback_host
+from broker.attest.users import UserIssuerConfig
 from broker.config_explain import explain_validation_error, read_toml, unknown_environment
 from broker.errors import ConfigError
 from broker.operators import IntrospectionClient, OperatorCredential
@@ -64,6 +65,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024, le=1048576, description="Largest request body accepted (413 above).")
     max_subject_token_bytes: int = Field(
         8192, ge=1024, le=65536, description="Largest subject/actor token accepted, checked before decoding."
+    )
+    user_issuers: list[UserIssuerConfig] = Field(
+        default_factory=list, description="Issuers of end-user tokens for delegated exchanges (RFC 8693 §2.1)."
+    )
+    unsafe_trial_user_issuer: bool | None = Field(
+        None, description="Trust the local trial end-user issuer. Default: on only when `user_issuers` is empty "
+        "and the trial workload issuer is on (loopback embedded defaults)."
     )
     dpop_nonce: bool = Field(False, description="Demand a server nonce in DPoP proofs (RFC 9449 §8).")
     # Shared state (issue 5): replay, revocation, use counts, rate limits, budgets, suspensions.
@@ -112,6 +120,20 @@ class Settings(BaseSettings):
             raise ValueError("unsafe_trial_issuers is for trials only and cannot be combined with configured trust")
         return self
 
+    @model_validator(mode="after")
+    def _user_issuers_apart(self) -> Settings:
+        if self.unsafe_trial_user_issuer and self.user_issuers:
+            raise ValueError("unsafe_trial_user_issuer is for trials only and cannot be combined with user_issuers")
+        workload_issuers = {cfg.issuer for cfg in (*self.trust, *self.operator_issuers)}
+        for cfg in self.user_issuers:
+            # An issuer is trusted for one thing: a workload token must never pass as a user's, and the
+            # broker's own task tokens are parents of sub-agents, never end-user tokens.
+            if cfg.issuer in workload_issuers:
+                raise ValueError(f"user issuer {cfg.issuer!r} is also a workload or operator issuer")
+            if cfg.issuer == self.issuer_url:
+                raise ValueError("a user issuer cannot be the broker itself (public_url)")
+        return self
+
     @property
     def issuer_url(self) -> str:
         """The ``iss`` of task tokens and the RFC 8414 issuer."""
@@ -131,6 +153,13 @@ class Settings(BaseSettings):
         if self.unsafe_trial_issuers is not None:
             return self.unsafe_trial_issuers
         return not self.trust and self.on_loopback
+
+    @property
+    def trial_user_issuer_enabled(self) -> bool:
+        """The trial end-user issuer: on by default with the trial workload issuer, off with user issuers."""
+        if self.unsafe_trial_user_issuer is not None:
+            return self.unsafe_trial_user_issuer
+        return self.trial_issuers_enabled and not self.user_issuers
 
     @classmethod
     def settings_customise_sources(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
+from broker.models import Delegation, EndUser, Grant, Intent, RegisteredWorkload, WorkloadIdentity
 
 __all__ = [
     "ENTRY_VERSION",
@@ -55,7 +55,8 @@ def issuance_entry(
     """The entry that must be durable before ``credential`` leaves the broker.
 
     ``approval`` (``{auth_req_id, index, leaf_hash, approvers}``) points at the ``approval`` entry
-    that released an intent held for review.
+    that released an intent held for review. A delegated grant adds ``user`` (the verified end user)
+    and a sub-agent's grant ``parent`` (the parent token's ``jti`` and ledger leaf hash ``txn``).
     """
     entry = {
         "v": ENTRY_VERSION,
@@ -74,7 +75,16 @@ def issuance_entry(
     }
     if approval is not None:
         entry["approval"] = approval
+    _delegation_members(entry, grant.user, grant.delegation)
     return entry
+
+
+def _delegation_members(entry: dict[str, Any], user: EndUser | None, parent: Delegation | None) -> None:
+    # Optional members: a plain exchange's entry is exactly what it was before delegation existed.
+    if user is not None:
+        entry["user"] = user.ledger_json()
+    if parent is not None:
+        entry["parent"] = parent.ledger_json()
 
 
 def approval_entry(
@@ -87,13 +97,15 @@ def approval_entry(
     rule_id: str,
     policy_version: str,
     approval: dict[str, Any],
+    user: EndUser | None = None,
 ) -> dict[str, Any]:
     """A decision on an intent held for review: one approver's approval or denial, or its expiry.
 
     ``request_id`` is the token request that was held; ``approval`` is ``{auth_req_id, group,
-    needed, outcome, approver, reason, approvers, final}`` (docs/ledger.md).
+    needed, outcome, approver, reason, approvers, final}`` (docs/ledger.md); ``user`` the verified
+    end user the intent is for, if it was delegated.
     """
-    return {
+    entry = {
         "v": ENTRY_VERSION,
         "kind": "approval",
         "time": rfc3339(now),
@@ -104,6 +116,8 @@ def approval_entry(
         "decision": {"effect": "review", "rule": rule_id, "policy_version": policy_version},
         "approval": approval,
     }
+    _delegation_members(entry, user, None)
+    return entry
 
 
 def denial_entry(
@@ -118,9 +132,14 @@ def denial_entry(
     reason: str,
     rule_id: str | None,
     policy_version: str,
+    user: EndUser | None = None,
+    parent: Delegation | None = None,
 ) -> dict[str, Any]:
-    """The entry for an attested workload that was refused (unregistered, wrong audience, policy deny)."""
-    return {
+    """The entry for an attested workload that was refused (unregistered, wrong audience, policy deny).
+
+    ``user`` / ``parent`` as in :func:`issuance_entry`, when the refused request was delegated.
+    """
+    entry = {
         "v": ENTRY_VERSION,
         "kind": "denial",
         "time": rfc3339(now),
@@ -136,6 +155,8 @@ def denial_entry(
             "reason": reason,
         },
     }
+    _delegation_members(entry, user, parent)
+    return entry
 
 
 def policy_load_entry(

@@ -10,7 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Grant", "Held", "Intent", "Issued", "Receipt", "RegisteredWorkload", "ReviewTerms", "WorkloadIdentity"]
+__all__ = [
+    "Delegation",
+    "EndUser",
+    "Grant",
+    "Held",
+    "Intent",
+    "Issued",
+    "Receipt",
+    "RegisteredWorkload",
+    "ReviewTerms",
+    "WorkloadIdentity",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +41,65 @@ class WorkloadIdentity:
     jti: str | None = None
     #: RFC 7638 thumbprint of the key the identity token is bound to (its ``cnf``), if any.
     cnf_jkt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndUser:
+    """An end user proven by a verified token of a configured user issuer (``[[user_issuers]]``).
+
+    Built only by :class:`broker.attest.users.UserTokenVerifier` (or carried over, already verified,
+    from a parent task token this broker signed). ``claims`` are the issuer's claims mapped to policy
+    terms (``user.<name>``), strings, numbers or booleans only. ``evidence_digest`` is ``sha256:<hex>``
+    of the user token, ``None`` when the user was carried over from a parent task token.
+    """
+
+    issuer: str
+    subject: str
+    claims: dict[str, Any] = field(default_factory=dict)
+    evidence_digest: str | None = None
+
+    def sub_id(self) -> dict[str, str]:
+        """The RFC 9493 ``iss_sub`` subject identifier of this user."""
+        return {"format": "iss_sub", "iss": self.issuer, "sub": self.subject}
+
+    def policy_terms(self) -> dict[str, Any]:
+        """The ``user.*`` terms policy conditions see: ``user.sub``, ``user.iss`` and mapped claims."""
+        terms = {f"user.{name}": value for name, value in self.claims.items()}
+        terms["user.sub"] = self.subject
+        terms["user.iss"] = self.issuer
+        return terms
+
+    def ledger_json(self) -> dict[str, Any]:
+        """The ``user`` member of a ledger entry: issuer and subject, and the evidence digest if any."""
+        record: dict[str, Any] = {"iss": self.issuer, "sub": self.subject}
+        if self.evidence_digest is not None:
+            record["evidence_digest"] = self.evidence_digest
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class Delegation:
+    """A sub-agent acting on a parent task token (agent-to-agent attenuation), built only by
+    :mod:`broker.delegation` from a task token this broker signed and verified.
+
+    ``subject`` is the parent token's ``sub`` (the party everybody acts for), ``act`` the parent's
+    ``act`` claim (``None`` when the parent acted for itself), ``parent_client_id`` the parent's
+    registry name, and ``jti``/``txn``/``exp`` identify the parent token and its ledger entry.
+    """
+
+    subject: str
+    act: dict[str, Any] | None
+    parent_client_id: str
+    parent_spiffe_id: str
+    jti: str
+    txn: str
+    exp: int
+    audience: str
+    intent: Intent
+
+    def ledger_json(self) -> dict[str, Any]:
+        """The ``parent`` member of a ledger entry: the parent token and its issuance entry's leaf hash."""
+        return {"jti": self.jti, "txn": self.txn, "client_id": self.parent_client_id}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +124,8 @@ class RegisteredWorkload:
     owner: str
     roles: tuple[str, ...]
     audiences: tuple[str, ...]
+    #: Registry names of the workloads whose task tokens this one may narrow as a sub-agent.
+    delegators: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +158,21 @@ class Grant:
     binding: str = "optional"
     #: Set when the deciding rule is a ``review`` rule: nothing is issued before a person approves.
     review: ReviewTerms | None = None
+    #: The verified end user of a delegated exchange (RFC 8693 ``sub``); ``None`` on a plain exchange.
+    user: EndUser | None = None
+    #: The parent task token a sub-agent narrows; ``None`` unless this is an attenuation.
+    delegation: Delegation | None = None
+
+    def act_claim(self) -> dict[str, Any] | None:
+        """RFC 8693 §4.1 ``act`` of the task token: the workload, then the chain it acts within."""
+        if self.user is None and self.delegation is None:
+            return None
+        act: dict[str, Any] = {"sub": self.identity.spiffe_id}
+        # A parent that acted for someone nests its own chain; a parent that acted for itself is the
+        # token's subject, not an earlier actor (RFC 8693 §4.1: the least recent actor nests deepest).
+        if self.delegation is not None and self.delegation.act is not None:
+            act["act"] = self.delegation.act
+        return act
 
 
 @dataclass(frozen=True, slots=True)

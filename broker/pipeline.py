@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -36,12 +36,32 @@ import anyio.to_thread
 
 from broker.approvals.desk import Approval, ApprovalDesk
 from broker.attest.jwks import FetchRequired
+from broker.attest.jwt_checks import check_shape, peek_unverified
+from broker.attest.users import UserTokenVerifier
 from broker.clock import Clock, SystemClock
+from broker.delegation import ParentTokens, check_within
 from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
-from broker.errors import AccessDenied, BrokerError, InvalidTarget, PolicyDenied, TemporarilyUnavailable
+from broker.errors import (
+    AccessDenied,
+    AttestationError,
+    BrokerError,
+    InvalidTarget,
+    PolicyDenied,
+    TemporarilyUnavailable,
+)
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
-from broker.models import Grant, Held, Intent, Issued, Receipt, RegisteredWorkload, WorkloadIdentity
+from broker.models import (
+    Delegation,
+    EndUser,
+    Grant,
+    Held,
+    Intent,
+    Issued,
+    Receipt,
+    RegisteredWorkload,
+    WorkloadIdentity,
+)
 from broker.vault.errors import VaultUnavailable
 from broker.vault.kinds import check_requested_type
 
@@ -51,7 +71,9 @@ log = logging.getLogger("nhi_broker.pipeline")
 
 
 class IdentityVerifier(Protocol):
-    def verify(self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True) -> WorkloadIdentity: ...
+    def verify(
+        self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True, label: str = "subject_token"
+    ) -> WorkloadIdentity: ...
 
 
 class IntentPolicy(Protocol):
@@ -61,7 +83,12 @@ class IntentPolicy(Protocol):
     def resolve_workload(self, identity: WorkloadIdentity) -> RegisteredWorkload: ...
 
     def authorize(
-        self, identity: WorkloadIdentity, workload: RegisteredWorkload, audience: str, intent: Intent
+        self,
+        identity: WorkloadIdentity,
+        workload: RegisteredWorkload,
+        audience: str,
+        intent: Intent,
+        user: EndUser | None = None,
     ) -> Grant: ...
 
 
@@ -93,6 +120,11 @@ class ExchangeRequest:
     dpop: DPoPProof | None = None  # verified by broker.dpop; binds the token to its key
     requested_token_type: str | None = None
     approval: Approval | None = None  # set by Broker.redeem: the approval that releases a held intent
+    # RFC 8693 §2.1: with an actor_token (the workload's identity), subject_token is an end user's
+    # token (from a configured user issuer) or a parent task token this broker signed (a sub-agent).
+    actor_token: str | None = None
+    actor_token_type: str | None = None
+    user: EndUser | None = None  # set by Broker.redeem: the verified user a held intent was for
 
 
 @dataclass(frozen=True)
@@ -116,6 +148,17 @@ class _Refusal:
     identity: WorkloadIdentity
     workload: RegisteredWorkload | None
     error: BrokerError
+    user: EndUser | None = None
+    delegation: Delegation | None = None
+
+
+@dataclass(frozen=True)
+class _Principals:
+    """Who a request is from and for: the attested workload, and the verified user or parent token."""
+
+    identity: WorkloadIdentity
+    user: EndUser | None = None
+    delegation: Delegation | None = None
 
 
 class Broker:
@@ -133,6 +176,8 @@ class Broker:
         decide_in_thread: bool = False,
         vault: SecretIssuer | None = None,
         approvals: ApprovalDesk | None = None,
+        users: UserTokenVerifier | None = None,
+        parents: ParentTokens | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
@@ -143,22 +188,68 @@ class Broker:
         self.decide_in_thread = decide_in_thread
         self.vault = vault
         self.approvals = approvals
+        self.users = users
+        self.parents = parents
 
-    def _decide(
-        self, request: ExchangeRequest, may_fetch: bool = True
-    ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
-        # (1) attestation errors propagate: no identity, no ledger entry.
-        identity = self.attestor.verify(request.subject_token, request.subject_token_type, may_fetch=may_fetch)
-        return self._authorize(identity, request)
+    async def _verified(self, verify: Any) -> Any:
+        """Run one verification on the event loop, or in a worker thread when it must fetch keys.
+
+        Every verifier raises :class:`FetchRequired` before it changes any state, so the retry in a
+        thread never meets its own single-use value.
+        """
+        if self.decide_in_thread:
+            return await anyio.to_thread.run_sync(verify)
+        try:
+            return verify(may_fetch=False)
+        except FetchRequired:
+            return await anyio.to_thread.run_sync(verify)
+
+    async def _attest(self, request: ExchangeRequest) -> _Principals:
+        """(1) Who asks, and for whom. Errors propagate: nothing proven, no ledger entry."""
+        if request.actor_token is None:
+            identity = await self._verified(
+                partial(self.attestor.verify, request.subject_token, request.subject_token_type)
+            )
+            return _Principals(identity)
+        # Delegation (RFC 8693 §2.1): the actor token is the workload's identity, attested as a subject
+        # token is on a plain exchange; a user token there is refused (its issuer is no workload issuer).
+        identity = await self._verified(
+            partial(self.attestor.verify, request.actor_token, request.actor_token_type or "", label="actor_token")
+        )
+        # The subject token's issuer decides how it is verified: this broker (a parent task token of a
+        # sub-agent) or a configured user issuer. The peek only routes; each verifier checks everything.
+        check_shape(request.subject_token, 16384, "subject_token")
+        _unverified_claims = peek_unverified(request.subject_token)[1]
+        if self.parents is not None and _unverified_claims.get("iss") == self.parents.issuer:
+            delegation, user = self.parents.verify(request.subject_token, request.subject_token_type)
+            return _Principals(identity, user=user, delegation=delegation)
+        if self.users is None:
+            raise AttestationError("unknown user issuer (this broker has no user issuers configured)")
+        user = await self._verified(partial(self.users.verify, request.subject_token, request.subject_token_type))
+        return _Principals(identity, user=user)
 
     def _authorize(
-        self, identity: WorkloadIdentity, request: ExchangeRequest
+        self, principals: _Principals, request: ExchangeRequest
     ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
+        identity, user, delegation = principals.identity, principals.user, principals.delegation
         workload: RegisteredWorkload | None = None
         try:
             # (2) registry, then intent policy.
             workload = self.policies.resolve_workload(identity)
-            grant = self.policies.authorize(identity, workload, request.audience, request.intent)
+            if delegation is not None:
+                # (2a) a sub-agent narrows only the task tokens of workloads it takes sub-tasks from,
+                # and only within their grant; then its own rules decide.
+                if delegation.parent_client_id not in workload.delegators:
+                    raise AccessDenied(
+                        f"workload {workload.name} does not take sub-tasks from {delegation.parent_client_id} "
+                        "(delegators in workloads.toml)"
+                    )
+                check_within(delegation, request.audience, request.intent)
+            grant = self.policies.authorize(identity, workload, request.audience, request.intent, user)
+            if delegation is not None:
+                grant = replace(grant, delegation=delegation)
+                if grant.review is not None:
+                    raise AccessDenied("a sub-agent's intent cannot be held for review: the parent asks for it")
             enforce_binding(grant, request.dpop)
             if request.approval is None:  # a held intent's type was checked when it was held
                 check_requested_type(grant.credential_kind, request.requested_token_type)
@@ -174,7 +265,7 @@ class Broker:
             counted = request.approval is not None  # its rate was counted when it was held
             extra = self.guard.admit(grant, limits, count_rate=not counted) if self.guard else {}
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
-            return _Refusal(identity, workload, exc)
+            return _Refusal(identity, workload, exc, user=user, delegation=delegation)
         if grant.credential_kind != "jwt":
             return grant, None  # a Vault kind: broker.vault mints it
         if request.approval is not None:
@@ -187,14 +278,11 @@ class Broker:
 
         Returns :class:`Held` when a review rule decides the intent: nothing is issued until approved.
         """
+        principals = await self._attest(request)
         if self.decide_in_thread:
-            outcome = await anyio.to_thread.run_sync(self._decide, request)
+            outcome = await anyio.to_thread.run_sync(self._authorize, principals, request)
         else:
-            try:
-                outcome = self._decide(request, may_fetch=False)
-            except FetchRequired:
-                # The issuer's keys must come over the network: wait for them off the event loop.
-                outcome = await anyio.to_thread.run_sync(self._decide, request)
+            outcome = self._authorize(principals, request)
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error
@@ -211,25 +299,21 @@ class Broker:
         approval bound in. Raises the CIBA error (``authorization_pending``, ...) while it cannot."""
         if self.approvals is None:
             raise TemporarilyUnavailable("this broker cannot hold intents for review")
-        verify = partial(self.attestor.verify, poll.subject_token, poll.subject_token_type)
-        if self.decide_in_thread:
-            identity = await anyio.to_thread.run_sync(verify)
-        else:
-            try:
-                identity = verify(may_fetch=False)
-            except FetchRequired:
-                identity = await anyio.to_thread.run_sync(verify)
+        identity = await self._verified(partial(self.attestor.verify, poll.subject_token, poll.subject_token_type))
         approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
+        # The user was verified when the intent was held; the poller is the same workload (claim()).
+        user = approval.record.end_user()
         request = ExchangeRequest(
             subject_token=poll.subject_token, subject_token_type=poll.subject_token_type,
             audience=approval.record.audience,
             intent=Intent(action=held["action"], resource=held["resource"], context=dict(held["context"])),
-            request_id=poll.request_id, dpop=poll.dpop, approval=approval,
+            request_id=poll.request_id, dpop=poll.dpop, approval=approval, user=user,
         )
+        principals = _Principals(identity, user=user)
         try:
-            outcome = (await anyio.to_thread.run_sync(self._authorize, identity, request) if self.decide_in_thread
-                       else self._authorize(identity, request))
+            outcome = (await anyio.to_thread.run_sync(self._authorize, principals, request) if self.decide_in_thread
+                       else self._authorize(principals, request))
             if isinstance(outcome, _Refusal):
                 await self._record_refusal(request, outcome)
                 await self.approvals.settle(approval, jti=None)
@@ -247,7 +331,8 @@ class Broker:
             # A Vault kind: broker.vault.issuer mints, records and revokes on failure.
             if self.vault is None:
                 refusal = _Refusal(grant.identity, grant.workload, VaultUnavailable(
-                    f"rule {grant.rule_id} issues a Vault secret and this broker has no Vault configured"))
+                    f"rule {grant.rule_id} issues a Vault secret and this broker has no Vault configured"),
+                    user=grant.user, delegation=grant.delegation)
                 await self._record_refusal(request, refusal)
                 raise refusal.error
             approval = request.approval.ledger_ref() if request.approval is not None else None
@@ -299,6 +384,8 @@ class Broker:
             reason=error.description,
             rule_id=rule_id,
             policy_version=self.policies.version,
+            user=refusal.user,
+            parent=refusal.delegation,
         )
         receipt = await self.ledger.append_async(entry)
         log.info(

@@ -5,6 +5,7 @@ Everything on the embedded default lives under ``settings.data_dir``::
     keys/token/*.pem        ES256 (or EdDSA) task-token signing keys, mode 0600
     keys/ledger-key.pem     Ed25519 signed-note key of the ledger, mode 0600
     dev-issuer-key.pem      trial-only workload-identity issuer (when enabled)
+    dev-user-issuer-key.pem trial-only end-user issuer for delegated exchanges (when enabled)
     ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL)
     state.sqlite3           shared state on the embedded default (state_backend = "sqlite"):
                             single-use values, revocations, suspensions, use counts, rates, budgets
@@ -20,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.approvals import ApprovalDesk, WebhookNotifier
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
+from broker.attest.jwks import JwksSource
+from broker.attest.users import UserTokenVerifier
 from broker.attest.verifier import Attestor
 from broker.clock import Clock, SystemClock
 from broker.config import Settings
+from broker.delegation import ParentTokens
 from broker.dpop import DPoPVerifier, NonceIssuer
 from broker.entries import key_rotation_entry, policy_load_entry
 from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
@@ -71,6 +75,8 @@ class Runtime:
     state: StateServices | None = None
     vault: VaultIssuer | None = None
     approvals: ApprovalDesk | None = None
+    users: UserTokenVerifier | None = None
+    dev_user_issuer: DevUserIssuer | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -99,8 +105,19 @@ class Runtime:
         attestor = Attestor(
             issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, jwks_sources=sources
         )
+        user_issuers = list(settings.user_issuers)
+        dev_user_issuer = None
+        user_sources: dict[str, JwksSource] = {}
+        if settings.trial_user_issuer_enabled:
+            dev_user_issuer = DevUserIssuer.load_or_create(data_dir)
+            user_issuers.append(dev_user_issuer.user_issuer_config(settings.audience))
+            user_sources[dev_user_issuer.issuer] = dev_user_issuer.jwks_source()
+        users = UserTokenVerifier(
+            user_issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, key_sources=user_sources
+        ) if user_issuers else None
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
         state = StateServices.from_settings(settings, store, keys, attestor, clock)
+        parents = ParentTokens(keys, settings.issuer_url, state.tokens, clock)
         vault = open_vault_issuer(settings.vault, data_dir, ledger, clock) if settings.vault else None
         approvals = ApprovalDesk(store, ledger, clock, poll_interval=settings.approvals.poll_interval,
                                  notify=_webhook(settings, clock))
@@ -108,6 +125,7 @@ class Runtime:
         # a Redis that stops answering costs one short timeout per backoff window (store/redis.py).
         broker = Broker(
             attestor, policies, minter, ledger, clock, guard=state.guard, vault=vault, approvals=approvals,
+            users=users, parents=parents,
         )
         nonces = None
         if settings.dpop_nonce:
@@ -123,6 +141,8 @@ class Runtime:
             state=state,
             vault=vault,
             approvals=approvals,
+            users=users,
+            dev_user_issuer=dev_user_issuer,
         )
 
     @property
@@ -171,6 +191,8 @@ class Runtime:
         if self.vault is not None:
             self.vault.close()
         self.attestor.close()
+        if self.users is not None:
+            self.users.close()
         if self.state is not None:
             self.state.close()
         self.ledger.close()

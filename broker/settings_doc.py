@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from broker.config_explain import describe_field, env_name, nested_model, strip_optional
+from broker.errors import ConfigError
 
 __all__ = ["render_configuration_doc"]
 
@@ -64,7 +65,7 @@ def _default(field: FieldInfo) -> str:
 
 def _description(model: type[BaseModel], name: str, field: FieldInfo) -> str:
     if not field.description:
-        raise ValueError(f"{model.__name__}.{name} has no description: add Field(description=...)")
+        raise ConfigError(f"{model.__name__}.{name} has no description: add Field(description=...)")
     return " ".join(field.description.split()).replace("|", "\\|")
 
 

@@ -14,7 +14,11 @@
    (d) prints and checks the ledger proof of (a) against the signed checkpoint,
    (e) asks for a 120 EUR refund, which the policy holds for a person's approval: an approver
        approves it (through the admin API, as the console would), and the assistant's SDK collects
-       the token with the approval bound in.
+       the token with the approval bound in;
+   (f) acts for a verified end user (RFC 8693 delegation: the trial user issuer stands in for the
+       shop's login): a refund for customer c-42 names c-42 as ``sub`` and the assistant as ``act``;
+       a prompt-injected refund for another customer is refused because the user is verified, and a
+       refund sub-agent gets a narrower token with a nested ``act``, never a wider one.
 
 Exit status 0 when every step behaved as described; 1 otherwise. Nothing is left running.
 """
@@ -43,6 +47,7 @@ from nhi_broker_client import (
     AccessDeniedError,
     ApprovalPending,
     BrokerClient,
+    BrokerResponseError,
     DPoPKey,
     TaskTokenVerifier,
     VerifiedTaskToken,
@@ -145,7 +150,7 @@ class Service:
 
 
 def run(workdir: Path) -> bool:
-    from broker.attest.dev import DevIssuer
+    from broker.attest.dev import DevIssuer, DevUserIssuer
     from broker.clock import SystemClock
     from broker.ledger.checkpoint import verify_checkpoint
     from broker.ledger.merkle import leaf_hash, verify_inclusion
@@ -291,6 +296,51 @@ def run(workdir: Path) -> bool:
         check(r.status_code == 200 and r.json().get("refunded") == 120, "the approved refund was not made")
         if r.status_code == 200:
             say(f"    orders  {r.status_code} REFUNDED 120 EUR on {r.json()['order']}")
+
+        # (f)
+        say()
+        say(f"(f) act for the verified end user {CUSTOMER} (signed in at the shop; RFC 8693 actor_token)")
+        users = DevUserIssuer.load_or_create(workdir / "broker-data")
+
+        def signed_in_user() -> str:
+            return users.mint_user(CUSTOMER, "nhi-broker", clock=SystemClock())
+
+        def claims_of(token: str) -> dict[str, Any]:
+            parsed: dict[str, Any] = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+            return parsed
+
+        refund_ctx = {"customer": CUSTOMER, "amount": 30, "currency": "EUR"}
+        with BrokerClient(broker.url, actor=identity, user_token=signed_in_user, dpop=False) as assistant:
+            delegated = assistant.get_token("payments-api", "payments.refund", RESOURCE, refund_ctx)
+            claims = claims_of(delegated.access_token)
+            check(claims.get("sub") == CUSTOMER and claims.get("act") == {"sub": ASSISTANT},
+                  "the delegated token does not name the user and the assistant")
+            say(f"    broker  issued: sub={claims['sub']} act={json.dumps(claims['act'])}")
+            say(f"            sub_id={json.dumps(claims['sub_id'], sort_keys=True)}")
+            other = "c-77"
+            say(f"    a prompt injection makes the assistant ask for a refund to customer {other}")
+            try:
+                assistant.get_token("payments-api", "payments.refund", f"customers/{other}/orders/ord-7",
+                                    {"customer": other, "amount": 30, "currency": "EUR"})
+                check(False, "the broker issued a refund for a customer other than the verified user")
+            except AccessDeniedError as exc:
+                say(f"    broker  DENIED {exc.status} {exc.code} by rule {exc.rule_id}: the user is verified "
+                    f"as {CUSTOMER}")
+                check(exc.rule_id == "refund-other-customer", "the cross-customer refund was not refused by its rule")
+        executor = "spiffe://example.org/ns/payments/sa/refund-executor"
+        with BrokerClient(broker.url, lambda: issuer.mint(executor, "nhi-broker", clock=SystemClock()),
+                          dpop=False) as sub_agent:
+            child = sub_agent.narrow(delegated, "payments-api", "payments.refund", RESOURCE,
+                                     {**refund_ctx, "amount": 25})
+            child_claims = claims_of(child.access_token)
+            say(f"    sub-agent refund-executor narrowed it to 25 EUR: act={json.dumps(child_claims['act'])}")
+            check(child_claims.get("act") == {"sub": executor, "act": {"sub": ASSISTANT}}, "no nested act")
+            try:
+                sub_agent.narrow(delegated, "payments-api", "payments.refund", RESOURCE, {**refund_ctx, "amount": 45})
+                check(False, "the sub-agent got a token wider than its parent")
+            except BrokerResponseError as exc:
+                say(f"    asking for 45 EUR (more than its parent's 30): {exc.status} {exc.code}: {exc.description}")
+                check(exc.code == "invalid_target", "a wider child was not refused with invalid_target")
     finally:
         service.stop()
         verifier.close()

@@ -34,7 +34,7 @@ from broker.clock import Clock
 from broker.dpop import DPoPBindingRequired
 from broker.entries import approval_entry, workload_json
 from broker.errors import AccessDenied, InsufficientRole, InvalidGrant, InvalidRequest, NotFound
-from broker.models import Grant, Held, Receipt, WorkloadIdentity
+from broker.models import EndUser, Grant, Held, Receipt, WorkloadIdentity
 from broker.operators import Operator
 from broker.store.base import StateStore
 
@@ -90,7 +90,16 @@ class PendingApproval:
     decided_at: float | None = None
     entry: dict[str, Any] | None = None  # {index, leaf_hash} of the final decision's ledger entry
     jti: str | None = None
+    #: The verified end user of a delegated request: ``{iss, sub, claims, evidence_digest}``.
+    user: dict[str, Any] | None = None
     version: int = 0
+
+    def end_user(self) -> EndUser | None:
+        """The verified end user the held intent is for (verified when it was held), or ``None``."""
+        if self.user is None:
+            return None
+        return EndUser(issuer=self.user["iss"], subject=self.user["sub"], claims=dict(self.user.get("claims", {})),
+                       evidence_digest=self.user.get("evidence_digest"))
 
     @property
     def owner(self) -> str:
@@ -106,7 +115,7 @@ class PendingApproval:
             "intent": self.intent, "rule": self.rule, "policy_version": self.policy_version, "group": self.group,
             "needed": self.needed, "owner_may_approve": self.owner_may_approve, "dpop_jkt": self.dpop_jkt,
             "approvals": list(self.approvals), "denial": self.denial, "decided_at": self.decided_at,
-            "entry": self.entry, "jti": self.jti,
+            "entry": self.entry, "jti": self.jti, "user": self.user,
         }
 
     @classmethod
@@ -212,6 +221,7 @@ class ApprovalDesk:
             audience=record.audience, intent=record.intent, rule_id=record.rule,
             policy_version=record.policy_version,
             approval={"auth_req_id": record.auth_req_id, "group": record.group, "needed": record.needed, **approval},
+            user=record.end_user(),
         )
 
     # -- the workload's side ----------------------------------------------------------------------
@@ -228,6 +238,7 @@ class ApprovalDesk:
             audience=grant.audience, intent=grant.intent.to_json(), rule=grant.rule_id,
             policy_version=grant.policy_version, group=terms.approvers, needed=terms.approvals,
             owner_may_approve=terms.owner_may_approve, dpop_jkt=dpop_jkt,
+            user=None if grant.user is None else {**grant.user.ledger_json(), "claims": dict(grant.user.claims)},
         )
         value = json.dumps(record.to_json(), separators=(",", ":"))
         created = await anyio.to_thread.run_sync(
@@ -389,6 +400,7 @@ class ApprovalDesk:
             "workload": {k: record.workload.get(k) for k in ("name", "spiffe_id", "owner", "attestation")},
             "audience": record.audience,
             "intent": record.intent,
+            "user": None if record.user is None else {"iss": record.user["iss"], "sub": record.user["sub"]},
             "rule": record.rule,
             "policy_version": record.policy_version,
             "approvers_group": record.group,

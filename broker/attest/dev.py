@@ -11,10 +11,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -23,13 +24,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.attest.issuers import IssuerConfig
 from broker.attest.jwks import JwksSource, jwk_thumbprint
 from broker.attest.spiffe import parse_spiffe_id
+from broker.attest.users import UserIssuerConfig
 from broker.clock import Clock
 from broker.errors import ConfigError
 
-__all__ = ["DEV_ISSUER", "DEV_KEY_FILE", "DevIssuer"]
+__all__ = ["DEV_ISSUER", "DEV_KEY_FILE", "DEV_USER_ISSUER", "DEV_USER_KEY_FILE", "DevIssuer", "DevUserIssuer"]
 
 DEV_ISSUER = "urn:nhi-broker:dev-issuer"
 DEV_KEY_FILE = "dev-issuer-key.pem"
+#: The trial end-user issuer (delegated exchanges on the embedded defaults), with its own key.
+DEV_USER_ISSUER = "urn:nhi-broker:dev-user-issuer"
+DEV_USER_KEY_FILE = "dev-user-issuer-key.pem"
+_USER_SUBJECT_RE = re.compile(r"[\x21-\x7e]{1,255}")
 _MAX_KEY_FILE_BYTES = 16 * 1024
 _MAX_TTL = 3600
 
@@ -42,6 +48,7 @@ class DevIssuer:
     """A local ES256 issuer of development workload identities."""
 
     issuer: str = DEV_ISSUER
+    key_file: str = DEV_KEY_FILE
 
     def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
         if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(
@@ -63,7 +70,7 @@ class DevIssuer:
         return f"DevIssuer(kid={self._kid!r})"
 
     @classmethod
-    def load_or_create(cls, data_dir: Path) -> DevIssuer:
+    def load_or_create(cls, data_dir: Path) -> Self:
         """Load the key from ``data_dir``, creating it (mode 0600) on first use.
 
         Creation is atomic across processes: the key is written to a private temporary file
@@ -73,7 +80,7 @@ class DevIssuer:
         """
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = data_dir / DEV_KEY_FILE
+        path = data_dir / cls.key_file
         try:
             return cls._load(path)
         except FileNotFoundError:
@@ -82,7 +89,7 @@ class DevIssuer:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        tmp = data_dir / f".{DEV_KEY_FILE}.{secrets.token_hex(8)}.tmp"
+        tmp = data_dir / f".{cls.key_file}.{secrets.token_hex(8)}.tmp"
         flags = (
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         )
@@ -108,7 +115,7 @@ class DevIssuer:
         return cls._load(path)
 
     @classmethod
-    def _load(cls, path: Path) -> DevIssuer:
+    def _load(cls, path: Path) -> Self:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
@@ -188,3 +195,48 @@ class DevIssuer:
         if cnf_jwk is not None:
             claims["cnf"] = {"jwk": dict(cnf_jwk)}
         return jwt.encode(claims, self._key, algorithm="ES256", headers={"typ": "JWT", "kid": self._kid})
+
+
+class DevUserIssuer(DevIssuer):
+    """The trial end-user issuer: ``nhi-broker dev user <subject>`` prints its tokens.
+
+    It stands in for an organisation's login (OIDC) on the embedded defaults, so a delegated exchange
+    can be tried without one; it is on only while no ``[[user_issuers]]`` are configured. Anyone who
+    can read its key file can claim to be any user: never use it in production.
+    """
+
+    issuer: str = DEV_USER_ISSUER
+    key_file: str = DEV_USER_KEY_FILE
+
+    def __repr__(self) -> str:
+        return f"DevUserIssuer(kid={self.kid!r})"
+
+    def user_issuer_config(self, audience: str) -> UserIssuerConfig:
+        """A ``UserIssuerConfig`` of kind ``dev`` for this issuer (``user.tenant`` from ``tenant``)."""
+        return UserIssuerConfig(
+            issuer=self.issuer, audience=audience, kind="dev", algorithms=("ES256",), max_lifetime=3600,
+            claims={"tenant": "tenant"},
+        )
+
+    def mint_user(
+        self,
+        subject: str,
+        audience: str,
+        *,
+        ttl: int = 300,
+        clock: Clock,
+        jti: str | None = None,
+        claims: dict[str, Any] | None = None,
+    ) -> str:
+        """An end-user token for ``subject`` (printable ASCII, no spaces) and ``audience``."""
+        if not isinstance(subject, str) or _USER_SUBJECT_RE.fullmatch(subject) is None:
+            raise ValueError("subject must be 1..255 printable ASCII characters without spaces")
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= _MAX_TTL:
+            raise ValueError(f"ttl must be an integer of 1..{_MAX_TTL} seconds")
+        iat = int(clock.now())
+        body: dict[str, Any] = dict(claims or {})
+        body.update({
+            "iss": self.issuer, "sub": subject, "aud": audience, "iat": iat, "exp": iat + ttl,
+            "jti": jti if jti is not None else secrets.token_urlsafe(16),
+        })
+        return jwt.encode(body, self._key, algorithm="ES256", headers={"typ": "JWT", "kid": self.kid})

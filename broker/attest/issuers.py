@@ -18,7 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from broker.attest.spiffe import validate_trust_domain
 from broker.attest.template import SpiffeIdTemplate, TemplateError
 
-__all__ = ["ALLOWED_ALGORITHMS", "DEFAULT_ALGORITHMS", "IssuerConfig", "IssuerKind", "is_loopback_host"]
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "DEFAULT_ALGORITHMS",
+    "IssuerConfig",
+    "IssuerKind",
+    "check_algorithms",
+    "check_jwks_url",
+    "check_printable",
+    "is_loopback_host",
+]
 
 IssuerKind = Literal["kubernetes", "spiffe-jwt", "oidc", "dev"]
 
@@ -41,6 +50,50 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_printable(value: str) -> str:
+    """An issuer or audience: 1..2048 characters without spaces or control characters."""
+    if _NO_CONTROL_RE.fullmatch(value) is None:
+        raise ValueError("must be 1..2048 characters without spaces or control characters")
+    return value
+
+
+def check_jwks_url(value: str | None) -> str | None:
+    """A JWKS location: ``https://``, or ``http://`` to a loopback address; no userinfo or fragment."""
+    if value is None:
+        return value
+    if _NO_CONTROL_RE.fullmatch(value) is None:
+        raise ValueError("jwks_url must not contain spaces or control characters")
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http"):
+        raise ValueError("jwks_url must use https")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("jwks_url must not contain userinfo")
+    if parts.fragment:
+        raise ValueError("jwks_url must not contain a fragment")
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("jwks_url has no host")
+    if parts.scheme == "http" and not is_loopback_host(host):
+        raise ValueError("jwks_url must use https (plain http is allowed only to a loopback address)")
+    return value
+
+
+def check_algorithms(value: tuple[str, ...]) -> tuple[str, ...]:
+    """A per-issuer algorithm allow-list: a non-empty subset of :data:`ALLOWED_ALGORITHMS`."""
+    if not value:
+        raise ValueError("algorithms must not be empty")
+    for alg in value:
+        if alg.lower() == "none":
+            raise ValueError("algorithm 'none' is never allowed")
+        if alg.upper().startswith("HS"):
+            raise ValueError(f"symmetric algorithm {alg} is never allowed")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise ValueError(f"algorithm {alg} is not supported (allowed: {sorted(ALLOWED_ALGORITHMS)})")
+    if len(set(value)) != len(value):
+        raise ValueError("algorithms contains duplicates")
+    return value
 
 
 class IssuerConfig(BaseModel):
@@ -91,46 +144,17 @@ class IssuerConfig(BaseModel):
     @field_validator("issuer", "audience")
     @classmethod
     def _printable(cls, value: str) -> str:
-        if _NO_CONTROL_RE.fullmatch(value) is None:
-            raise ValueError("must be 1..2048 characters without spaces or control characters")
-        return value
+        return check_printable(value)
 
     @field_validator("jwks_url")
     @classmethod
     def _safe_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if _NO_CONTROL_RE.fullmatch(value) is None:
-            raise ValueError("jwks_url must not contain spaces or control characters")
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http"):
-            raise ValueError("jwks_url must use https")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("jwks_url must not contain userinfo")
-        if parts.fragment:
-            raise ValueError("jwks_url must not contain a fragment")
-        host = parts.hostname or ""
-        if not host:
-            raise ValueError("jwks_url has no host")
-        if parts.scheme == "http" and not is_loopback_host(host):
-            raise ValueError("jwks_url must use https (plain http is allowed only to a loopback address)")
-        return value
+        return check_jwks_url(value)
 
     @field_validator("algorithms")
     @classmethod
     def _allowed_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("algorithms must not be empty")
-        for alg in value:
-            if alg.lower() == "none":
-                raise ValueError("algorithm 'none' is never allowed")
-            if alg.upper().startswith("HS"):
-                raise ValueError(f"symmetric algorithm {alg} is never allowed")
-            if alg not in ALLOWED_ALGORITHMS:
-                raise ValueError(f"algorithm {alg} is not supported (allowed: {sorted(ALLOWED_ALGORITHMS)})")
-        if len(set(value)) != len(value):
-            raise ValueError("algorithms contains duplicates")
-        return value
+        return check_algorithms(value)
 
     @field_validator("trust_domain")
     @classmethod

@@ -21,23 +21,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
 from broker.attest.cnf import identity_key_thumbprint
-from broker.attest.issuers import ALLOWED_ALGORITHMS, IssuerConfig
+from broker.attest.issuers import IssuerConfig
 from broker.attest.jwks import JwksSource
+from broker.attest.jwt_checks import check_header, check_shape, check_times, peek_unverified, pyjwt_errors
 from broker.attest.spiffe import SpiffeId, parse_spiffe_id
 from broker.attest.template import SpiffeIdTemplate, TemplateError
 from broker.clock import Clock
 from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
 from broker.models import WorkloadIdentity
 from broker.store.base import StateStore
-from broker.strict_json import StrictJSONError, b64url_decode_canonical, loads_strict
 
 __all__ = ["JTI_NAMESPACE", "SUBJECT_TOKEN_TYPES", "Attestor"]
 
@@ -50,98 +49,13 @@ SUBJECT_TOKEN_TYPES = frozenset(
 JTI_NAMESPACE = "identity-jti"
 
 _DEFAULT_MAX_TOKEN_BYTES = 8192
-# Compact JWS (RFC 7515 §7.1): three non-empty base64url parts without padding.
-_COMPACT_JWS_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-# Header parameters that would make the token choose its own key, or change how it is processed.
-_REFUSED_HEADER_PARAMS = ("crit", "jku", "x5u", "jwk", "x5c", "b64", "zip", "enc", "cty")
-# RFC 7515 §4.1.9: "JWT" or "JOSE", optionally with the "application/" prefix; compared case-insensitively.
-_ACCEPTED_TYP = frozenset({"jwt", "jose", "application/jwt", "application/jose"})
-_KID_RE = re.compile(r"[\x20-\x7e]{1,256}")
 _JTI_RE = re.compile(r"[\x21-\x7e]{1,256}")
-_SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
-_MAX_NUMERIC_DATE = 2**53
 # Kubernetes names: a namespace is an RFC 1123 label, a service account an RFC 1123 subdomain.
 _K8S_LABEL_RE = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _K8S_SUBDOMAIN_RE = re.compile(
     r"(?=.{1,253}\Z)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
 )
 _K8S_UID_RE = re.compile(r"[A-Za-z0-9-]{1,128}")
-
-
-def _printable(name: Any) -> str:
-    """``name`` for an error description if it is a short plain identifier, else a placeholder.
-
-    Names come from the token (claim names, ``alg``): echo only what cannot smuggle content.
-    """
-    return name if isinstance(name, str) and _SAFE_NAME_RE.fullmatch(name) else "(unprintable)"
-
-
-def _json_object(segment: str, what: str, dup_label: str) -> dict[str, Any]:
-    raw = b64url_decode_canonical(segment)
-    if raw is None:
-        raise AttestationError(f"subject_token {what} is not base64url")
-    try:
-        value = loads_strict(raw)
-    except StrictJSONError as exc:
-        if exc.reason == "duplicate":
-            raise AttestationError(f"duplicate {dup_label} '{_printable(exc.name)}'") from None
-        if exc.reason == "not_utf8":
-            raise AttestationError(f"subject_token {what} is not UTF-8") from None
-        if exc.reason == "too_deep":
-            raise AttestationError(f"subject_token {what} is nested too deeply") from None
-        raise AttestationError(f"subject_token {what} is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise AttestationError(f"subject_token {what} is not a JSON object")
-    return value
-
-
-def _peek_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The token's header and claims, parsed strictly but NOT verified: use only to pick issuer and key."""
-    header_segment, payload_segment, signature_segment = token.split(".")
-    _unverified_header = _json_object(header_segment, "header", "header parameter")
-    _unverified_claims = _json_object(payload_segment, "payload", "claim")
-    if b64url_decode_canonical(signature_segment) is None:
-        raise AttestationError("subject_token signature is not base64url")
-    return _unverified_header, _unverified_claims
-
-
-@contextmanager
-def _pyjwt_errors() -> Iterator[None]:
-    """The one place pyjwt exceptions become broker errors (most specific first)."""
-    try:
-        yield
-    except jwt.exceptions.InvalidSignatureError:
-        raise AttestationError("signature verification failed") from None
-    except jwt.exceptions.ExpiredSignatureError:
-        raise AttestationError("subject_token has expired") from None
-    except jwt.exceptions.ImmatureSignatureError:
-        raise AttestationError("subject_token is not yet valid") from None
-    except jwt.exceptions.InvalidAudienceError:
-        raise AttestationError("audience mismatch") from None
-    except jwt.exceptions.InvalidIssuerError:
-        raise AttestationError("issuer mismatch") from None
-    except jwt.exceptions.MissingRequiredClaimError as exc:
-        raise AttestationError(f"missing required claim '{_printable(exc.claim)}'") from None
-    except jwt.exceptions.InvalidAlgorithmError:
-        raise AttestationError("algorithm is not allowed") from None
-    except jwt.exceptions.InvalidSubjectError:
-        raise AttestationError("claim 'sub' must be a string") from None
-    except jwt.exceptions.InvalidJTIError:
-        raise AttestationError("claim 'jti' must be a string") from None
-    except jwt.exceptions.InvalidKeyError:
-        raise AttestationError("issuer key is unusable") from None
-    except jwt.exceptions.DecodeError:
-        raise AttestationError("subject_token is malformed") from None
-    except jwt.exceptions.PyJWTError:
-        raise AttestationError("subject_token is invalid") from None
-
-
-def _numeric_date(claims: Mapping[str, Any], name: str) -> int:
-    # pyjwt would take "1700000000", 1e20 or True here; a NumericDate is a JSON integer for us.
-    value = claims[name]
-    if type(value) is not int or not 0 <= value <= _MAX_NUMERIC_DATE:
-        raise AttestationError(f"claim '{name}' must be an integer NumericDate")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +110,13 @@ class Attestor:
         for source in self._owned:
             source.close()
 
-    def verify(self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True) -> WorkloadIdentity:
+    def verify(
+        self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True, label: str = "subject_token"
+    ) -> WorkloadIdentity:
         """Verify ``subject_token`` and return the workload identity it proves (see module docstring).
+
+        ``label`` names the token in error descriptions: ``actor_token`` when the workload's identity
+        is the actor of a delegated exchange (RFC 8693 §2.1).
 
         With ``may_fetch=False``, :class:`~broker.attest.jwks.FetchRequired` is raised (before any
         state changes) when only fetching the issuer's JWKS over the network could answer.
@@ -205,25 +124,18 @@ class Attestor:
         # (1) Only JWT-shaped subject tokens are supported (RFC 8693 §3 type URIs).
         if subject_token_type not in SUBJECT_TOKEN_TYPES:
             raise InvalidRequest(
-                "unsupported subject_token_type: use urn:ietf:params:oauth:token-type:jwt or "
+                f"unsupported {label}_type: use urn:ietf:params:oauth:token-type:jwt or "
                 "urn:ietf:params:oauth:token-type:id_token"
             )
         if not isinstance(subject_token, str):
-            raise InvalidRequest("subject_token must be a string")
+            raise InvalidRequest(f"{label} must be a string")
 
-        # (2) Size cap before any decoding (characters first, so a huge string is never encoded).
-        if len(subject_token) > self._max_token_bytes or (
-            len(subject_token.encode("utf-8", "surrogatepass")) > self._max_token_bytes
-        ):
-            raise AttestationError(f"subject_token exceeds {self._max_token_bytes} bytes")
-
-        # (3) Compact JWS: three non-empty unpadded base64url parts, nothing else (no whitespace).
-        if _COMPACT_JWS_RE.fullmatch(subject_token) is None:
-            raise AttestationError("subject_token is not a compact JWS")
+        # (2) Size cap before any decoding; (3) compact JWS: three unpadded base64url parts, nothing else.
+        check_shape(subject_token, self._max_token_bytes, label)
 
         # (4) Peek at header and claims (strict JSON, no duplicate names) to choose issuer and key.
-        _unverified_header, _unverified_claims = _peek_unverified(subject_token)
-        alg = self._check_header(_unverified_header)
+        _unverified_header, _unverified_claims = peek_unverified(subject_token, label)
+        alg = check_header(_unverified_header, label)
 
         # (5) The issuer must be on the allow-list, and allow this algorithm.
         unverified_iss = _unverified_claims.get("iss")
@@ -243,7 +155,7 @@ class Attestor:
         key.check_algorithm(alg)
 
         # (7)+(8) Signature, iss, aud, required claims; then types, time and lifetime.
-        claims = self._decode(subject_token, key.key, alg, cfg)
+        claims = self._decode(subject_token, key.key, alg, cfg, label)
         exp = claims["exp"]
         sub = claims["sub"]
 
@@ -268,7 +180,7 @@ class Attestor:
         if cfg.require_jti:
             # Remember it for as long as the token could still be accepted (exp + leeway).
             if not self._replay.consume_once(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway):
-                raise ReplayDetected("subject_token has already been used")
+                raise ReplayDetected(f"{label} has already been used")
 
         # (11) The identity, with a digest of the evidence (never the token itself).
         digest = hashlib.sha256(subject_token.encode("ascii")).hexdigest()
@@ -283,31 +195,10 @@ class Attestor:
             cnf_jkt=cnf_jkt,
         )
 
-    @staticmethod
-    def _check_header(_unverified_header: Mapping[str, Any]) -> str:
-        alg = _unverified_header.get("alg")
-        if not isinstance(alg, str) or not alg:
-            raise AttestationError("header parameter 'alg' is missing")
-        if alg.lower() == "none":
-            raise AttestationError("algorithm none is not allowed")
-        if alg not in ALLOWED_ALGORITHMS:
-            raise AttestationError(f"algorithm {_printable(alg)} is not allowed")
-        for name in _REFUSED_HEADER_PARAMS:
-            if name in _unverified_header:
-                raise AttestationError(f"header parameter '{name}' is not allowed")
-        typ = _unverified_header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP):
-            # E.g. "at+jwt": an access token is not a workload identity.
-            raise AttestationError("header parameter 'typ' is not accepted for a subject token")
-        kid = _unverified_header.get("kid")
-        if kid is not None and (not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None):
-            raise AttestationError("header parameter 'kid' must be 1..256 printable characters")
-        return alg
-
-    def _decode(self, token: str, key: Any, alg: str, cfg: IssuerConfig) -> dict[str, Any]:
+    def _decode(self, token: str, key: Any, alg: str, cfg: IssuerConfig, label: str) -> dict[str, Any]:
         # (7) One pyjwt call: signature with the one allow-listed alg, exact iss, our aud, required claims.
         # pyjwt's own time checks read the wall clock, so they are off; (8) does them with self._clock.
-        with _pyjwt_errors():
+        with pyjwt_errors(label):
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key,
@@ -330,26 +221,9 @@ class Attestor:
             )
 
         # (8) Types and time, against the injected clock.
-        now = self._clock.now()
-        leeway = cfg.leeway
-        exp = _numeric_date(claims, "exp")
-        iat = _numeric_date(claims, "iat") if "iat" in claims else None
-        nbf = _numeric_date(claims, "nbf") if "nbf" in claims else None
         if not claims["sub"]:
             raise AttestationError("claim 'sub' is empty")
-        if now >= exp + leeway:
-            raise AttestationError("subject_token has expired")
-        if nbf is not None and nbf > now + leeway:
-            raise AttestationError("subject_token is not yet valid (nbf)")
-        if iat is not None:
-            if iat > now + leeway:
-                raise AttestationError("subject_token was issued in the future (iat)")
-            if iat > exp:
-                raise AttestationError("claim 'iat' is after 'exp'")
-            if exp - iat > cfg.max_lifetime:
-                raise AttestationError(f"token lifetime exceeds {cfg.max_lifetime} s")
-        if exp - now > cfg.max_lifetime + leeway:
-            raise AttestationError(f"token lifetime exceeds {cfg.max_lifetime} s")
+        check_times(claims, now=self._clock.now(), leeway=cfg.leeway, max_lifetime=cfg.max_lifetime, label=label)
         return claims
 
     @staticmethod

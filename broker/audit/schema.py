@@ -367,6 +367,15 @@ def _positive_int(value: Any, path: str) -> None:
         raise EntrySchemaError(path, "must be a positive integer")
 
 
+# A delegated request's verified end user (RFC 8693 subject): issuer and subject, and the digest of the
+# user token when it was presented (absent when carried over from a parent task token).
+_USER = _obj({"iss": _text_of(2048), "sub": _text_of(255)}, {"evidence_digest": _SHA256})
+# A sub-agent's parent task token: its jti, the leaf hash of its issuance entry, its workload's name.
+_PARENT = _obj(
+    {"jti": _matching(_B64URL_RE, "a token id (base64url)"), "txn": _HEX_LEAF, "client_id": _text_of(64)}
+)
+_DELEGATION: dict[str, Check] = {"user": _USER, "parent": _PARENT}
+
 _ACTOR = _obj({"kind": _equal("operator"), "name": _OPERATOR_NAME, "role": _text_of(32), "auth": _text_of(64)})
 
 _APPROVAL = _obj(
@@ -394,7 +403,8 @@ _APPROVAL = _obj(
                 "final": _boolean,
             }
         ),
-    }
+    },
+    {"user": _USER},
 )
 
 _ISSUANCE_APPROVAL = _obj(
@@ -416,7 +426,7 @@ _ISSUANCE = _obj(
         ),
         "credential": _credential,
     },
-    {"approval": _ISSUANCE_APPROVAL},
+    {"approval": _ISSUANCE_APPROVAL, **_DELEGATION},
 )
 
 _DENIAL = _obj(
@@ -435,7 +445,8 @@ _DENIAL = _obj(
                 "reason": _text_of(),
             }
         ),
-    }
+    },
+    _DELEGATION,
 )
 
 _POLICY_LOAD = _obj(

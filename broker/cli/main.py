@@ -2,6 +2,7 @@
 
     serve                  run the broker (embedded defaults when nothing is configured)
     dev identity ID        print a short-lived workload JWT from the trial issuer
+    dev user SUBJECT       print a short-lived end-user JWT from the trial user issuer (delegation)
     dev vault              run a local OpenBao configured for the sample vault-* intents
     keys list|rotate       task-token signing keys
     policy test|explain|lint
@@ -96,6 +97,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             runtime.record_startup()
             verifier_key = runtime.ledger_verifier_key
             trial = runtime.dev_issuer is not None
+            trial_user = runtime.dev_user_issuer is not None
         finally:
             runtime.close()
     except BaseException:
@@ -114,6 +116,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           + (f" (key prefix {settings.redis_prefix})" if settings.state_backend == "redis" else ""))
     for line in _trust_lines(settings, trial):
         print(line)
+    if trial_user:
+        print("  trial user issuer ON (no user_issuers configured) - `nhi-broker dev user <subject>`;"
+              " for trials only")
     sys.stdout.flush()
     log_level = "info" if args.access_log else "warning"
     common: dict[str, Any] = {"log_level": log_level, "access_log": args.access_log, "server_header": False}
@@ -151,6 +156,26 @@ def _cmd_dev_identity(args: argparse.Namespace) -> int:
         raise ConfigError(f"not a SPIFFE ID: {exc}") from None
     issuer = DevIssuer.load_or_create(settings.data_dir)
     token = issuer.mint(args.spiffe_id, args.audience or settings.audience, ttl=args.ttl, clock=SystemClock())
+    print(token)
+    return 0
+
+
+def _cmd_dev_user(args: argparse.Namespace) -> int:
+    from broker.attest.dev import DevUserIssuer
+    from broker.clock import SystemClock
+
+    settings = _settings(args)
+    if not settings.trial_user_issuer_enabled:
+        raise ConfigError("the trial user issuer is off because user_issuers (or trust) are configured")
+    claims: dict[str, str] = {}
+    if args.tenant:
+        claims["tenant"] = args.tenant
+    issuer = DevUserIssuer.load_or_create(settings.data_dir)
+    try:
+        token = issuer.mint_user(args.subject, args.audience or settings.audience, ttl=args.ttl,
+                                 clock=SystemClock(), claims=claims)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     print(token)
     return 0
 
@@ -271,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--ttl", type=int, default=300, help="lifetime in seconds (default 300)")
     _add_common(ident)
     ident.set_defaults(func=_cmd_dev_identity)
+    user = dev_sub.add_parser("user", help="print a short-lived end-user JWT from the trial user issuer")
+    user.add_argument("subject", help="the end user's subject, e.g. c-42 (the customer the assistant serves)")
+    user.add_argument("--tenant", help="a tenant claim (policies see it as user.tenant)")
+    user.add_argument("--audience", help="default: the broker's audience (nhi-broker)")
+    user.add_argument("--ttl", type=int, default=300, help="lifetime in seconds (default 300)")
+    _add_common(user)
+    user.set_defaults(func=_cmd_dev_user)
     from broker.cli import vault_cmd
 
     vault_cmd.register(dev_sub)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.errors import BrokerError, InvalidAuthorizationDetails, PolicyLoadError
-from broker.intent import parse_intent
-from broker.models import WorkloadIdentity
+from broker.intent import CONTEXT_KEY_RE, parse_intent
+from broker.models import EndUser, WorkloadIdentity
 from broker.policy import PolicySet, load_policies
 from broker.policy.registry import ATTESTATION_METHODS
 from broker.policy.testing import load_cases, run_policy_tests
@@ -103,6 +103,19 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         # The broker answers such requests before the policy runs; say so rather than explain.
         print(f"the broker refuses this intent before policy: {exc.description}", file=sys.stderr)
         return 1
+    user = None
+    if args.user_sub is not None or args.user_claim:
+        if not args.user_sub or not args.user_iss:
+            print("--user-sub and --user-iss go together (a delegated request's verified end user)", file=sys.stderr)
+            return 1
+        claims: dict[str, Any] = {}
+        for item in args.user_claim or []:
+            name, sep, value = item.partition("=")
+            if not sep or CONTEXT_KEY_RE.fullmatch(name) is None:
+                print(f"--user-claim {item!r} must be name=value with a lower-case name", file=sys.stderr)
+                return 1
+            claims[name] = value
+        user = EndUser(issuer=args.user_iss, subject=args.user_sub, claims=claims)
     policy_set = _load(args.policies)
     if policy_set is None:
         return 1
@@ -119,7 +132,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except BrokerError as exc:
         print(f"unregistered: {exc.description}")
         return 1
-    explanation = policy_set.explain(workload, args.audience, intent)
+    explanation = policy_set.explain(workload, args.audience, intent, user)
     outside = args.audience not in workload.audiences
     if args.format == "json":
         print(json.dumps({**explanation.to_json(), "audience_registered": not outside}, indent=2))
@@ -172,6 +185,11 @@ def register(subparsers: Any) -> None:
         choices=sorted(ATTESTATION_METHODS),
         help="attestation method of the identity (default: spiffe-jwt)",
     )
+    explain.add_argument("--user-sub", metavar="SUB", help="a delegated request: the verified end user's subject")
+    explain.add_argument("--user-iss", metavar="ISS", help="... and its user issuer",
+                         default=None)
+    explain.add_argument("--user-claim", metavar="NAME=VALUE", action="append",
+                         help="a mapped claim of the user (user.NAME in conditions); repeatable")
     add_dir(explain)
     add_format(explain)
     explain.set_defaults(func=_cmd_explain)

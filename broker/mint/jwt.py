@@ -65,19 +65,34 @@ class TaskTokenMinter:
         (such as ``num_uses`` from the rule's limits) may add claims, never replace one.
         """
         now = int(self._clock.now())
-        ttl = min(self._default_ttl, grant.max_ttl)
+        exp = now + min(self._default_ttl, grant.max_ttl)
+        # RFC 8693 §4.1: a delegated token's subject is the verified user (or the parent's subject, for
+        # a sub-agent) and the workload is the actor; a plain token's subject is the workload itself.
+        sub = grant.identity.spiffe_id
+        if grant.delegation is not None:
+            sub = grant.delegation.subject
+            exp = min(exp, grant.delegation.exp)  # a sub-agent's token never outlives its parent
+            if exp <= now:
+                raise ValueError("the parent token expires before a child could be issued")
+        elif grant.user is not None:
+            sub = grant.user.subject
         claims: dict[str, Any] = {
             "iss": self._issuer,
-            "sub": grant.identity.spiffe_id,
+            "sub": sub,
             "aud": grant.audience,
             "iat": now,
             "nbf": now,
-            "exp": now + ttl,
+            "exp": exp,
             "jti": b64url(secrets.token_bytes(16)),
             "client_id": grant.workload.name,
             "owner": grant.workload.owner,
             "authorization_details": [grant.intent.to_json()],
         }
+        if grant.user is not None:
+            claims["sub_id"] = grant.user.sub_id()  # RFC 9493 iss_sub: the subject, unambiguous
+        act = grant.act_claim()
+        if act is not None:
+            claims["act"] = act
         if cnf_jkt is not None:
             claims["cnf"] = {"jkt": cnf_jkt}
         for name, value in (extra_claims or {}).items():

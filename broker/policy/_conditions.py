@@ -2,15 +2,22 @@
 
 A condition is a conjunction of typed comparisons over the intent context::
 
-    amount <= 50 && currency == 'EUR' && customer_id == $customer
+    amount <= 50 && currency == 'EUR' && customer_id == $customer && customer == user.sub
 
 Grammar (whitespace between tokens is free)::
 
     condition := ""  |  clause ("&&" clause)*
     clause    := key op value
-    key       := context key (lower-case identifier, see ``broker.intent.CONTEXT_KEY_RE``)
+    key       := context key (lower-case identifier, see ``broker.intent.CONTEXT_KEY_RE``) | user term
     op        := "<=" | "<" | ">=" | ">" | "==" | "!=" | "in"
-    value     := number | 'string' | true | false | "[" [literal ("," literal)*] "]" | $key
+    value     := number | 'string' | true | false | "[" [literal ("," literal)*] "]" | $key | user term
+    user term := "user." lower-case identifier   (user.sub, user.iss, mapped claims such as user.tenant)
+
+User terms are the *verified* end user of a delegated exchange (RFC 8693 ``actor_token`` +
+``subject_token`` from a configured user issuer, :mod:`broker.attest.users`); the bot cannot set them,
+since context keys never contain a dot. A plain exchange has no user terms but ``user.delegated``
+(``false``), so a clause naming another one is false: a rule that names ``user.sub`` requires
+delegation, and ``user.delegated == true`` says so explicitly.
 
 There is no ``||``, no ``!``, no parentheses, no function call and no attribute access: the text is
 tokenised by a fixed grammar and never handed to ``eval`` or to an expression evaluator. To express
@@ -37,7 +44,7 @@ from typing import Any
 
 from broker.intent import CONTEXT_KEY_RE
 
-__all__ = ["Clause", "Condition", "ConditionError", "compile_condition"]
+__all__ = ["USER_TERM_RE", "Clause", "Condition", "ConditionError", "compile_condition"]
 
 MAX_CONDITION_LEN = 1024
 MAX_CLAUSES = 16
@@ -52,6 +59,7 @@ _TOKEN_RE = re.compile(
     |(?P<number>-?[0-9]+(?:\.[0-9]+)?)
     |(?P<string>'[^'\\\x00-\x1f\x7f]*')
     |(?P<ref>\$[A-Za-z_][A-Za-z0-9_]*)
+    |(?P<term>user\.[A-Za-z_][A-Za-z0-9_]*)
     |(?P<word>[A-Za-z_][A-Za-z0-9_]*)
     |(?P<lbracket>\[)
     |(?P<rbracket>\])
@@ -64,6 +72,8 @@ _SPACE_RE = re.compile(r"[ \t]*")
 _AFTER_NUMBER_RE = re.compile(r"[A-Za-z0-9_.$']")
 
 _MISSING = object()
+#: A user term as the engine puts it into the evaluation context (see ``EndUser.policy_terms``).
+USER_TERM_RE = re.compile(r"user\.[a-z][a-z0-9_]{0,63}")
 
 
 class ConditionError(ValueError):
@@ -238,12 +248,23 @@ class _Parser:
             )
         return name
 
+    @staticmethod
+    def _term(tok: _Token) -> str:
+        if USER_TERM_RE.fullmatch(tok.text) is None:
+            raise ConditionError(
+                f"{tok.text!r} at column {tok.column} is not a user term (user. and a lower-case identifier)"
+            )
+        return tok.text
+
     def _clause(self) -> Clause:
         start = self.pos
         key_tok = self._next("a context key")
-        if key_tok.kind != "word":
+        if key_tok.kind == "term":
+            key = self._term(key_tok)
+        elif key_tok.kind != "word":
             raise ConditionError(f"expected a context key at column {key_tok.column}, found {key_tok.text!r}")
-        key = self._key(key_tok, "a context key")
+        else:
+            key = self._key(key_tok, "a context key")
         op_tok = self._next("an operator")
         if op_tok.kind == "op" or (op_tok.kind == "word" and op_tok.text == "in"):
             op = op_tok.text
@@ -254,7 +275,9 @@ class _Parser:
         literal: Any = None
         ref: str | None = None
         value_tok = self._next("a value")
-        if value_tok.kind == "ref":
+        if value_tok.kind == "term":
+            ref = self._term(value_tok)
+        elif value_tok.kind == "ref":
             ref = self._key(value_tok, "a $key")
         elif op == "in":
             if value_tok.kind != "lbracket":

@@ -44,14 +44,14 @@ from casbin.util.expression import SimpleEval
 
 from broker.errors import InvalidTarget, PolicyDenied, PolicyLoadError, UnregisteredWorkload
 from broker.intent import is_valid_action, is_valid_resource
-from broker.models import Grant, Intent, RegisteredWorkload, ReviewTerms, WorkloadIdentity
+from broker.models import EndUser, Grant, Intent, RegisteredWorkload, ReviewTerms, WorkloadIdentity
 
 from ._patterns import audience_matches
 from ._rules import BINDINGS, Rule
 from .limits import RuleLimits
 from .registry import WorkloadRegistry
 
-__all__ = ["Decision", "Explanation", "PartResult", "PolicySet", "RuleTrace", "plain_enforcer"]
+__all__ = ["Decision", "Explanation", "PartResult", "PolicySet", "RuleTrace", "plain_enforcer", "policy_context"]
 
 log = logging.getLogger("broker.policy")
 
@@ -156,6 +156,7 @@ class Explanation:
     intent: Intent
     candidates: tuple[RuleTrace, ...]
     decision: Decision
+    user: EndUser | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The report as ``nhi-broker policy explain --format json`` prints it."""
@@ -166,6 +167,8 @@ class Explanation:
             "audience": self.audience,
             "intent": {"action": self.intent.action, "resource": self.intent.resource,
                        "context": json.loads(json.dumps(self.intent.context, default=repr))},
+            "user": None if self.user is None else {"iss": self.user.issuer, "sub": self.user.subject,
+                                                    "claims": dict(self.user.claims)},
             "policy_version": d.policy_version,
             "candidates": [
                 {"rule_id": t.rule_id, "effect": t.effect, "source": t.source, "ttl": t.ttl, "kind": t.kind,
@@ -192,9 +195,13 @@ class Explanation:
             f"action    {intent.action}",
             f"resource  {intent.resource}",
             f"context   {json.dumps(intent.context, sort_keys=True, default=repr)}",
-            f"policy    {self.decision.policy_version}",
-            "",
         ]
+        if self.user is None:
+            lines.append("user      (none: not a delegated request; every user.* term is missing)")
+        else:
+            user_terms = self.user.policy_terms()
+            lines.append("user      " + ", ".join(f"{k} = {user_terms[k]!r}" for k in sorted(user_terms)))
+        lines += [f"policy    {self.decision.policy_version}", ""]
         if not self.candidates:
             lines.append("no rule names this action (or a pattern covering it)")
         else:
@@ -443,14 +450,17 @@ class PolicySet:
     def _default_deny(self, intent: Intent) -> Decision:
         return self._decision("deny", None, f"no rule allows {intent.action} on {intent.resource}")
 
-    def decide(self, workload: RegisteredWorkload, audience: str, intent: Intent) -> Decision:
+    def decide(
+        self, workload: RegisteredWorkload, audience: str, intent: Intent, user: EndUser | None = None
+    ) -> Decision:
         """Decide one request. Never raises: anything unexpected is a logged deny.
 
         Deny wins; among several matching allow rules the one with the smallest TTL decides (see
-        the module docstring).
+        the module docstring). ``user`` is the verified end user of a delegated exchange: conditions
+        see it as ``user.sub``, ``user.iss`` and its mapped claims.
         """
         try:
-            return self._decide(workload, audience, intent)
+            return self._decide(workload, audience, intent, user)
         except Exception as exc:
             log.error(
                 "policy evaluation failed; denying (workload=%s policy=%s error=%s)",
@@ -460,15 +470,18 @@ class PolicySet:
             )
             return self._decision("deny", None, "policy evaluation failed")
 
-    def _decide(self, workload: RegisteredWorkload, audience: str, intent: Intent) -> Decision:
+    def _decide(
+        self, workload: RegisteredWorkload, audience: str, intent: Intent, user: EndUser | None
+    ) -> Decision:
         # (1) only well-formed requests from workloads of this policy set reach Casbin.
         subjects = self._subjects.get(workload.name)
         if subjects is None:
             return self._decision("deny", None, f"workload {workload.name} is not in this policy set")
-        ctx = intent.context
+        if not isinstance(intent.context, dict):
+            return self._decision("deny", None, "the intent is not well-formed")
+        ctx = policy_context(intent, user)
         if (
             not isinstance(audience, str)
-            or not isinstance(ctx, dict)
             or not is_valid_action(intent.action)
             or not is_valid_resource(intent.resource)
         ):
@@ -511,7 +524,12 @@ class PolicySet:
         return self._decision("allow", chosen, f"allowed by rule {chosen.rule_id}", binding)
 
     def authorize(
-        self, identity: WorkloadIdentity, workload: RegisteredWorkload, audience: str, intent: Intent
+        self,
+        identity: WorkloadIdentity,
+        workload: RegisteredWorkload,
+        audience: str,
+        intent: Intent,
+        user: EndUser | None = None,
     ) -> Grant:
         """The :class:`Grant` for an allowed request, or the error the broker answers with.
 
@@ -534,7 +552,7 @@ class PolicySet:
                 f"audience {str(audience)[:128]!r} is not registered for workload {workload.name}"
             )
         # (3) the intent policy.
-        decision = self.decide(workload, audience, intent)
+        decision = self.decide(workload, audience, intent, user)
         if not decision.allowed:
             raise PolicyDenied(
                 decision.reason, rule_id=decision.rule_id, policy_version=decision.policy_version
@@ -552,22 +570,26 @@ class PolicySet:
             policy_version=decision.policy_version,
             binding=decision.binding,
             review=decision.review,
+            user=user,
         )
 
     # -- explanations ---------------------------------------------------------------------------
 
-    def explain(self, workload: RegisteredWorkload, audience: str, intent: Intent) -> Explanation:
+    def explain(
+        self, workload: RegisteredWorkload, audience: str, intent: Intent, user: EndUser | None = None
+    ) -> Explanation:
         """Trace every candidate rule (those whose action pattern covers the intent's action), part
         by part, next to the decision :meth:`decide` makes."""
-        decision = self.decide(workload, audience, intent)
+        decision = self.decide(workload, audience, intent, user)
         bucket = self._bucket_for(intent.action) if is_valid_action(intent.action) else None
         subjects = self._subjects.get(workload.name, frozenset())
         traces: list[RuleTrace] = []
         if bucket is not None:
             for rule in sorted(bucket.rules, key=lambda r: self._file_order[r.rule_id]):
-                traces.append(self._trace(rule, workload, subjects, audience, intent))
+                traces.append(self._trace(rule, workload, subjects, audience, intent, user))
         return Explanation(
-            workload=workload, audience=audience, intent=intent, candidates=tuple(traces), decision=decision
+            workload=workload, audience=audience, intent=intent, candidates=tuple(traces), decision=decision,
+            user=user,
         )
 
     def _trace(
@@ -577,8 +599,9 @@ class PolicySet:
         subjects: frozenset[str],
         audience: str,
         intent: Intent,
+        user: EndUser | None = None,
     ) -> RuleTrace:
-        ctx = intent.context if isinstance(intent.context, dict) else {}
+        ctx = policy_context(intent, user) if isinstance(intent.context, dict) else {}
         parts = []
         if rule.subject == "*":
             parts.append(PartResult("subject", bool(subjects), "* (every registered workload)"))
@@ -614,6 +637,18 @@ class PolicySet:
             kind=rule.kind,
             parts=tuple(parts),
         )
+
+
+def policy_context(intent: Intent, user: EndUser | None) -> dict[str, Any]:
+    """What rule resources and conditions evaluate: the intent context plus the verified user's terms.
+
+    Context keys are lower-case identifiers without dots (``broker.intent``), so the bot can never
+    supply a ``user.*`` term itself. ``user.delegated`` is always there (``true`` only for a verified
+    end user), so a rule can require delegation, or refuse it, in so many words.
+    """
+    if user is None:
+        return {**intent.context, "user.delegated": False}
+    return {**intent.context, **user.policy_terms(), "user.delegated": True}
 
 
 def _probe_request(rule: Rule, holder: str) -> tuple[str, str, str, dict[str, Any]]:

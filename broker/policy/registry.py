@@ -10,6 +10,7 @@ may ask credentials for, and the attestation methods it may prove itself with::
     roles = ["support-agent", "refund-agent"]
     audiences = ["orders-api", "payments-api"]
     attestation = ["kubernetes", "spiffe-jwt", "dev"]
+    delegators = ["support-assistant"]   # optional: whose task tokens it may narrow as a sub-agent
 
 ``spiffe_id`` is an exact SPIFFE ID or a pattern whose last path segment is ``*`` (exactly one
 segment, e.g. ``spiffe://example.org/ns/reporting/sa/*``). An exact entry beats a pattern entry.
@@ -43,7 +44,8 @@ ATTESTATION_METHODS = frozenset({"kubernetes", "spiffe-jwt", "oidc", "dev"})
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 MAX_OWNER_LEN = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_WORKLOAD_KEYS = frozenset({"name", "spiffe_id", "owner", "roles", "audiences", "attestation"})
+_REQUIRED_KEYS = frozenset({"name", "spiffe_id", "owner", "roles", "audiences", "attestation"})
+_WORKLOAD_KEYS = _REQUIRED_KEYS | {"delegators"}
 _HEADER_RE = re.compile(r"\s*\[\[\s*workload\s*\]\]\s*(?:#.*)?")
 
 
@@ -59,6 +61,7 @@ class RegistryEntry:
     attestation: frozenset[str]
     source: str  # "workloads.toml:12"
     pattern_prefix: str | None = None
+    delegators: tuple[str, ...] = ()
 
     def registered(self, spiffe_id: str) -> RegisteredWorkload:
         return RegisteredWorkload(
@@ -67,6 +70,7 @@ class RegistryEntry:
             owner=self.owner,
             roles=self.roles,
             audiences=self.audiences,
+            delegators=self.delegators,
         )
 
 
@@ -194,7 +198,7 @@ def _parse_entry(raw: Mapping[str, Any], where: str, problems: list[str]) -> Reg
     before = len(problems)
     for key in sorted(set(raw) - _WORKLOAD_KEYS):
         problems.append(f"{where}: unknown key {key!r} in [[workload]]")
-    for key in sorted(_WORKLOAD_KEYS - set(raw)):
+    for key in sorted(_REQUIRED_KEYS - set(raw)):
         problems.append(f"{where}: [[workload]] is missing {key!r}")
     if len(problems) > before:
         return None
@@ -240,9 +244,17 @@ def _parse_entry(raw: Mapping[str, Any], where: str, problems: list[str]) -> Reg
                 problems.append(
                     f"{where}: attestation method {method!r} is not one of {sorted(ATTESTATION_METHODS)}"
                 )
+    delegators = _string_list(raw.get("delegators", []))
+    if delegators is None:
+        problems.append(f"{where}: delegators must be a list of workload names")
+    else:
+        for delegator in delegators:
+            if NAME_RE.fullmatch(delegator) is None or delegator == name:
+                problems.append(f"{where}: delegator {delegator!r} must be the name of another workload")
     if len(problems) > before:
         return None
     assert roles is not None and audiences is not None and methods is not None and prefix is not None
+    assert delegators is not None
     return RegistryEntry(
         name=name,
         spiffe_id=raw["spiffe_id"],
@@ -252,4 +264,5 @@ def _parse_entry(raw: Mapping[str, Any], where: str, problems: list[str]) -> Reg
         attestation=frozenset(methods),
         source=where,
         pattern_prefix=prefix or None,
+        delegators=tuple(delegators),
     )

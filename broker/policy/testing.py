@@ -15,6 +15,9 @@ Each case is a request and the outcome the security engineer expects::
     ttl = 120                        # optional; the expected max TTL of an allow
     binding = "optional"             # optional; the expected sender constraint of an allow
     kind = "jwt"                     # optional; the expected credential kind of an allow
+    user = { sub = "c-1001", iss = "https://login.example.org", tenant = "acme" }
+                                     # optional: a delegated request for this verified end user
+                                     # (sub and iss required; other keys are mapped claims, user.<key>)
 
 A case runs the broker's own path: :meth:`PolicySet.resolve_workload` (``unregistered``), then
 :meth:`PolicySet.authorize` (``invalid_target`` when the audience is not registered for the
@@ -32,7 +35,7 @@ from typing import Any
 
 from broker.errors import InvalidTarget, PolicyDenied, PolicyLoadError, UnregisteredWorkload
 from broker.intent import CONTEXT_KEY_RE
-from broker.models import Intent, WorkloadIdentity
+from broker.models import EndUser, Intent, WorkloadIdentity
 
 from ._rules import BINDINGS
 from .engine import PolicySet
@@ -43,7 +46,7 @@ __all__ = ["OUTCOMES", "PolicyTestCase", "PolicyTestResult", "load_cases", "run_
 OUTCOMES = ("allow", "review", "deny", "unregistered", "invalid_target")
 _KEYS = frozenset(
     {"name", "workload", "method", "audience", "action", "resource", "context", "expect", "rule", "ttl", "binding",
-     "kind"}
+     "kind", "user"}
 )
 _REQUIRED = ("name", "workload", "audience", "action", "resource", "expect")
 _HEADER_RE = re.compile(r"\s*\[\[\s*case\s*\]\]\s*(?:#.*)?")
@@ -68,6 +71,7 @@ class PolicyTestCase:
     ttl: int | None = None
     binding: str | None = None
     kind: str | None = None
+    user: EndUser | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ def _parse_case(raw: dict[str, Any], where: str, problems: list[str]) -> PolicyT
     if kind is not None and (not isinstance(kind, str) or not kind):
         problems.append(f"{where}: kind must be a credential kind such as 'jwt' or 'vault-db:<role>'")
     context = _check_context(raw.get("context", {}), where, problems)
+    user = _parse_user(raw.get("user"), where, problems)
     if len(problems) > before:
         return None
     return PolicyTestCase(
@@ -148,7 +153,28 @@ def _parse_case(raw: dict[str, Any], where: str, problems: list[str]) -> PolicyT
         ttl=ttl,
         binding=binding,
         kind=kind,
+        user=user,
     )
+
+
+def _parse_user(raw: Any, where: str, problems: list[str]) -> EndUser | None:
+    """A case's verified end user: ``{ sub, iss, <mapped claims> }``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: user must be a table {{ sub = ..., iss = ..., <claim> = ... }}")
+        return None
+    sub, iss = raw.get("sub"), raw.get("iss")
+    if not isinstance(sub, str) or not sub or not isinstance(iss, str) or not iss:
+        problems.append(f"{where}: user needs sub and iss (non-empty strings)")
+        return None
+    claims = {k: v for k, v in raw.items() if k not in ("sub", "iss")}
+    for key, value in claims.items():
+        if CONTEXT_KEY_RE.fullmatch(key) is None or key == "delegated":
+            problems.append(f"{where}: user.{key} is not a mapped claim name (a lower-case identifier)")
+        elif not isinstance(value, str | int | float | bool):
+            problems.append(f"{where}: user.{key} must be a string, number or boolean")
+    return EndUser(issuer=iss, subject=sub, claims=claims)
 
 
 def load_cases(path: Path) -> list[PolicyTestCase]:
@@ -206,7 +232,7 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     kind: str | None = None
     try:
         workload = policy_set.resolve_workload(identity)
-        grant = policy_set.authorize(identity, workload, case.audience, intent)
+        grant = policy_set.authorize(identity, workload, case.audience, intent, case.user)
     except UnregisteredWorkload as exc:
         outcome, detail = "unregistered", exc.description
     except InvalidTarget as exc:

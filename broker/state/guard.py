@@ -97,6 +97,8 @@ class IssuanceGuard:
         # A request that does not name its scope shares one bucket with every other such request of
         # the workload: leaving the key out can only make the budget tighter, never bypass it.
         scope = context.get(budget.context_key)
+        if budget.per == "end_user" and grant.user is not None:
+            scope = grant.user.subject  # the verified end user, not the bot's assertion (docs/delegation.md)
         scope_value = scope if isinstance(scope, str) else ""
         window = int(now // budget.period_seconds)
         key = "\x00".join(

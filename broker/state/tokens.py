@@ -2,9 +2,10 @@
 
 Revoking "every live token of a workload, an end user or a conversation" writes one cut-off time per
 scope instead of tracking every token: a token is inactive when its ``iat`` is at or before the
-cut-off of its workload (``client_id``), its end user (intent context ``customer``) or its
-conversation (intent context ``conversation``). ``iat`` has one-second precision, so a token issued
-in the same second as a cut-off is inactive too: the safe side. A cut-off is kept for
+cut-off of its workload (``client_id``), its end user (the verified user of a delegated token, its
+``sub_id``; otherwise the intent context's ``customer``) or its conversation (intent context
+``conversation``). ``iat`` has one-second precision, so a token issued in the same second as a
+cut-off is inactive too: the safe side. A cut-off is kept for
 :data:`CUTOFF_LIFETIME`, longer than any token may live (``MAX_TTL``).
 
 There is no per-process cache: every check reads the store (one ``MGET`` on Redis, one read
@@ -35,12 +36,19 @@ _NS_USES = "token-uses"
 
 
 def token_scopes(claims: Mapping[str, Any]) -> dict[str, str]:
-    """The revocation scopes a task token belongs to, from its verified claims."""
+    """The revocation scopes a task token belongs to, from its verified claims.
+
+    The end user is the *verified* one when the token has one (``sub_id``, a delegated exchange),
+    else the intent context's ``customer`` (the bot's assertion).
+    """
     scopes = {"workload": str(claims.get("client_id", ""))}
     details = claims.get("authorization_details")
     context = details[0].get("context", {}) if isinstance(details, list) and details else {}
+    sub_id = claims.get("sub_id")
+    if isinstance(sub_id, dict) and isinstance(sub_id.get("sub"), str):
+        scopes["end_user"] = sub_id["sub"]
     if isinstance(context, dict):
-        if isinstance(context.get("customer"), str):
+        if "end_user" not in scopes and isinstance(context.get("customer"), str):
             scopes["end_user"] = context["customer"]
         if isinstance(context.get("conversation"), str):
             scopes["conversation"] = context["conversation"]

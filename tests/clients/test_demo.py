@@ -30,6 +30,11 @@ def test_demo_runs_and_shows_each_step() -> None:
         "(refund-approvers) APPROVED",
         "issued after approval by april",
         "orders  200 REFUNDED 120 EUR on ord-1001",
+        "(f) act for the verified end user c-42",
+        'broker  issued: sub=c-42 act={"sub": "spiffe://example.org/ns/support/sa/support-assistant"}',
+        "DENIED 403 access_denied by rule refund-other-customer: the user is verified as c-42",
+        '"act": {"sub": "spiffe://example.org/ns/support/sa/support-assistant"}}',
+        "400 invalid_target: context.amount must be a number no greater than the parent's",
         "demo OK",
     ]:
         assert line in out, f"missing {line!r} in:\n{out}"

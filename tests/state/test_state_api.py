@@ -303,7 +303,7 @@ def test_kill_switch(harness: Harness) -> None:
     assert status["suspended"] is True and status["revoked_before"] is not None
     listing = harness.client.get("/v1/admin/workloads", headers=bearer(APPROVER)).json()["workloads"]
     assert {w["workload"]: w["suspended"] for w in listing} == {
-        "support-assistant": True, "ticket-triage": False, "nightly-report": False}
+        "support-assistant": True, "ticket-triage": False, "nightly-report": False, "refund-executor": False}
     assert listing[0]["owner"] == "Dana Reyes <dana.reyes@example.com>"
     # Resume: new tokens work, tokens from before the suspension stay dead.
     r = harness.client.post("/v1/admin/workloads/support-assistant/resume", json={"reason": "fixed"},

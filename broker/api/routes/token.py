@@ -2,7 +2,11 @@
 
 The form is read by :mod:`broker.api.forms` (415, 413, repeated or undecodable parameters); this
 module checks the exchange's own parameters, each with a precise error: unknown grant types,
-unsupported actor tokens, audiences, requested token types, the intent and the DPoP header.
+actor tokens without their type, audiences, requested token types, the intent and the DPoP header.
+
+With ``actor_token`` (RFC 8693 §2.1) the request is delegated: the actor token is the workload's
+identity and the subject token an end user's token from a configured user issuer, or the parent
+task token a sub-agent narrows (docs/delegation.md).
 """
 
 from __future__ import annotations
@@ -37,10 +41,7 @@ TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 #: OpenID CIBA poll mode: collect an intent held for review (docs/approvals.md).
 CIBA_GRANT = "urn:openid:params:grant-type:ciba"
 _ISSUABLE = {ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, *TOKEN_TYPES.values()}
-_UNSUPPORTED_PARAMS = {
-    "actor_token": "actor_token is not supported; the subject token is the workload identity",
-    "actor_token_type": "actor_token is not supported; the subject token is the workload identity",
-}
+_POLL_FIXED = ("actor_token", "actor_token_type")
 
 _FORM_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -54,12 +55,19 @@ _FORM_SCHEMA: dict[str, Any] = {
                     "properties": {
                         "grant_type": {"type": "string", "enum": [TOKEN_EXCHANGE_GRANT, CIBA_GRANT]},
                         "auth_req_id": {"type": "string", "description": "CIBA polls: the held request."},
-                        "subject_token": {"type": "string", "description": "The workload identity JWT."},
+                        "subject_token": {
+                            "type": "string",
+                            "description": "The workload identity JWT; with actor_token, the end user's token "
+                                           "or the parent task token of a sub-agent.",
+                        },
                         "subject_token_type": {
                             "type": "string",
                             "enum": ["urn:ietf:params:oauth:token-type:jwt",
-                                     "urn:ietf:params:oauth:token-type:id_token"],
+                                     "urn:ietf:params:oauth:token-type:id_token",
+                                     "urn:ietf:params:oauth:token-type:access_token"],
                         },
+                        "actor_token": {"type": "string", "description": "Delegation: the workload identity JWT."},
+                        "actor_token_type": {"type": "string", "enum": ["urn:ietf:params:oauth:token-type:jwt"]},
                         "audience": {"type": "string", "description": "The target service."},
                         "authorization_details": {
                             "type": "string",
@@ -92,7 +100,7 @@ async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None
 
 def _poll_request(form: dict[str, str], request_id: str) -> PollRequest:
     """A CIBA poll: ``auth_req_id`` plus a fresh identity token of the workload that was held."""
-    for name in ("audience", "authorization_details", "requested_token_type", *_UNSUPPORTED_PARAMS):
+    for name in ("audience", "authorization_details", "requested_token_type", *_POLL_FIXED):
         if name in form:
             raise InvalidRequest(f"{name} is not a parameter of a CIBA poll; the held intent is fixed")
     auth_req_id = required(form, "auth_req_id")
@@ -110,9 +118,14 @@ def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
     grant_type = required(form, "grant_type")
     if grant_type != TOKEN_EXCHANGE_GRANT:
         raise UnsupportedGrantType(f"grant_type must be {TOKEN_EXCHANGE_GRANT} or {CIBA_GRANT}")
-    for name, why in _UNSUPPORTED_PARAMS.items():
-        if name in form:
-            raise InvalidRequest(why)
+    actor_token = form.get("actor_token")
+    actor_token_type = form.get("actor_token_type")
+    if actor_token is not None and actor_token_type is None:
+        raise InvalidRequest("actor_token_type is required with actor_token (RFC 8693 §2.1)")
+    if actor_token is None and actor_token_type is not None:
+        raise InvalidRequest("actor_token_type without actor_token")
+    if actor_token == "":
+        raise InvalidRequest("actor_token is empty")
     subject_token = required(form, "subject_token")
     subject_token_type = required(form, "subject_token_type")
     audience = required(form, "audience")
@@ -129,6 +142,8 @@ def _exchange_request(form: dict[str, str], request_id: str) -> ExchangeRequest:
         intent=intent,
         request_id=request_id,
         requested_token_type=requested,
+        actor_token=actor_token,
+        actor_token_type=actor_token_type,
     )
 
 

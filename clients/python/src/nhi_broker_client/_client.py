@@ -27,6 +27,7 @@ __all__ = ["AsyncBrokerClient", "BrokerClient", "TaskToken"]
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 CIBA = "urn:openid:params:grant-type:ciba"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 _METADATA_PATH = "/.well-known/oauth-authorization-server"
 
 IdentitySource = str | Callable[[], str]
@@ -121,14 +122,22 @@ class _Exchanger:
             raise TransportError("broker metadata has no token endpoint")
         self.token_endpoint = endpoint
 
-    def request(self, subject_token: str, audience: str, intent: Intent) -> tuple[dict[str, str], dict[str, str]]:
+    def request(
+        self, subject_token: str, audience: str, intent: Intent, *, actor_token: str | None = None,
+        subject_token_type: str | None = None,
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The token-exchange form. With ``actor_token`` (RFC 8693 §2.1) the workload is the actor and
+        ``subject_token`` the end user's token, or the parent task token of a sub-agent."""
         form = {
             "grant_type": TOKEN_EXCHANGE,
             "subject_token": subject_token,
-            "subject_token_type": self.subject_token_type,
+            "subject_token_type": subject_token_type or self.subject_token_type,
             "audience": audience,
             "authorization_details": json.dumps([intent.to_json()]),
         }
+        if actor_token is not None:
+            form["actor_token"] = actor_token
+            form["actor_token_type"] = JWT_TOKEN_TYPE
         return form, self._headers()
 
     def poll_request(self, subject_token: str, pending: ApprovalPending) -> tuple[dict[str, str], dict[str, str]]:
@@ -210,6 +219,22 @@ class _Exchanger:
                                rule_id if isinstance(rule_id, str) else None, audience, intent)
 
 
+def _workload_identity(identity: Any, actor: Any) -> Any:
+    if (identity is None) == (actor is None):
+        raise TypeError("pass the workload identity once: as identity, or as actor (with user_token)")
+    return identity if identity is not None else actor
+
+
+def _parent_token(parent: TaskToken | str) -> str:
+    if isinstance(parent, TaskToken):
+        if parent.token_type.lower() == "dpop":
+            raise ValueError("a DPoP-bound task token cannot be handed to a sub-agent; ask for it with dpop=False")
+        return parent.access_token
+    if not isinstance(parent, str) or not parent:
+        raise TypeError("parent must be a TaskToken or the parent's access token")
+    return parent
+
+
 def _intent(action: str, resource: str, context: Mapping[str, Any] | None) -> Intent:
     return Intent(action, resource, dict(context or {}))
 
@@ -221,13 +246,20 @@ class BrokerClient:
     (identity tokens are single use). Tokens are DPoP-bound to ``dpop_key`` (a fresh ES256 key by
     default; ``dpop=False`` asks for bearer tokens) and cached per (audience, intent) until
     ``refresh_margin`` seconds before they expire.
+
+    To act for a verified end user (RFC 8693 delegation), pass the workload identity as ``actor``
+    and the end user's token as ``user_token`` (a string or a callable, like ``identity``): tokens
+    then have ``sub`` = the user and ``act.sub`` = this workload. :meth:`narrow` asks, as a
+    sub-agent, for a token within a parent's task token.
     """
 
     def __init__(
         self,
         broker_url: str,
-        identity: IdentitySource,
+        identity: IdentitySource | None = None,
         *,
+        actor: IdentitySource | None = None,
+        user_token: IdentitySource | None = None,
         dpop: bool = True,
         dpop_key: DPoPKey | None = None,
         refresh_margin: float = 30.0,
@@ -238,7 +270,8 @@ class BrokerClient:
     ) -> None:
         key = (dpop_key or DPoPKey.generate()) if dpop else None
         self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type)
-        self._identity = identity
+        self._identity: IdentitySource = _workload_identity(identity, actor)
+        self._user_token = user_token
         self._owns_client = http_client is None
         self._http = http_client or httpx.Client(timeout=timeout)
 
@@ -325,12 +358,27 @@ class BrokerClient:
         except httpx.HTTPError as exc:
             raise TransportError(f"cannot reach the broker: {type(exc).__name__}") from None
 
-    def _exchange(self, audience: str, intent: Intent) -> TaskToken:
+    def narrow(
+        self, parent: TaskToken | str, audience: str, action: str, resource: str,
+        context: Mapping[str, Any] | None = None,
+    ) -> TaskToken:
+        """As a sub-agent: a new task token within ``parent`` (the parent's token, handed to this
+        workload). The broker refuses anything wider with ``invalid_target``; never cached."""
+        return self._exchange(audience, _intent(action, resource, context), parent=_parent_token(parent))
+
+    def _exchange(self, audience: str, intent: Intent, parent: str | None = None) -> TaskToken:
         if self._core.token_endpoint is None:
             self._core.read_metadata(self._send("GET", self._core.metadata_url()))
-        subject_token = self._identity() if callable(self._identity) else self._identity
+        workload = self._identity() if callable(self._identity) else self._identity
+        user = self._user_token() if callable(self._user_token) else self._user_token
+        subject_token, actor_token, subject_type = workload, None, None
+        if parent is not None:
+            subject_token, actor_token, subject_type = parent, workload, ACCESS_TOKEN_TYPE
+        elif user is not None:
+            subject_token, actor_token = user, workload
         for first_try in (True, False):
-            form, headers = self._core.request(subject_token, audience, intent)
+            form, headers = self._core.request(subject_token, audience, intent, actor_token=actor_token,
+                                               subject_token_type=subject_type)
             assert self._core.token_endpoint is not None
             response = self._send("POST", self._core.token_endpoint, data=form, headers=headers)
             try:
@@ -347,8 +395,10 @@ class AsyncBrokerClient:
     def __init__(
         self,
         broker_url: str,
-        identity: AsyncIdentitySource,
+        identity: AsyncIdentitySource | None = None,
         *,
+        actor: AsyncIdentitySource | None = None,
+        user_token: AsyncIdentitySource | None = None,
         dpop: bool = True,
         dpop_key: DPoPKey | None = None,
         refresh_margin: float = 30.0,
@@ -359,7 +409,8 @@ class AsyncBrokerClient:
     ) -> None:
         key = (dpop_key or DPoPKey.generate()) if dpop else None
         self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type)
-        self._identity = identity
+        self._identity: AsyncIdentitySource = _workload_identity(identity, actor)
+        self._user_token = user_token
         self._owns_client = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
 
@@ -433,17 +484,28 @@ class AsyncBrokerClient:
             raise TransportError(f"cannot reach the broker: {type(exc).__name__}") from None
 
     async def _subject_token(self) -> str:
-        if not callable(self._identity):
-            return self._identity
-        value = self._identity()
-        return await value if inspect.isawaitable(value) else value
+        return await _resolve(self._identity)
 
-    async def _exchange(self, audience: str, intent: Intent) -> TaskToken:
+    async def narrow(
+        self, parent: TaskToken | str, audience: str, action: str, resource: str,
+        context: Mapping[str, Any] | None = None,
+    ) -> TaskToken:
+        """See :meth:`BrokerClient.narrow`."""
+        return await self._exchange(audience, _intent(action, resource, context), parent=_parent_token(parent))
+
+    async def _exchange(self, audience: str, intent: Intent, parent: str | None = None) -> TaskToken:
         if self._core.token_endpoint is None:
             self._core.read_metadata(await self._send("GET", self._core.metadata_url()))
-        subject_token = await self._subject_token()
+        workload = await self._subject_token()
+        user = None if self._user_token is None else await _resolve(self._user_token)
+        subject_token, actor_token, subject_type = workload, None, None
+        if parent is not None:
+            subject_token, actor_token, subject_type = parent, workload, ACCESS_TOKEN_TYPE
+        elif user is not None:
+            subject_token, actor_token = user, workload
         for first_try in (True, False):
-            form, headers = self._core.request(subject_token, audience, intent)
+            form, headers = self._core.request(subject_token, audience, intent, actor_token=actor_token,
+                                               subject_token_type=subject_type)
             assert self._core.token_endpoint is not None
             response = await self._send("POST", self._core.token_endpoint, data=form, headers=headers)
             try:
@@ -451,3 +513,10 @@ class AsyncBrokerClient:
             except _Retry:
                 continue
         raise AssertionError("unreachable")
+
+
+async def _resolve(source: AsyncIdentitySource) -> str:
+    if not callable(source):
+        return source
+    value = source()
+    return await value if inspect.isawaitable(value) else value
