@@ -130,10 +130,10 @@ class Broker:
 
 
 class Service:
-    """A uvicorn server in a thread (real HTTP on loopback)."""
+    """A uvicorn server in a thread (real HTTP on loopback) for any ASGI app."""
 
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -149,11 +149,61 @@ class Service:
         self.thread.join(timeout=10)
 
 
+def approver_config(workdir: Path) -> tuple[Path, str]:
+    """A broker configuration with one refund approver, april (only her secret's SHA-256 is in it), and
+    a 1 s approval polling interval; returns its path and april's bearer secret."""
+    approver_secret = secrets.token_urlsafe(32)
+    config = workdir / "broker.toml"
+    config.write_text(
+        "[approvals]\npoll_interval = 1\n\n"
+        '[[operators]]\nname = "april"\nrole = "approver"\ngroups = ["refund-approvers"]\n'
+        f'token_sha256 = "{hashlib.sha256(approver_secret.encode()).hexdigest()}"\n'
+    )
+    return config, approver_secret
+
+
+def approve(broker_url: str, approver_secret: str, auth_req_id: str, reason: str) -> bool:
+    """Approve a held intent through the admin API, as the console would."""
+    r = httpx.post(f"{broker_url}/v1/admin/approvals/{auth_req_id}/approve", json={"reason": reason},
+                   headers={"Authorization": f"Bearer {approver_secret}"})
+    return r.status_code == 200
+
+
+class LedgerProof:
+    """One ledger entry, proven included in the broker's signed checkpoint (built by :func:`prove`)."""
+
+    def __init__(self, index: int, leaf_hash: str, entry: dict[str, Any], checkpoint: Any, path_length: int,
+                 verifier_key: str) -> None:
+        self.index, self.leaf_hash, self.entry = index, leaf_hash, entry
+        self.checkpoint, self.path_length, self.verifier_key = checkpoint, path_length, verifier_key
+
+
+def prove(broker_url: str, leaf_hash_hex: str, http: httpx.Client | None = None) -> LedgerProof:
+    """Fetch the signed checkpoint, the entry with this leaf hash and its RFC 6962 inclusion proof, and
+    verify all three against the ledger's verifier key (raises if anything does not check out)."""
+    from broker.ledger.checkpoint import verify_checkpoint
+    from broker.ledger.merkle import leaf_hash, verify_inclusion
+
+    if http is None:
+        with httpx.Client() as own:
+            return prove(broker_url, leaf_hash_hex, own)
+    meta = http.get(broker_url + "/.well-known/oauth-authorization-server").json()
+    checkpoint = verify_checkpoint(http.get(broker_url + "/v1/ledger/checkpoint").text, meta["ledger_verifier_key"])
+    proof = http.get(broker_url + "/v1/ledger/proof/inclusion",
+                     params={"leaf_hash": leaf_hash_hex, "tree_size": checkpoint.size}).json()
+    index = int(proof["index"])
+    path = [base64.b64decode(h) for h in proof["audit_path"]]
+    verify_inclusion(bytes.fromhex(leaf_hash_hex), index, checkpoint.size, path, checkpoint.root)
+    listed = http.get(broker_url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
+    leaf = base64.b64decode(listed["entries"][0]["leaf"])
+    if leaf_hash(leaf).hex() != leaf_hash_hex:
+        raise ValueError("the entry does not hash to its leaf hash")
+    return LedgerProof(index, leaf_hash_hex, json.loads(leaf), checkpoint, len(path), meta["ledger_verifier_key"])
+
+
 def run(workdir: Path) -> bool:
     from broker.attest.dev import DevIssuer, DevUserIssuer
     from broker.clock import SystemClock
-    from broker.ledger.checkpoint import verify_checkpoint
-    from broker.ledger.merkle import leaf_hash, verify_inclusion
 
     ok = True
 
@@ -164,13 +214,7 @@ def run(workdir: Path) -> bool:
             say(f"    !! unexpected: {what}")
 
     # One refund approver for (e): only the SHA-256 of her secret is in the broker's configuration.
-    approver_secret = secrets.token_urlsafe(32)
-    config = workdir / "broker.toml"
-    config.write_text(
-        "[approvals]\npoll_interval = 1\n\n"
-        '[[operators]]\nname = "april"\nrole = "approver"\ngroups = ["refund-approvers"]\n'
-        f'token_sha256 = "{hashlib.sha256(approver_secret.encode()).hexdigest()}"\n'
-    )
+    config, approver_secret = approver_config(workdir)
     broker = Broker(workdir / "broker-data", config)
     verifier = TaskTokenVerifier(broker.url, "payments-api")
     service = Service(create_orders_app(verifier))
@@ -243,19 +287,10 @@ def run(workdir: Path) -> bool:
         # (d)
         say()
         say(f"(d) ledger proof of (a): entry #{token.receipt_index}")
-        meta = httpx.get(broker.url + "/.well-known/oauth-authorization-server").json()
-        note = httpx.get(broker.url + "/v1/ledger/checkpoint").text
-        checkpoint = verify_checkpoint(note, meta["ledger_verifier_key"])
-        index = token.receipt_index
-        assert index is not None and token.receipt_leaf_hash is not None
-        entry_json = httpx.get(broker.url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
-        leaf = base64.b64decode(entry_json["entries"][0]["leaf"])
-        entry = json.loads(leaf)
-        proof = httpx.get(broker.url + "/v1/ledger/proof/inclusion",
-                          params={"leaf_hash": token.receipt_leaf_hash, "tree_size": checkpoint.size}).json()
-        path = [base64.b64decode(h) for h in proof["audit_path"]]
-        verify_inclusion(bytes.fromhex(token.receipt_leaf_hash), index, checkpoint.size, path, checkpoint.root)
-        check(leaf_hash(leaf).hex() == token.receipt_leaf_hash, "the entry does not hash to the receipt")
+        assert token.receipt_index is not None and token.receipt_leaf_hash is not None
+        proven = prove(broker.url, token.receipt_leaf_hash)
+        entry, checkpoint, index = proven.entry, proven.checkpoint, proven.index
+        check(index == token.receipt_index, "the entry is not at the receipt's index")
         check(entry["kind"] == "issuance" and entry["credential"].get("cnf_jkt") == key.jkt,
               "the entry is not the DPoP-bound issuance of (a)")
         say(f"    entry      kind={entry['kind']} rule={entry['decision']['rule']} "
@@ -265,8 +300,8 @@ def run(workdir: Path) -> bool:
         say(f"               credential jti={entry['credential']['jti']} cnf_jkt={entry['credential']['cnf_jkt']}")
         say(f"    leaf hash  {token.receipt_leaf_hash}  (= the token's txn claim)")
         say(f"    checkpoint size={checkpoint.size} root={base64.b64encode(checkpoint.root).decode()}")
-        say(f"               signature verified with {meta['ledger_verifier_key']}")
-        say(f"    inclusion  {len(path)}-hash audit path from leaf #{index} to the signed root: VERIFIED")
+        say(f"               signature verified with {proven.verifier_key}")
+        say(f"    inclusion  {proven.path_length}-hash audit path from leaf #{index} to the signed root: VERIFIED")
 
         # (e)
         say()
@@ -283,9 +318,7 @@ def run(workdir: Path) -> bool:
             say(f"    broker  HELD for review by rule {pending.rule_id} (OpenID CIBA poll mode, "
                 f"auth_req_id {pending.auth_req_id[:12]}...)")
             reason = "customer sent photos of the damaged parcel"
-            r = httpx.post(f"{broker.url}/v1/admin/approvals/{pending.auth_req_id}/approve",
-                           json={"reason": reason}, headers={"Authorization": f"Bearer {approver_secret}"})
-            check(r.status_code == 200, "the approver could not approve")
+            check(approve(broker.url, approver_secret, pending.auth_req_id, reason), "the approver could not approve")
             say(f"    april   (refund-approvers) APPROVED: {reason}")
             approved = assistant.wait_for_approval(pending, timeout=30)
         grant = json.loads(base64.urlsafe_b64decode(approved.access_token.split(".")[1] + "=="))["approval"]

@@ -23,8 +23,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
-# The client SDK is its own distribution (clients/python), tested in the same run (tests/clients).
-.venv/bin/python -m pip install --quiet -e ./clients/python
+# The client SDK is its own distribution (clients/python), tested in the same run (tests/clients), with its
+# optional MCP and pydantic-ai integrations.
+.venv/bin/python -m pip install --quiet -e './clients/python[mcp,pydantic-ai]'
 .venv/bin/ruff check .
 .venv/bin/ruff check --config clients/python/pyproject.toml clients/python
 .venv/bin/mypy

@@ -18,6 +18,7 @@ from broker.config import Settings
 from broker.console import router as console_router
 from broker.metrics import BrokerMetrics, MetricsMiddleware
 from broker.runtime import Runtime
+from broker.tracing import TraceContextMiddleware
 
 __all__ = ["SETTINGS_ENV", "app_from_environment", "create_app"]
 
@@ -54,6 +55,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
     )
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=lambda: getattr(app.state, "metrics", None))
+    # Outermost: logs, errors and ledger entries of a request all see its trace.
+    app.add_middleware(TraceContextMiddleware)
     app.include_router(token.router)
     app.include_router(wellknown.router)
     app.include_router(credentials_router)

@@ -6,10 +6,12 @@ import inspect
 
 import nhi_broker_client
 import nhi_broker_client.fastapi as sdk_fastapi
+import nhi_broker_client.mcp as sdk_mcp
+import nhi_broker_client.pydantic_ai as sdk_pydantic_ai
 
 
 def test_all_names_exist_are_public_and_documented() -> None:
-    for module in (nhi_broker_client, sdk_fastapi):
+    for module in (nhi_broker_client, sdk_fastapi, sdk_mcp, sdk_pydantic_ai):
         assert sorted(module.__all__) == list(module.__all__) or module is sdk_fastapi
         for name in module.__all__:
             member = getattr(module, name)

@@ -4,7 +4,9 @@ Chatbot backends: :class:`BrokerClient` / :class:`AsyncBrokerClient` exchange a 
 intent for a short-lived task token, DPoP-bound to a key only this process holds (:class:`DPoPKey`).
 Resource servers: :class:`TaskTokenVerifier` verifies a task token and its DPoP proof with the broker's
 JWKS and returns a :class:`VerifiedTaskToken`, whose :meth:`~VerifiedTaskToken.require_intent` compares
-the grant with the actual request. FastAPI: :mod:`nhi_broker_client.fastapi`.
+the grant with the actual request. FastAPI: :mod:`nhi_broker_client.fastapi`. MCP tools whose calls
+carry their intent (:class:`ToolIntent`): :mod:`nhi_broker_client.mcp`; pydantic-ai agents:
+:mod:`nhi_broker_client.pydantic_ai`.
 """
 
 from ._client import AsyncBrokerClient, BrokerClient, TaskToken
@@ -29,6 +31,7 @@ from ._errors import (
 )
 from ._intent import Intent
 from ._jose import jwk_thumbprint
+from ._tool_intent import ToolIntent
 from ._verify import Introspector, TaskTokenVerifier, VerifiedTaskToken
 
 __version__ = "0.1.0"
@@ -58,6 +61,7 @@ __all__ = [
     "TaskTokenVerifier",
     "TokenInactiveError",
     "TokenVerificationError",
+    "ToolIntent",
     "TransportError",
     "VerifiedTaskToken",
     "__version__",
