@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     token_ttl: int = Field(300, ge=10, le=3600, description="Default task-token lifetime; rules cap it.")
     ledger_origin: str = Field("nhi-broker.local/ledger", description="Checkpoint origin line.")
     ledger_key_name: str | None = Field(None, description="Signed-note key name; defaults to the origin.")
+    ledger_url: str | None = Field(
+        None,
+        description="Ledger storage: sqlite:///<path> (default: <data_dir>/ledger.sqlite3) or postgresql://... "
+        "(one log for every replica; `nhi-broker db upgrade` creates its schema).",
+    )
     trust: list[IssuerConfig] = Field(default_factory=list, description="Trusted workload-identity issuers.")
     ledger_witnesses: list[str] = Field(
         default_factory=list, description="Witness verifier keys whose checkpoint cosignatures the broker publishes."
@@ -97,6 +102,13 @@ class Settings(BaseSettings):
         if _ORIGIN_RE.fullmatch(value) is None:
             raise ValueError("ledger_origin must be a schema-less URL-like name without spaces")
         return value
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _ledger_url(cls, value: str | None) -> str | None:
+        from broker.ledger.engines import check_ledger_url
+
+        return None if value is None else check_ledger_url(value)
 
     @field_validator("ledger_witnesses")
     @classmethod
@@ -146,6 +158,13 @@ class Settings(BaseSettings):
         if self.public_url is not None:
             hosts.append(urlsplit(self.public_url).hostname or "")
         return all(is_loopback_host(h) for h in hosts)
+
+    @property
+    def ledger_storage_url(self) -> str:
+        """``ledger_url``, or the embedded default under ``data_dir``."""
+        from broker.ledger.engines import default_ledger_url
+
+        return self.ledger_url or default_ledger_url(self.data_dir)
 
     @property
     def trial_issuers_enabled(self) -> bool:

@@ -5,11 +5,13 @@ Everything on the embedded default lives under ``settings.data_dir``::
     keys/token/*.pem        ES256 (or EdDSA) task-token signing keys, mode 0600
     keys/ledger-key.pem     Ed25519 signed-note key of the ledger, mode 0600
     dev-issuer-key.pem      trial-only workload-identity issuer (when enabled)
-    dev-user-issuer-key.pem trial-only end-user issuer for delegated exchanges (when enabled)
-    ledger.sqlite3          the Merkle ledger (WAL, synchronous=FULL)
+        parents = ParentTokens(keys, settings.issuer_url, state.tokens, clock)
+        shared = settings.ledger_storage_url if is_shared(settings.ledger_storage_url) else None
+        vault = open_vault_issuer(settings.vault, data_dir, ledger, clock, shared) if settings.vault else None
     state.sqlite3           shared state on the embedded default (state_backend = "sqlite"):
                             single-use values, revocations, suspensions, use counts, rates, budgets
-    vault-leases.sqlite3    Vault leases handed out (when [vault] is configured)
+    vault-leases.sqlite3    Vault leases handed out (when [vault] is configured), unless the ledger is
+                            in PostgreSQL: then the lease book is there too, shared by every replica
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from broker.config import Settings
 from broker.delegation import ParentTokens
 from broker.dpop import DPoPVerifier, NonceIssuer
 from broker.entries import key_rotation_entry, policy_load_entry
-from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
+from broker.errors import ConfigError
+from broker.ledger import Ledger, NoteSigner
+from broker.ledger.engines import is_shared, open_ledger_storage
+from broker.ledger.storage import LedgerStorage
 from broker.mint.jwt import TaskTokenMinter
 from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, public_jwk
 from broker.pipeline import Broker
@@ -86,9 +91,14 @@ class Runtime:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         policies = load_policies(settings.policies_dir)
         keys = KeySet(data_dir / "keys" / "token", alg=settings.token_alg)
-        ledger_key, ledger_key_created = load_or_create_private_key(data_dir / "keys" / "ledger-key.pem", "EdDSA")
-        signer = NoteSigner(settings.ledger_key_name or settings.ledger_origin, ledger_key)  # type: ignore[arg-type]
-        ledger = Ledger(SqliteLedgerStorage(data_dir / "ledger.sqlite3"), signer, settings.ledger_origin, clock)
+        storage = open_ledger_storage(settings.ledger_storage_url)
+        try:
+            ledger_key, ledger_key_created = _ledger_key(settings, storage)
+            signer = NoteSigner(settings.ledger_key_name or settings.ledger_origin, ledger_key)  # type: ignore[arg-type]
+        except BaseException:
+            storage.close()
+            raise
+        ledger = Ledger(storage, signer, settings.ledger_origin, clock)
         try:
             ledger.check_integrity()  # a corrupt or cut-short ledger stops the start, loudly
         except BaseException:
@@ -118,7 +128,8 @@ class Runtime:
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
         state = StateServices.from_settings(settings, store, keys, attestor, clock)
         parents = ParentTokens(keys, settings.issuer_url, state.tokens, clock)
-        vault = open_vault_issuer(settings.vault, data_dir, ledger, clock) if settings.vault else None
+        shared = settings.ledger_storage_url if is_shared(settings.ledger_storage_url) else None
+        vault = open_vault_issuer(settings.vault, data_dir, ledger, clock, shared) if settings.vault else None
         approvals = ApprovalDesk(store, ledger, clock, poll_interval=settings.approvals.poll_interval,
                                  notify=_webhook(settings, clock))
         # Decisions stay on the event loop with Redis too: its calls take tens of microseconds, and
@@ -197,6 +208,24 @@ class Runtime:
             self.state.close()
         self.ledger.close()
         self.store.close()
+
+
+def _ledger_key(settings: Settings, storage: LedgerStorage) -> tuple[PrivateKey, bool]:
+    """The ledger's signing key; on a shared ledger, created only while that ledger is still empty.
+
+    Every replica must sign with the same key (one origin, one key: an auditor would otherwise see
+    two signers of one log). A replica without the key file joining a ledger that already has entries
+    is refused instead of minting a second key.
+    """
+    path = settings.data_dir / "keys" / "ledger-key.pem"
+    if is_shared(settings.ledger_storage_url) and not path.is_file():
+        size = storage.size()
+        if size > 0:
+            raise ConfigError(
+                f"the shared ledger already holds {size} entries but {path} does not exist: every replica "
+                "must sign with the same ledger key (copy keys/ledger-key.pem from an existing replica)"
+            )
+    return load_or_create_private_key(path, "EdDSA")
 
 
 def _webhook(settings: Settings, clock: Clock) -> WebhookNotifier | None:

@@ -9,12 +9,16 @@ in time; the broker is stopped at the end.
     python scripts/bench_exchange.py [--workers 2] [--duration 8] [--connections 4,16,64]
                                      [--state sqlite|redis] [--redis-url URL] [--introspect]
     python scripts/bench_exchange.py --vault [--vault-requests 200]
+    python scripts/bench_exchange.py --replicas 1,2,3 [--pg-url postgresql://...] [--connections 16]
 
 Prints exchanges/s, p50 and p99 latency and non-200 answers for each concurrency level; with
 ``--state redis`` the shared state (replay, limits, suspension checks) lives in Redis instead of the
 embedded SQLite file; with ``--introspect`` it also measures RFC 7662 introspections/s of one token.
 ``--vault`` measures Vault-backed intents instead (latency, not throughput: the broker's p50 and p99
 added over a direct hvac call to the same local OpenBao; see scripts/bench_vault.py).
+``--replicas`` runs 1, 2, ... broker replicas (``--workers`` each) on one PostgreSQL ledger (a temporary
+schema in ``--pg-url``) and a private Redis it starts, one wrk per replica splitting the connections, and
+prints the combined exchanges/s and Redis commands per exchange by replica count (:func:`bench_replicas`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -189,6 +194,118 @@ def bench_introspection(url: str, work: Path, token_body: str, secret: str, leve
         print(f"{c:>11} {rate:>12.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} {bad:>8}")
 
 
+def bench_replicas(args: argparse.Namespace) -> int:
+    """Exchanges/s of 1, 2, ... replicas behind one PostgreSQL ledger and one Redis, all on this host.
+
+    Each replica count gets fresh replicas and a fresh ledger schema; replicas share the keys of the
+    first (as deployments share them through a secret store). On one machine the replicas compete for
+    the same cores as PostgreSQL, Redis and wrk, so this shows the cost of sharing, not a speed-up.
+    """
+    import psycopg
+
+    counts = [int(n) for n in str(args.replicas).split(",")]
+    connections = int(args.connections.split(",")[0])
+    work = Path(tempfile.mkdtemp(prefix="nhi-bench-replicas-"))
+    schema = f"bench_{secrets.token_hex(5)}"
+    prefix = f"nhi-bench-{secrets.token_hex(4)}:"
+    exe = Path(sys.executable).with_name("nhi-broker")
+    lua = work / "exchange.lua"
+    lua.write_text(LUA)
+    sep = "&" if "?" in args.pg_url else "?"
+    schemas: list[str] = []
+    servers: list[tuple[subprocess.Popen[bytes], BinaryIO]] = []
+    # A private Redis, so its command counter measures the brokers alone (commands per exchange).
+    redis_port = free_port()
+    redis_proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    import redis
+
+    counter = redis.Redis.from_url(args.redis_url)
+    for _ in range(100):
+        try:
+            counter.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    print(f"replicas of {args.workers} worker(s) each; ledger: PostgreSQL (synchronous_commit=on), state: Redis; "
+          f"{connections} connections in all; {os.cpu_count()} cores shared by everything")
+    print(f"{'replicas':>8} {'exchanges/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8} {'redis cmds/exch':>14}")
+    try:
+        for n in counts:
+            # A fresh ledger per replica count (its first replica creates the ledger key).
+            schemas.append(f"{schema}_{n}")
+            with psycopg.connect(args.pg_url, autocommit=True) as conn:
+                conn.execute(f'CREATE SCHEMA "{schemas[-1]}"')
+            ledger_url = f"{args.pg_url}{sep}options=" + urllib.parse.quote(f"-c search_path={schemas[-1]}")
+            subprocess.run([str(exe), "db", "upgrade", "--url", ledger_url], check=True, capture_output=True)
+            run_dir = work / f"n{n}"
+            config = run_dir / "broker.toml"
+            run_dir.mkdir()
+            config.write_text(
+                f'ledger_url = "{ledger_url}"\npublic_url = "https://broker.bench.test"\n'
+                f'state_backend = "redis"\nredis_url = "{args.redis_url}"\nredis_prefix = "{prefix}{n}:"\n'
+            )
+            urls = []
+            for i in range(n):
+                data_dir = run_dir / f"replica-{i}"
+                if i > 0:  # one ledger key, one token key, one dev issuer for every replica
+                    shutil.copytree(run_dir / "replica-0" / "keys", data_dir / "keys")
+                    shutil.copy2(run_dir / "replica-0" / "dev-issuer-key.pem", data_dir / "dev-issuer-key.pem")
+                port = free_port()
+                log = (run_dir / f"replica-{i}.log").open("wb")
+                servers.append((subprocess.Popen(
+                    [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--workers",
+                     str(args.workers), "--policies", str(ROOT / "policies"), "--config", str(config)],
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+                urls.append(f"http://127.0.0.1:{port}")
+                wait_ready(urls[-1], timeout=60)
+            per = max(1, connections // n)
+            pools = []
+            for i in range(n):
+                pools.append(run_dir / f"bodies-{i}.txt")
+                make_bodies(run_dir / "replica-0", args.tokens or 3000 * args.duration // n, pools[-1])
+            commands_before = int(counter.info("stats")["total_commands_processed"])
+            procs = []
+            for url, bodies in zip(urls, pools, strict=True):
+                cmd = ["wrk", f"-t{min(args.threads, per)}", f"-c{per}", f"-d{args.duration}s", "--latency", "-s",
+                       str(lua), url, "--", str(bodies), str(min(args.threads, per))]
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            results = []
+            for proc in procs:
+                out, err = proc.communicate(timeout=args.duration + 60)
+                line = next((ln for ln in out.splitlines() if ln.startswith("JSON ")), None)
+                if proc.returncode != 0 or line is None:
+                    raise SystemExit(f"wrk failed: {err.strip() or out.strip()}")
+                results.append(json.loads(line[5:]))
+            commands = int(counter.info("stats")["total_commands_processed"]) - commands_before
+            rate = sum(r["requests"] / (r["duration_us"] / 1e6) for r in results)
+            p50 = max(r["p50_us"] for r in results) / 1000
+            p99 = max(r["p99_us"] for r in results) / 1000
+            bad = sum(r["non200"] + r["socket_errors"] for r in results)
+            done = sum(r["requests"] for r in results)
+            print(f"{n:>8} {rate:>12.0f} {p50:>8.2f} {p99:>8.2f} {bad:>8} {commands / max(1, done):>14.1f}")
+            for server, log in servers:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=30)
+                log.close()
+            servers.clear()
+    finally:
+        for server, log in servers:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+            log.close()
+        with psycopg.connect(args.pg_url, autocommit=True) as conn:
+            for name in schemas:
+                conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+        counter.close()
+        redis_proc.terminate()
+        redis_proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
@@ -203,7 +320,15 @@ def main() -> int:
                         help="measure Vault-backed intents instead: the broker's added latency over a direct "
                              "hvac call to the same OpenBao (runs scripts/bench_vault.py)")
     parser.add_argument("--vault-requests", type=int, default=200, help="with --vault: requests per measurement")
+    parser.add_argument("--replicas", help="replica counts to compare, e.g. 1,2,3 (one PostgreSQL ledger, Redis state)")
+    parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/test",
+                        help="with --replicas: the PostgreSQL database (a temporary schema is used and dropped)")
     args = parser.parse_args()
+    if args.replicas:
+        if shutil.which("wrk") is None:
+            print("wrk is required: apt-get install wrk", file=sys.stderr)
+            return 2
+        return bench_replicas(args)
     if args.vault:
         sys.path.insert(0, str(ROOT / "scripts"))
         import bench_vault

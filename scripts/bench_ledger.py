@@ -1,8 +1,14 @@
 """Micro-measure of the ledger (not a test): group-commit throughput, proof latency and `audit verify` at 1M.
 
     .venv/bin/python scripts/bench_ledger.py [--threads 64] [--seconds 5] [--leaves 1000000] [--skip-verify]
+    .venv/bin/python scripts/bench_ledger.py --url postgresql://postgres@127.0.0.1:5432/test \
+        [--processes 4] [--tasks 256] [--seconds 5] [--leaves 1000000]
 
-Uses a temporary SQLite file on the local disk (real fsyncs) and prints one line per figure. The
+Uses a temporary SQLite file on the local disk (real fsyncs) and prints one line per figure. With
+``--url``, the same figures on PostgreSQL: a temporary schema in that database (dropped at the end),
+``--processes`` broker-like processes (replicas' worth of writers, each with its own Ledger and
+writer thread) with ``--tasks`` concurrent ``append_async`` callers each, durable appends/s across all
+of them, then 1,000,000 leaves, the cold-start catch-up of a replica, and proof latency. The
 `audit verify` figure writes an export bundle of realistic issuance entries (~1 KB each, 1.3 GB at
 1M) and verifies it exactly as `nhi-broker audit verify --bundle` does. Bounded: about 2 minutes
 on a 2-core machine.
@@ -12,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import random
 import statistics
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -188,6 +197,172 @@ def bench_audit_verify(directory: Path, leaves: int, jobs: int) -> None:
     bundle.unlink()
 
 
+def _pg_appender(url: str, tasks: int, seconds: float, start_at: float, out: Any) -> None:
+    """One replica's worth of appenders: a Ledger (one writer thread) and ``tasks`` async callers."""
+    import asyncio
+
+    from broker.ledger.postgres import PostgresLedgerStorage
+
+    signer = NoteSigner(ORIGIN, Ed25519PrivateKey.from_private_bytes(b"\x09" * 32))
+    led = Ledger(PostgresLedgerStorage(url), signer, ORIGIN, SystemClock())
+    pid = os.getpid()
+
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        while time.time() < start_at:
+            await asyncio.sleep(0.01)
+        stop = time.monotonic() + seconds
+
+        async def caller(t: int) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                entry = {"v": 1, "kind": "issuance", "request_id": f"p{pid}-t{t}-{n}", "time": "2026-11-02T10:00:00Z"}
+                began = time.perf_counter()
+                await led.append_async(entry)
+                latencies.append(time.perf_counter() - began)
+                n += 1
+
+        await asyncio.gather(*(caller(t) for t in range(tasks)))
+        return latencies
+
+    try:
+        out.put(asyncio.run(run()))
+    finally:
+        led.close()
+
+
+def bench_pg_appends(url: str, processes: int, tasks: int, seconds: float) -> None:
+    import multiprocessing
+
+    from broker.ledger.postgres import PostgresLedgerStorage
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 3.0  # every process connected and warmed before the clock starts
+    procs = [ctx.Process(target=_pg_appender, args=(url, tasks, seconds, start_at, out)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    latencies: list[float] = []
+    for _ in procs:
+        latencies.extend(out.get())
+    for p in procs:
+        p.join()
+    storage = PostgresLedgerStorage(url)
+    size = storage.size()
+    assert len(set(storage.leaf_hashes(0, size))) == size  # every index present, every leaf distinct
+    storage.close()
+    latencies.sort()
+    print(
+        f"postgres appends: {processes} processes x {tasks} concurrent callers, {size:,} durable appends "
+        f"(synchronous_commit=on) in {seconds:.1f} s = {size / seconds:,.0f}/s; latency p50 "
+        f"{latencies[len(latencies) // 2] * 1e3:.1f} ms, p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.1f} ms"
+    )
+
+
+def bench_pg_batches(url: str, seconds: float) -> None:
+    """One writer, no Ledger: durable commits/s and rows/s by batch size (the sequencer's two limits)."""
+    from broker.ledger.postgres import PostgresLedgerStorage
+
+    storage = PostgresLedgerStorage(url)
+    try:
+        for size in (1, 10, 100, 1000):
+            began = time.perf_counter()
+            batches = 0
+            while time.perf_counter() - began < seconds / 4:
+                storage.append_batch([f"batch-{size}-{batches}-{i}-".encode() + b"x" * 400 for i in range(size)])
+                batches += 1
+            elapsed = time.perf_counter() - began
+            print(f"postgres sequencer: batches of {size:>4}: {batches / elapsed:,.0f} commits/s = "
+                  f"{batches * size / elapsed:,.0f} rows/s (~420-byte leaves, one writer)")
+    finally:
+        storage.close()
+
+
+def bench_signing() -> None:
+    from broker.ledger import sign_checkpoint
+
+    signer = NoteSigner(ORIGIN, Ed25519PrivateKey.generate())
+    root = hashlib.sha256(b"root").digest()
+    began = time.perf_counter()
+    n = 2000
+    for i in range(n):
+        sign_checkpoint(signer, ORIGIN, i, root)
+    per = (time.perf_counter() - began) / n
+    hashes = [hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(200_000)]
+    began = time.perf_counter()
+    MerkleTree(hashes)
+    hashing = (time.perf_counter() - began) / len(hashes)
+    print(f"cpu: checkpoint signing (Ed25519 signed note) {per * 1e6:.0f} us; tree hashing {hashing * 1e6:.2f} us "
+          f"per appended leaf (interior nodes, amortised)")
+
+
+def bench_pg_proofs(url: str, leaves: int) -> None:
+    from broker.ledger.postgres import PostgresLedgerStorage
+
+    storage = PostgresLedgerStorage(url)
+    have = storage.size()
+    began = time.perf_counter()
+    chunk = 50_000
+    for start in range(have, leaves, chunk):
+        storage.append_batch([f"entry-{i}".encode() for i in range(start, min(leaves, start + chunk))])
+    size = storage.size()
+    storage.close()
+    print(f"postgres: stored {size - have:,} more leaves ({size:,} in all) in {time.perf_counter() - began:.1f} s "
+          "(bulk batches)")
+    signer = NoteSigner(ORIGIN, Ed25519PrivateKey.from_private_bytes(b"\x09" * 32))
+    began = time.perf_counter()
+    led = Ledger(PostgresLedgerStorage(url), signer, ORIGIN, SystemClock())
+    note = led.checkpoint()  # a cold replica: catches its tree up from storage, then signs
+    print(f"postgres: cold replica start, tree caught up from storage and first checkpoint signed at "
+          f"{size:,} leaves in {time.perf_counter() - began:.2f} s")
+    began = time.perf_counter()
+    led.check_integrity()
+    print(f"postgres: start-up integrity check in {time.perf_counter() - began:.2f} s")
+    head = verify_checkpoint(note, led.verifier_key, ORIGIN)
+    rng = random.Random(2)
+    samples = []
+    for _ in range(2000):
+        index = rng.randrange(head.size)
+        began = time.perf_counter()
+        proof = led.inclusion_proof(index, head.size)
+        samples.append(time.perf_counter() - began)
+    index = head.size - 1
+    verify_inclusion(led.entries(index, index + 1)[0] and
+                     hashlib.sha256(b"\x00" + led.entries(index, index + 1)[0]).digest(),
+                     index, head.size, led.inclusion_proof(index, head.size), head.root)
+    led.close()
+    samples.sort()
+    del proof
+    print(
+        f"postgres: Ledger.inclusion_proof at {head.size:,} leaves (incl. the storage size query): "
+        f"median {statistics.median(samples) * 1e3:.3f} ms, p99 {samples[int(len(samples) * 0.99)] * 1e3:.3f} ms"
+    )
+
+
+def run_postgres(args: argparse.Namespace) -> None:
+    import uuid
+
+    import psycopg
+
+    from broker.pg import connect, upgrade
+
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(args.url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in args.url else "?"
+    url = f"{args.url}{sep}options=" + urllib.parse.quote(f"-c search_path={schema}")
+    try:
+        with connect(url, autocommit=True) as conn:
+            upgrade(conn)
+        bench_signing()
+        bench_pg_batches(url, args.seconds)
+        bench_pg_appends(url, args.processes, args.tasks, args.seconds)
+        bench_pg_proofs(url, args.leaves)
+    finally:
+        with psycopg.connect(args.url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=64)
@@ -195,7 +370,13 @@ def main() -> None:
     parser.add_argument("--leaves", type=int, default=1_000_000)
     parser.add_argument("--skip-verify", action="store_true", help="skip the `audit verify` figure")
     parser.add_argument("--jobs", type=int, default=1, help="`audit verify` processes (the CLI's default: 1)")
+    parser.add_argument("--url", help="postgresql://... : measure the PostgreSQL ledger (a temporary schema)")
+    parser.add_argument("--processes", type=int, default=4, help="with --url: appending processes (replicas)")
+    parser.add_argument("--tasks", type=int, default=256, help="with --url: concurrent appenders per process")
     args = parser.parse_args()
+    if args.url:
+        run_postgres(args)
+        return
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         directory = Path(tmp)
         bench_appends(directory, args.threads, args.seconds)

@@ -7,7 +7,13 @@ configured with one :class:`IssuerConfig` per trusted issuer. Key material comes
 
     subject_token -> size/shape -> unverified peek (issuer, kid, alg allow-list)
                   -> JwksSource key -> pyjwt signature+iss+aud -> types/time/lifetime
-                  -> SPIFFE ID by issuer kind -> jti single use -> WorkloadIdentity
+                  -> the issuer kind's method (methods/: kubernetes, spiffe-jwt, oidc, dev) maps
+                     the claims to a SPIFFE ID -> jti single use -> WorkloadIdentity
+
+Each attestation method is one module under :mod:`broker.attest.methods`, registered in its small
+registry; request-bound methods (an X.509-SVID over mTLS or XFCC, a WIMSE token with its proof) are
+selected by evidence type and verify an :class:`~broker.attest.evidence.Evidence` themselves.
+End-user tokens of delegated exchanges are verified by :mod:`broker.attest.users`.
 """
 
 from broker.attest.dev import DEV_ISSUER, DevIssuer

@@ -31,8 +31,9 @@ from broker.attest.cnf import identity_key_thumbprint
 from broker.attest.issuers import IssuerConfig
 from broker.attest.jwks import JwksSource
 from broker.attest.jwt_checks import check_header, check_shape, check_times, peek_unverified, pyjwt_errors
-from broker.attest.spiffe import SpiffeId, parse_spiffe_id
-from broker.attest.template import SpiffeIdTemplate, TemplateError
+from broker.attest.methods import REGISTRY
+from broker.attest.methods.base import TokenMethod, VerifiedJwt
+from broker.attest.template import SpiffeIdTemplate
 from broker.clock import Clock
 from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
 from broker.models import WorkloadIdentity
@@ -50,12 +51,6 @@ JTI_NAMESPACE = "identity-jti"
 
 _DEFAULT_MAX_TOKEN_BYTES = 8192
 _JTI_RE = re.compile(r"[\x21-\x7e]{1,256}")
-# Kubernetes names: a namespace is an RFC 1123 label, a service account an RFC 1123 subdomain.
-_K8S_LABEL_RE = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_K8S_SUBDOMAIN_RE = re.compile(
-    r"(?=.{1,253}\Z)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-)
-_K8S_UID_RE = re.compile(r"[A-Za-z0-9-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +152,8 @@ class Attestor:
         # (7)+(8) Signature, iss, aud, required claims; then types, time and lifetime.
         claims = self._decode(subject_token, key.key, alg, cfg, label)
         exp = claims["exp"]
-        sub = claims["sub"]
 
-        # (9) Subject -> SPIFFE ID, by issuer kind.
-        spiffe_id = self._spiffe_id(issuer, claims)
-
-        # (9b) A key the identity token is bound to (RFC 7800 cnf): rules may demand DPoP with it.
+        # (9) A key the identity token is bound to (RFC 7800 cnf): rules may demand DPoP with it.
         cnf_jkt = None
         if "cnf" in claims:
             try:
@@ -170,30 +161,27 @@ class Attestor:
             except ValueError as exc:
                 raise AttestationError(str(exc)) from None
 
-        # (10) Single use: the jti is consumed last, so a token refused above is not burnt.
+        # (10) The method the issuer's kind names (broker.attest.methods) decides the SPIFFE ID; the
+        # identity carries a digest of the evidence, never the token itself.
         jti = claims.get("jti")
-        if jti is None:
-            if cfg.require_jti:
-                raise AttestationError("missing required claim 'jti'")
-        elif not isinstance(jti, str) or _JTI_RE.fullmatch(jti) is None:
+        if jti is not None and (not isinstance(jti, str) or _JTI_RE.fullmatch(jti) is None):
             raise AttestationError("claim 'jti' must be 1..256 printable ASCII characters")
+        digest = "sha256:" + hashlib.sha256(subject_token.encode("ascii")).hexdigest()
+        verified = VerifiedJwt(config=cfg, claims=claims, evidence_digest=digest, template=issuer.template,
+                               cnf_jkt=cnf_jkt)
+        method = REGISTRY.get(cfg.kind)
+        if not isinstance(method, TokenMethod):
+            raise AttestationError(f"issuer kind {cfg.kind} is not a token attestation method")
+        identity = method.identity(verified)
+
+        # (11) Single use: the jti is consumed last, so a token refused above is not burnt.
+        if jti is None and cfg.require_jti:
+            raise AttestationError("missing required claim 'jti'")
         if cfg.require_jti:
             # Remember it for as long as the token could still be accepted (exp + leeway).
             if not self._replay.consume_once(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway):
                 raise ReplayDetected(f"{label} has already been used")
-
-        # (11) The identity, with a digest of the evidence (never the token itself).
-        digest = hashlib.sha256(subject_token.encode("ascii")).hexdigest()
-        return WorkloadIdentity(
-            spiffe_id=str(spiffe_id),
-            issuer=cfg.issuer,
-            method=cfg.kind,
-            subject=sub,
-            evidence_digest=f"sha256:{digest}",
-            expires_at=exp,
-            jti=jti,
-            cnf_jkt=cnf_jkt,
-        )
+        return identity
 
     def _decode(self, token: str, key: Any, alg: str, cfg: IssuerConfig, label: str) -> dict[str, Any]:
         # (7) One pyjwt call: signature with the one allow-listed alg, exact iss, our aud, required claims.
@@ -225,48 +213,3 @@ class Attestor:
             raise AttestationError("claim 'sub' is empty")
         check_times(claims, now=self._clock.now(), leeway=cfg.leeway, max_lifetime=cfg.max_lifetime, label=label)
         return claims
-
-    @staticmethod
-    def _spiffe_id(issuer: _Issuer, claims: Mapping[str, Any]) -> SpiffeId:
-        cfg = issuer.config
-        sub: str = claims["sub"]
-        if cfg.kind == "kubernetes":
-            assert cfg.trust_domain is not None  # IssuerConfig requires it for this kind
-            return _kubernetes_spiffe_id(claims, sub, cfg.trust_domain)
-        if cfg.kind == "oidc":
-            assert issuer.template is not None  # IssuerConfig requires it for this kind
-            try:
-                return issuer.template.render(claims)
-            except TemplateError as exc:
-                raise AttestationError(str(exc)) from None
-        # spiffe-jwt (JWT-SVID: sub is the SPIFFE ID) and dev.
-        try:
-            spiffe_id = parse_spiffe_id(sub)
-        except ValueError as exc:
-            raise AttestationError(f"sub is not a valid SPIFFE ID: {exc}") from None
-        if cfg.trust_domain is not None and spiffe_id.trust_domain != cfg.trust_domain:
-            raise AttestationError("SPIFFE ID trust domain does not match the issuer's trust domain")
-        return spiffe_id
-
-
-def _kubernetes_spiffe_id(claims: Mapping[str, Any], sub: str, trust_domain: str) -> SpiffeId:
-    """``spiffe://<td>/ns/<namespace>/sa/<name>`` from a projected service account token."""
-    k8s = claims.get("kubernetes.io")
-    if not isinstance(k8s, dict):
-        raise AttestationError("claim 'kubernetes.io' is missing or not an object")
-    namespace = k8s.get("namespace")
-    account = k8s.get("serviceaccount")
-    if not isinstance(account, dict):
-        raise AttestationError("claim 'kubernetes.io.serviceaccount' is missing or not an object")
-    name = account.get("name")
-    uid = account.get("uid")
-    if not isinstance(namespace, str) or _K8S_LABEL_RE.fullmatch(namespace) is None:
-        raise AttestationError("claim 'kubernetes.io.namespace' is not a valid namespace")
-    if not isinstance(name, str) or _K8S_SUBDOMAIN_RE.fullmatch(name) is None:
-        raise AttestationError("claim 'kubernetes.io.serviceaccount.name' is not a valid name")
-    if not isinstance(uid, str) or _K8S_UID_RE.fullmatch(uid) is None:
-        raise AttestationError("claim 'kubernetes.io.serviceaccount.uid' is missing or invalid")
-    # The API server writes both; a token where they disagree was not made by it.
-    if sub != f"system:serviceaccount:{namespace}:{name}":
-        raise AttestationError("claim 'kubernetes.io' does not match sub")
-    return SpiffeId(trust_domain, f"/ns/{namespace}/sa/{name}")

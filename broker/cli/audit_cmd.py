@@ -237,17 +237,18 @@ def _export_local(args: argparse.Namespace, bar: Callable[[int, int], None]) -> 
     from broker.audit.bundle import write_bundle
     from broker.cli.main import _settings
     from broker.clock import SystemClock
-    from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage
+    from broker.ledger import Ledger, NoteSigner
     from broker.ledger.checkpoint import verify_checkpoint
+    from broker.ledger.engines import is_shared, open_ledger_storage, sqlite_path
     from broker.mint.keys import _load
 
     settings = _settings(args)
     key_path = settings.data_dir / "keys" / "ledger-key.pem"
-    db_path = settings.data_dir / "ledger.sqlite3"
-    if not key_path.is_file() or not db_path.is_file():
+    url = settings.ledger_storage_url
+    if not key_path.is_file() or not (is_shared(url) or sqlite_path(url).is_file()):
         raise ValueError(f"no ledger in {settings.data_dir} (run `nhi-broker serve` first, or pass --url)")
     signer = NoteSigner(settings.ledger_key_name or settings.ledger_origin, _load(key_path, "EdDSA"))  # type: ignore[arg-type]
-    ledger = Ledger(SqliteLedgerStorage(db_path), signer, settings.ledger_origin, SystemClock())
+    ledger = Ledger(open_ledger_storage(url), signer, settings.ledger_origin, SystemClock())
     try:
         note = ledger.checkpoint()
         cp = verify_checkpoint(note, signer.verifier_key)
@@ -272,7 +273,7 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
     if not (settings.data_dir / "keys" / "ledger-key.pem").is_file():
         raise ValueError(f"no ledger key in {settings.data_dir}")
     old, new = rotate_ledger_key(settings.data_dir, settings.ledger_key_name or settings.ledger_origin,
-                                 settings.ledger_origin, SystemClock())
+                                 settings.ledger_origin, SystemClock(), settings.ledger_url)
     print(f"ledger key rotated; the rotation is entry-recorded and endorsed by the old key\n"
           f"  old verifier key  {old}\n  new verifier key  {new}\n"
           "running brokers sign with the new key after a restart")

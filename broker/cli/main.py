@@ -11,6 +11,7 @@
     config check|docs      validate a configuration without starting; the configuration reference
     healthcheck            probe the local broker on its configured port (Docker HEALTHCHECK)
     admin ...              operators: workloads, revoke, approvals, leases (against a running broker)
+    db upgrade|status      the shared PostgreSQL schema (ledger_url = "postgresql://...")
 """
 
 from __future__ import annotations
@@ -112,8 +113,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"  console           {base}/console (approvals and ledger, for configured operators)")
     print(f"  data dir          {settings.data_dir.resolve()}")
     print(f"  policies          {settings.policies_dir.resolve()} ({runtime.policies.version})")
+    from broker.pg import redact
+
+    print(f"  ledger storage    {redact(settings.ledger_storage_url)}")
     print(f"  shared state      {settings.state_backend}"
           + (f" (key prefix {settings.redis_prefix})" if settings.state_backend == "redis" else ""))
+    from broker.ledger.engines import is_shared
+
+    if is_shared(settings.ledger_storage_url) and settings.state_backend == "sqlite":
+        print("  WARNING           the ledger is shared (PostgreSQL) but the state store is this host's SQLite file:"
+              " replicas on other hosts will not see its replay, revocation, suspension and approval state;"
+              " set state_backend = \"redis\"")
     for line in _trust_lines(settings, trial):
         print(line)
     if trial_user:
@@ -321,10 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(krot)
     krot.set_defaults(func=_cmd_keys_rotate)
 
-    from broker.cli import admin_cmd, audit_cmd, config_cmd, policy_cmd
+    from broker.cli import admin_cmd, audit_cmd, config_cmd, db_cmd, policy_cmd
 
     policy_cmd.register(sub)
     audit_cmd.register(sub)
+    db_cmd.register(sub)
     config_cmd.register(sub)
     admin_cmd.register(sub)
     return parser

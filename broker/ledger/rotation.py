@@ -21,8 +21,8 @@ from broker.clock import Clock
 from broker.entries import key_rotation_entry
 from broker.errors import VerificationError
 from broker.ledger.checkpoint import NoteSigner, NoteVerifier
+from broker.ledger.engines import default_ledger_url, open_ledger_storage
 from broker.ledger.log import Ledger
-from broker.ledger.sqlite import SqliteLedgerStorage
 from broker.mint.keys import b64url, public_jwk
 
 __all__ = ["ENDORSEMENT_HEADER", "endorsed_key", "rotate_ledger_key"]
@@ -54,8 +54,12 @@ def endorsed_key(endorsement: str, by_verifier_key: str, origin: str, public_jwk
     return lines[2]
 
 
-def rotate_ledger_key(data_dir: Path, key_name: str, origin: str, clock: Clock) -> tuple[str, str]:
+def rotate_ledger_key(data_dir: Path, key_name: str, origin: str, clock: Clock,
+                      ledger_url: str | None = None) -> tuple[str, str]:
     """Rotate the ledger key under ``data_dir``; ``(old verifier key, new verifier key)``.
+
+    ``ledger_url`` names the ledger storage (default: ``ledger.sqlite3`` under ``data_dir``). On a
+    shared (PostgreSQL) ledger, copy the new key to every replica and restart them all.
 
     Run it with the broker stopped, or restart the broker afterwards: running processes keep
     signing with the old key, which auditors still accept.
@@ -73,7 +77,8 @@ def rotate_ledger_key(data_dir: Path, key_name: str, origin: str, clock: Clock) 
                                kid=jwk["kid"], alg="EdDSA", jwk=jwk)
     entry["key"]["endorsement"] = endorsement
     # (1)-(3) with the old key: the entry, then a recorded hand-over checkpoint that covers it.
-    with Ledger(SqliteLedgerStorage(data_dir / "ledger.sqlite3"), old_signer, origin, clock) as ledger:
+    storage = open_ledger_storage(ledger_url or default_ledger_url(data_dir))
+    with Ledger(storage, old_signer, origin, clock) as ledger:
         ledger.check_integrity()
         ledger.append(entry)
         ledger.checkpoint()

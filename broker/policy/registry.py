@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from broker.attest.methods import REGISTRY
 from broker.attest.spiffe import parse_spiffe_id
 from broker.errors import UnregisteredWorkload
 from broker.models import RegisteredWorkload, WorkloadIdentity
@@ -39,7 +40,8 @@ __all__ = [
     "parse_registry",
 ]
 
-ATTESTATION_METHODS = frozenset({"kubernetes", "spiffe-jwt", "oidc", "dev"})
+#: The attestation methods a workload may list: every method registered in broker.attest.methods.
+ATTESTATION_METHODS = REGISTRY.names
 # Workload and role names: lower-case, start with a letter; they are Casbin subjects.
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 MAX_OWNER_LEN = 256

@@ -13,15 +13,27 @@ from .leases import LeaseBook
 from .minter import VaultMinter
 from .settings import VaultSettings
 
-__all__ = ["open_vault_issuer"]
+__all__ = ["open_lease_book", "open_vault_issuer"]
 
 
-def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, clock: Clock) -> VaultIssuer:
-    """A :class:`VaultIssuer` with its lease book under ``data_dir``, sweeping in the background.
+def open_lease_book(data_dir: Path, shared_url: str | None) -> LeaseBook:
+    """The lease book: in PostgreSQL at ``shared_url`` (replicas), else a SQLite file under ``data_dir``."""
+    if shared_url is not None:
+        from .pg_leases import PostgresLeaseBook
 
-    Nothing here talks to Vault: the broker starts while Vault is down and fails closed per request.
+        return PostgresLeaseBook(shared_url)
+    return LeaseBook(data_dir / "vault-leases.sqlite3")
+
+
+def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, clock: Clock,
+                      shared_url: str | None = None) -> VaultIssuer:
+    """A :class:`VaultIssuer` with its lease book, sweeping in the background.
+
+    The book lives in PostgreSQL when ``shared_url`` names one (the ledger's database, so every
+    replica shares it), else under ``data_dir``. Nothing here talks to Vault: the broker starts
+    while Vault is down and fails closed per request.
     """
     identity = VaultIdentity(settings, clock)
-    issuer = VaultIssuer(VaultMinter(identity), LeaseBook(data_dir / "vault-leases.sqlite3"), ledger, clock)
+    issuer = VaultIssuer(VaultMinter(identity), open_lease_book(data_dir, shared_url), ledger, clock)
     issuer.start_sweeper(settings.sweep_interval)
     return issuer

@@ -1,4 +1,8 @@
-"""SQLite ledger storage: contiguous indexes, append-only, atomic batches, failures fail closed."""
+"""Ledger storage contract, for both engines: contiguous indexes, append-only, atomic batches, fail closed.
+
+Tests taking ``storage`` or ``engine`` run against a SQLite file and against the real PostgreSQL
+server (a fresh schema per test); engine-specific checks follow each engine's name.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,24 @@ import pytest
 
 from broker.errors import LedgerUnavailable
 from broker.ledger.merkle import leaf_hash
+from broker.ledger.postgres import PostgresLedgerStorage
 from broker.ledger.sqlite import SqliteLedgerStorage
 from broker.ledger.storage import DuplicateLeaf
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request, tmp_path):
+    """A function opening (and reopening) one ledger storage of the engine under test."""
+    if request.param == "sqlite":
+        location = tmp_path / "ledger.sqlite3"
+        return lambda: SqliteLedgerStorage(location)
+    url = request.getfixturevalue("pg_url")
+    return lambda: PostgresLedgerStorage(url)
+
+
 @pytest.fixture
-def storage(tmp_path):
-    s = SqliteLedgerStorage(tmp_path / "ledger.sqlite3")
+def storage(engine):
+    s = engine()
     yield s
     s.close()
 
@@ -39,12 +54,11 @@ def test_append_read_and_look_up(storage):
     assert storage.index_of(b"short") is None
 
 
-def test_data_survives_reopen(tmp_path):
-    path = tmp_path / "ledger.sqlite3"
-    first = SqliteLedgerStorage(path)
+def test_data_survives_reopen(engine):
+    first = engine()
     first.append_batch(leaves("a", 4))
     first.close()
-    again = SqliteLedgerStorage(path)
+    again = engine()
     try:
         assert again.size() == 4
         assert again.append_batch([b"next"]) == 4
@@ -52,7 +66,8 @@ def test_data_survives_reopen(tmp_path):
         again.close()
 
 
-def test_file_is_in_wal_mode(storage, tmp_path):
+def test_sqlite_file_is_in_wal_mode(tmp_path):
+    SqliteLedgerStorage(tmp_path / "ledger.sqlite3").close()
     conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -76,8 +91,51 @@ def test_reading_missing_range_fails_closed(storage):
         storage.entries(0, 3)
 
 
+def test_checkpoints_and_cosignatures(storage):
+    storage.append_batch(leaves("a", 3))
+    assert storage.published_checkpoints(10) == []
+    storage.record_checkpoint(2, b"\x01" * 32, "note-2\n")
+    storage.record_checkpoint(3, b"\x02" * 32, "note-3\n")
+    storage.record_checkpoint(3, b"\x03" * 32, "other\n")  # the first one per size stays
+    assert storage.published_checkpoints(10) == [(3, b"\x02" * 32), (2, b"\x01" * 32)]
+    assert storage.published_checkpoints(1) == [(3, b"\x02" * 32)]
+    assert storage.cosignatures(None) is None
+    storage.record_cosignatures(2, {"w1": "— w1 old", "w2": "— w2 x"})
+    storage.record_cosignatures(2, {"w1": "— w1 new"})
+    assert storage.cosignatures(2) == ("note-2\n", ["— w1 new", "— w2 x"])
+    assert storage.cosignatures(None) == ("note-2\n", ["— w1 new", "— w2 x"])
+    assert storage.cosignatures(3) is None
+
+
+def test_threads_with_separate_storages_get_disjoint_contiguous_ranges(engine):
+    """Two storages are two writers (two processes, or two replicas on PostgreSQL) on one log."""
+    stores = [engine(), engine()]
+    firsts: list[int] = []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        for b in range(5):
+            first = stores[t % 2].append_batch(leaves(f"t{t}-b{b}", 4))
+            with lock:
+                firsts.append(first)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    try:
+        assert sorted(firsts) == list(range(0, 6 * 5 * 4, 4))
+        assert stores[0].size() == stores[1].size() == 120
+        assert len(set(stores[1].leaf_hashes(0, 120))) == 120
+    finally:
+        for s in stores:
+            s.close()
+
+
 @pytest.mark.parametrize("sql", ["UPDATE entries SET leaf = x'00' WHERE idx = 0", "DELETE FROM entries"])
-def test_entries_are_append_only_for_every_connection(storage, tmp_path, sql):
+def test_sqlite_entries_are_append_only_for_every_connection(tmp_path, sql):
+    storage = SqliteLedgerStorage(tmp_path / "ledger.sqlite3")
     storage.append_batch([b"kept"])
     conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
     try:
@@ -86,6 +144,7 @@ def test_entries_are_append_only_for_every_connection(storage, tmp_path, sql):
     finally:
         conn.close()
     assert storage.entries(0, 1) == [b"kept"]
+    storage.close()
 
 
 def test_threads_get_disjoint_contiguous_ranges(storage):

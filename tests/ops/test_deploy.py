@@ -11,15 +11,21 @@ import os
 import re
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes_validate
+import psycopg
 import pytest
 import yaml
 
 from broker.config import Settings
+from broker.config_explain import unknown_environment
 from tests.helpers import POLICIES, REPO, LiveBroker, free_port
+from tests.state.conftest import SHARED_REDIS
 
 NHI = str(Path(sys.executable).with_name("nhi-broker"))
 K8S = REPO / "deploy" / "kubernetes"
@@ -106,6 +112,71 @@ def test_compose_runs_two_brokers_on_the_shared_engines() -> None:
         assert broker["depends_on"]["init"]["condition"] == "service_completed_successfully"
         assert "keys:/var/lib/nhi-broker/keys" in broker["volumes"]  # one key set for both
     assert services["init"]["command"][-1] == "nhi-broker db upgrade && nhi-broker keys init"
+
+
+def _env(names: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in names.items() if k.startswith("NHI_BROKER_")}
+
+
+def test_every_variable_the_deployments_set_is_a_setting() -> None:
+    compose_env = _env(compose()["x-broker"]["environment"])
+    k8s_env = {e["name"]: "x" for e in resource("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for env in (compose_env, k8s_env):
+        assert unknown_environment(Settings, env) == {}
+        assert "NHI_BROKER_UNSAFE_TRIAL_ISSUERS" not in env
+
+
+@pytest.fixture
+def ledger_db() -> Iterator[str]:
+    name = f"ops_deploy_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_deployed_settings_run_directly(tmp_path: Path, ledger_db: str) -> None:
+    # deploy/broker.toml as the containers read it, with only the container paths mapped to this
+    # checkout, and the compose environment with its hosts mapped to this machine's servers.
+    text = (REPO / "deploy" / "broker.toml").read_text()
+    text = text.replace('"/var/lib/nhi-broker"', f'"{tmp_path / "data"}"')
+    text = text.replace('"/etc/nhi-broker/policies"', f'"{POLICIES}"')
+    text = text.replace('"/etc/nhi-broker/trust/k8s-jwks.json"', f'"{REPO / "deploy" / "trust" / "k8s-jwks.json"}"')
+    text = re.sub(r'(?m)^host = "0\.0\.0\.0".*$', 'host = "127.0.0.1"', text)  # bind loopback in tests
+    config = tmp_path / "broker.toml"
+    config.write_text(text)
+    env = _env(compose()["x-broker"]["environment"])
+    env.pop("NHI_BROKER_VAULT__ADDR")  # OpenBao is exercised by tests/vault; not needed to start
+    env.pop("NHI_BROKER_VAULT__TOKEN_FILE")
+    env.update({"NHI_BROKER_CONFIG": str(config), "NHI_BROKER_LEDGER_URL": ledger_db,
+                "NHI_BROKER_REDIS_URL": SHARED_REDIS, "NHI_BROKER_REDIS_PREFIX": f"ops-{uuid.uuid4().hex[:8]}:"})
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([NHI, *args], capture_output=True, text=True, env={**clean, **env}, timeout=120)
+
+    upgrade = run("db", "upgrade")
+    assert upgrade.returncode == 0, upgrade.stderr
+    keys = run("keys", "init")
+    assert keys.returncode == 0, keys.stderr
+    check = run("config", "check", "--format", "json")
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert {c["name"] for c in report["checks"] if c["group"] == "backends"} >= {"redis", "postgresql"}
+    assert not any(c["name"] == "trial issuer" for c in report["checks"])
+
+    broker = LiveBroker(tmp_path / "data", POLICIES, workers=1, config=config, env=env)
+    try:
+        metadata = httpx.get(broker.url + "/.well-known/oauth-authorization-server").json()
+        assert metadata["issuer"] == "https://broker.example.org"
+    finally:
+        out = broker.stop()
+    assert "  trusted issuer    https://kubernetes.default.svc.cluster.local (kubernetes)" in out
+    assert "  trial issuer      OFF (unsafe_trial_issuers = false)" in out
+    assert not (tmp_path / "data" / "dev-issuer-key.pem").exists()
 
 
 def dockerfile_env() -> dict[str, str]:
