@@ -24,6 +24,8 @@ NOT_RUN_HERE = {
     "bash scripts/test.sh": "the whole test suite: CI runs it",
     "python3 -m venv .venv && .venv/bin/pip install -q -e . -e ./clients/python && .venv/bin/python scripts/demo.py":
         "installs the packages; tests/clients/test_demo.py runs the demo",
+    "python3 -m venv .venv && .venv/bin/pip install -q -e . -e './clients/python[mcp]' && "
+    ".venv/bin/python scripts/mcp_demo.py": "installs the packages; tests/clients/test_demo.py runs the MCP demo",
 }
 
 
