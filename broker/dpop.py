@@ -1,7 +1,11 @@
 """DPoP (RFC 9449) at the token endpoint: a proof in, a :class:`DPoPProof` out, or an error.
 
 :meth:`DPoPVerifier.verify` is the only way the broker obtains a ``DPoPProof``; the pipeline binds
-the task token to its key (``cnf.jkt``, RFC 9449 §6.1). Steps, in order, each raising
+the task token to its key (``cnf.jkt``, RFC 9449 §6.1). It is :meth:`DPoPVerifier.check` (steps 1-6,
+no state touched, giving a :class:`CheckedDPoPProof`) followed by :meth:`DPoPVerifier.consume`
+(step 7). The token endpoint checks the proof when it reads the request but consumes its ``jti``
+only after the subject token is attested (``broker.pipeline``): an unauthenticated caller, with or
+without a valid proof, writes nothing to the state store. Steps, in order, each raising
 :class:`InvalidDPoPProof` (``invalid_dpop_proof``, 400) with a precise description:
 
 1. size cap, compact JWS shape, strict JSON (no duplicate names) in header and payload;
@@ -47,6 +51,7 @@ __all__ = [
     "BINDINGS",
     "DPOP_ALGORITHMS",
     "DPOP_JTI_NAMESPACE",
+    "CheckedDPoPProof",
     "DPoPBindingRequired",
     "DPoPProof",
     "DPoPReplay",
@@ -113,6 +118,14 @@ class DPoPProof:
     htu: str
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedDPoPProof:
+    """A proof that passed every stateless check (steps 1-6) but whose ``jti`` is not yet consumed:
+    not a :class:`DPoPProof` until :meth:`DPoPVerifier.consume` turns it into one."""
+
+    proof: DPoPProof
+
+
 def _pct_normalise(match: re.Match[str]) -> str:
     char = chr(int(match.group(1), 16))
     return char if char in _UNRESERVED else "%" + match.group(1).upper()
@@ -167,6 +180,8 @@ def _json_segment(segment: str, what: str) -> dict[str, Any]:
     except StrictJSONError as exc:
         if exc.reason == "duplicate":
             raise InvalidDPoPProof(f"DPoP proof {what} has a duplicated member") from None
+        if exc.reason in ("number", "surrogate", "too_deep"):
+            raise InvalidDPoPProof(f"DPoP proof {what} is refused: {exc}") from None
         raise InvalidDPoPProof(f"DPoP proof {what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise InvalidDPoPProof(f"DPoP proof {what} is not a JSON object")
@@ -245,6 +260,19 @@ class DPoPVerifier:
 
     def verify(self, proof: str, *, htm: str, htu: str) -> DPoPProof:
         """Verify ``proof`` for a request ``htm htu`` and return it, or raise :class:`InvalidDPoPProof`."""
+        return self.consume(self.check(proof, htm=htm, htu=htu))
+
+    def consume(self, checked: CheckedDPoPProof) -> DPoPProof:
+        """(7) Record the proof's ``jti``, once per key, for as long as the proof could be accepted;
+        :class:`DPoPReplay` if it was seen before. Call only for an authenticated request."""
+        proof = checked.proof
+        expires = proof.iat + self._max_age + self._leeway
+        if not self._replay.consume_once(DPOP_JTI_NAMESPACE, f"{proof.jkt}\x00{proof.jti}", expires):
+            raise DPoPReplay("DPoP proof has already been used")
+        return proof
+
+    def check(self, proof: str, *, htm: str, htu: str) -> CheckedDPoPProof:
+        """Steps 1-6 for a request ``htm htu``, without touching state; raise :class:`InvalidDPoPProof`."""
         # (1) size and shape before any decoding.
         if not isinstance(proof, str) or len(proof) > _MAX_PROOF_BYTES:
             raise InvalidDPoPProof(f"DPoP proof exceeds {_MAX_PROOF_BYTES} bytes")
@@ -334,11 +362,9 @@ class DPoPVerifier:
             if not isinstance(nonce, str) or _NONCE_RE.fullmatch(nonce) is None or not self.nonces.accepts(nonce, now):
                 raise UseDPoPNonce("DPoP nonce is stale or invalid", nonce=self.nonces.current(now))
 
-        # (7) single use, per key, for as long as the proof could be accepted.
-        jkt = jwk_thumbprint(jwk)
-        if not self._replay.consume_once(DPOP_JTI_NAMESPACE, f"{jkt}\x00{jti}", iat + self._max_age + self._leeway):
-            raise DPoPReplay("DPoP proof has already been used")
-        return DPoPProof(jkt=jkt, jti=jti, iat=iat, htm=claim_htm, htu=normalize_htu(htu))
+        return CheckedDPoPProof(
+            DPoPProof(jkt=jwk_thumbprint(jwk), jti=jti, iat=iat, htm=claim_htm, htu=normalize_htu(htu))
+        )
 
 
 def enforce_binding(grant: Grant, proof: DPoPProof | None) -> None:

@@ -168,10 +168,19 @@ class InsufficientRole(AccessDenied):
 
 
 class RateLimited(PolicyDenied):
-    """The rule's request rate for (workload, action) is used up for the current window."""
+    """The rule's request rate for (workload, action) is used up for the current window.
+
+    ``retry_after`` is the number of seconds until the window frees, sent as ``Retry-After``
+    (RFC 9110 §10.2.3; RFC 6585 §4).
+    """
 
     code = "rate_limit_exceeded"
     status = 429
+
+    def __init__(self, description: str, *, rule_id: str | None, policy_version: str, retry_after: int = 1) -> None:
+        super().__init__(description, rule_id=rule_id, policy_version=policy_version)
+        self.retry_after = retry_after
+        self.http_headers = {"Retry-After": str(retry_after)}
 
 
 class BudgetExceeded(PolicyDenied):

@@ -3,17 +3,26 @@
 Actions and resources are checked with ``re.fullmatch`` against narrow grammars before any policy
 sees them: no ``.``/``..`` segments, no empty segments, no trailing newline, bounded lengths. This is
 what keeps Casbin's loose built-in matchers out of the picture.
+
+Context values are shown to approvers and recorded for auditors, so strings may not hold control,
+bidirectional-formatting or separator characters (:mod:`broker.text`). Numbers are exact: a
+fraction is accepted only when the double the broker works with is exactly the decimal the client
+wrote, and ``amount``/``currency`` follow the money rule of :mod:`broker.money` (a positive JSON
+number with no more decimals than the ISO 4217 currency allows).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from typing import Any
 
 from broker.errors import InvalidAuthorizationDetails
 from broker.models import Intent
+from broker.money import CURRENCY_EXPONENTS, AmountError, exact_decimal, minor_units
 from broker.strict_json import StrictJSONError, loads_strict
+from broker.text import unsafe_character
 
 __all__ = [
     "ACTION_RE",
@@ -35,7 +44,8 @@ MAX_RESOURCE_SEGMENTS = 16
 MAX_CONTEXT_KEYS = 32
 MAX_CONTEXT_STRING = 256
 MAX_CONTEXT_LIST = 32
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: The context keys that carry money (:mod:`broker.money`).
+AMOUNT_KEY, CURRENCY_KEY = "amount", "currency"
 
 
 def is_valid_action(action: object) -> bool:
@@ -60,14 +70,23 @@ def _check_scalar(key: str, value: Any) -> Any:
         if abs(value) > 2**53:
             raise InvalidAuthorizationDetails(f"context.{key} is outside the exact integer range")
         return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidAuthorizationDetails(f"context.{key} must be a finite number")
-        return value
-    if isinstance(value, str):
-        if len(value) > MAX_CONTEXT_STRING or _CONTROL.search(value):
+    if isinstance(value, Decimal | float):
+        # The policy and the token see a double: accept it only if it is exactly the decimal written.
+        as_float = float(value)
+        if not math.isfinite(as_float) or abs(as_float) > 2**53:
+            raise InvalidAuthorizationDetails(f"context.{key} must be a finite number of at most 2^53")
+        if isinstance(value, Decimal) and exact_decimal(as_float) != value:
             raise InvalidAuthorizationDetails(
-                f"context.{key} must be at most {MAX_CONTEXT_STRING} characters without control characters"
+                f"context.{key} has more digits than a JSON number carries exactly (at most 15 significant digits)"
+            )
+        return as_float
+    if isinstance(value, str):
+        if len(value) > MAX_CONTEXT_STRING:
+            raise InvalidAuthorizationDetails(f"context.{key} must be at most {MAX_CONTEXT_STRING} characters")
+        bad = unsafe_character(value)
+        if bad is not None:
+            raise InvalidAuthorizationDetails(
+                f"context.{key} holds {bad}: control, bidirectional-formatting and separator characters are refused"
             )
         return value
     raise InvalidAuthorizationDetails(
@@ -92,7 +111,28 @@ def _check_context(context: Any) -> dict[str, Any]:
             checked[key] = [_check_scalar(key, v) for v in value]
         else:
             checked[key] = _check_scalar(key, value)
+    _check_money(checked)
     return checked
+
+
+def _check_money(context: dict[str, Any]) -> None:
+    """The money rule of :mod:`broker.money` for ``amount`` and ``currency``."""
+    currency = context.get(CURRENCY_KEY)
+    if CURRENCY_KEY in context and (not isinstance(currency, str) or currency not in CURRENCY_EXPONENTS):
+        raise InvalidAuthorizationDetails(
+            "context.currency must be an ISO 4217 currency code with a minor unit, such as 'EUR'"
+        )
+    if AMOUNT_KEY not in context:
+        return
+    amount = exact_decimal(context[AMOUNT_KEY])
+    if amount is None:
+        raise InvalidAuthorizationDetails("context.amount must be a JSON number (not a string, boolean or list)")
+    if not isinstance(currency, str):
+        raise InvalidAuthorizationDetails("context.amount needs context.currency (an ISO 4217 code)")
+    try:
+        minor_units(amount, currency)
+    except AmountError as exc:
+        raise InvalidAuthorizationDetails(f"context.amount {exc}") from None
 
 
 def parse_intent(entry: Any) -> Intent:
@@ -128,12 +168,14 @@ def parse_authorization_details(raw: str | None) -> Intent:
     if len(raw.encode()) > MAX_DETAILS_BYTES:
         raise InvalidAuthorizationDetails(f"authorization_details is larger than {MAX_DETAILS_BYTES} bytes")
     try:
-        details = loads_strict(raw)
+        details = loads_strict(raw, decimals=True)
     except StrictJSONError as exc:
         if exc.reason == "duplicate":
             raise InvalidAuthorizationDetails(f"duplicate member name {exc.name!r} in authorization_details") from None
         if exc.reason == "constant":
             raise InvalidAuthorizationDetails(f"{exc.name} is not a valid JSON number") from None
+        if exc.reason in ("number", "surrogate", "too_deep"):
+            raise InvalidAuthorizationDetails(f"authorization_details is refused: {exc}") from None
         raise InvalidAuthorizationDetails("authorization_details is not valid JSON") from None
     if not isinstance(details, list):
         raise InvalidAuthorizationDetails("authorization_details must be a JSON array")

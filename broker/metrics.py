@@ -96,6 +96,9 @@ class BrokerMetrics:
         return generate_latest(registry)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+
+
 class MetricsMiddleware:
     """Pure ASGI middleware: counts and times every HTTP request by its route template."""
 
@@ -123,5 +126,8 @@ class MetricsMiddleware:
             if metrics is not None:
                 route = scope.get("route")
                 template = getattr(route, "path", None) or "unmatched"
-                metrics.requests.labels(template, scope["method"], str(status)).inc()
+                # The method is the client's text: only the standard ones become label values, so a
+                # client inventing methods cannot grow the number of time series.
+                method = scope["method"] if scope["method"] in _METHODS else "other"
+                metrics.requests.labels(template, method, str(status)).inc()
                 metrics.latency.labels(template).observe(time.perf_counter() - start)

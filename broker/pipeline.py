@@ -3,7 +3,9 @@
 :meth:`Broker.exchange` returns an :class:`~broker.models.Issued` credential or raises a
 :class:`~broker.errors.BrokerError`. The order is what the auditors' contract needs:
 
-1. attest the subject token (an unauthenticated caller never writes to the ledger);
+1. attest the subject token (an unauthenticated caller never writes to the ledger), then consume
+   the DPoP proof's ``jti`` (checked, statelessly, when the request was read): an unauthenticated
+   caller writes nothing to the state store either;
 2. resolve the workload in the registry and ask the intent policy (a refusal of an attested
    workload is a ``denial`` entry);
 3. fix the task token's claims, append the ``issuance`` entry and wait until it is durable;
@@ -40,7 +42,7 @@ from broker.attest.jwt_checks import check_shape, peek_unverified
 from broker.attest.users import UserTokenVerifier
 from broker.clock import Clock, SystemClock
 from broker.delegation import ParentTokens, check_within
-from broker.dpop import DPoPBindingRequired, DPoPProof, enforce_binding
+from broker.dpop import CheckedDPoPProof, DPoPBindingRequired, DPoPProof, InvalidDPoPProof, enforce_binding
 from broker.entries import denial_entry, issuance_entry
 from broker.errors import (
     AccessDenied,
@@ -98,6 +100,10 @@ class LimitGuard(Protocol):
     def admit_hold(self, grant: Grant, limits: Any) -> None: ...
 
 
+class DPoPConsumer(Protocol):
+    def consume(self, checked: CheckedDPoPProof) -> DPoPProof: ...
+
+
 class AppendOnlyLog(Protocol):
     async def append_async(self, entry: dict) -> Receipt: ...  # type: ignore[type-arg]
 
@@ -119,6 +125,8 @@ class ExchangeRequest:
     request_id: str
     dpop: DPoPProof | None = None  # verified by broker.dpop; binds the token to its key
     requested_token_type: str | None = None
+    #: A proof checked by broker.dpop whose jti the pipeline consumes once the caller is attested.
+    dpop_checked: CheckedDPoPProof | None = None
     approval: Approval | None = None  # set by Broker.redeem: the approval that releases a held intent
     # RFC 8693 §2.1: with an actor_token (the workload's identity), subject_token is an end user's
     # token (from a configured user issuer) or a parent task token this broker signed (a sub-agent).
@@ -136,6 +144,7 @@ class PollRequest:
     subject_token_type: str
     request_id: str
     dpop: DPoPProof | None = None
+    dpop_checked: CheckedDPoPProof | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,7 @@ class Broker:
         approvals: ApprovalDesk | None = None,
         users: UserTokenVerifier | None = None,
         parents: ParentTokens | None = None,
+        dpop: DPoPConsumer | None = None,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
@@ -190,6 +200,15 @@ class Broker:
         self.approvals = approvals
         self.users = users
         self.parents = parents
+        self.dpop = dpop
+
+    def _consume_dpop(self, checked: CheckedDPoPProof | None) -> DPoPProof | None:
+        """(1b) The checked proof's ``jti``, consumed only now that the caller is attested."""
+        if checked is None:
+            return None
+        if self.dpop is None:
+            raise InvalidDPoPProof("DPoP is not enabled on this broker")
+        return self.dpop.consume(checked)
 
     async def _verified(self, verify: Any) -> Any:
         """Run one verification on the event loop, or in a worker thread when it must fetch keys.
@@ -279,6 +298,8 @@ class Broker:
         Returns :class:`Held` when a review rule decides the intent: nothing is issued until approved.
         """
         principals = await self._attest(request)
+        if request.dpop_checked is not None:
+            request = replace(request, dpop=self._consume_dpop(request.dpop_checked), dpop_checked=None)
         if self.decide_in_thread:
             outcome = await anyio.to_thread.run_sync(self._authorize, principals, request)
         else:
@@ -300,6 +321,8 @@ class Broker:
         if self.approvals is None:
             raise TemporarilyUnavailable("this broker cannot hold intents for review")
         identity = await self._verified(partial(self.attestor.verify, poll.subject_token, poll.subject_token_type))
+        if poll.dpop_checked is not None:
+            poll = replace(poll, dpop=self._consume_dpop(poll.dpop_checked), dpop_checked=None)
         approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
         # The user was verified when the intent was held; the poller is the same workload (claim()).

@@ -132,18 +132,18 @@ class Runtime:
         vault = open_vault_issuer(settings.vault, data_dir, ledger, clock, shared) if settings.vault else None
         approvals = ApprovalDesk(store, ledger, clock, poll_interval=settings.approvals.poll_interval,
                                  notify=_webhook(settings, clock))
-        # Decisions stay on the event loop with Redis too: its calls take tens of microseconds, and
-        # a Redis that stops answering costs one short timeout per backoff window (store/redis.py).
-        broker = Broker(
-            attestor, policies, minter, ledger, clock, guard=state.guard, vault=vault, approvals=approvals,
-            users=users, parents=parents,
-        )
         nonces = None
         if settings.dpop_nonce:
             # Every worker derives the same nonce key from one key file (created once, mode 0600).
             nonce_key, _ = load_or_create_private_key(data_dir / "keys" / "dpop-nonce-key.pem", "EdDSA")
             nonces = NonceIssuer(nonce_key.private_bytes_raw())  # type: ignore[union-attr]
         dpop = DPoPVerifier(store, clock, nonces=nonces)
+        # Decisions stay on the event loop with Redis too: its calls take tens of microseconds, and
+        # a Redis that stops answering costs one short timeout per backoff window (store/redis.py).
+        broker = Broker(
+            attestor, policies, minter, ledger, clock, guard=state.guard, vault=vault, approvals=approvals,
+            users=users, parents=parents, dpop=dpop,
+        )
         return cls(
             settings=settings, clock=clock, keys=keys, ledger=ledger, store=store, policies=policies,
             attestor=attestor, minter=minter, broker=broker, dev_issuer=dev_issuer,

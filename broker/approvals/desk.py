@@ -37,6 +37,7 @@ from broker.errors import AccessDenied, InsufficientRole, InvalidGrant, InvalidR
 from broker.models import EndUser, Grant, Held, Receipt, WorkloadIdentity
 from broker.operators import Operator
 from broker.store.base import StateStore
+from broker.text import unsafe_character
 
 __all__ = ["Approval", "ApprovalDesk", "PendingApproval", "is_owner"]
 
@@ -356,8 +357,13 @@ class ApprovalDesk:
         operator.require("approve")
         # The ledger holds single-line text: line breaks and tabs of a typed reason become spaces.
         reason = " ".join(reason.split())[:500]
-        if not reason or any(ord(c) < 32 or ord(c) == 127 for c in reason):
+        if not reason:
             raise InvalidRequest("a decision needs a reason (printable text)")
+        bad = unsafe_character(reason)
+        if bad is not None:
+            # Other approvers and auditors read it: nothing that displays otherwise than it is.
+            raise InvalidRequest(f"the reason holds {bad}: control and bidirectional-formatting characters "
+                                 "are refused")
         record = await self.get(auth_req_id)
         # (1) the operator must belong to the group the rule names.
         if record.group not in operator.groups:

@@ -178,6 +178,8 @@ def _load_json(raw: bytes) -> Any:
             raise JwksError(f"duplicate member '{exc.name}'") from None
         if exc.reason == "constant":
             raise JwksError(f"non-standard JSON constant {exc.name}") from None
+        if exc.reason in ("number", "surrogate", "too_deep"):
+            raise JwksError(f"JWKS is refused: {exc}") from None
         raise JwksError("JWKS is not UTF-8 JSON") from None
 
 

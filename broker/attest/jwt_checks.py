@@ -78,6 +78,8 @@ def _json_object(segment: str, what: str, dup_label: str, label: str) -> dict[st
             raise AttestationError(f"{label} {what} is not UTF-8") from None
         if exc.reason == "too_deep":
             raise AttestationError(f"{label} {what} is nested too deeply") from None
+        if exc.reason in ("number", "surrogate"):
+            raise AttestationError(f"{label} {what} is refused: {exc}") from None
         raise AttestationError(f"{label} {what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise AttestationError(f"{label} {what} is not a JSON object")

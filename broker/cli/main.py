@@ -87,6 +87,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from uvicorn.supervisors import Multiprocess
 
     from broker.api.app import SETTINGS_ENV, create_app
+    from broker.api.http_server import BoundedHttpToolsProtocol
     from broker.metrics import prepare_multiprocess_dir
     from broker.runtime import Runtime
 
@@ -131,7 +132,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               " for trials only")
     sys.stdout.flush()
     log_level = "info" if args.access_log else "warning"
-    common: dict[str, Any] = {"log_level": log_level, "access_log": args.access_log, "server_header": False}
+    common: dict[str, Any] = {"log_level": log_level, "access_log": args.access_log, "server_header": False,
+                              "http": BoundedHttpToolsProtocol}
     try:
         if settings.workers == 1:
             server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))

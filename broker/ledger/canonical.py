@@ -52,6 +52,8 @@ def decode_entry(data: bytes) -> dict[str, Any]:
             "duplicate": f"leaf has a duplicate member name {exc.name!r}",
             "constant": f"leaf contains the non-JSON number {exc.name}",
             "too_deep": "leaf is nested too deeply",
+            "number": f"leaf cannot be canonicalised: {exc}",
+            "surrogate": f"leaf cannot be canonicalised: {exc}",
         }
         raise VerificationError(messages.get(exc.reason, f"leaf is {exc}")) from None
     if not isinstance(entry, dict):

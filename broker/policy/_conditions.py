@@ -31,6 +31,12 @@ Evaluation is fail-closed, clause by clause. A clause is false when:
 - ``in`` does not see a scalar on the left and a list on the right.
 
 The empty condition is true.
+
+Numbers compare exactly, as the decimals that were written. A number literal in a condition must be
+exactly what a double carries (at most 15 significant digits; ``50.000000000000001`` is refused), and
+the intent parser (``broker.intent``) refuses context numbers that are not; for such values the
+order and equality of doubles is the order and equality of the decimals (Python also compares ints
+with floats exactly). ``amount`` carries no more decimals than its currency allows (``broker.money``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from broker.intent import CONTEXT_KEY_RE
@@ -297,7 +304,13 @@ class _Parser:
             digits = tok.text.lstrip("-").replace(".", "")
             if len(digits) > _MAX_NUMBER_DIGITS:
                 raise ConditionError(f"number at column {tok.column} has too many digits")
-            return float(tok.text) if "." in tok.text else int(tok.text)
+            if "." not in tok.text:
+                return int(tok.text)
+            number = float(tok.text)
+            if Decimal(repr(number)) != Decimal(tok.text):
+                raise ConditionError(f"number at column {tok.column} is not exact as a double "
+                                     "(use at most 15 significant digits)")
+            return number
         if tok.kind == "string":
             value = tok.text[1:-1]
             if len(value) > MAX_STRING_LEN:

@@ -5,7 +5,8 @@ The Casbin rule line stays as it is; a ``[[limit]]`` table names an allow rule b
 - ``uses``: the task token may be presented (introspected) at most this many times (1 = single use);
 - ``rate``: at most ``N/second|minute|hour|day`` requests per (workload, action);
 - ``[limit.budget]``: a cumulative value budget per (workload, end user or conversation, action,
-  period), counted in minor units (cents) so it can never be exceeded by a rounding error.
+  period) in one ISO 4217 currency, counted in its integer minor units (cents for EUR, yen for JPY;
+  see :mod:`broker.money`) so it can never be exceeded by a rounding error.
 
 ``per = "conversation"`` reads the intent context's ``conversation``; ``per = "end_user"`` its
 ``customer`` (the end user the assistant serves, see policies/README.md). Any problem refuses the
@@ -18,8 +19,9 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from broker.money import CURRENCY_EXPONENTS, to_minor_units
 
 from ._rules import Rule
 
@@ -29,21 +31,19 @@ PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 #: Budget scope -> the intent-context key that names it.
 BUDGET_SCOPES = {"conversation": "conversation", "end_user": "customer"}
 MAX_USES = 1000
-MINOR_UNITS = 2  # cents: amounts carry at most two decimals
-_MAX_MINOR = 10**15
 _RATE = re.compile(r"([1-9][0-9]{0,6})/(second|minute|hour|day)")
 _KEY = re.compile(r"[a-z_][a-z0-9_]{0,63}")
-_CURRENCY = re.compile(r"[A-Z]{3}")
 _LIMIT_KEYS = {"rule", "uses", "rate", "budget"}
 _BUDGET_KEYS = {"key", "currency", "max", "per", "period"}
 
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """A cumulative value budget: at most ``max_minor`` minor units of ``key`` per scope and period."""
+    """A cumulative value budget: at most ``max_minor`` minor units of ``currency`` in ``key`` per
+    scope and period."""
 
     key: str
-    currency: str | None
+    currency: str
     max_minor: int
     per: str  # "conversation" | "end_user"
     period: str
@@ -65,23 +65,6 @@ class RuleLimits:
     budget: Budget | None = None
 
 
-def to_minor_units(value: Any) -> int | None:
-    """``value`` (a JSON number or decimal string) in minor units; ``None`` if not a positive amount
-    with at most two decimals. Booleans are not numbers."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        return None
-    if not amount.is_finite() or amount <= 0:
-        return None
-    minor = amount.scaleb(MINOR_UNITS)
-    if minor != minor.to_integral_value() or minor > _MAX_MINOR:
-        return None
-    return int(minor)
-
-
 def _parse_budget(raw: Any, where: str, problems: list[str]) -> Budget | None:
     if not isinstance(raw, dict):
         problems.append(f"{where}: budget must be a table ([limit.budget])")
@@ -89,27 +72,31 @@ def _parse_budget(raw: Any, where: str, problems: list[str]) -> Budget | None:
     before = len(problems)
     for key in sorted(set(raw) - _BUDGET_KEYS):
         problems.append(f"{where}: unknown key {key!r} in [limit.budget]")
-    for key in ("key", "max", "per", "period"):
+    for key in ("key", "currency", "max", "per", "period"):
         if key not in raw:
             problems.append(f"{where}: [limit.budget] is missing {key!r}")
     if len(problems) > before:
         return None
-    key, currency, per, period = raw["key"], raw.get("currency"), raw["per"], raw["period"]
+    key, currency, per, period = raw["key"], raw["currency"], raw["per"], raw["period"]
     if not isinstance(key, str) or _KEY.fullmatch(key) is None:
         problems.append(f"{where}: budget key must name an intent-context key ([a-z_][a-z0-9_]*)")
-    if currency is not None and (not isinstance(currency, str) or _CURRENCY.fullmatch(currency) is None):
-        problems.append(f"{where}: budget currency must be an ISO 4217 code such as 'EUR'")
+    if not isinstance(currency, str) or currency not in CURRENCY_EXPONENTS:
+        problems.append(f"{where}: budget currency must be an ISO 4217 code with a minor unit, such as 'EUR'")
+        currency = None
     if per not in BUDGET_SCOPES:
         problems.append(f"{where}: budget per must be one of {sorted(BUDGET_SCOPES)}")
     if period not in PERIODS or period == "second":
         problems.append(f"{where}: budget period must be minute, hour or day")
-    max_minor = to_minor_units(raw["max"]) if isinstance(raw["max"], str | int) else None
-    if max_minor is None:
-        problems.append(f"{where}: budget max must be a positive amount with at most two decimals, "
-                        "written as an integer or a string ('200.00')")
+    max_minor = None
+    if currency is not None:
+        max_minor = to_minor_units(raw["max"], currency) if isinstance(raw["max"], str | int) else None
+        if max_minor is None:
+            problems.append(f"{where}: budget max must be a positive amount with at most "
+                            f"{CURRENCY_EXPONENTS[currency]} decimals for {currency}, "
+                            "written as an integer or a string ('200.00')")
     if len(problems) > before:
         return None
-    assert max_minor is not None
+    assert max_minor is not None and currency is not None
     return Budget(key=key, currency=currency, max_minor=max_minor, per=per, period=period,
                   period_seconds=PERIODS[period])
 

@@ -13,13 +13,15 @@ Windows are fixed UTC periods (``floor(now / period)``).
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from typing import Any
 
 from broker.clock import Clock
 from broker.errors import BudgetExceeded, PolicyDenied, RateLimited, WorkloadSuspended
 from broker.models import Grant
-from broker.policy.limits import Budget, RuleLimits, to_minor_units
+from broker.money import CURRENCY_EXPONENTS, to_minor_units
+from broker.policy.limits import Budget, RuleLimits
 from broker.state.tokens import TokenState
 from broker.store.base import StateStore
 
@@ -29,8 +31,8 @@ _NS_RATE = "rate"
 _NS_BUDGET = "budget"
 
 
-def _amount(minor: int) -> str:
-    return str(Decimal(minor).scaleb(-2))
+def _amount(minor: int, currency: str) -> str:
+    return str(Decimal(minor).scaleb(-CURRENCY_EXPONENTS[currency]))
 
 
 class IssuanceGuard:
@@ -77,23 +79,27 @@ class IssuanceGuard:
             count, seconds = limits.rate
             window = int(now // seconds)
             key = f"{grant.workload.name}\x00{grant.intent.action}\x00{seconds}\x00{window}"
-            if self._store.count_up(_NS_RATE, key, 1, count, (window + 1) * seconds) is None:
+            frees_at = (window + 1) * seconds
+            if self._store.count_up(_NS_RATE, key, 1, count, frees_at) is None:
                 raise RateLimited(
                     f"rule {grant.rule_id!r} allows {count} requests per {seconds} s for this workload and action",
                     rule_id=grant.rule_id, policy_version=grant.policy_version,
+                    retry_after=max(1, math.ceil(frees_at - now)),
                 )
 
     def _charge(self, grant: Grant, budget: Budget, now: float) -> None:
         context = grant.intent.context
         deny = {"rule_id": grant.rule_id, "policy_version": grant.policy_version}
-        minor = to_minor_units(context.get(budget.key))
+        if context.get("currency") != budget.currency:
+            raise PolicyDenied(f"rule {grant.rule_id!r} budgets {budget.currency} only", **deny)
+        value = context.get(budget.key)
+        # A JSON number only: the intent parser has made it exact (broker.money).
+        minor = to_minor_units(value, budget.currency) if isinstance(value, int | float) else None
         if minor is None:
             raise PolicyDenied(
                 f"rule {grant.rule_id!r} has a budget: context.{budget.key} must be a positive amount "
-                "with at most two decimals", **deny,
+                f"with at most {CURRENCY_EXPONENTS[budget.currency]} decimals for {budget.currency}", **deny,
             )
-        if budget.currency is not None and context.get("currency") != budget.currency:
-            raise PolicyDenied(f"rule {grant.rule_id!r} budgets {budget.currency} only", **deny)
         # A request that does not name its scope shares one bucket with every other such request of
         # the workload: leaving the key out can only make the budget tighter, never bypass it.
         scope = context.get(budget.context_key)
@@ -106,8 +112,8 @@ class IssuanceGuard:
         )
         expires = (window + 1) * budget.period_seconds
         if self._store.count_up(_NS_BUDGET, key, minor, budget.max_minor, expires) is None:
-            unit = f" {budget.currency}" if budget.currency else ""
+            unit = budget.currency
             raise BudgetExceeded(
-                f"rule {grant.rule_id!r} allows at most {_amount(budget.max_minor)}{unit} per {budget.per} "
-                f"per {budget.period}; this request of {_amount(minor)}{unit} would exceed it", **deny,
+                f"rule {grant.rule_id!r} allows at most {_amount(budget.max_minor, unit)} {unit} per {budget.per} "
+                f"per {budget.period}; this request of {_amount(minor, unit)} {unit} would exceed it", **deny,
             )

@@ -87,6 +87,10 @@ def test_who_sees_the_decision_form(harness: Harness, secret: str, form_shown: b
         ({"decision": "approve", "reason": "ok"}, None, 403, "the form expired"),
         ({"decision": "maybe", "reason": "ok", "csrf": "{csrf}"}, None, 400, "choose approve or deny"),
         ({"decision": "approve", "reason": "", "csrf": "{csrf}"}, None, 400, "needs a reason"),
+        # A reason that displays otherwise than it is (Trojan Source): refused, nothing decided.
+        ({"decision": "approve", "reason": "ok \u202egnp.exe", "csrf": "{csrf}"}, None, 400, "U+202E"),
+        ({"decision": "deny", "reason": "fine\u2066 \u2069", "csrf": "{csrf}"}, None, 400, "U+2066"),
+        ({"decision": "approve", "reason": "ok\x00", "csrf": "{csrf}"}, None, 400, "U+0000"),
         ({"decision": "approve", "reason": "ok", "csrf": "{csrf}"}, "text/plain", 415, "x-www-form-urlencoded"),
     ],
 )

@@ -267,7 +267,8 @@ CHILD_ATTACKS: list[tuple[str, Any, str, str, Any, str, str | None, int, str, st
      400, "invalid_target", "audience"),
     ("string context changed", parent_token, "payments.refund", ORDER, _change(amount=10, currency="USD"),
      "payments-api", None, 400, "invalid_target", "context.currency"),
-    ("context key dropped", parent_token, "payments.refund", ORDER, _drop("currency"), "payments-api", None,
+    # (Dropping currency while keeping amount is refused earlier: an amount needs its currency.)
+    ("context key dropped", parent_token, "payments.refund", ORDER, _drop("conversation"), "payments-api", None,
      400, "invalid_target", "context keys"),
     ("context key added", parent_token, "payments.refund", ORDER, _change(note="x"), "payments-api", None,
      400, "invalid_target", "context keys"),

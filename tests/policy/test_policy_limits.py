@@ -78,7 +78,12 @@ BUDGET = {"key": "'amount'", "currency": "'EUR'", "max": "'200.00'", "per": "'co
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        ({"max": "'200.001'"}, "budget max must be a positive amount with at most two decimals"),
+        ({"max": "'200.001'"}, "budget max must be a positive amount with at most 2 decimals for EUR"),
+        ({"max": "'200.5'", "currency": "'JPY'"}, "positive amount with at most 0 decimals for JPY"),
+        ({"max": "'1.0001'", "currency": "'KWD'"}, "with at most 3 decimals for KWD"),
+        ({"currency": None}, "[limit.budget] is missing 'currency'"),
+        ({"currency": "'XAU'"}, "ISO 4217 code with a minor unit"),
+        ({"currency": "'ZZZ'"}, "ISO 4217 code with a minor unit"),
         ({"max": "0"}, "budget max must be a positive amount"),
         ({"max": "200.5"}, "written as an integer or a string"),  # a TOML float is not exact
         ({"max": "'-5'"}, "budget max must be a positive amount"),
@@ -110,3 +115,15 @@ def test_bad_budgets_refuse_the_set(tmp_path: Path, change: dict[str, Any], prob
 )
 def test_minor_units(value: Any, minor: int | None) -> None:
     assert to_minor_units(value) == minor
+
+
+@pytest.mark.parametrize(
+    ("value", "currency", "minor"),
+    [
+        (1000, "JPY", 1000), ("1000", "JPY", 1000), (10.0, "JPY", 10), (10.5, "JPY", None),
+        (1.234, "KWD", 1234), (1.2345, "KWD", None), ("0.001", "BHD", 1), (0.0001, "CLF", 1),
+        (20, "USD", 2000), (0.001, "USD", None), (20, "XAU", None), (20, "eur", None),
+    ],
+)
+def test_minor_units_follow_the_currency_exponent(value: Any, currency: str, minor: int | None) -> None:
+    assert to_minor_units(value, currency) == minor

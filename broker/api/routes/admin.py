@@ -3,6 +3,9 @@
 Every call needs ``Authorization: Bearer <operator token>`` (see :mod:`broker.operators`); the role
 decides what it may do. Each action takes effect in the shared state store first (it only ever takes
 access away) and is then recorded as a ledger entry naming the operator.
+
+The caller is authenticated and its role checked before the body is read; the body is read with a
+cap and parsed strictly (:mod:`broker.api.json_body`).
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from broker.api.deps import RuntimeDep
+from broker.api.deps import RuntimeDep, single_header
+from broker.api.json_body import json_body_openapi, read_json
 from broker.entries import revocation_entry, suspension_entry
 from broker.errors import NotFound, TemporarilyUnavailable
 from broker.operators import Operator
 from broker.runtime import Runtime
+from broker.text import unsafe_character
 from broker.vault.errors import VaultRefused, VaultUnavailable
 from broker.vault.leases import LeaseRecord
 
@@ -28,14 +33,27 @@ __all__ = ["router"]
 def _operator(request: Request) -> Operator:
     runtime: Runtime = request.app.state.runtime
     assert runtime.state is not None
-    return runtime.state.operators.authenticate(request.headers.get("authorization"))
+    return runtime.state.operators.authenticate(single_header(request, "Authorization"))
 
 
 OperatorDep = Annotated[Operator, Depends(_operator)]
 router = APIRouter(prefix="/v1/admin", responses={401: {"description": "invalid_token"},
                                                   403: {"description": "role not allowed"}})
-_Value = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
-_Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]+$")]
+
+
+def _displayable(value: str) -> str:
+    # Operators and auditors read these: nothing that displays otherwise than it is (broker.text).
+    bad = unsafe_character(value.replace("\t", " ").replace("\n", " "))
+    if bad is not None:
+        raise ValueError(f"holds {bad}: control and bidirectional-formatting characters are refused")
+    return value
+
+
+_Value = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$"),
+                   AfterValidator(_displayable)]
+#: A reason: printable text; tabs and line breaks are allowed (shared with the approvals API).
+Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]+$"),
+                   AfterValidator(_displayable)]
 _WorkloadName = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
@@ -46,7 +64,7 @@ class RevocationRequest(BaseModel):
 
     scope: Literal["workload", "end_user", "conversation"]
     value: _Value
-    reason: _Reason
+    reason: Reason
 
 
 class SuspensionRequest(BaseModel):
@@ -54,7 +72,7 @@ class SuspensionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: _Reason
+    reason: Reason
 
 
 def _known_workload(runtime: Runtime, name: str) -> str:
@@ -63,9 +81,11 @@ def _known_workload(runtime: Runtime, name: str) -> str:
     return name
 
 
-@router.post("/revocations", summary="Revoke every live token of a workload, end user or conversation")
-async def revoke_scope(body: RevocationRequest, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+@router.post("/revocations", summary="Revoke every live token of a workload, end user or conversation",
+             openapi_extra=json_body_openapi(RevocationRequest))
+async def revoke_scope(request: Request, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
     operator.require("revoke")
+    body = await read_json(request, RevocationRequest)
     if body.scope == "workload":
         _known_workload(runtime, body.value)
     assert runtime.state is not None
@@ -77,11 +97,11 @@ async def revoke_scope(body: RevocationRequest, operator: OperatorDep, runtime: 
             "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
 
 
-@router.post("/workloads/{name}/suspend", summary="Kill switch: issue nothing more, every live token inactive")
-async def suspend(
-    name: _WorkloadName, body: SuspensionRequest, operator: OperatorDep, runtime: RuntimeDep
-) -> dict[str, Any]:
+@router.post("/workloads/{name}/suspend", summary="Kill switch: issue nothing more, every live token inactive",
+             openapi_extra=json_body_openapi(SuspensionRequest))
+async def suspend(name: _WorkloadName, request: Request, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
     operator.require("suspend")
+    body = await read_json(request, SuspensionRequest)
     _known_workload(runtime, name)
     assert runtime.state is not None
     at = await anyio.to_thread.run_sync(runtime.state.tokens.suspend, name)
@@ -103,11 +123,11 @@ async def suspend(
     return answer
 
 
-@router.post("/workloads/{name}/resume", summary="Lift a suspension; tokens from before it stay inactive")
-async def resume(
-    name: _WorkloadName, body: SuspensionRequest, operator: OperatorDep, runtime: RuntimeDep
-) -> dict[str, Any]:
+@router.post("/workloads/{name}/resume", summary="Lift a suspension; tokens from before it stay inactive",
+             openapi_extra=json_body_openapi(SuspensionRequest))
+async def resume(name: _WorkloadName, request: Request, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
     operator.require("suspend")
+    body = await read_json(request, SuspensionRequest)
     _known_workload(runtime, name)
     assert runtime.state is not None
     was = await anyio.to_thread.run_sync(runtime.state.tokens.resume, name)
@@ -168,11 +188,11 @@ async def leases(
     return {"vault_configured": True, "leases": [_lease_view(r) for r in records]}
 
 
-@router.post("/leases/{task_id}/revoke", summary="End one Vault task now: revoke its lease (a revocation entry)")
-async def revoke_lease(
-    task_id: _TaskId, body: SuspensionRequest, operator: OperatorDep, runtime: RuntimeDep
-) -> dict[str, Any]:
+@router.post("/leases/{task_id}/revoke", summary="End one Vault task now: revoke its lease (a revocation entry)",
+             openapi_extra=json_body_openapi(SuspensionRequest))
+async def revoke_lease(task_id: _TaskId, request: Request, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
     operator.require("revoke")
+    body = await read_json(request, SuspensionRequest)
     if runtime.vault is None:
         raise NotFound("no Vault is configured on this broker, so it holds no leases")
     vault = runtime.vault

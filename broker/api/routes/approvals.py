@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, ConfigDict
 
 from broker.api.deps import RuntimeDep
-from broker.api.routes.admin import OperatorDep
+from broker.api.json_body import json_body_openapi, read_json
+from broker.api.routes.admin import OperatorDep, Reason
 from broker.approvals import ApprovalDesk
 from broker.errors import TemporarilyUnavailable
 from broker.runtime import Runtime
@@ -25,7 +26,6 @@ router = APIRouter(prefix="/v1/admin/approvals", responses={
     404: {"description": "no such request"}, 409: {"description": "already_decided"},
 })
 _AuthReqId = Annotated[str, Path(min_length=20, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-_Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]+$")]
 
 
 class DecisionRequest(BaseModel):
@@ -33,7 +33,7 @@ class DecisionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: _Reason
+    reason: Reason
 
 
 def _desk(runtime: Runtime) -> ApprovalDesk:
@@ -58,19 +58,25 @@ async def get_request(auth_req_id: _AuthReqId, operator: OperatorDep, runtime: R
     return desk.public_view(await desk.get(auth_req_id))
 
 
-@router.post("/{auth_req_id}/approve", summary="Approve a pending request (recorded in the ledger)")
+@router.post("/{auth_req_id}/approve", summary="Approve a pending request (recorded in the ledger)",
+             openapi_extra=json_body_openapi(DecisionRequest))
 async def approve(
-    auth_req_id: _AuthReqId, body: DecisionRequest, operator: OperatorDep, runtime: RuntimeDep
+    auth_req_id: _AuthReqId, request: Request, operator: OperatorDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
     """Approve as the calling operator (approver role, in the rule's group)."""
+    operator.require("approve")
+    body = await read_json(request, DecisionRequest)
     desk = _desk(runtime)
     return desk.public_view(await desk.decide(operator, auth_req_id, approve=True, reason=body.reason))
 
 
-@router.post("/{auth_req_id}/deny", summary="Deny a pending request (recorded in the ledger)")
+@router.post("/{auth_req_id}/deny", summary="Deny a pending request (recorded in the ledger)",
+             openapi_extra=json_body_openapi(DecisionRequest))
 async def deny(
-    auth_req_id: _AuthReqId, body: DecisionRequest, operator: OperatorDep, runtime: RuntimeDep
+    auth_req_id: _AuthReqId, request: Request, operator: OperatorDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
     """Deny as the calling operator: the request never yields a token."""
+    operator.require("approve")
+    body = await read_json(request, DecisionRequest)
     desk = _desk(runtime)
     return desk.public_view(await desk.decide(operator, auth_req_id, approve=False, reason=body.reason))

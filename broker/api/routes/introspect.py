@@ -15,7 +15,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from broker.api.deps import RuntimeDep
+from broker.api.deps import RuntimeDep, single_header
 from broker.api.errors import NO_STORE
 from broker.api.forms import read_form
 from broker.entries import revocation_entry
@@ -54,7 +54,7 @@ def _services(runtime: Any) -> StateServices:
 async def _authenticated_form(request: Request, runtime: Any) -> tuple[AuthenticatedClient, str]:
     # In a thread: a workload identity may need the issuer's JWKS.
     client = await anyio.to_thread.run_sync(_services(runtime).clients.authenticate,
-                                            request.headers.get("authorization"))
+                                            single_header(request, "Authorization"))
     form = await read_form(request, runtime.settings.max_body_bytes)
     token = form.get("token")
     if not token:

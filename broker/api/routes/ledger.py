@@ -11,7 +11,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from broker.api.deps import RuntimeDep
-from broker.errors import InvalidRequest, NotFound, RequestTooLarge
+from broker.api.forms import read_body
+from broker.errors import InvalidRequest, NotFound
 from broker.ledger.cosignature import CosignatureVerifier
 from broker.ledger.merkle import leaf_hash
 
@@ -65,9 +66,7 @@ async def publish_cosignatures(request: Request, runtime: RuntimeDep) -> dict[st
     witnesses = [CosignatureVerifier(key) for key in runtime.settings.ledger_witnesses]
     if not witnesses:
         raise NotFound("this broker has no witnesses configured (ledger_witnesses)")
-    body = await request.body()
-    if len(body) > 65536:
-        raise RequestTooLarge("a cosigned checkpoint is at most 64 KiB")
+    body = await read_body(request, 65536)  # streamed with the cap: never buffered beyond it
     try:
         note = body.decode("utf-8")
     except UnicodeDecodeError:

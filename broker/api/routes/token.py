@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from broker.api.deps import RuntimeDep
 from broker.api.errors import NO_STORE
 from broker.api.forms import read_form, required
-from broker.dpop import DPoPProof, InvalidDPoPProof
+from broker.dpop import CheckedDPoPProof, InvalidDPoPProof
 from broker.errors import (
     InvalidRequest,
     InvalidTarget,
@@ -83,8 +83,11 @@ _FORM_SCHEMA: dict[str, Any] = {
 }
 
 
-async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None:
-    """The verified DPoP proof of this request (RFC 9449 §4.3), ``None`` when it carries none."""
+def _dpop_proof(request: Request, runtime: RuntimeDep) -> CheckedDPoPProof | None:
+    """The checked DPoP proof of this request (RFC 9449 §4.3), ``None`` when it carries none.
+
+    Its ``jti`` is consumed by the pipeline once the subject token is attested, so a caller without
+    a valid identity writes no state."""
     proofs = request.headers.getlist("dpop")
     if not proofs:
         return None
@@ -94,8 +97,8 @@ async def _dpop_proof(request: Request, runtime: RuntimeDep) -> DPoPProof | None
         raise InvalidDPoPProof("DPoP is not enabled on this broker")
     # htu is the token endpoint under the issuer URL: what clients read from the RFC 8414 metadata.
     htu = runtime.settings.issuer_url + request.url.path
-    # On the event loop, like the decision itself: a signature check and one state-store write.
-    return runtime.dpop.verify(proofs[0], htm=request.method, htu=htu)
+    # On the event loop, like the decision itself: a signature check, no state.
+    return runtime.dpop.check(proofs[0], htm=request.method, htu=htu)
 
 
 def _poll_request(form: dict[str, str], request_id: str) -> PollRequest:
@@ -166,13 +169,13 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     outcome: Issued | Held
     if form.get("grant_type") == CIBA_GRANT:
         poll = _poll_request(form, request_id)
-        proof = await _dpop_proof(request, runtime)
-        outcome = await runtime.broker.redeem(dataclasses.replace(poll, dpop=proof) if proof else poll)
+        proof = _dpop_proof(request, runtime)
+        outcome = await runtime.broker.redeem(dataclasses.replace(poll, dpop_checked=proof) if proof else poll)
     else:
         exchange = _exchange_request(form, request_id)
-        proof = await _dpop_proof(request, runtime)
+        proof = _dpop_proof(request, runtime)
         if proof is not None:
-            exchange = dataclasses.replace(exchange, dpop=proof)
+            exchange = dataclasses.replace(exchange, dpop_checked=proof)
         outcome = await runtime.broker.exchange(exchange)
     if isinstance(outcome, Held):
         held = {"auth_req_id": outcome.auth_req_id, "expires_in": outcome.expires_in, "interval": outcome.interval,
