@@ -190,7 +190,9 @@ async def leases(
 
 @router.post("/leases/{task_id}/revoke", summary="End one Vault task now: revoke its lease (a revocation entry)",
              openapi_extra=json_body_openapi(SuspensionRequest))
-async def revoke_lease(task_id: _TaskId, request: Request, operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+async def revoke_lease(
+    task_id: _TaskId, request: Request, operator: OperatorDep, runtime: RuntimeDep
+) -> dict[str, Any]:
     operator.require("revoke")
     body = await read_json(request, SuspensionRequest)
     if runtime.vault is None:
