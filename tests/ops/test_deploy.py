@@ -63,16 +63,25 @@ def test_kustomization_lists_every_manifest() -> None:
     assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
-def test_configmaps_are_generated_from_their_sources() -> None:
+def test_configmaps_are_generated_from_their_sources(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import k8s_configmaps
     finally:
         sys.path.pop(0)
-    assert (K8S / "configmap.yaml").read_text() == k8s_configmaps.render(), (
+    rendered = [d for d in yaml.safe_load_all(k8s_configmaps.render()) if d]
+    # The settings ConfigMap is exactly deploy/broker.toml and the trusted JWKS.
+    assert resource("ConfigMap", "nhi-broker-config") == rendered[0], (
         "run: .venv/bin/python scripts/k8s_configmaps.py > deploy/kubernetes/configmap.yaml")
-    policies = resource("ConfigMap", "nhi-broker-policies")["data"]
-    assert policies["policy.csv"] == (POLICIES / "policy.csv").read_text()
+    # The policies ConfigMap carries the same files as policies/ (their content is the deployer's own:
+    # regenerate it with the script when they change) and is a policy set the broker loads.
+    from broker.policy import load_policies
+
+    shipped = resource("ConfigMap", "nhi-broker-policies")["data"]
+    assert sorted(shipped) == sorted(rendered[1]["data"])
+    for name, text in shipped.items():
+        (tmp_path / name).write_text(text)
+    assert load_policies(tmp_path).rules
 
 
 def test_the_deployment_is_hardened_and_probed() -> None:
