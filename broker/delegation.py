@@ -10,7 +10,9 @@ returns the verified :class:`~broker.models.Delegation`; :func:`check_within` th
 - the same resource or one below it (``customers/c-1/orders`` -> ``customers/c-1/orders/o-7``);
 - the same context keys; every number at most the parent's; every string and boolean equal; a list
   a subset of the parent's list;
-- not outliving the parent: the child's ``exp`` is capped at the parent's (:mod:`broker.mint.jwt`).
+- not outliving the parent: the child's ``exp`` is capped at the parent's (:mod:`broker.mint.jwt`);
+- not out-using the parent: issuing a child of an N-use parent consumes one of the parent's uses, and
+  the child is good for one use (:mod:`broker.pipeline`), so handing on never multiplies uses.
 
 The child is then decided by the policy on its own rules, as its own workload. Its token carries the
 parent's ``sub`` (and ``sub_id``) and nests ``act``: ``{"sub": child, "act": <the parent's act>}``.
@@ -98,7 +100,8 @@ class ParentTokens:
             claims = verify_task_token(subject_token, self._keys, self._issuer, self._clock.now())
         except InvalidTaskToken as exc:
             raise AttestationError(f"subject_token is not a valid task token of this broker ({exc})") from None
-        # (3) Still live: not revoked, its workload not suspended, no scoped cut-off.
+        # (3) Still live: not revoked, its workload not suspended, no scoped cut-off (a use of an N-use
+        # parent is consumed only when the child is issued: consume_use).
         if not self._tokens.status(claims, consume_use=False).active:
             raise AttestationError("the parent task token is no longer active")
         # (4) A sender-constrained token is usable only with its holder's key: a sub-agent has another.
@@ -125,8 +128,24 @@ class ParentTokens:
             subject=sub, act=act, parent_client_id=claims["client_id"], parent_spiffe_id=parent_spiffe,
             jti=claims["jti"], txn=txn, exp=int(claims["exp"]), audience=aud,
             intent=Intent(action=action, resource=resource, context=dict(context)),
+            num_uses=claims.get("num_uses"), claims=dict(claims),
         )
         return delegation, user_of(claims)
+
+    def consume_use(self, parent: Delegation) -> None:
+        """Consume one use of an N-use parent for the child about to be issued (the child carries it on).
+
+        Raises :class:`~broker.errors.AttestationError` when the parent has no use left (or was
+        revoked meanwhile); does nothing for a parent without ``num_uses``.
+        """
+        if parent.num_uses is None:
+            return
+        status = self._tokens.status(parent.claims, consume_use=True)
+        if not status.active:
+            raise AttestationError(
+                "the parent task token has no uses left" if status.reason == "uses exhausted"
+                else "the parent task token is no longer active"
+            )
 
 
 def _within_value(key: str, child: Any, parent: Any) -> None:

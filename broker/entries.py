@@ -1,6 +1,9 @@
 """Ledger entries: the JSON objects that become leaves (RFC 8785 canonical form, see docs/ledger.md).
 
-Entries carry hashes, identifiers and decisions — never a token or a secret.
+Every entry is built through its frozen model in :mod:`broker.ledger.schema` — the same models
+``audit`` validates with — so the broker cannot write an entry an auditor would refuse: a bad
+member raises :class:`ValueError` here, before anything is appended. Entries carry hashes,
+identifiers and decisions — never a token or a secret.
 """
 
 from __future__ import annotations
@@ -8,6 +11,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from broker.ledger.schema import (
+    ENTRY_VERSION,
+    ApprovalEntry,
+    DenialEntry,
+    IssuanceEntry,
+    KeyRotationEntry,
+    PolicyLoadEntry,
+    RevocationEntry,
+    SuspensionEntry,
+    Workload,
+)
 from broker.models import Delegation, EndUser, Grant, Intent, RegisteredWorkload, WorkloadIdentity
 
 __all__ = [
@@ -22,30 +36,25 @@ __all__ = [
     "workload_json",
 ]
 
-ENTRY_VERSION = 1
-
-
 def rfc3339(t: float) -> str:
     """UTC time with second precision, as every entry records it."""
     return datetime.fromtimestamp(int(t), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _workload(identity: WorkloadIdentity, workload: RegisteredWorkload | None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "spiffe_id": identity.spiffe_id,
-        "attestation": identity.method,
-        "issuer": identity.issuer,
-        "evidence_digest": identity.evidence_digest,
-    }
-    if workload is not None:
-        record["name"] = workload.name
-        record["owner"] = workload.owner
-    return record
+def _workload(identity: WorkloadIdentity, workload: RegisteredWorkload | None) -> Workload:
+    return Workload(
+        spiffe_id=identity.spiffe_id,
+        attestation=identity.method,
+        issuer=identity.issuer,
+        evidence_digest=identity.evidence_digest,
+        name=workload.name if workload is not None else None,
+        owner=workload.owner if workload is not None else None,
+    )
 
 
 def workload_json(identity: WorkloadIdentity, workload: RegisteredWorkload | None) -> dict[str, Any]:
     """The ``workload`` member of an entry (never the evidence itself, only its digest)."""
-    return _workload(identity, workload)
+    return _workload(identity, workload).to_json()
 
 
 def issuance_entry(
@@ -58,33 +67,25 @@ def issuance_entry(
     that released an intent held for review. A delegated grant adds ``user`` (the verified end user)
     and a sub-agent's grant ``parent`` (the parent token's ``jti`` and ledger leaf hash ``txn``).
     """
-    entry = {
+    return IssuanceEntry.model_validate({
         "v": ENTRY_VERSION,
         "kind": "issuance",
         "time": rfc3339(now),
         "request_id": request_id,
-        "workload": _workload(grant.identity, grant.workload),
+        "workload": workload_json(grant.identity, grant.workload),
         "audience": grant.audience,
         "intent": grant.intent.to_json(),
-        "decision": {
-            "effect": "allow",
-            "rule": grant.rule_id,
-            "policy_version": grant.policy_version,
-        },
+        "decision": {"effect": "allow", "rule": grant.rule_id, "policy_version": grant.policy_version},
         "credential": credential,
-    }
-    if approval is not None:
-        entry["approval"] = approval
-    _delegation_members(entry, grant.user, grant.delegation)
-    return entry
+        "approval": approval,
+        **_delegation(grant.user, grant.delegation),
+    }).to_json()
 
 
-def _delegation_members(entry: dict[str, Any], user: EndUser | None, parent: Delegation | None) -> None:
+def _delegation(user: EndUser | None, parent: Delegation | None) -> dict[str, Any]:
     # Optional members: a plain exchange's entry is exactly what it was before delegation existed.
-    if user is not None:
-        entry["user"] = user.ledger_json()
-    if parent is not None:
-        entry["parent"] = parent.ledger_json()
+    return {"user": user.ledger_json() if user is not None else None,
+            "parent": parent.ledger_json() if parent is not None else None}
 
 
 def approval_entry(
@@ -105,7 +106,7 @@ def approval_entry(
     needed, outcome, approver, reason, approvers, final}`` (docs/ledger.md); ``user`` the verified
     end user the intent is for, if it was delegated.
     """
-    entry = {
+    return ApprovalEntry.model_validate({
         "v": ENTRY_VERSION,
         "kind": "approval",
         "time": rfc3339(now),
@@ -115,9 +116,8 @@ def approval_entry(
         "intent": intent,
         "decision": {"effect": "review", "rule": rule_id, "policy_version": policy_version},
         "approval": approval,
-    }
-    _delegation_members(entry, user, None)
-    return entry
+        "user": user.ledger_json() if user is not None else None,
+    }).to_json()
 
 
 def denial_entry(
@@ -139,12 +139,12 @@ def denial_entry(
 
     ``user`` / ``parent`` as in :func:`issuance_entry`, when the refused request was delegated.
     """
-    entry = {
+    return DenialEntry.model_validate({
         "v": ENTRY_VERSION,
         "kind": "denial",
         "time": rfc3339(now),
         "request_id": request_id,
-        "workload": _workload(identity, workload),
+        "workload": workload_json(identity, workload),
         "audience": audience,
         "intent": intent.to_json(),
         "decision": {
@@ -154,9 +154,8 @@ def denial_entry(
             "error": error,
             "reason": reason,
         },
-    }
-    _delegation_members(entry, user, parent)
-    return entry
+        **_delegation(user, parent),
+    }).to_json()
 
 
 def policy_load_entry(
@@ -167,26 +166,27 @@ def policy_load_entry(
     ``request_id`` names the start (or reload) that loaded it, so two starts within one second
     are two entries, not one deduplicated leaf.
     """
-    return {
+    return PolicyLoadEntry.model_validate({
         "v": ENTRY_VERSION,
         "kind": "policy_load",
         "time": rfc3339(now),
         "request_id": request_id,
         "policy": {"version": policy_version, "files": files, "source": source},
-    }
+    }).to_json()
 
 
 def key_rotation_entry(
-    *, now: float, request_id: str, purpose: str, kid: str, alg: str, jwk: dict[str, Any]
+    *, now: float, request_id: str, purpose: str, kid: str, alg: str, jwk: dict[str, Any],
+    endorsement: str | None = None,
 ) -> dict[str, Any]:
-    """A new signing key went live (public part only)."""
-    return {
+    """A new signing key went live (public part only); ``endorsement`` by the old ledger key (§5.3)."""
+    return KeyRotationEntry.model_validate({
         "v": ENTRY_VERSION,
         "kind": "key_rotation",
         "time": rfc3339(now),
         "request_id": request_id,
-        "key": {"purpose": purpose, "kid": kid, "alg": alg, "public_jwk": jwk},
-    }
+        "key": {"purpose": purpose, "kid": kid, "alg": alg, "public_jwk": jwk, "endorsement": endorsement},
+    }).to_json()
 
 
 def revocation_entry(
@@ -194,25 +194,25 @@ def revocation_entry(
 ) -> dict[str, Any]:
     """Tokens were revoked by ``actor``: one token (``scope`` = ``token``, ``target`` names its ``jti``)
     or every token of a workload, end user or conversation (``target`` names the value)."""
-    return {
+    return RevocationEntry.model_validate({
         "v": ENTRY_VERSION,
         "kind": "revocation",
         "time": rfc3339(now),
         "request_id": request_id,
         "actor": actor,
         "revocation": {"scope": scope, **target, "reason": reason},
-    }
+    }).to_json()
 
 
 def suspension_entry(
     *, now: float, request_id: str, actor: dict[str, str], workload: str, suspended: bool, reason: str
 ) -> dict[str, Any]:
     """An operator suspended (kill switch) or resumed ``workload``."""
-    return {
+    return SuspensionEntry.model_validate({
         "v": ENTRY_VERSION,
         "kind": "suspension",
         "time": rfc3339(now),
         "request_id": request_id,
         "actor": actor,
         "suspension": {"workload": workload, "state": "suspended" if suspended else "resumed", "reason": reason},
-    }
+    }).to_json()

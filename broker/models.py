@@ -96,6 +96,10 @@ class Delegation:
     exp: int
     audience: str
     intent: Intent
+    #: The parent's ``num_uses`` (an N-use token): issuing the child consumes one use, which it inherits.
+    num_uses: int | None = None
+    #: The parent's verified claims (for the shared token state: uses, revocation).
+    claims: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def ledger_json(self) -> dict[str, Any]:
         """The ``parent`` member of a ledger entry: the parent token and its issuance entry's leaf hash."""

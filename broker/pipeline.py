@@ -283,12 +283,18 @@ class Broker:
             # (2b) kill switch, rates and budgets (broker.state.guard); shared-state outages raise 503.
             counted = request.approval is not None  # its rate was counted when it was held
             extra = self.guard.admit(grant, limits, count_rate=not counted) if self.guard else {}
+            if delegation is not None and self.parents is not None:
+                # Only now, with the child admitted: a wider or refused child leaves the parent's uses.
+                self.parents.consume_use(delegation)
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc, user=user, delegation=delegation)
         if grant.credential_kind != "jwt":
             return grant, None  # a Vault kind: broker.vault mints it
         if request.approval is not None:
             extra = {**extra, "approval": request.approval.token_claim()}
+        if delegation is not None and delegation.num_uses is not None:
+            # The child carries on the one use of its parent it consumed (ParentTokens.consume_use).
+            extra = {**extra, "num_uses": 1}
         cnf_jkt = request.dpop.jkt if request.dpop else None
         return grant, self.minter.prepare(grant, cnf_jkt=cnf_jkt, extra_claims=extra)
 

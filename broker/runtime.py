@@ -98,12 +98,8 @@ class Runtime:
         except BaseException:
             storage.close()
             raise
+        # Opening checks integrity: a corrupt, cut-short or rewritten ledger stops the start, loudly.
         ledger = Ledger(storage, signer, settings.ledger_origin, clock)
-        try:
-            ledger.check_integrity()  # a corrupt or cut-short ledger stops the start, loudly
-        except BaseException:
-            ledger.close()
-            raise
         store = open_store(settings, clock)
         issuers = list(settings.trust)
         dev_issuer = None

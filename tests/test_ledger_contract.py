@@ -2,7 +2,9 @@
 
 One live broker goes through every feature that writes to the ledger — issuance (bearer and
 DPoP-bound), policy denial, budget denial, scoped revocation, suspension and its refusal, resume —
-and then ``nhi-broker audit verify`` must accept the whole log, entry schemas included.
+and then ``nhi-broker audit verify`` must accept the whole log, entry schemas included, and every
+entry must validate against the JSON Schema ``nhi-broker ledger schema`` prints (checked by an
+independent validator, ``jsonschema``), which is also the file docs/ledger.md links.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import jsonschema
 from nhi_broker_client import BrokerClient, BrokerResponseError
 
 from broker.attest.dev import DevIssuer
+from broker.audit import HttpLedgerSource
+from broker.audit._canonical import decode_leaf
+from broker.audit.schema import validate_entry
 from broker.clock import SystemClock
 from tests.helpers import SUPPORT, LiveBroker, exchange_form, form_body, intent
 
@@ -82,5 +88,53 @@ def test_every_entry_kind_the_broker_writes_verifies(tmp_path: Path) -> None:
         kinds = summary["by_kind"]
         for kind in ("issuance", "denial", "revocation", "suspension", "policy_load", "key_rotation"):
             assert kinds.get(kind, 0) >= 1, (kind, kinds)
+        validator = printed_schema_validator()
+        source = HttpLedgerSource(broker.url)
+        try:
+            entries = [decode_leaf(raw.leaf) for raw in source.entries(0, summary["size"])]
+        finally:
+            source.close()
+        assert len(entries) == summary["size"]
+        for index, entry in enumerate(entries):
+            problems = sorted(validator.iter_errors(entry), key=lambda e: list(e.absolute_path))
+            assert not problems, (index, entry["kind"], [p.message for p in problems])
     finally:
         broker.stop()
+
+
+def printed_schema() -> dict[str, object]:
+    """What `nhi-broker ledger schema` prints (its own process)."""
+    exe = Path(sys.executable).with_name("nhi-broker")
+    run = subprocess.run([str(exe), "ledger", "schema"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    schema: dict[str, object] = json.loads(run.stdout)
+    return schema
+
+
+def printed_schema_validator() -> jsonschema.Draft202012Validator:
+    schema = printed_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_the_linked_schema_file_is_what_the_cli_prints() -> None:
+    linked = json.loads((Path(__file__).parent.parent / "docs" / "ledger-entry.schema.json").read_text())
+    assert linked == printed_schema(), "regenerate: nhi-broker ledger schema > docs/ledger-entry.schema.json"
+
+
+def test_schema_and_validator_agree_on_attacks() -> None:
+    """Each attack the auditors' validator refuses, the JSON Schema refuses too, unless it is one of
+    the rules JSON Schema cannot state (documented in the schema's description)."""
+    from tests.audit.test_audit_units import ISSUANCE, KEY_ROTATION, SCHEMA_ATTACKS
+
+    validator = printed_schema_validator()
+    assert validator.is_valid(ISSUANCE) and validator.is_valid(KEY_ROTATION)
+    beyond_json_schema = {"time-calendar", "spiffe", "exp-before-iat", "jwk-kid"}
+    for name, entry, member, _ in SCHEMA_ATTACKS:
+        try:
+            validate_entry(entry)
+            refused = False
+        except Exception:
+            refused = True
+        assert refused, name
+        assert validator.is_valid(entry) == (name in beyond_json_schema), (name, member)

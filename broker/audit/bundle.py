@@ -99,6 +99,11 @@ class BundleLedgerSource:
     def checkpoint(self) -> str:
         return str(self._header["checkpoint"])
 
+    def _signed_size(self) -> int:
+        """The tree size the (still unverified) checkpoint states; rows beyond it are refused."""
+        lines = self.checkpoint().split("\n")
+        return int(lines[1]) if len(lines) > 2 and lines[1].isdigit() and len(lines[1]) < 20 else 0
+
     def _lines(self, f: IO[bytes], start: int) -> Iterator[tuple[int, bytes]]:
         """``(offset, line)`` of entry lines from ``start``, reading sequentially."""
         f.seek(self._offsets[start] if start < len(self._offsets) else self._body_offset)
@@ -132,12 +137,19 @@ class BundleLedgerSource:
         index = start
         if index >= end:
             return
+        signed = self._signed_size()
         try:
             with open(self._path, "rb") as f:
-                for _, line in self._lines(f, start):
+                lines = self._lines(f, start)
+                for _, line in lines:
                     yield self._parse_line(index, line)
                     index += 1
                     if index == end:
+                        if end >= signed and next(lines, None) is not None:
+                            # Nothing after the signed tree is vouched for: rows there are an
+                            # error, never silently ignored.
+                            raise AuditFailure(f"the bundle holds rows after the signed size of {signed} "
+                                               "entries", index=end)
                         return
         except OSError as exc:
             raise SourceUnavailable(f"cannot read bundle {self._path}: {exc.strerror}") from None

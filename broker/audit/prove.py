@@ -28,7 +28,7 @@ from broker.audit._canonical import decode_leaf
 from broker.audit.errors import AuditFailure, EntrySchemaError
 from broker.audit.schema import ValidatedEntry, validate_entry
 from broker.audit.source import LedgerSource
-from broker.audit.verify import VerifierKeys, verify_checkpoint_from
+from broker.audit.verify import VerifierKeys, verify_signed_checkpoint
 from broker.errors import VerificationError
 from broker.ledger.checkpoint import Checkpoint
 from broker.ledger.merkle import leaf_hash, verify_inclusion
@@ -48,6 +48,7 @@ class Attribution:
     checkpoint: Checkpoint
     entry: ValidatedEntry
     token_matched: bool
+    signed_by: str = ""
 
     def lines(self) -> list[str]:
         """The human attribution printout."""
@@ -197,8 +198,9 @@ def prove_attribution(
     """Locate one entry and prove it; see the module docstring. Give exactly one of the three queries."""
     if sum(q is not None for q in (token, jti, leaf_hash_hex)) != 1:
         raise ValueError("give exactly one of a token, a jti or a leaf hash")
-    # (1) the signed tree head.
-    checkpoint, _ = verify_checkpoint_from(source, verifier_key, origin)
+    # (1) the signed tree head (through the ledger's key endorsements, as `audit verify` follows them).
+    signed = verify_signed_checkpoint(source, verifier_key, origin)
+    checkpoint = signed.checkpoint
     size = checkpoint.size
     # (2) locate the entry.
     _unverified_claims: dict[str, Any] | None = None
@@ -256,4 +258,4 @@ def prove_attribution(
             raise AuditFailure("the token names another signing key than its issuance entry", index=index)
         _verify_token_signature(token, _recorded_task_key(source, kid, size), alg)
     return Attribution(index=index, leaf_hash=digest.hex(), checkpoint=checkpoint, entry=entry,
-                       token_matched=_unverified_claims is not None)
+                       token_matched=_unverified_claims is not None, signed_by=signed.signed_by)

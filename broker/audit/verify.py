@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hmac
 import multiprocessing
+import struct
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,18 +31,22 @@ from broker.audit.schema import validate_entry
 from broker.audit.source import LedgerSource
 from broker.errors import VerificationError
 from broker.ledger.checkpoint import Checkpoint, _parse_checkpoint_body, verify_checkpoint
-from broker.ledger.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_consistency
+from broker.ledger.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_consistency, verify_inclusion
 from broker.ledger.rotation import endorsed_key
 
 __all__ = [
     "LedgerSummary",
     "Progress",
+    "SignedCheckpoint",
     "VerifiedLedger",
     "VerifierKeys",
     "extend_verified",
+    "rollback_violation",
+    "verified_entries",
     "verify_checkpoint_from",
     "verify_ledger",
     "verify_note",
+    "verify_signed_checkpoint",
 ]
 
 Progress = Callable[[int, int], None]
@@ -61,10 +66,15 @@ class _BatchResult:
     summary: LedgerSummary
     endorsements: list[tuple[int, dict[str, Any]]]
     error: tuple[int, str] | None
+    entries: list[dict[str, Any]] | None = None
 
 
-def _check_batch(first: int, leaves: list[bytes], recorded: list[bytes | None]) -> _BatchResult:
-    """Leaf hashes of a batch, its summary, and its first bad entry (index, reason), if any."""
+def _check_batch(first: int, leaves: list[bytes], recorded: list[bytes | None], keep: bool = False) -> _BatchResult:
+    """Leaf hashes of a batch, its summary, and its first bad entry (index, reason), if any.
+
+    ``keep``: also return the decoded entries (in order, until the first bad one).
+    """
+    kept: list[dict[str, Any]] | None = [] if keep else None
     hashes = bytearray()
     summary = LedgerSummary()
     endorsements: list[tuple[int, dict[str, Any]]] = []
@@ -90,7 +100,9 @@ def _check_batch(first: int, leaves: list[bytes], recorded: list[bytes | None]) 
         summary.add(valid.kind, valid.time, valid.workload or valid.spiffe_id, valid.owner)
         if valid.kind == "key_rotation" and "endorsement" in valid.entry["key"]:
             endorsements.append((index, valid.entry["key"]))
-    return _BatchResult(bytes(hashes), summary, endorsements, error)
+        if kept is not None:
+            kept.append(valid.entry)
+    return _BatchResult(bytes(hashes), summary, endorsements, error, kept)
 
 
 @dataclass
@@ -167,12 +179,75 @@ def verify_note(note: str, keys: list[str], origin: str | None) -> tuple[Checkpo
     raise AuditFailure(f"checkpoint does not verify: {failure}")
 
 
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    """A source's latest checkpoint, verified by a trusted key or one the ledger endorsed.
+
+    Built only by :func:`verify_signed_checkpoint`. ``signed_by`` is the verifier key whose
+    signature verified; ``keys`` the trusted keys followed by every key the ledger endorsed
+    (docs/ledger.md §5.3), in ledger order, so an older checkpoint signed by any of them verifies.
+    """
+
+    checkpoint: Checkpoint
+    note: str
+    signed_by: str
+    keys: tuple[str, ...]
+    trusted_count: int
+
+    @property
+    def rotated(self) -> bool:
+        """The checkpoint is signed by a key the auditor did not give, reached through endorsements."""
+        return self.signed_by not in self.keys[: self.trusted_count]
+
+
+def verify_signed_checkpoint(
+    source: LedgerSource, verifier_keys: VerifierKeys, origin: str | None = None
+) -> SignedCheckpoint:
+    """The source's latest checkpoint, verified exactly as :func:`verify_ledger` accepts signers.
+
+    (1) a key the auditor gave; otherwise (2) the ``key_rotation`` entries of the tree the note
+    claims are read, their endorsements followed from the trusted keys, and the note must verify
+    with an endorsed key; (3) each endorsement entry must then be proven included in that signed
+    tree. Raises :class:`AuditFailure` with the first reason when no trusted or endorsed key signed it.
+    """
+    keys = _keys(verifier_keys)
+    note = source.checkpoint()
+    try:
+        checkpoint, signed_by = verify_note(note, keys, origin)
+        return SignedCheckpoint(checkpoint, note, signed_by, tuple(keys), len(keys))
+    except AuditFailure as exc:
+        failure = exc
+    unverified = _unverified_checkpoint(note)
+    found: list[tuple[int, bytes, dict[str, Any]]] = []
+    for raw in source.entries(0, unverified.size):
+        if b'"key_rotation"' not in raw.leaf:
+            continue  # cheap pre-filter: only rotations can carry an endorsement
+        try:
+            valid = validate_entry(decode_leaf(raw.leaf))
+        except VerificationError:
+            continue  # `audit verify` reports bad entries; here only endorsements matter
+        if valid.kind == "key_rotation" and "endorsement" in valid.entry["key"]:
+            found.append((raw.index, leaf_hash(raw.leaf), valid.entry["key"]))
+    accepted = _follow_endorsements(keys, [(index, key) for index, _, key in found], unverified.origin)
+    try:
+        checkpoint, signed_by = verify_note(note, accepted[len(keys) :], origin)
+    except AuditFailure:
+        raise failure from None
+    for index, digest, _ in found:
+        try:
+            verify_inclusion(digest, index, checkpoint.size, source.inclusion_proof(index, checkpoint.size),
+                             checkpoint.root)
+        except VerificationError as exc:
+            raise AuditFailure(f"the key rotation entry is not in the signed tree: {exc}", index=index) from None
+    return SignedCheckpoint(checkpoint, note, signed_by, tuple(accepted), len(keys))
+
+
 def verify_checkpoint_from(
     source: LedgerSource, verifier_keys: VerifierKeys, origin: str | None = None
 ) -> tuple[Checkpoint, str]:
-    """Fetch the source's latest checkpoint and verify it; ``(checkpoint, note)`` or :class:`AuditFailure`."""
-    note = source.checkpoint()
-    return verify_note(note, _keys(verifier_keys), origin)[0], note
+    """:func:`verify_signed_checkpoint` as ``(checkpoint, note)``; :class:`AuditFailure` otherwise."""
+    signed = verify_signed_checkpoint(source, verifier_keys, origin)
+    return signed.checkpoint, signed.note
 
 
 def _trusted(note: str, keys: list[str], origin: str | None) -> Checkpoint:
@@ -216,6 +291,7 @@ def verify_ledger(
     progress: Progress | None = None,
     jobs: int = 1,
     parallel_threshold: int = 50_000,
+    on_entry: Callable[[int, bytes, dict[str, Any]], None] | None = None,
 ) -> VerifiedLedger:
     """Verify every entry of ``source`` against its latest checkpoint; raise :class:`AuditFailure` otherwise.
 
@@ -227,6 +303,10 @@ def verify_ledger(
     that checkpoint's tree, saved by an earlier full verification) a rewrite is located exactly
     even when the source can no longer give honest proofs. With ``jobs > 1``, ledgers of at least
     ``parallel_threshold`` entries are decoded and validated on that many processes.
+
+    ``on_entry(index, leaf hash, entry)`` is called with each valid entry, in index order, while
+    the ledger is read (one pass instead of two for replays and reports). It sees entries before
+    the verdict: a caller may use what it gathered only if this function returns.
     """
     keys = _keys(verifier_key)
     # (1) the signed checkpoint, with the key given out of band; after a key rotation the
@@ -243,23 +323,26 @@ def verify_ledger(
     trusted = _trusted(trusted_note, keys, origin or checkpoint.origin) if trusted_note else None
     saved = _saved_hashes(trusted, trusted_leaf_hashes)
     if trusted is not None and trusted.size > size and signature_failure is None and saved is None:
-        raise ConsistencyViolation(
-            "rollback",
-            f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
-            previous=trusted_note or "",
-            latest=note,
-            index=size,
-        )
+        raise rollback_violation(size, trusted.size, trusted_note or "", note, located=False, first_diff=None)
     # (3) every entry: bytes, leaf hash, canonical form, schema (in batches, on ``jobs`` processes).
     tree = MerkleTree()
     summary = LedgerSummary()
     endorsements: list[tuple[int, dict[str, Any]]] = []
     first_error: AuditFailure | None = None
+    unique = _UniqueLeaves()
     expected = 0
 
     def merge(result: _BatchResult) -> None:
         nonlocal first_error
+        duplicate = unique.add(tree, result.hashes)
+        if duplicate is not None and (first_error is None or (first_error.index or 0) > duplicate[0]):
+            first_error = AuditFailure(f"the same leaf as entry {duplicate[1]} (leaf hashes are unique in this log)",
+                                       index=duplicate[0])
+        first_index = tree.size
         tree.extend(result.hashes[i : i + HASH_SIZE] for i in range(0, len(result.hashes), HASH_SIZE))
+        if on_entry is not None and result.entries is not None:
+            for offset, entry in enumerate(result.entries):
+                on_entry(first_index + offset, result.hashes[offset * HASH_SIZE : (offset + 1) * HASH_SIZE], entry)
         summary.merge(result.summary)
         endorsements.extend(result.endorsements)
         if first_error is None and result.error is not None:
@@ -278,25 +361,37 @@ def verify_ledger(
                 return
             first = expected - len(leaves)
             if pool is None:
-                merge(_check_batch(first, leaves.copy(), recorded.copy()))
+                merge(_check_batch(first, leaves.copy(), recorded.copy(), on_entry is not None))
             else:
-                pending.append(pool.submit(_check_batch, first, leaves.copy(), recorded.copy()))
+                pending.append(pool.submit(_check_batch, first, leaves.copy(), recorded.copy(), on_entry is not None))
                 while len(pending) > 2 * jobs:  # bounded memory: a few batches in flight
                     merge(pending.popleft().result())
             leaves.clear()
             recorded.clear()
 
-        for raw in source.entries(0, size):
-            if raw.index != expected:
-                raise AuditFailure(f"the source returned entry {raw.index} out of order", index=expected)
-            leaves.append(raw.leaf)
-            recorded.append(raw.recorded_leaf_hash)
-            expected += 1
-            if len(leaves) >= _BATCH:
-                flush()
+        short: AuditFailure | None = None
+        try:
+            for raw in source.entries(0, size):
+                if raw.index != expected:
+                    raise AuditFailure(f"the source returned entry {raw.index} out of order", index=expected)
+                leaves.append(raw.leaf)
+                recorded.append(raw.recorded_leaf_hash)
+                expected += 1
+                if len(leaves) >= _BATCH:
+                    flush()
+        except AuditFailure as exc:
+            if saved is None:
+                raise
+            short = exc  # a removed row: the saved leaf hashes may name it (below)
         flush()
         while pending:
             merge(pending.popleft().result())
+        if short is not None:
+            assert trusted is not None and trusted_note is not None and saved is not None
+            # (2, with saved hashes) a row removed and the rest renumbered: the first entry that
+            # is not the one verified before comes before where the source ran out.
+            _compare_saved(tree, tree.size, trusted, trusted_note, saved, note, None, before=short.index)
+            raise short
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -310,13 +405,7 @@ def verify_ledger(
         except AuditFailure:
             raise signature_failure from None
         if trusted is not None and trusted.size > size and saved is None:
-            raise ConsistencyViolation(
-                "rollback",
-                f"the log has {size} entries but a trusted checkpoint covered {trusted.size}",
-                previous=trusted_note or "",
-                latest=note,
-                index=size,
-            )
+            raise rollback_violation(size, trusted.size, trusted_note or "", note, located=False, first_diff=None)
     if trusted is not None and saved is not None:
         # (2, with saved hashes) the exact first entry that is not the one verified before.
         assert trusted_note is not None
@@ -391,6 +480,20 @@ def extend_verified(
     return VerifiedLedger(checkpoint=checkpoint, note=note, summary=summary, tree=tree, signed_by=signed_by)
 
 
+def verified_entries(source: LedgerSource, verified: VerifiedLedger) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """The source's entries again, ``(index, leaf hash, entry)``, each accepted only if it is the
+    leaf the verified tree holds (a source that changes after verification fails at that index)."""
+    tree = verified.tree
+    for raw in source.entries(0, verified.checkpoint.size):
+        digest = leaf_hash(raw.leaf)
+        if not hmac.compare_digest(digest, tree.leaf_hash(raw.index)):
+            raise AuditFailure("the source changed the entry after it was verified", index=raw.index)
+        try:
+            yield raw.index, digest, decode_leaf(raw.leaf)
+        except VerificationError as exc:  # cannot happen for a verified leaf; never silently skip
+            raise AuditFailure(f"leaf is not canonical JSON: {exc}", index=raw.index) from None
+
+
 def _saved_hashes(trusted: Checkpoint | None, hashes: bytes | None) -> bytes | None:
     """Saved leaf hashes, accepted only if they rebuild the trusted (signed) root."""
     if trusted is None or hashes is None:
@@ -403,6 +506,64 @@ def _saved_hashes(trusted: Checkpoint | None, hashes: bytes | None) -> bytes | N
     return hashes
 
 
+class _UniqueLeaves:
+    """Leaf hashes seen so far, to find an entry logged twice (docs/ledger.md: leaf hashes are unique).
+
+    Keyed by the hash's first 8 bytes (an int, a fraction of the memory of the hash); a prefix
+    shared by two leaves, which an attacker can arrange with 2**32 work, falls back to comparing
+    full hashes, so a crafted prefix collision cannot hide a duplicate.
+    """
+
+    def __init__(self) -> None:
+        self._by_prefix: dict[int, int] = {}
+        self._full: dict[bytes, int] = {}
+
+    def add(self, tree: MerkleTree, hashes: bytes) -> tuple[int, int] | None:
+        """Check a batch that follows ``tree``'s leaves; ``(index, earlier index)`` of its first repeated leaf."""
+        first = tree.size
+        found: tuple[int, int] | None = None
+
+        def hash_of(index: int) -> bytes:
+            if index >= first:
+                return hashes[(index - first) * HASH_SIZE : (index - first + 1) * HASH_SIZE]
+            return tree.leaf_hash(index)
+
+        for offset, (prefix,) in enumerate(struct.iter_unpack(">Q24x", hashes)):
+            index = first + offset
+            earlier = self._by_prefix.setdefault(prefix, index)
+            if earlier == index:
+                continue
+            self._full.setdefault(hash_of(earlier), earlier)
+            same = self._full.setdefault(hash_of(index), index)
+            if same != index and found is None:
+                found = (index, same)
+        return found
+
+
+def rollback_violation(
+    size: int, trusted_size: int, trusted_note: str, note: str, *, located: bool, first_diff: int | None
+) -> ConsistencyViolation:
+    """The one rollback report of ``audit verify`` and ``audit consistency`` (same index, same words).
+
+    ``located``: leaf hashes saved at the trusted checkpoint were compared, and ``first_diff`` is
+    the first entry below ``size`` that differs (``None``: none did, so entry ``size`` is the first
+    one gone). Without them, entry ``size`` is the first one known to be gone.
+    """
+    if located:
+        return ConsistencyViolation(
+            "rollback",
+            f"the log has {size} entries but a trusted checkpoint covered {trusted_size}; "
+            "entries from here on are gone or changed",
+            previous=trusted_note, latest=note, index=size if first_diff is None else first_diff, exact=True,
+        )
+    return ConsistencyViolation(
+        "rollback",
+        f"the log has {size} entries but a trusted checkpoint covered {trusted_size}; entries from here on "
+        "are gone, and earlier ones may have changed too (leaf hashes saved by `audit verify --state` locate that)",
+        previous=trusted_note, latest=note, index=size, exact=True,
+    )
+
+
 def _compare_saved(
     tree: MerkleTree,
     size: int,
@@ -411,8 +572,13 @@ def _compare_saved(
     saved: bytes,
     note: str,
     first_error: AuditFailure | None,
+    *,
+    before: int | None = None,
 ) -> None:
-    """Raise a located rollback or fork if the log no longer holds the entries verified before."""
+    """Raise a located rollback or fork if the log no longer holds the entries verified before.
+
+    ``before``: the source ran out at this index; only a difference before it is raised here.
+    """
     limit = min(trusted.size, size)
     first_diff: int | None = None
     step = 65_536
@@ -423,19 +589,19 @@ def _compare_saved(
                 i for i in range(start, end) if tree.leaf_hash(i) != saved[i * HASH_SIZE : (i + 1) * HASH_SIZE]
             )
             break
+    if before is not None:
+        if first_diff is not None and first_diff < before:
+            raise ConsistencyViolation(
+                "fork",
+                f"entry differs from the one verified at the trusted checkpoint of {trusted.size} entries "
+                "(a row removed or replaced, the rest moved up)",
+                previous=trusted_note, latest=note, index=first_diff, exact=True,
+            )
+        return
     if first_error is not None and first_diff is not None and (first_error.index or 0) < first_diff:
         raise first_error
     if trusted.size > size:
-        index = size if first_diff is None else first_diff
-        raise ConsistencyViolation(
-            "rollback",
-            f"the log has {size} entries but a trusted checkpoint covered {trusted.size}; "
-            "entries from here on are gone or changed",
-            previous=trusted_note,
-            latest=note,
-            index=index,
-            exact=True,
-        )
+        raise rollback_violation(size, trusted.size, trusted_note, note, located=True, first_diff=first_diff)
     if first_diff is not None:
         raise ConsistencyViolation(
             "fork",

@@ -1,8 +1,9 @@
-"""``nhi-broker audit verify|prove|consistency|witness`` and ``nhi-broker ledger export``.
+"""``nhi-broker audit verify|prove|consistency|witness|report`` and ``nhi-broker ledger export|schema|rotate-key``.
 
 Audit commands trust only the verifier key given with ``--verifier-key`` (the ``<name>+<keyid>+<base64>``
-line `nhi-broker serve` prints), never a key the source offers. Exit status: 0 verified, 1 the
-ledger does not verify or cannot be read, 3 a rollback or fork (evidence printed), 2 usage.
+line `nhi-broker serve` prints), never a key the source offers. Exit status (:mod:`broker.cli._exit`):
+0 verified, 1 integrity failure, 2 usage, 3 rollback or fork (evidence printed), 4 the source is
+unreachable or a file cannot be read.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from broker.audit.errors import AuditFailure, ConsistencyViolation, SourceUnavailable
+from broker.cli._exit import exit_status
 from broker.errors import BrokerError, VerificationError
 
 __all__ = ["register"]
 
-EXIT_FAILED = 1
-EXIT_CONSISTENCY = 3
 
 
 def _add_source(p: argparse.ArgumentParser, *, key_required: bool = True) -> None:
@@ -42,12 +42,10 @@ def _open_source(args: argparse.Namespace) -> Iterator[Any]:
     from broker.audit.bundle import BundleLedgerSource
     from broker.audit.live import HttpLedgerSource
 
+    _check_keys(args)
     if args.url is not None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per page is noise here
-        try:
-            source: Any = HttpLedgerSource(args.url)
-        except ValueError as exc:
-            raise SourceUnavailable(str(exc)) from None
+        source: Any = HttpLedgerSource(args.url)  # a malformed URL is a usage error (ValueError)
     else:
         source = BundleLedgerSource(args.bundle)
     try:
@@ -60,8 +58,33 @@ def _err(message: str) -> None:
     print(f"nhi-broker: {message}", file=sys.stderr)
 
 
+class UsageError(ValueError):
+    """A malformed argument: nothing was checked (exit status 2)."""
+
+
+def _check_keys(args: argparse.Namespace) -> None:
+    """Refuse malformed verifier keys before reading anything: a typo is not a failed audit."""
+    from broker.ledger.checkpoint import NoteVerifier
+
+    for key in getattr(args, "verifier_key", None) or []:
+        try:
+            NoteVerifier.from_verifier_key(key)
+        except ValueError as exc:
+            raise UsageError(f"malformed verifier key {key[:60]!r}: {exc}") from None
+
+
+def _rotation_notice(signed_by: str, trusted: list[str]) -> None:
+    """Say so when the checkpoint was signed by a key the ledger endorsed, not one given."""
+    if signed_by and signed_by not in trusted:
+        print(f"note: the ledger key was rotated; the checkpoint is signed by {signed_by}, "
+              "endorsed in the ledger by a key you trust", file=sys.stderr)
+
+
 def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn audit failures into one precise line (and evidence for violations), never a traceback."""
+    """Turn audit failures into one precise line (and evidence for violations), never a traceback.
+
+    The exit status tells them apart (:func:`broker.cli._exit.exit_status`).
+    """
 
     def run(args: argparse.Namespace) -> int:
         try:
@@ -72,16 +95,19 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             print(exc.previous, end="", file=sys.stderr)
             print("--- latest checkpoint ---", file=sys.stderr)
             print(exc.latest, end="", file=sys.stderr)
-            return EXIT_CONSISTENCY
+            return exit_status(exc)
         except AuditFailure as exc:
             _err(f"ledger does NOT verify: {exc}")
-            return EXIT_FAILED
+            return exit_status(exc)
         except SourceUnavailable as exc:
             _err(f"cannot read the ledger: {exc}")
-            return EXIT_FAILED
-        except (VerificationError, BrokerError, ValueError, OSError) as exc:
+            return exit_status(exc)
+        except OSError as exc:
+            _err(f"cannot read or write a file: {exc.strerror or exc} ({exc.filename})")
+            return exit_status(exc)
+        except (VerificationError, BrokerError, ValueError) as exc:
             _err(str(exc))
-            return EXIT_FAILED
+            return exit_status(exc)
 
     return run
 
@@ -127,7 +153,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 0
     print(f"ledger {cp.origin} verified: {cp.size} entries, root {base64.b64encode(cp.root).decode()}")
     if verified.signed_by not in args.verifier_key:
-        print(f"  signed by     {verified.signed_by} (a rotated key, endorsed in the ledger by a key you trust)")
+        print(f"  signed by     {verified.signed_by} (the ledger key was rotated; the new key is endorsed in "
+              "the ledger by a key you trust)")
     print(f"  time range   {s.first_time or '-'} .. {s.last_time or '-'}")
     print("  by kind      " + (", ".join(f"{k} {n}" for k, n in sorted(s.by_kind.items())) or "-"))
     for title, counter in (("by workload", s.by_workload), ("by owner", s.by_owner)):
@@ -146,9 +173,13 @@ def _cmd_prove(args: argparse.Namespace) -> int:
     token = args.token
     if args.token_file is not None:
         token = args.token_file.read_text(encoding="utf-8").strip()
+    for name, value in (("--token", token), ("--jti", args.jti), ("--leaf-hash", args.leaf_hash)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{name} is empty")
     with _open_source(args) as source:
         attribution = prove_attribution(source, args.verifier_key, token=token, jti=args.jti,
                                         leaf_hash_hex=args.leaf_hash, origin=args.origin)
+    _rotation_notice(attribution.signed_by, args.verifier_key)
     print("\n".join(attribution.lines()))
     return 0
 
@@ -158,6 +189,7 @@ def _cmd_consistency(args: argparse.Namespace) -> int:
 
     with _open_source(args) as source:
         result = check_consistency(source, args.verifier_key, args.state, origin=args.origin)
+    _rotation_notice(result.signed_by, args.verifier_key)
     cp = result.checkpoint
     if result.previous is None:
         print(f"first checkpoint recorded: {cp.origin} size {cp.size} (state in {args.state})")
@@ -179,6 +211,7 @@ def _cmd_witness(args: argparse.Namespace) -> int:
         print(f"new witness key; its verifier key: {signer.verifier_key}", file=sys.stderr)
     with _open_source(args) as source:
         consistent = check_consistency(source, args.verifier_key, args.state, origin=args.origin)
+    _rotation_notice(consistent.signed_by, args.verifier_key)
     cosigned = signer.cosign(consistent, int(time.time()))
     print(cosigned, end="")
     if args.publish:
@@ -193,6 +226,44 @@ def _cmd_witness(args: argparse.Namespace) -> int:
             raise SourceUnavailable(f"the broker refused the cosignature: HTTP {response.status_code} "
                                     f"{response.text[:200]}")
         print("published", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import datetime
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from broker.audit.report import build_report, render_html
+    from broker.cli.policy_cmd import _utc_bound
+
+    since, until = _utc_bound(args.since, "--since"), _utc_bound(args.until, "--until")
+    converter = None
+    if args.pdf is not None:
+        converter = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                                      shutil.which("google-chrome")) if p), None)
+        if converter is None:
+            raise UsageError("--pdf needs chromium (or google-chrome) on PATH to print the report")
+    with _open_source(args) as source:
+        report = build_report(source, args.verifier_key, since=since, until=until)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    tmp = args.out.with_name(args.out.name + ".partial")
+    tmp.write_text(render_html(report, now), encoding="utf-8")
+    os.replace(tmp, args.out)
+    _rotation_notice(report.signed_by, args.verifier_key)
+    print(f"report of {report.size} verified entries written to {args.out}")
+    if converter is not None:
+        with tempfile.TemporaryDirectory() as profile:
+            run = subprocess.run(
+                [converter, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                 "--no-pdf-header-footer", f"--print-to-pdf={args.pdf.resolve()}", args.out.resolve().as_uri()],
+                capture_output=True, timeout=120, check=False,
+            )
+        if run.returncode != 0 or not args.pdf.is_file():
+            raise OSError(f"{converter} could not print the PDF (exit {run.returncode})")
+        print(f"PDF written to {args.pdf}")
     return 0
 
 
@@ -264,6 +335,14 @@ def _export_local(args: argparse.Namespace, bar: Callable[[int, int], None]) -> 
         ledger.close()
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from broker.ledger.schema import entry_json_schema
+
+    # The same models build and validate entries; this is their generated JSON Schema.
+    print(json.dumps(entry_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
 def _cmd_rotate_key(args: argparse.Namespace) -> int:
     from broker.cli.main import _settings
     from broker.clock import SystemClock
@@ -323,6 +402,15 @@ def register(sub: Any) -> None:
     wit.add_argument("--publish", action="store_true", help="send the cosignature to the broker (--url)")
     wit.set_defaults(func=_guard(_cmd_witness))
 
+    rep = audit_sub.add_parser("report", help="write a self-contained HTML report of the verified ledger "
+                                              "(and a PDF with --pdf)")
+    _add_source(rep)
+    rep.add_argument("--since", metavar="TIME", help="only entries at or after this UTC time (RFC 3339 or a date)")
+    rep.add_argument("--until", metavar="TIME", help="only entries before this UTC time (RFC 3339 or a date)")
+    rep.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    rep.add_argument("--pdf", type=Path, help="also print the report to this PDF (needs chromium)")
+    rep.set_defaults(func=_guard(_cmd_report))
+
     ledger = sub.add_parser("ledger", help="the broker's own ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)
     export = ledger_sub.add_parser("export", help="write a self-contained bundle for offline audit")
@@ -332,6 +420,8 @@ def register(sub: Any) -> None:
     export.add_argument("--progress", action="store_true", help="draw the progress bar even when not a terminal")
     _add_common(export)
     export.set_defaults(func=_guard(_cmd_export))
+    schema = ledger_sub.add_parser("schema", help="print the JSON Schema of ledger entries (version 1)")
+    schema.set_defaults(func=_guard(_cmd_schema))
     rotate = ledger_sub.add_parser("rotate-key", help="rotate the checkpoint signing key, recorded in the ledger")
     _add_common(rotate)
     rotate.set_defaults(func=_guard(_cmd_rotate_key))

@@ -6,8 +6,8 @@
     dev vault              run a local OpenBao configured for the sample vault-* intents
     keys list|rotate       task-token signing keys
     policy test|explain|lint
-    audit verify|prove|consistency|witness
-    ledger export|rotate-key
+    audit verify|prove|consistency|witness|report
+    ledger export|schema|rotate-key
     config check|docs      validate a configuration without starting; the configuration reference
     healthcheck            probe the local broker on its configured port (Docker HEALTHCHECK)
     admin ...              operators: workloads, revoke, approvals, leases (against a running broker)
@@ -348,12 +348,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from broker.cli._exit import exit_status
+    from broker.ledger.storage import LedgerCorrupt
+
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
     try:
         return func(args)
+    except LedgerCorrupt as exc:
+        # The same refusal, with the same status, whichever command opened the ledger.
+        print(f"nhi-broker: {exc}", file=sys.stderr)
+        return exit_status(exc)
     except (ConfigError, PolicyLoadError, BrokerError) as exc:
         print(f"nhi-broker: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
-"""``nhi-broker policy test|explain|lint``: the security engineer's tools for a policy directory.
+"""``nhi-broker policy test|explain|lint|replay``: the security engineer's tools for a policy directory.
 
 Exit codes: 0 success; 1 a refused policy set, a failing test case or bad input; 2 usage errors
-(from argparse).
+(from argparse). ``replay`` follows the ledger's exit statuses (docs/ledger.md) and adds 5: more
+recorded requests would change than ``--max-changes`` allows.
 """
 
 from __future__ import annotations
@@ -146,6 +147,71 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_OVER_THRESHOLD = 5
+
+
+def _utc_bound(value: str | None, flag: str) -> str | None:
+    """An RFC 3339 UTC time (``...Z``) or a date, as the fixed-width form entries record."""
+    import re
+
+    if value is None:
+        return None
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        return value + "T00:00:00Z"
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", value):
+        return value
+    raise ValueError(f"{flag} must be YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)")
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from broker.audit import BundleLedgerSource, HttpLedgerSource
+    from broker.cli._exit import EXIT_USAGE, exit_status
+    from broker.cli.audit_cmd import UsageError, _check_keys
+    from broker.policy.replay import replay_ledger
+
+    try:
+        since, until = _utc_bound(args.since, "--since"), _utc_bound(args.until, "--until")
+        if args.max_changes is not None and args.max_changes < 0:
+            raise UsageError("--max-changes must be 0 or more")
+        _check_keys(args)
+    except ValueError as exc:
+        print(f"nhi-broker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    policies = _load(args.policies)
+    if policies is None:
+        return EXIT_USAGE
+    try:
+        ledger = args.ledger
+        source: Any = HttpLedgerSource(ledger) if ledger.startswith(("http://", "https://")) \
+            else BundleLedgerSource(Path(ledger))
+        try:
+            report = replay_ledger(source, args.verifier_key, policies, since=since, until=until)
+        finally:
+            source.close()
+    except Exception as exc:  # the ledger's own errors, mapped to the audit exit statuses
+        from broker.audit.errors import ConsistencyViolation, SourceUnavailable
+        from broker.errors import VerificationError
+
+        if not isinstance(exc, VerificationError | SourceUnavailable | ValueError | OSError | BrokerError):
+            raise
+        what = "LEDGER CONSISTENCY VIOLATION" if isinstance(exc, ConsistencyViolation) else "ledger does NOT verify"
+        if isinstance(exc, SourceUnavailable | OSError):
+            what = "cannot read the ledger"
+        elif isinstance(exc, ValueError) and not isinstance(exc, VerificationError):
+            what = "usage"
+        print(f"nhi-broker: {what}: {exc}", file=sys.stderr)
+        return exit_status(exc)
+    if args.json:
+        print(json.dumps(report.to_json(), sort_keys=True, ensure_ascii=False))
+    else:
+        print("\n".join(report.lines()))
+    if args.max_changes is not None and report.changed > args.max_changes:
+        print(f"nhi-broker: {report.changed} recorded request(s) would change, more than --max-changes "
+              f"{args.max_changes}", file=sys.stderr)
+        return EXIT_OVER_THRESHOLD
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add ``policy test|explain|lint`` to the ``nhi-broker`` subcommands."""
     policy = subparsers.add_parser(
@@ -193,6 +259,27 @@ def register(subparsers: Any) -> None:
     add_dir(explain)
     add_format(explain)
     explain.set_defaults(func=_cmd_explain)
+
+    replay = commands.add_parser(
+        "replay",
+        help="re-decide every request a verified ledger recorded under these policies; report what changes",
+        description="Verify the ledger with --verifier-key, then re-decide each recorded issuance, denial and "
+        "held request under the policy set in --policies, and report per rule what would change (allow → deny, "
+        "deny → allow, review added), with example entries. Exit status: 0 done (changes within --max-changes), "
+        "5 more changes than --max-changes, 1 the ledger does not verify, 2 usage or a refused policy set, 3 a "
+        "rollback or fork, 4 the ledger cannot be read.",
+    )
+    replay.add_argument("--ledger", required=True, metavar="URL|BUNDLE",
+                        help="a running broker (http(s)://...) or a bundle from `nhi-broker ledger export`")
+    replay.add_argument("--verifier-key", required=True, action="append",
+                        help="the ledger's verifier key, obtained out of band (repeat to trust several)")
+    replay.add_argument("--since", metavar="TIME", help="only requests at or after this UTC time (RFC 3339 or a date)")
+    replay.add_argument("--until", metavar="TIME", help="only requests before this UTC time (RFC 3339 or a date)")
+    replay.add_argument("--max-changes", type=int, metavar="N",
+                        help="exit 5 when more than N recorded requests would be decided differently")
+    replay.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_dir(replay)
+    replay.set_defaults(func=_cmd_replay)
 
     lint = commands.add_parser("lint", help="load and validate the policy directory; print its version")
     add_dir(lint)

@@ -14,9 +14,12 @@ and then answers from memory.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 from typing import Any
@@ -26,8 +29,16 @@ from broker.errors import InvalidRequest, LedgerUnavailable, NotFound, Verificat
 from broker.ledger.canonical import encode_entry
 from broker.ledger.checkpoint import NoteSigner, sign_checkpoint, verify_checkpoint
 from broker.ledger.cosignature import Cosignature, CosignatureVerifier
-from broker.ledger.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
-from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage
+from broker.ledger.merkle import (
+    EMPTY_ROOT,
+    HASH_SIZE,
+    TILE_LEVEL,
+    MerkleTree,
+    TileMismatch,
+    leaf_hash,
+    root_from_leaf_hashes,
+)
+from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage, MissingEntry, TileRootStorage
 from broker.ledger.tiles import TILE_WIDTH, entry_bundle, parse_tile_path, tile_hashes
 from broker.models import Receipt
 
@@ -41,9 +52,32 @@ _HEX_HASH = re.compile(r"[0-9a-fA-F]{64}")
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
+    """One queued append and whoever waits for it: a thread (``future``) or a coroutine (``waiter``)."""
+
     leaf: bytes
     leaf_hash: bytes
-    future: Future[Receipt]
+    future: Future[Receipt] | None
+    waiter: asyncio.Future[Receipt] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> bool:
+        """False if the caller gave up before the write started; it is then not written."""
+        if self.future is not None:
+            # Once RUNNING, a concurrent future can no longer be cancelled, so setting it cannot fail.
+            return self.future.set_running_or_notify_cancel()
+        # Read from the writer thread: a cancel racing with this check only costs an extra entry.
+        return self.waiter is not None and not self.waiter.cancelled()
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Receipt], Receipt | BaseException]]) -> None:
+    """On the event loop: hand each waiting coroutine its receipt or error (one call per batch)."""
+    for waiter, outcome in outcomes:
+        if waiter.done():  # timed out or cancelled meanwhile
+            continue
+        if isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
 
 
 _STOP = object()
@@ -65,7 +99,18 @@ class Ledger:
         *,
         max_batch: int = 1024,
         append_timeout: float = 30.0,
+        tail_tiles: int = 64,
+        sample_tiles: int = 64,
+        rng: random.Random | None = None,
     ) -> None:
+        """Open the log over ``storage`` and check its integrity (:meth:`check_integrity`).
+
+        ``tail_tiles`` and ``sample_tiles`` bound that check (see there); ``rng`` draws the sample.
+
+        Raises :class:`LedgerCorrupt` (and closes ``storage``) when the storage contradicts what
+        this log acknowledged or published: every command that holds the signing key opens the
+        ledger through here, so none of them can sign a checkpoint over a rewritten history.
+        """
         # Fail at construction, not at the first checkpoint request, on a bad origin or key.
         sign_checkpoint(signer, origin, 0, EMPTY_ROOT)
         if max_batch < 1:
@@ -77,12 +122,18 @@ class Ledger:
         self._max_batch = max_batch
         self._append_timeout = append_timeout
         self._tree = MerkleTree()
+        self._tiles_recorded = 0
         self._tree_lock = threading.Lock()
         self._checkpoint_cache: tuple[int, str] | None = None
         self._last_commit_at: float | None = None
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._state_lock = threading.Lock()
         self._closed = False
+        try:
+            self.check_integrity(tail_tiles=tail_tiles, sample_tiles=sample_tiles, rng=rng)
+        except BaseException:
+            storage.close()
+            raise
         self._writer = threading.Thread(target=self._run_writer, name="ledger-writer", daemon=True)
         self._writer.start()
 
@@ -122,21 +173,33 @@ class Ledger:
             raise LedgerUnavailable("ledger write timed out") from None
 
     async def append_async(self, entry: dict[str, Any]) -> Receipt:
-        """:meth:`append` for asyncio callers; the event loop is never blocked on the fsync."""
-        future = self._submit(entry)
+        """:meth:`append` for asyncio callers; the event loop is never blocked on the fsync.
+
+        The writer thread resolves the waiting coroutines of a batch with one hand-over to the loop
+        (not one per entry), which keeps the per-append cost on the loop small under load.
+        """
+        leaf = encode_entry(entry)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Receipt] = loop.create_future()
+        self._enqueue(_Pending(leaf, leaf_hash(leaf), None, waiter, loop))
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self._append_timeout)
+            async with asyncio.timeout(self._append_timeout):
+                return await waiter
         except TimeoutError:
             raise LedgerUnavailable("ledger write timed out") from None
 
     def _submit(self, entry: dict[str, Any]) -> Future[Receipt]:
         leaf = encode_entry(entry)
         pending = _Pending(leaf, leaf_hash(leaf), Future())
+        self._enqueue(pending)
+        assert pending.future is not None
+        return pending.future
+
+    def _enqueue(self, pending: _Pending) -> None:
         with self._state_lock:
             if self._closed:
                 raise LedgerUnavailable("ledger is closed")
             self._queue.put(pending)
-        return pending.future
 
     def _run_writer(self) -> None:
         while True:
@@ -160,9 +223,8 @@ class Ledger:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
-        # A caller that cancelled (asyncio timeout, client gone) before we start is not written;
-        # once RUNNING, a future can no longer be cancelled, so set_result below cannot fail.
-        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        # A caller that cancelled (asyncio timeout, client gone) before we start is not written.
+        live = [p for p in batch if p.start()]
         if not live:
             return
         distinct: dict[bytes, bytes] = {}
@@ -176,12 +238,25 @@ class Ledger:
             error = exc
         except Exception as exc:  # callers must never wait on a dead writer
             error = LedgerUnavailable(f"ledger write failed ({type(exc).__name__})")
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Receipt], Receipt | BaseException]]] = {}
         for p in live:
             index = indexes.get(p.leaf_hash)
-            if index is None:
-                p.future.set_exception(error or LedgerUnavailable("ledger write failed"))
-            else:
-                p.future.set_result(Receipt(index=index, leaf_hash=p.leaf_hash.hex()))
+            outcome: Receipt | BaseException = (
+                error or LedgerUnavailable("ledger write failed") if index is None
+                else Receipt(index=index, leaf_hash=p.leaf_hash.hex())
+            )
+            if p.future is not None:
+                if isinstance(outcome, BaseException):
+                    p.future.set_exception(outcome)
+                else:
+                    p.future.set_result(outcome)
+            elif p.waiter is not None and p.loop is not None:
+                by_loop.setdefault(p.loop, []).append((p.waiter, outcome))
+        for loop, outcomes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, outcomes)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
 
     def _store(self, distinct: dict[bytes, bytes]) -> dict[bytes, int]:
         """Append the distinct leaves; the index of each (existing ones for identical entries)."""
@@ -216,8 +291,27 @@ class Ledger:
         try:
             if self._tree.size == first:
                 self._tree.extend(hashes)
+                self._record_tiles()
         finally:
             self._tree_lock.release()
+
+    def _record_tiles(self) -> None:
+        """Persist the roots of tiles the tree completed (must hold ``_tree_lock``); best effort."""
+        complete = self._tree.size >> TILE_LEVEL
+        if complete <= self._tiles_recorded or not isinstance(self._storage, TileRootStorage):
+            return
+        roots = self._tree.nodes(TILE_LEVEL, self._tiles_recorded, complete)
+        try:
+            self._storage.record_tile_roots(
+                self._tiles_recorded, [roots[i : i + HASH_SIZE] for i in range(0, len(roots), HASH_SIZE)]
+            )
+        except LedgerUnavailable:
+            return  # retried after the next append; a missing tile root only costs a slower start
+        self._tiles_recorded = complete
+
+    def _load_tile(self, tile: int) -> bytes:
+        """The leaf hashes of complete tile ``tile``, for the lower nodes a proof needs."""
+        return b"".join(self._storage.leaf_hashes(tile << TILE_LEVEL, (tile + 1) << TILE_LEVEL))
 
     # -- read path -----------------------------------------------------------------------------
 
@@ -228,8 +322,17 @@ class Ledger:
         if durable < known:
             # Storage lost entries it had acknowledged: the file was replaced or rolled back.
             raise LedgerUnavailable("ledger storage is behind the published tree")
+        if known == 0 and durable >= TILE_WIDTH and isinstance(self._storage, TileRootStorage):
+            # Cold start: the recorded tile roots (interior hashes), then only the leaf hashes after
+            # them, instead of every leaf hash; lower nodes of old tiles are loaded when a proof
+            # needs them. check_integrity() checks the tiles against the leaves they stand for.
+            roots = self._storage.tile_roots(0, durable >> TILE_LEVEL)
+            self._tree = MerkleTree.from_tile_roots(b"".join(roots), (), self._load_tile)
+            self._tiles_recorded = len(roots)
+            known = self._tree.size
         for start in range(known, durable, _CATCH_UP_CHUNK):
             self._tree.extend(self._storage.leaf_hashes(start, min(durable, start + _CATCH_UP_CHUNK)))
+        self._record_tiles()
         return self._tree.size
 
     def size(self) -> int:
@@ -278,7 +381,7 @@ class Ledger:
             raise InvalidRequest(f"not a checkpoint of this log: {exc}") from None
         # (2) a tree this log has, with this root, and recorded as published.
         plain = sign_checkpoint(self._signer, self._origin, checkpoint.size, checkpoint.root)
-        with self._tree_lock:
+        with self._tree_lock, _tiles_intact():
             size = self._sync()
             if checkpoint.size > size or self._tree.root(checkpoint.size) != checkpoint.root:
                 raise InvalidRequest("the checkpoint does not match this log's tree")
@@ -301,7 +404,7 @@ class Ledger:
         Served only for trees this log has (its current size); :class:`NotFound` otherwise.
         """
         tile = parse_tile_path(path)
-        with self._tree_lock:
+        with self._tree_lock, _tiles_intact():
             size = self._sync()
             if tile.level is not None:
                 return tile_hashes(self._tree, size, tile), tile.width is None
@@ -313,37 +416,87 @@ class Ledger:
             leaves += self._storage.entries(chunk, min(start + tile.count, chunk + MAX_ENTRIES_PER_CALL))
         return entry_bundle(leaves), tile.width is None
 
-    def check_integrity(self, *, tail: int = 1024, checkpoints: int = 1000) -> int:
-        """Check storage on start; the number of entries, or :class:`LedgerCorrupt` with what is wrong.
+    def check_integrity(
+        self, *, tail: int = 1024, tail_tiles: int = 64, sample_tiles: int = 64, checkpoints: int = 1000,
+        rng: random.Random | None = None,
+    ) -> int:
+        """Check storage against what this log acknowledged and published; the number of entries.
 
-        (1) indexes are gapless and every leaf hash loads; (2) the last ``tail`` leaves still hash to
-        their recorded leaf hashes (a torn or corrupt tail); (3) the tree still has the root of each
-        of the last ``checkpoints`` checkpoints this log published. Nothing is repaired or truncated.
+        Runs when the ledger is opened (so no command can sign over a rewritten history) and may be
+        run again. In bounded time, whatever the size of the log:
+
+        (1) the tree loads: recorded tile roots plus the leaf hashes after them (every leaf hash
+            on a log without recorded tiles), with no index missing among those read;
+        (2) the last ``tail_tiles`` complete tiles, ``sample_tiles`` other tiles drawn at random
+            (each start checks a different sample) and the last ``tail`` leaves: every row is
+            present, every leaf still hashes to its recorded leaf hash, and every tile's leaf
+            hashes still rebuild the tile root the tree holds;
+        (3) the tree still has the root of each of the last ``checkpoints`` checkpoints this log
+            published, which binds every tile root to a signed root.
+
+        Raises :class:`LedgerCorrupt` naming the first bad index (or the checkpoint the storage
+        contradicts, and the index from which on the altered entry lies). Nothing is repaired.
         """
-        with self._tree_lock:
+        refusing = "refusing to serve or sign"
+        with self._tree_lock, _tiles_intact():
+            # (1)
             try:
                 size = self._sync()
+            except MissingEntry as exc:
+                raise LedgerCorrupt(f"ledger storage is missing entry {exc.index} (a row was deleted); {refusing}",
+                                    kind="corrupt", index=exc.index) from None
             except LedgerCorrupt:
                 raise
             except LedgerUnavailable as exc:
                 raise LedgerCorrupt(f"ledger storage cannot be read back in full: {exc.description}") from None
-            start = max(0, size - tail)
-            for chunk in range(start, size, MAX_ENTRIES_PER_CALL):
-                end = min(size, chunk + MAX_ENTRIES_PER_CALL)
-                leaves = self._storage.entries(chunk, end)
-                for offset, (leaf, recorded) in enumerate(zip(leaves, self._storage.leaf_hashes(chunk, end),
-                                                              strict=True)):
-                    if leaf_hash(leaf) != recorded:
-                        raise LedgerCorrupt(f"ledger entry {chunk + offset} does not match its recorded leaf hash "
-                                            "(corrupt or torn storage); refusing to start")
-            for cp_size, cp_root in self._storage.published_checkpoints(checkpoints):
+            # (2) ranges to read, ascending, so the first problem found is the first bad index.
+            tiles = size >> TILE_LEVEL
+            chosen = set(range(max(0, tiles - tail_tiles), tiles))
+            older = max(0, tiles - tail_tiles)
+            chosen |= set((rng or random.SystemRandom()).sample(range(older), min(sample_tiles, older)))
+            ranges = [(t << TILE_LEVEL, (t + 1) << TILE_LEVEL) for t in sorted(chosen)]
+            ranges.append((max(0, size - tail), size))
+            for start, end in _merged(ranges):
+                self._check_range(start, end, refusing)
+            # (3) published checkpoints, smallest first: the first one the tree contradicts, and the
+            # largest one below it that still holds, bound where the history was altered.
+            published = sorted(self._storage.published_checkpoints(checkpoints))
+            holds = 0
+            for cp_size, cp_root in published:
                 if cp_size > size:
                     raise LedgerCorrupt(f"ledger storage holds {size} entries but a checkpoint of {cp_size} was "
-                                        f"published: entries from index {size} are missing; refusing to start")
+                                        f"published: entries from index {size} are missing; {refusing}",
+                                        kind="rollback", index=size)
                 if self._tree.root(cp_size) != cp_root:
-                    raise LedgerCorrupt(f"ledger storage no longer matches the checkpoint of {cp_size} entries it "
-                                        "published: history was altered; refusing to start")
+                    raise LedgerCorrupt(
+                        f"ledger storage no longer matches the checkpoint of {cp_size} entries it published: "
+                        f"history was altered (the first altered entry is at or after index {holds}"
+                        + (f", where the checkpoint of {holds} entries still matches" if holds else "")
+                        + f"); {refusing}",
+                        kind="fork", index=holds)
+                holds = cp_size
             return size
+
+    def _check_range(self, start: int, end: int, refusing: str) -> None:
+        """Rows ``[start, end)`` are present, hash to their leaf hashes, and rebuild their tile roots."""
+        for chunk in range(start, end, MAX_ENTRIES_PER_CALL):
+            stop = min(end, chunk + MAX_ENTRIES_PER_CALL)
+            try:
+                hashes = self._storage.leaf_hashes(chunk, stop)
+                leaves = self._storage.entries(chunk, stop)
+            except MissingEntry as exc:
+                raise LedgerCorrupt(f"ledger storage is missing entry {exc.index} (a row was deleted); {refusing}",
+                                    kind="corrupt", index=exc.index) from None
+            for offset, (leaf, recorded) in enumerate(zip(leaves, hashes, strict=True)):
+                if leaf_hash(leaf) != recorded:
+                    raise LedgerCorrupt(f"ledger entry {chunk + offset} does not match its recorded leaf hash "
+                                        f"(corrupt or torn storage); {refusing}", kind="corrupt", index=chunk + offset)
+        for tile in range(-(-start // TILE_WIDTH), end // TILE_WIDTH):
+            first = tile << TILE_LEVEL
+            rebuilt = root_from_leaf_hashes(self._storage.leaf_hashes(first, first + TILE_WIDTH))
+            if rebuilt != self._tree.nodes(TILE_LEVEL, tile, tile + 1):
+                raise LedgerCorrupt(f"the leaf hashes of entries {first}..{first + TILE_WIDTH - 1} no longer hash to "
+                                    f"their recorded tile root (rows rewritten); {refusing}", kind="fork", index=first)
 
     def entries(self, start: int, end: int) -> list[bytes]:
         """Leaves ``[start, end)``, at most :data:`MAX_ENTRIES_PER_CALL` of them.
@@ -360,13 +513,13 @@ class Ledger:
 
     def inclusion_proof(self, index: int, tree_size: int) -> list[bytes]:
         """The RFC 9162 §2.1.3 audit path of entry ``index`` in the tree of ``tree_size``."""
-        with self._tree_lock:
+        with self._tree_lock, _tiles_intact():
             self._sync()
             return self._tree.inclusion_proof(index, tree_size)
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
         """The RFC 9162 §2.1.4 consistency proof from tree size ``size1`` to ``size2``."""
-        with self._tree_lock:
+        with self._tree_lock, _tiles_intact():
             self._sync()
             return self._tree.consistency_proof(size1, size2)
 
@@ -396,6 +549,29 @@ class Ledger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@contextmanager
+def _tiles_intact() -> Iterator[None]:
+    """A tile whose rows no longer rebuild its recorded root is corruption, reported as such (503)."""
+    try:
+        yield
+    except TileMismatch as exc:
+        raise LedgerCorrupt(f"{exc}: the ledger storage was altered", kind="fork",
+                            index=exc.tile << TILE_LEVEL) from None
+    except MissingEntry as exc:
+        raise LedgerCorrupt(f"ledger storage is missing entry {exc.index} (a row was deleted)",
+                            kind="corrupt", index=exc.index) from None
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def _is_int(value: object) -> bool:

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 
 from broker.errors import InvalidRequest, VerificationError
 
 __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
+    "TILE_LEVEL",
     "MerkleTree",
+    "TileMismatch",
     "leaf_hash",
     "node_hash",
     "root_from_leaf_hashes",
@@ -30,9 +33,19 @@ __all__ = [
 ]
 
 HASH_SIZE = 32
+TILE_LEVEL = 8  # C2SP tlog-tiles: a tile is 2**8 = 256 hashes wide; its root is a level-8 node
 _LEAF_PREFIX = b"\x00"  # RFC 9162 §2.1.1: leaf hashes are domain-separated from nodes ...
 _NODE_PREFIX = b"\x01"  # ... by a one-byte prefix.
 EMPTY_ROOT = hashlib.sha256(b"").digest()  # MTH({}) = SHA-256() (RFC 9162 §2.1.1)
+
+
+class TileMismatch(ValueError):
+    """The leaf hashes of a complete tile no longer hash to the tile root the tree holds for it."""
+
+    def __init__(self, tile: int) -> None:
+        super().__init__(f"the leaf hashes of entries {tile << TILE_LEVEL}..{((tile + 1) << TILE_LEVEL) - 1} "
+                         "no longer hash to their recorded tile root")
+        self.tile = tile
 
 
 def leaf_hash(data: bytes) -> bytes:
@@ -198,7 +211,34 @@ class MerkleTree:
     def __init__(self, leaf_hashes: Iterable[bytes] = ()) -> None:
         self._levels: list[bytearray] = [bytearray()]
         self._size = 0
+        # Leaves [0, _base) are complete tiles whose levels below TILE_LEVEL are not in memory:
+        # _loader(t) returns tile t's 256 leaf hashes when a proof or a tile request needs them.
+        self._base = 0
+        self._loader: Callable[[int], bytes] | None = None
+        self._tile_cache: OrderedDict[int, list[list[bytes]]] = OrderedDict()
         self.extend(leaf_hashes)
+
+    @classmethod
+    def from_tile_roots(
+        cls, tile_roots: bytes, tail: Iterable[bytes], loader: Callable[[int], bytes]
+    ) -> MerkleTree:
+        """A tree over complete tiles given by their roots, then the ``tail`` leaf hashes.
+
+        ``tile_roots`` are the hashes of the first ``len // 32`` complete subtrees of
+        ``2**TILE_LEVEL`` leaves (persisted interior nodes); ``loader(t)`` returns the leaf hashes of
+        tile ``t`` (8,192 bytes) on demand. Start-up costs O(n / 256) hashes and memory, not O(n);
+        roots for any size are exact, and the few lower nodes a proof needs are loaded per tile.
+        """
+        if len(tile_roots) % HASH_SIZE:
+            raise ValueError("tile roots are 32-byte hashes")
+        tree = cls()
+        tiles = len(tile_roots) // HASH_SIZE
+        tree._base = tree._size = tiles << TILE_LEVEL
+        tree._loader = loader
+        tree._levels = [bytearray() for _ in range(TILE_LEVEL)] + [bytearray(tile_roots)]
+        tree._complete_levels(tree._size, TILE_LEVEL + 1)
+        tree.extend(tail)
+        return tree
 
     @property
     def size(self) -> int:
@@ -214,6 +254,10 @@ class MerkleTree:
         self.extend((leaf_hash,))
         return index
 
+    def _offset(self, level: int) -> int:
+        """Index of the first node kept in memory at ``level`` (below it: complete tiles on disk)."""
+        return self._base >> level if level < TILE_LEVEL else 0
+
     def extend(self, leaf_hashes: Iterable[bytes]) -> None:
         """Add leaf hashes in order, then complete every subtree they finish."""
         batch = list(leaf_hashes)
@@ -225,28 +269,36 @@ class MerkleTree:
             return
         self._levels[0] += b"".join(batch)
         size = self._size + len(batch)
-        k = 1
+        self._complete_levels(size, 1)
+        self._size = size
+
+    def _complete_levels(self, size: int, first_level: int) -> None:
+        k = first_level
+        sha256 = hashlib.sha256
         while size >> k:
             if k == len(self._levels):
                 self._levels.append(bytearray())
             below, here = self._levels[k - 1], self._levels[k]
-            sha256 = hashlib.sha256
+            below_offset, here_offset = self._offset(k - 1), self._offset(k)
             # Children 2i and 2i+1 sit next to each other one level down, so a node's preimage
             # is 0x01 followed by one 64-byte slice.
             view = memoryview(below)
             try:
-                for i in range(len(here) // HASH_SIZE, size >> k):
-                    here += sha256(_NODE_PREFIX + view[2 * i * HASH_SIZE : (2 * i + 2) * HASH_SIZE]).digest()
+                for i in range(len(here) // HASH_SIZE + here_offset, size >> k):
+                    j = 2 * i - below_offset
+                    here += sha256(_NODE_PREFIX + view[j * HASH_SIZE : (j + 2) * HASH_SIZE]).digest()
             finally:
                 view.release()  # a live view would pin ``below`` and block its next resize
             k += 1
-        self._size = size
 
     def nodes(self, height: int, start: int, end: int) -> bytes:
         """Concatenated hashes of the complete subtrees of ``2**height`` leaves numbered ``[start, end)``."""
         if not 0 <= height < len(self._levels) or not 0 <= start <= end <= self._size >> height:
             raise InvalidRequest("no such complete subtrees in this tree")
-        return bytes(self._levels[height][start * HASH_SIZE : end * HASH_SIZE])
+        offset = self._offset(height)
+        if start >= offset:
+            return bytes(self._levels[height][(start - offset) * HASH_SIZE : (end - offset) * HASH_SIZE])
+        return b"".join(self._node(height, i) for i in range(start, end))
 
     def leaf_hash(self, index: int) -> bytes:
         """The stored hash of leaf ``index``."""
@@ -312,7 +364,32 @@ class MerkleTree:
     # -- internals -------------------------------------------------------------------------
 
     def _node(self, level: int, i: int) -> bytes:
-        return bytes(self._levels[level][i * HASH_SIZE : (i + 1) * HASH_SIZE])
+        offset = self._offset(level)
+        if i >= offset:
+            return bytes(self._levels[level][(i - offset) * HASH_SIZE : (i - offset + 1) * HASH_SIZE])
+        return self._tile_levels(i >> (TILE_LEVEL - level))[level][i & ((1 << (TILE_LEVEL - level)) - 1)]
+
+    def _tile_levels(self, tile: int) -> list[list[bytes]]:
+        """Levels 0..TILE_LEVEL-1 of a complete tile on disk, each as a list (a few tiles cached)."""
+        cached = self._tile_cache.get(tile)
+        if cached is not None:
+            self._tile_cache.move_to_end(tile)
+            return cached
+        assert self._loader is not None
+        raw = self._loader(tile)
+        if len(raw) != HASH_SIZE << TILE_LEVEL:
+            raise ValueError(f"tile {tile} does not hold {1 << TILE_LEVEL} leaf hashes")
+        levels: list[list[bytes]] = [[raw[i : i + HASH_SIZE] for i in range(0, len(raw), HASH_SIZE)]]
+        while len(levels) <= TILE_LEVEL:
+            below = levels[-1]
+            levels.append([node_hash(below[i], below[i + 1]) for i in range(0, len(below), 2)])
+        if levels[TILE_LEVEL][0] != self._node(TILE_LEVEL, tile):
+            # The leaf hashes on disk no longer rebuild the tile root this tree was built on.
+            raise TileMismatch(tile)
+        self._tile_cache[tile] = levels
+        if len(self._tile_cache) > 16:
+            self._tile_cache.popitem(last=False)
+        return levels
 
     def _range_hash(self, lo: int, hi: int) -> bytes:
         """``MTH(D[lo:hi])`` for a subtree that RFC 6962's splitting produces.

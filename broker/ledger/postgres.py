@@ -139,6 +139,39 @@ class PostgresLedgerStorage:
         with _pg_errors():
             return self._writer.run(work, retry=True)
 
+    def record_tile_roots(self, start: int, roots: list[bytes]) -> None:
+        """Keep the roots of complete tiles ``start, start + 1, ...``; a tile already recorded keeps its first."""
+        if not roots:
+            return
+
+        def work(conn: _Conn) -> None:
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO ledger_tile_roots (idx, root) "
+                    "SELECT %s + t.n - 1, t.root FROM unnest(%s::bytea[]) WITH ORDINALITY AS t(root, n) "
+                    "ON CONFLICT (idx) DO NOTHING",
+                    (start, roots),
+                )
+
+        with _pg_errors():
+            self._writer.run(work, retry=True)  # idempotent
+
+    def tile_roots(self, start: int, end: int) -> list[bytes]:
+        """Recorded roots of tiles ``[start, end)``, in order, stopping at the first one not recorded."""
+
+        def work(conn: _Conn) -> list[tuple[object, ...]]:
+            with conn.cursor(binary=True) as cur:
+                cur.execute(b"SELECT idx, root FROM ledger_tile_roots WHERE idx >= %s AND idx < %s ORDER BY idx",
+                            (start, end))
+                return cur.fetchall()
+
+        roots: list[bytes] = []
+        for expected, (idx, root) in enumerate(self._read(work), start):
+            if idx != expected:
+                break
+            roots.append(_bytes(root))
+        return roots
+
     def record_checkpoint(self, size: int, root: bytes, note: str) -> None:
         """Remember a checkpoint (durably) before it is published; the first one per size stays."""
 
@@ -187,17 +220,19 @@ class PostgresLedgerStorage:
     def _range(self, column: str, start: int, end: int) -> list[bytes]:
         if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start <= end:
             raise InvalidRequest("entry range must satisfy 0 <= start <= end")
-        query = f"SELECT {column} FROM ledger_entries WHERE idx >= %s AND idx < %s ORDER BY idx"  # noqa: S608 -- ours
+        query = f"SELECT idx, {column} FROM ledger_entries WHERE idx >= %s AND idx < %s ORDER BY idx"  # noqa: S608
 
-        def work(conn: _Conn) -> list[bytes]:
+        def work(conn: _Conn) -> list[tuple[object, ...]]:
             with conn.cursor(binary=True) as cur:
                 cur.execute(query.encode(), (start, end))
-                return [_bytes(row[0]) for row in cur.fetchall()]
+                return cur.fetchall()
 
         rows = self._read(work)
         if len(rows) != end - start:
-            raise LedgerUnavailable("ledger storage does not hold the requested entries")
-        return rows
+            # Name the first hole: an operator (and `serve`'s refusal) must say which row is gone.
+            missing = next((start + i for i, row in enumerate(rows) if row[0] != start + i), start + len(rows))
+            raise LedgerUnavailable(f"ledger storage is missing entry {missing}")
+        return [_bytes(row[1]) for row in rows]
 
     def leaf_hashes(self, start: int, end: int) -> list[bytes]:
         """Leaf hashes of ``[start, end)``."""

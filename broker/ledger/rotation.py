@@ -74,12 +74,11 @@ def rotate_ledger_key(data_dir: Path, key_name: str, origin: str, clock: Clock,
     endorsement = old_signer.sign(f"{ENDORSEMENT_HEADER}\n{origin}\n{new_signer.verifier_key}\n")
     jwk = public_jwk(new)
     entry = key_rotation_entry(now=clock.now(), request_id=f"cli-{uuid.uuid4().hex}", purpose="ledger",
-                               kid=jwk["kid"], alg="EdDSA", jwk=jwk)
-    entry["key"]["endorsement"] = endorsement
+                               kid=jwk["kid"], alg="EdDSA", jwk=jwk, endorsement=endorsement)
     # (1)-(3) with the old key: the entry, then a recorded hand-over checkpoint that covers it.
+    # Opening the ledger checks its integrity: never endorse a key over a rewritten history.
     storage = open_ledger_storage(ledger_url or default_ledger_url(data_dir))
     with Ledger(storage, old_signer, origin, clock) as ledger:
-        ledger.check_integrity()
         ledger.append(entry)
         ledger.checkpoint()
     # (4) the new key in place; the old one kept, retired, for the record.

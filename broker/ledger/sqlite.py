@@ -17,7 +17,7 @@ from pathlib import Path
 
 from broker.errors import InvalidRequest, LedgerUnavailable
 from broker.ledger.merkle import HASH_SIZE, leaf_hash
-from broker.ledger.storage import DuplicateLeaf
+from broker.ledger.storage import DuplicateLeaf, MissingEntry
 
 __all__ = ["SqliteLedgerStorage"]
 
@@ -32,6 +32,10 @@ CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
 BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
 BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+CREATE TABLE IF NOT EXISTS tiles (
+    idx  INTEGER PRIMARY KEY CHECK (idx >= 0),
+    root BLOB    NOT NULL CHECK (length(root) = {HASH_SIZE})
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     size INTEGER PRIMARY KEY CHECK (size >= 0),
     root BLOB    NOT NULL CHECK (length(root) = {HASH_SIZE}),
@@ -163,14 +167,16 @@ class SqliteLedgerStorage:
             rows = (
                 self._conn(self._reader)
                 .execute(
-                    f"SELECT {column} FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",  # noqa: S608 -- column is ours
+                    f"SELECT idx, {column} FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",  # noqa: S608 -- column is ours
                     (start, end),
                 )
                 .fetchall()
             )
         if len(rows) != end - start:
-            raise LedgerUnavailable("ledger storage does not hold the requested entries")
-        return [bytes(row[0]) for row in rows]
+            # Name the first hole: an operator (and `serve`'s refusal) must say which row is gone.
+            missing = next((start + i for i, row in enumerate(rows) if row[0] != start + i), start + len(rows))
+            raise MissingEntry(missing)
+        return [bytes(row[1]) for row in rows]
 
     def leaf_hashes(self, start: int, end: int) -> list[bytes]:
         """Leaf hashes of ``[start, end)``."""
@@ -179,6 +185,37 @@ class SqliteLedgerStorage:
     def entries(self, start: int, end: int) -> list[bytes]:
         """Leaves of ``[start, end)``."""
         return self._range("leaf", start, end)
+
+    def record_tile_roots(self, start: int, roots: list[bytes]) -> None:
+        """Keep tile roots (one fsynced transaction); a tile already recorded keeps its first root."""
+        if not roots:
+            return
+        with self._write_lock, _sqlite_errors():
+            conn = self._conn(self._writer)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT OR IGNORE INTO tiles (idx, root) VALUES (?, ?)",
+                                 [(start + i, root) for i, root in enumerate(roots)])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def tile_roots(self, start: int, end: int) -> list[bytes]:
+        """Recorded roots of tiles ``[start, end)``, stopping at the first one not recorded."""
+        with self._read_lock, _sqlite_errors():
+            rows = (
+                self._conn(self._reader)
+                .execute("SELECT idx, root FROM tiles WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end))
+                .fetchall()
+            )
+        roots: list[bytes] = []
+        for expected, (idx, root) in enumerate(rows, start):
+            if idx != expected:
+                break
+            roots.append(bytes(root))
+        return roots
 
     def record_checkpoint(self, size: int, root: bytes, note: str) -> None:
         """Remember a checkpoint (fsynced) before it is published; the first one per size stays."""

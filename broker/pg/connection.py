@@ -2,8 +2,9 @@
 
 Every connection the broker opens sets ``synchronous_commit = on`` itself (a server or role default
 of ``off`` or ``local`` would acknowledge a commit before it is on disk, or before a synchronous
-standby has it) and checks that the setting took. Connect and statement timeouts are short, so a
-PostgreSQL that is down costs a caller a bounded wait and a 503, never a hang.
+standby has it) and checks that the setting took. Connect, statement and idle-in-transaction
+timeouts are short, so a PostgreSQL that is down costs a caller a bounded wait and a 503, never a
+hang, and a replica that disappears mid-batch releases the sequencer within seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __all__ = ["connect", "describe", "is_postgres_url", "redact"]
 _SCHEMES = ("postgresql://", "postgres://")
 _CONNECT_TIMEOUT = 5  # seconds: libpq's minimum is 2
 _STATEMENT_TIMEOUT_MS = 15_000
+_IDLE_IN_TRANSACTION_MS = 10_000
 
 
 def is_postgres_url(url: str) -> bool:
@@ -58,6 +60,9 @@ def connect(url: str, *, autocommit: bool, application: str = "nhi-broker") -> p
     try:
         conn.execute("SET synchronous_commit TO on")
         conn.execute(f"SET statement_timeout TO {_STATEMENT_TIMEOUT_MS}")
+        # A replica that vanishes mid-transaction (host down, network cut: no TCP reset) must not hold
+        # the ledger's sequencer row for long: the server ends such a session after this much idling.
+        conn.execute(f"SET idle_in_transaction_session_timeout TO {_IDLE_IN_TRANSACTION_MS}")
         row = conn.execute("SHOW synchronous_commit").fetchone()
         if row is None or row[0] != "on":
             raise psycopg.OperationalError("synchronous_commit could not be set to on")

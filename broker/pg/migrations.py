@@ -128,6 +128,18 @@ CREATE TRIGGER vault_leases_no_truncate BEFORE TRUNCATE ON vault_leases
 REVOKE DELETE, TRUNCATE ON vault_leases FROM PUBLIC;
 """
 
+_TILES = """
+CREATE TABLE ledger_tile_roots (
+    idx  bigint PRIMARY KEY CHECK (idx >= 0),
+    root bytea  NOT NULL CHECK (length(root) = 32)
+);
+CREATE TRIGGER ledger_tile_roots_append_only BEFORE UPDATE OR DELETE ON ledger_tile_roots
+    FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
+CREATE TRIGGER ledger_tile_roots_no_truncate BEFORE TRUNCATE ON ledger_tile_roots
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only();
+REVOKE UPDATE, DELETE, TRUNCATE ON ledger_tile_roots FROM PUBLIC;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -145,6 +157,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "vault lease book shared by every replica (rows are never deleted)",
         _LEASES,
         (("SELECT, INSERT, UPDATE", "vault_leases"),),
+    ),
+    Migration(
+        3,
+        "ledger: roots of complete 256-leaf tiles, so a replica starts without reading every leaf hash",
+        _TILES,
+        (("SELECT, INSERT", "ledger_tile_roots"),),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -164,20 +164,21 @@ def test_prove_refuses(served_ledger: tuple[LiveBroker, Ledger], query, expected
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("args", "code", "expected"),
     [
-        (["--url", "ftp://example.org"], "http(s) URL"),
-        (["--url", "http://127.0.0.1:9"], "cannot read the ledger"),
-        (["--bundle", "/nonexistent/bundle"], "cannot read bundle"),
-        (["--bundle", __file__], "is not a ledger bundle"),
+        (["--url", "ftp://example.org"], 2, "http(s) URL"),
+        (["--url", "http://127.0.0.1:9"], 4, "cannot read the ledger"),
+        (["--bundle", "/nonexistent/bundle"], 4, "cannot read bundle"),
+        (["--bundle", __file__], 4, "is not a ledger bundle"),
     ],
     ids=["bad-scheme", "unreachable", "missing-bundle", "not-a-bundle"],
 )
-def test_verify_bad_sources(args: list[str], expected: str, written_ledger: Ledger) -> None:
+def test_verify_bad_sources(args: list[str], code: int, expected: str, written_ledger: Ledger) -> None:
+    # 2: usage, 4: nothing could be read; neither is a verdict on the ledger.
     r = nhi("audit", "verify", *args, "--verifier-key", written_ledger.verifier_key)
-    assert r.returncode == 1
+    assert r.returncode == code
     assert expected in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "does NOT verify" not in r.stderr
 
 
 def test_verify_bad_keys(served_ledger: tuple[LiveBroker, Ledger]) -> None:
@@ -188,7 +189,7 @@ def test_verify_bad_keys(served_ledger: tuple[LiveBroker, Ledger]) -> None:
         (name + "+00000000+" + ledger.verifier_key.split("+", 2)[2], "key ID of the verifier key does not match"),
     ]:
         r = nhi("audit", "verify", "--url", broker.url, "--verifier-key", key)
-        assert r.returncode == 1 and expected in r.stderr, r.stderr
+        assert r.returncode == 2 and expected in r.stderr, r.stderr  # usage: nothing was checked
     r = nhi(
         "audit", "verify", "--url", broker.url, "--verifier-key", ledger.verifier_key, "--origin", "other.example/log"
     )

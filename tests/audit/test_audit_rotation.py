@@ -100,5 +100,5 @@ def test_forged_rotations_are_refused(endorsement, tmp_path: Path) -> None:  # t
 def test_rotate_key_needs_a_ledger(tmp_path: Path) -> None:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert main(["ledger", "rotate-key", "--data-dir", str(tmp_path)]) == 1
+        assert main(["ledger", "rotate-key", "--data-dir", str(tmp_path)]) == 2  # usage: no ledger there
     assert "no ledger key in" in err.getvalue()

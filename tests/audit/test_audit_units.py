@@ -26,6 +26,7 @@ from broker.audit.local import LocalLedgerSource
 from broker.clock import FixedClock
 from broker.errors import VerificationError
 from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage, decode_entry
+from broker.ledger.merkle import MerkleTree
 from broker.mint.keys import public_jwk
 
 H = "sha256:" + "ab" * 32
@@ -106,7 +107,8 @@ SCHEMA_ATTACKS = [
     ("private-jwk", _set(KEY_ROTATION, "key.public_jwk.d", "secret"), "key.public_jwk.d", "private key material"),
     ("jwk-kid", _set(KEY_ROTATION, "key.public_jwk.kid", "other"), "key.public_jwk.kid", "thumbprint"),
     ("purpose", _set(KEY_ROTATION, "key.purpose", "tls"), "key.purpose", "must be one of"),
-    ("endorsement", _set(KEY_ROTATION, "key.endorsement", 5), "key.endorsement", "must be a signed note"),
+    ("endorsement", _set(KEY_ROTATION, "key.endorsement", 5), "key.endorsement", "must be a string, not a number"),
+    ("endorsement-text", _set(KEY_ROTATION, "key.endorsement", "x"), "key.endorsement", "must be a signed note"),
     (
         "reserved-no-request-id",
         {"v": 1, "kind": "approval", "time": "2026-11-23T10:00:00Z"},
@@ -332,6 +334,8 @@ def test_saved_leaf_hashes_must_rebuild_the_trusted_root(tmp_path: Path) -> None
             ).checkpoint.size
             == 6
         )
-        # `audit consistency` keeps no hashes: it drops the saved ones, which would no longer match.
-        check_consistency(LocalLedgerSource(ledger), vkey, state)
-        assert load_state_hashes(state) is None
+        # `audit consistency` keeps the saved hashes up to date: they rebuild the new signed root.
+        latest = check_consistency(LocalLedgerSource(ledger), vkey, state)
+        kept = load_state_hashes(state)
+        assert kept is not None and len(kept) == 6 * 32 and kept[: 5 * 32] == hashes
+        assert MerkleTree(kept[i : i + 32] for i in range(0, len(kept), 32)).root() == latest.checkpoint.root

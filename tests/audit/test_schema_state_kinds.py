@@ -50,7 +50,7 @@ def test_valid_entries(entry: dict[str, Any]) -> None:
         (changed(REVOKE_TOKEN, "revocation.jti", ...), "revocation.jti", "is required"),
         (changed(REVOKE_TOKEN, "revocation.value", "x"), "revocation.value", "is not a member"),
         (changed(REVOKE_SCOPE, "actor.kind", "root"), "actor.kind",
-         "must be 'operator', 'client', 'workload' or 'broker'"),
+         "must be one of 'operator', 'client', 'workload', 'broker'"),
         (changed(REVOKE_SCOPE, "actor.role", "superuser"), "actor.role", "must be one of"),
         (changed(REVOKE_SCOPE, "actor.token", "s3cret"), "actor.token", "is not a member"),
         (changed(REVOKE_SCOPE, "actor", ...), "actor", "is required"),

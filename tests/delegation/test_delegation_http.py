@@ -382,3 +382,30 @@ def test_sdk_delegation_and_child_exchange_async(broker: LiveBroker) -> None:
 
     claims = asyncio.run(run())
     assert claims["sub"] == "c-42" and claims["act"]["act"] == {"sub": SUPPORT}
+
+
+def test_a_single_use_parent_hands_on_its_one_use(broker: LiveBroker) -> None:
+    """refund-small-eur tokens are single use (limits.toml): a child takes that use over, once."""
+    context = refund_context()
+    parent, _ = parent_token(broker, context)
+    assert verify_independently(broker, parent)["num_uses"] == 1
+    wider = post(broker, child_form(parent, intent("payments.refund", ORDER, **{**context, "amount": 99}),
+                                    broker=broker))
+    assert (wider.status_code, wider.json()["error"]) == (400, "invalid_target")  # a refusal spends nothing
+    first = post(broker, child_form(parent, intent("payments.refund", ORDER, **context), broker=broker))
+    assert first.status_code == 200, first.text
+    assert verify_independently(broker, first.json()["access_token"])["num_uses"] == 1
+    second = post(broker, child_form(parent, intent("payments.refund", ORDER, **context), broker=broker))
+    assert (second.status_code, second.json()["error"]) == (400, "invalid_grant")
+    assert "no uses left" in second.json()["error_description"]
+    # ... and the parent itself is spent at the resource server's introspection too.
+    from broker.config import Settings
+    from broker.runtime import Runtime
+
+    runtime = Runtime.open(Settings(data_dir=broker.data_dir))
+    try:
+        assert runtime.state is not None
+        claims = verify_independently(broker, parent)
+        assert runtime.state.tokens.status(claims, consume_use=True).active is False
+    finally:
+        runtime.close()

@@ -125,6 +125,8 @@ def test_commits_are_synchronous_even_when_the_server_default_is_off(pg_url):
         s.append_batch([b"x"])
         conn = s._writer.connection
         assert conn is not None and conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        # A replica that vanishes mid-batch cannot hold the sequencer row for long.
+        assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("10s",)
     finally:
         s.close()
 
@@ -209,3 +211,28 @@ def test_replicas_sign_one_consistent_tree_under_concurrent_writers(pg_url):
             writer.wait()
         a.close()
         b.close()
+
+
+def test_tile_roots_are_kept_first_come_and_read_up_to_the_first_gap(storage, pg_url):
+    r = [bytes([i]) * 32 for i in range(8)]
+    storage.record_tile_roots(0, [r[0], r[1]])
+    storage.record_tile_roots(1, [r[7], r[2]])  # tile 1 is already recorded: its first root stays
+    storage.record_tile_roots(5, [r[5]])
+    storage.record_tile_roots(6, [])
+    assert storage.tile_roots(0, 10) == [r[0], r[1], r[2]]  # stops before the unrecorded tile 3
+    assert storage.tile_roots(5, 6) == [r[5]]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.IntegrityError, match="append-only"):
+            conn.execute("UPDATE ledger_tile_roots SET root = root")
+
+
+def test_a_deleted_row_is_named(storage, pg_url):
+    storage.append_batch([b"a", b"b", b"c"])
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # an attacker with the owner's rights
+        conn.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only")
+        conn.execute("DELETE FROM ledger_entries WHERE idx = 1")
+    with pytest.raises(LedgerUnavailable, match="missing entry 1"):
+        storage.leaf_hashes(0, 3)
+    with pytest.raises(LedgerUnavailable, match="missing entry 1"):
+        storage.entries(1, 2)
+    assert storage.entries(2, 3) == [b"c"]

@@ -36,9 +36,15 @@ def cannot_create_namespaces() -> str | None:
         return "iproute2 (`ip`) is not installed"
     if os.geteuid() != 0:
         return "creating network namespaces needs root"
-    for tool in ("initdb", "pg_ctl", "redis-server"):
+    for tool in ("initdb", "pg_ctl", "redis-server", "runuser"):
         if shutil.which(tool) is None:
             return f"{tool} is not on PATH"
+    try:
+        import pwd
+
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "there is no `postgres` user to run a private PostgreSQL as"
     probe = f"nhi-probe-{uuid.uuid4().hex[:6]}"
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:

@@ -1,0 +1,87 @@
+"""`nhi-broker policy replay`: a candidate policy set re-decides every request a verified ledger recorded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from broker.audit import BundleLedgerSource
+from broker.policy import load_policies
+from broker.policy.replay import replay_ledger
+from tests.audit.conftest import Ledger
+from tests.audit.test_audit_cli import nhi
+from tests.helpers import POLICIES
+
+SMALL = ('"amount > 0 && amount <= 50 && currency == \'EUR\'", allow, refund-small-eur',
+         '"amount > 0 && amount <= 10 && currency == \'EUR\'", allow, refund-small-eur')
+REVIEW = ('"amount > 50 && amount < 500 && currency == \'EUR\'", review, refund-review-eur',
+          '"amount > 10 && amount < 500 && currency == \'EUR\'", review, refund-review-eur')
+
+
+def _candidate(tmp_path: Path, *edits: tuple[str, str]) -> Path:
+    target = tmp_path / "candidate"
+    shutil.copytree(POLICIES, target)
+    text = (target / "policy.csv").read_text()
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    (target / "policy.csv").write_text(text)
+    return target
+
+
+def _bundle(ledger: Ledger, tmp_path: Path) -> Path:
+    out = tmp_path / "ledger.bundle"
+    r = nhi("ledger", "export", str(out), "--data-dir", str(ledger.data_dir))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_replay_reports_review_added_per_rule_with_examples(ledger_copy: Ledger, tmp_path: Path) -> None:
+    bundle = _bundle(ledger_copy, tmp_path)
+    candidate = _candidate(tmp_path, SMALL, REVIEW)
+    report = replay_ledger(BundleLedgerSource(bundle), ledger_copy.verifier_key, load_policies(candidate))
+    issued = {i.index for i in ledger_copy.issued}
+    # The six 20 EUR refunds were allowed; under the candidate they would wait for an approver.
+    assert report.transitions == {"allow → review": 6}
+    rule = report.by_rule["refund-review-eur"]
+    assert rule.counts == {"allow → review": 6}
+    assert {c.index for c in rule.examples["allow → review"]} <= issued
+    assert report.not_replayable == {}
+    assert report.replayed == 6 + 2 and report.unchanged == 2  # the two denials stay denials
+
+    args = ["policy", "replay", "--ledger", str(bundle), "--verifier-key", ledger_copy.verifier_key,
+            "--policies", str(candidate)]
+    over = nhi(*args, "--max-changes", "5")
+    assert over.returncode == 5, over.stderr
+    assert "rule refund-review-eur: allow → review 6" in over.stdout
+    assert "more than --max-changes 5" in over.stderr
+    within = nhi(*args, "--max-changes", "6", "--json")
+    assert within.returncode == 0, within.stderr
+    assert json.loads(within.stdout)["changed"] == 6
+
+
+def test_replay_of_the_recorded_policies_changes_nothing(ledger_copy: Ledger, tmp_path: Path) -> None:
+    bundle = _bundle(ledger_copy, tmp_path)
+    r = nhi("policy", "replay", "--ledger", str(bundle), "--verifier-key", ledger_copy.verifier_key,
+            "--policies", str(POLICIES), "--max-changes", "0")
+    assert r.returncode == 0, r.stderr
+    assert "unchanged 8, changed 0" in r.stdout
+
+
+def test_replay_refuses_an_unverified_ledger_and_bad_input(ledger_copy: Ledger, tmp_path: Path) -> None:
+    import base64
+
+    bundle = _bundle(ledger_copy, tmp_path)
+    lines = bundle.read_bytes().split(b"\n")
+    idx, recorded, encoded = lines[1 + 6].split(b" ")
+    lines[1 + 6] = b" ".join([idx, recorded, base64.b64encode(base64.b64decode(encoded).replace(b"20", b"99", 1))])
+    bundle.write_bytes(b"\n".join(lines))
+    args = ["policy", "replay", "--ledger", str(bundle), "--policies", str(POLICIES)]
+    for extra, code, said in [
+        (["--verifier-key", ledger_copy.verifier_key], 1, "ledger does NOT verify: index 6"),
+        (["--verifier-key", "not-a-key"], 2, "malformed verifier key"),
+        (["--verifier-key", ledger_copy.verifier_key, "--since", "yesterday"], 2, "--since must be"),
+    ]:
+        r = nhi(*args, *extra)
+        assert r.returncode == code and said in r.stderr, (extra, r.returncode, r.stderr)
