@@ -24,6 +24,9 @@ NOT_RUN_HERE = {
     "bash scripts/test.sh": "the whole test suite: CI runs it",
     "python3 -m venv .venv && .venv/bin/pip install -q -e . -e ./clients/python && .venv/bin/python scripts/demo.py":
         "installs the packages; tests/clients/test_demo.py runs the demo",
+    'nhi-broker policy replay --ledger ledger.bundle --verifier-key "$KEY" --policies ./candidate --max-changes 0':
+        "needs the hand-edited ./candidate the prose describes, and exits 5 by design (more changes than "
+        "allowed): not yet pasteable as is",
     "python3 -m venv .venv && .venv/bin/pip install -q -e . -e './clients/python[mcp]' && "
     ".venv/bin/python scripts/mcp_demo.py": "installs the packages; tests/clients/test_demo.py runs the MCP demo",
 }
