@@ -83,7 +83,7 @@ class ParentTokens:
         """The ``iss`` of the broker's own task tokens."""
         return self._issuer
 
-    def verify(self, subject_token: str, subject_token_type: str) -> tuple[Delegation, EndUser | None]:
+    async def verify(self, subject_token: str, subject_token_type: str) -> tuple[Delegation, EndUser | None]:
         """The verified parent and the end user it acts for (if any), or an error.
 
         Raises :class:`~broker.errors.InvalidRequest` for a wrong token type and
@@ -102,7 +102,7 @@ class ParentTokens:
             raise AttestationError(f"subject_token is not a valid task token of this broker ({exc})") from None
         # (3) Still live: not revoked, its workload not suspended, no scoped cut-off (a use of an N-use
         # parent is consumed only when the child is issued: consume_use).
-        if not self._tokens.status(claims, consume_use=False).active:
+        if not (await self._tokens.status(claims, consume_use=False)).active:
             raise AttestationError("the parent task token is no longer active")
         # (4) A sender-constrained token is usable only with its holder's key: a sub-agent has another.
         if "cnf" in claims:
@@ -132,7 +132,7 @@ class ParentTokens:
         )
         return delegation, user_of(claims)
 
-    def consume_use(self, parent: Delegation) -> None:
+    async def consume_use(self, parent: Delegation) -> None:
         """Consume one use of an N-use parent for the child about to be issued (the child carries it on).
 
         Raises :class:`~broker.errors.AttestationError` when the parent has no use left (or was
@@ -140,7 +140,7 @@ class ParentTokens:
         """
         if parent.num_uses is None:
             return
-        status = self._tokens.status(parent.claims, consume_use=True)
+        status = await self._tokens.status(parent.claims, consume_use=True)
         if not status.active:
             raise AttestationError(
                 "the parent task token has no uses left" if status.reason == "uses exhausted"

@@ -44,7 +44,7 @@ from broker.clock import Clock
 from broker.errors import AttestationError, BrokerError
 from broker.models import Grant
 from broker.policy import BINDINGS
-from broker.store.base import StateStore
+from broker.state.store import StateStore
 from broker.strict_json import StrictJSONError, b64url_decode_canonical, loads_strict
 
 __all__ = [
@@ -258,16 +258,16 @@ class DPoPVerifier:
         """The nonce to send in ``DPoP-Nonce``, or ``None`` when nonces are off."""
         return self.nonces.current(self._clock.now()) if self.nonces else None
 
-    def verify(self, proof: str, *, htm: str, htu: str) -> DPoPProof:
+    async def verify(self, proof: str, *, htm: str, htu: str) -> DPoPProof:
         """Verify ``proof`` for a request ``htm htu`` and return it, or raise :class:`InvalidDPoPProof`."""
-        return self.consume(self.check(proof, htm=htm, htu=htu))
+        return await self.consume(self.check(proof, htm=htm, htu=htu))
 
-    def consume(self, checked: CheckedDPoPProof) -> DPoPProof:
+    async def consume(self, checked: CheckedDPoPProof) -> DPoPProof:
         """(7) Record the proof's ``jti``, once per key, for as long as the proof could be accepted;
         :class:`DPoPReplay` if it was seen before. Call only for an authenticated request."""
         proof = checked.proof
         expires = proof.iat + self._max_age + self._leeway
-        if not self._replay.consume_once(DPOP_JTI_NAMESPACE, f"{proof.jkt}\x00{proof.jti}", expires):
+        if not await self._replay.consume_once(DPOP_JTI_NAMESPACE, f"{proof.jkt}\x00{proof.jti}", expires):
             raise DPoPReplay("DPoP proof has already been used")
         return proof
 

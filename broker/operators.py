@@ -24,7 +24,7 @@ import base64
 import hashlib
 import hmac
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 from urllib.parse import unquote
@@ -211,13 +211,13 @@ class OperatorAuthenticator:
     def __init__(
         self,
         credentials: list[OperatorCredential] | tuple[OperatorCredential, ...],
-        attest: Callable[[str], WorkloadIdentity] | None = None,
+        attest: Callable[[str], Awaitable[WorkloadIdentity]] | None = None,
     ) -> None:
         self._secrets = [c for c in credentials if c.token_sha256 is not None]
         self._identities = {c.spiffe_id: c for c in credentials if c.spiffe_id is not None}
         self._attest = attest
 
-    def authenticate(self, authorization: str | None) -> Operator:
+    async def authenticate(self, authorization: str | None) -> Operator:
         """The operator whose credential was presented, or :class:`InvalidOperatorToken`."""
         if not self._secrets and not self._identities:
             raise InvalidOperatorToken("no operator credentials are configured; the admin API is closed")
@@ -226,7 +226,7 @@ class OperatorAuthenticator:
         if scheme.lower() != "bearer" or not token:
             raise InvalidOperatorToken("an operator bearer token is required")
         if self._attest is not None and self._identities and _JWS.fullmatch(token):
-            return self._by_identity(token)
+            return await self._by_identity(token)
         if len(token) > _MAX_SECRET:
             raise InvalidOperatorToken("the operator token is not valid")
         index = _match(token, [c.token_sha256 for c in self._secrets if c.token_sha256 is not None])
@@ -235,10 +235,10 @@ class OperatorAuthenticator:
         cred = self._secrets[index]
         return Operator(name=cred.name, role=cred.role, method="bearer", groups=cred.groups)
 
-    def _by_identity(self, token: str) -> Operator:
+    async def _by_identity(self, token: str) -> Operator:
         assert self._attest is not None
         try:
-            identity = self._attest(token)
+            identity = await self._attest(token)
         except (InvalidGrant, InvalidRequest) as exc:
             raise InvalidOperatorToken(f"operator identity not accepted: {exc.description}") from None
         cred = self._identities.get(identity.spiffe_id)
@@ -254,20 +254,20 @@ class ClientAuthenticator:
     def __init__(
         self,
         clients: list[IntrospectionClient] | tuple[IntrospectionClient, ...],
-        attest: Callable[[str], WorkloadIdentity] | None = None,
+        attest: Callable[[str], Awaitable[WorkloadIdentity]] | None = None,
     ) -> None:
         self._clients = {c.client_id: c for c in clients if c.secret_sha256 is not None}
         self._workloads = {c.spiffe_id: c for c in clients if c.spiffe_id is not None}
         self._attest = attest
 
-    def authenticate(self, authorization: str | None) -> AuthenticatedClient:
+    async def authenticate(self, authorization: str | None) -> AuthenticatedClient:
         """The client whose credentials were presented, or :class:`InvalidClient`.
 
         May raise :class:`~broker.errors.TemporarilyUnavailable` when an identity cannot be checked.
         """
         scheme, _, encoded = (authorization or "").partition(" ")
         if scheme.lower() == "bearer" and self._attest is not None and self._workloads:
-            return self._by_identity(encoded.strip())
+            return await self._by_identity(encoded.strip())
         if scheme.lower() != "basic" or not encoded.strip():
             raise InvalidClient("client authentication (HTTP Basic or a workload identity token) is required")
         try:
@@ -286,10 +286,10 @@ class ClientAuthenticator:
             raise InvalidClient("client authentication failed")
         return AuthenticatedClient(client_id=client.client_id, audiences=client.audiences)
 
-    def _by_identity(self, token: str) -> AuthenticatedClient:
+    async def _by_identity(self, token: str) -> AuthenticatedClient:
         assert self._attest is not None
         try:
-            identity = self._attest(token)
+            identity = await self._attest(token)
         except (InvalidGrant, InvalidRequest) as exc:
             raise InvalidClient(f"workload identity not accepted: {exc.description}") from None
         client = self._workloads.get(identity.spiffe_id)

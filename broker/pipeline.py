@@ -18,26 +18,25 @@ An intent a ``review`` rule decides is not issued: :meth:`Broker.exchange` retur
 token; :meth:`Broker.redeem` attests it, claims the approved request and runs steps 2-4 for the
 held intent with the approval bound into the token and the issuance entry.
 
-Steps 1 and 2 are CPU work on cached keys and local state, so they run on the event loop: a hop to
-a worker thread costs more than it saves and, under load, makes every thread queue for the GIL.
-That holds for the Redis state store as well (a few calls of tens of microseconds; a Redis that
-stops answering fails fast after one timeout, see :mod:`broker.store.redis`). They move to a worker
-thread only when attestation must fetch an issuer's JWKS over the network, or when the broker is
-built with ``decide_in_thread=True`` (for an embedding with a slow state store).
+Steps 1 and 2 are CPU work on cached keys (signature, policy), so they run on the event loop: a hop
+to a worker thread costs more than it saves and, under load, makes every thread queue for the GIL.
+Nothing in them blocks: an issuer's JWKS that must be fetched is awaited, and the shared state is
+asked through the async :class:`~broker.state.store.StateStore` (``redis.asyncio``, or the SQLite
+store's own thread), once per request: the workload identity token's single use, the kill switch,
+the rate and the budget are one :meth:`~broker.state.store.StateStore.run_checks` round trip after
+the policy decided. A refused request still consumes that ``jti`` first, so a replayed token is
+refused as a replay whatever the policy says, as if the ``jti`` had been consumed during attestation.
+(A delegated exchange's user token or parent task token is checked by its own verifier, awaited.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any, Protocol
 
-import anyio.to_thread
-
 from broker.approvals.desk import Approval, ApprovalDesk
-from broker.attest.jwks import FetchRequired
 from broker.attest.jwt_checks import check_shape, peek_unverified
 from broker.attest.users import UserTokenVerifier
 from broker.clock import Clock, SystemClock
@@ -64,6 +63,7 @@ from broker.models import (
     RegisteredWorkload,
     WorkloadIdentity,
 )
+from broker.state.store import ConsumeOnce
 from broker.vault.errors import VaultUnavailable
 from broker.vault.kinds import check_requested_type
 
@@ -73,9 +73,13 @@ log = logging.getLogger("nhi_broker.pipeline")
 
 
 class IdentityVerifier(Protocol):
-    def verify(
-        self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True, label: str = "subject_token"
+    async def verify(
+        self, subject_token: str, subject_token_type: str, *, label: str = "subject_token"
     ) -> WorkloadIdentity: ...
+
+    async def verify_signed(
+        self, subject_token: str, subject_token_type: str, *, label: str = "subject_token"
+    ) -> tuple[WorkloadIdentity, ConsumeOnce | None]: ...
 
 
 class IntentPolicy(Protocol):
@@ -95,13 +99,17 @@ class IntentPolicy(Protocol):
 
 
 class LimitGuard(Protocol):
-    def admit(self, grant: Grant, limits: Any, *, count_rate: bool = True) -> dict[str, Any]: ...
+    async def admit(
+        self, grant: Grant, limits: Any, *, count_rate: bool = True, replay: Sequence[ConsumeOnce] = ()
+    ) -> dict[str, Any]: ...
 
-    def admit_hold(self, grant: Grant, limits: Any) -> None: ...
+    async def admit_hold(self, grant: Grant, limits: Any, *, replay: Sequence[ConsumeOnce] = ()) -> None: ...
+
+    async def consume(self, replay: Sequence[ConsumeOnce]) -> None: ...
 
 
 class DPoPConsumer(Protocol):
-    def consume(self, checked: CheckedDPoPProof) -> DPoPProof: ...
+    async def consume(self, checked: CheckedDPoPProof) -> DPoPProof: ...
 
 
 class AppendOnlyLog(Protocol):
@@ -168,6 +176,8 @@ class _Principals:
     identity: WorkloadIdentity
     user: EndUser | None = None
     delegation: Delegation | None = None
+    #: The identity token's single use, still to be applied (folded into the guard's round trip).
+    single_use: tuple[ConsumeOnce, ...] = ()
 
 
 class Broker:
@@ -179,10 +189,9 @@ class Broker:
         policies: IntentPolicy,
         minter: TaskTokenMinter,
         ledger: AppendOnlyLog,
+        guard: LimitGuard,
         clock: Clock | None = None,
-        guard: LimitGuard | None = None,
         *,
-        decide_in_thread: bool = False,
         vault: SecretIssuer | None = None,
         approvals: ApprovalDesk | None = None,
         users: UserTokenVerifier | None = None,
@@ -193,99 +202,88 @@ class Broker:
         self.policies = policies
         self.minter = minter
         self.ledger = ledger
-        self.clock = clock or SystemClock()
         self.guard = guard
-        self.decide_in_thread = decide_in_thread
+        self.clock = clock or SystemClock()
         self.vault = vault
         self.approvals = approvals
         self.users = users
         self.parents = parents
         self.dpop = dpop
 
-    def _consume_dpop(self, checked: CheckedDPoPProof | None) -> DPoPProof | None:
+    async def _consume_dpop(self, checked: CheckedDPoPProof | None) -> DPoPProof | None:
         """(1b) The checked proof's ``jti``, consumed only now that the caller is attested."""
         if checked is None:
             return None
         if self.dpop is None:
             raise InvalidDPoPProof("DPoP is not enabled on this broker")
-        return self.dpop.consume(checked)
-
-    async def _verified(self, verify: Any) -> Any:
-        """Run one verification on the event loop, or in a worker thread when it must fetch keys.
-
-        Every verifier raises :class:`FetchRequired` before it changes any state, so the retry in a
-        thread never meets its own single-use value.
-        """
-        if self.decide_in_thread:
-            return await anyio.to_thread.run_sync(verify)
-        try:
-            return verify(may_fetch=False)
-        except FetchRequired:
-            return await anyio.to_thread.run_sync(verify)
+        return await self.dpop.consume(checked)
 
     async def _attest(self, request: ExchangeRequest) -> _Principals:
         """(1) Who asks, and for whom. Errors propagate: nothing proven, no ledger entry."""
         if request.actor_token is None:
-            identity = await self._verified(
-                partial(self.attestor.verify, request.subject_token, request.subject_token_type)
-            )
-            return _Principals(identity)
+            identity, single_use = await self.attestor.verify_signed(request.subject_token, request.subject_token_type)
+            return _Principals(identity, single_use=() if single_use is None else (single_use,))
         # Delegation (RFC 8693 §2.1): the actor token is the workload's identity, attested as a subject
         # token is on a plain exchange; a user token there is refused (its issuer is no workload issuer).
-        identity = await self._verified(
-            partial(self.attestor.verify, request.actor_token, request.actor_token_type or "", label="actor_token")
-        )
+        # Its jti is consumed at once, before the subject token is looked at.
+        identity = await self.attestor.verify(request.actor_token, request.actor_token_type or "", label="actor_token")
         # The subject token's issuer decides how it is verified: this broker (a parent task token of a
         # sub-agent) or a configured user issuer. The peek only routes; each verifier checks everything.
         check_shape(request.subject_token, 16384, "subject_token")
         _unverified_claims = peek_unverified(request.subject_token)[1]
         if self.parents is not None and _unverified_claims.get("iss") == self.parents.issuer:
-            delegation, user = self.parents.verify(request.subject_token, request.subject_token_type)
+            delegation, user = await self.parents.verify(request.subject_token, request.subject_token_type)
             return _Principals(identity, user=user, delegation=delegation)
         if self.users is None:
             raise AttestationError("unknown user issuer (this broker has no user issuers configured)")
-        user = await self._verified(partial(self.users.verify, request.subject_token, request.subject_token_type))
+        user = await self.users.verify(request.subject_token, request.subject_token_type)
         return _Principals(identity, user=user)
 
-    def _authorize(
+    async def _authorize(
         self, principals: _Principals, request: ExchangeRequest
     ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
         identity, user, delegation = principals.identity, principals.user, principals.delegation
+        single_use = principals.single_use
         workload: RegisteredWorkload | None = None
         try:
-            # (2) registry, then intent policy.
-            workload = self.policies.resolve_workload(identity)
-            if delegation is not None:
-                # (2a) a sub-agent narrows only the task tokens of workloads it takes sub-tasks from,
-                # and only within their grant; then its own rules decide.
-                if delegation.parent_client_id not in workload.delegators:
-                    raise AccessDenied(
-                        f"workload {workload.name} does not take sub-tasks from {delegation.parent_client_id} "
-                        "(delegators in workloads.toml)"
-                    )
-                check_within(delegation, request.audience, request.intent)
-            grant = self.policies.authorize(identity, workload, request.audience, request.intent, user)
-            if delegation is not None:
-                grant = replace(grant, delegation=delegation)
-                if grant.review is not None:
-                    raise AccessDenied("a sub-agent's intent cannot be held for review: the parent asks for it")
-            enforce_binding(grant, request.dpop)
-            if request.approval is None:  # a held intent's type was checked when it was held
-                check_requested_type(grant.credential_kind, request.requested_token_type)
+            try:
+                # (2) registry, then intent policy.
+                workload = self.policies.resolve_workload(identity)
+                if delegation is not None:
+                    # (2a) a sub-agent narrows only the task tokens of workloads it takes sub-tasks from,
+                    # and only within their grant; then its own rules decide.
+                    if delegation.parent_client_id not in workload.delegators:
+                        raise AccessDenied(
+                            f"workload {workload.name} does not take sub-tasks from {delegation.parent_client_id} "
+                            "(delegators in workloads.toml)"
+                        )
+                    check_within(delegation, request.audience, request.intent)
+                grant = self.policies.authorize(identity, workload, request.audience, request.intent, user)
+                if delegation is not None:
+                    grant = replace(grant, delegation=delegation)
+                    if grant.review is not None:
+                        raise AccessDenied("a sub-agent's intent cannot be held for review: the parent asks for it")
+                enforce_binding(grant, request.dpop)
+                if request.approval is None:  # a held intent's type was checked when it was held
+                    check_requested_type(grant.credential_kind, request.requested_token_type)
+            except Exception:
+                # A refused token is burnt as if attestation had consumed it; a replay is refused as one.
+                await self.guard.consume(single_use)
+                raise
             limits = self.policies.limits.get(grant.rule_id)
             if grant.review is not None and request.approval is None:
                 # Suspension and rate apply to holds too; the budget is charged at issuance.
-                if self.guard:
-                    self.guard.admit_hold(grant, limits)
+                await self.guard.admit_hold(grant, limits, replay=single_use)
                 return _Hold(grant)
             if request.approval is not None:
                 _check_approval(grant, request.approval, request.dpop)
-            # (2b) kill switch, rates and budgets (broker.state.guard); shared-state outages raise 503.
+            # (2b) single use, kill switch, rates and budgets (broker.state.guard) in one store round
+            # trip; shared-state outages raise 503.
             counted = request.approval is not None  # its rate was counted when it was held
-            extra = self.guard.admit(grant, limits, count_rate=not counted) if self.guard else {}
+            extra = await self.guard.admit(grant, limits, count_rate=not counted, replay=single_use)
             if delegation is not None and self.parents is not None:
                 # Only now, with the child admitted: a wider or refused child leaves the parent's uses.
-                self.parents.consume_use(delegation)
+                await self.parents.consume_use(delegation)
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
             return _Refusal(identity, workload, exc, user=user, delegation=delegation)
         if grant.credential_kind != "jwt":
@@ -305,11 +303,8 @@ class Broker:
         """
         principals = await self._attest(request)
         if request.dpop_checked is not None:
-            request = replace(request, dpop=self._consume_dpop(request.dpop_checked), dpop_checked=None)
-        if self.decide_in_thread:
-            outcome = await anyio.to_thread.run_sync(self._authorize, principals, request)
-        else:
-            outcome = self._authorize(principals, request)
+            request = replace(request, dpop=await self._consume_dpop(request.dpop_checked), dpop_checked=None)
+        outcome = await self._authorize(principals, request)
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error
@@ -326,9 +321,9 @@ class Broker:
         approval bound in. Raises the CIBA error (``authorization_pending``, ...) while it cannot."""
         if self.approvals is None:
             raise TemporarilyUnavailable("this broker cannot hold intents for review")
-        identity = await self._verified(partial(self.attestor.verify, poll.subject_token, poll.subject_token_type))
+        identity = await self.attestor.verify(poll.subject_token, poll.subject_token_type)
         if poll.dpop_checked is not None:
-            poll = replace(poll, dpop=self._consume_dpop(poll.dpop_checked), dpop_checked=None)
+            poll = replace(poll, dpop=await self._consume_dpop(poll.dpop_checked), dpop_checked=None)
         approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
         # The user was verified when the intent was held; the poller is the same workload (claim()).
@@ -341,8 +336,7 @@ class Broker:
         )
         principals = _Principals(identity, user=user)
         try:
-            outcome = (await anyio.to_thread.run_sync(self._authorize, principals, request) if self.decide_in_thread
-                       else self._authorize(principals, request))
+            outcome = await self._authorize(principals, request)
             if isinstance(outcome, _Refusal):
                 await self._record_refusal(request, outcome)
                 await self.approvals.settle(approval, jti=None)

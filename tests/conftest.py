@@ -19,6 +19,12 @@ def live_broker(tmp_path: Path) -> Iterator[LiveBroker]:
         broker.stop()
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio, the loop the broker serves on."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A uniquely named PostgreSQL database for this test session, dropped after it."""

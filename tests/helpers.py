@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,8 +11,9 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -21,6 +23,16 @@ SUPPORT = "spiffe://example.org/ns/support/sa/support-assistant"
 TRIAGE = "spiffe://example.org/ns/helpdesk/sa/ticket-triage"
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+_T = TypeVar("_T")
+
+
+def run(awaitable: Coroutine[Any, Any, _T]) -> _T:
+    """Run one coroutine of the broker from synchronous test code, on a fresh event loop.
+
+    For stores that are not tied to one loop (SQLite, whose calls go to the store's own thread).
+    """
+    return asyncio.run(awaitable)
 
 
 def free_port() -> int:
@@ -54,12 +66,13 @@ def form_body(form: dict[str, str]) -> bytes:
 class LiveBroker:
     """A ``nhi-broker serve`` process on a free loopback port, stopped by its fixture.
 
-    ``env`` adds ``NHI_BROKER_*`` settings (the caller's own are never inherited).
+    ``env`` adds ``NHI_BROKER_*`` settings (the caller's own are never inherited); ``server`` picks
+    the HTTP server (``serve --server``).
     """
 
     def __init__(
         self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, config: Path | None = None,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, server: str | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
@@ -71,7 +84,8 @@ class LiveBroker:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--policies", str(policies),
-             "--workers", str(workers), *(["--config", str(config)] if config else [])],
+             "--workers", str(workers), *(["--config", str(config)] if config else []),
+             *(["--server", server] if server else [])],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**{k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}, **(env or {})},
         )

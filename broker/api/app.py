@@ -45,7 +45,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, clock: Clo
             if sweeper is not None:
                 sweeper.cancel()
             if owned:
-                app.state.runtime.close()
+                await app.state.runtime.aclose()
 
     app = FastAPI(
         title="nhi-broker",

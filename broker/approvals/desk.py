@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-import anyio.to_thread
+import anyio
 
 from broker.approvals.errors import AlreadyDecided, ApprovalDenied, AuthorizationPending, ExpiredToken, SlowDown
 from broker.clock import Clock
@@ -36,7 +36,7 @@ from broker.entries import approval_entry, workload_json
 from broker.errors import AccessDenied, InsufficientRole, InvalidGrant, InvalidRequest, NotFound
 from broker.models import EndUser, Grant, Held, Receipt, WorkloadIdentity
 from broker.operators import Operator
-from broker.store.base import StateStore
+from broker.state.store import StateStore
 from broker.text import unsafe_character
 
 __all__ = ["Approval", "ApprovalDesk", "PendingApproval", "is_owner"]
@@ -184,19 +184,18 @@ class ApprovalDesk:
         self.poll_interval = poll_interval
         self._notify = notify
 
-    # -- store access (off the event loop: Redis is across the network) ---------------------------
+    # -- store access (async: the store never blocks the event loop) ------------------------------
 
     async def _get(self, auth_req_id: str) -> PendingApproval | None:
         if _AUTH_REQ_ID.fullmatch(auth_req_id) is None:
             return None
-        found = await anyio.to_thread.run_sync(self._store.get_record, NAMESPACE, auth_req_id)
+        found = await self._store.get_record(NAMESPACE, auth_req_id)
         return None if found is None else PendingApproval.from_store(*found)
 
     async def _swap(self, old: PendingApproval, new: PendingApproval) -> PendingApproval | None:
         keep_until = new.expires_at + RETAIN_SECONDS
         value = json.dumps(new.to_json(), separators=(",", ":"))
-        won = await anyio.to_thread.run_sync(
-            self._store.swap_record, NAMESPACE, old.auth_req_id, old.version, value, keep_until
+        won = await self._store.swap_record(NAMESPACE, old.auth_req_id, old.version, value, keep_until
         )
         return replace(new, version=old.version + 1) if won else None
 
@@ -242,8 +241,7 @@ class ApprovalDesk:
             user=None if grant.user is None else {**grant.user.ledger_json(), "claims": dict(grant.user.claims)},
         )
         value = json.dumps(record.to_json(), separators=(",", ":"))
-        created = await anyio.to_thread.run_sync(
-            self._store.put_record, NAMESPACE, record.auth_req_id, value, record.expires_at + RETAIN_SECONDS
+        created = await self._store.put_record(NAMESPACE, record.auth_req_id, value, record.expires_at + RETAIN_SECONDS
         )
         if not created:  # 192 random bits: a collision means the store misbehaves
             raise RuntimeError("auth_req_id collision")
@@ -312,13 +310,13 @@ class ApprovalDesk:
     async def listing(self, limit: int = MAX_LISTED) -> list[PendingApproval]:
         """Every live record (pending first, soonest expiry first), after expiring overdue ones."""
         await self.sweep()
-        rows = await anyio.to_thread.run_sync(self._store.list_records, NAMESPACE, min(limit, MAX_LISTED))
+        rows = await self._store.list_records(NAMESPACE, min(limit, MAX_LISTED))
         records = [PendingApproval.from_store(value, version) for _, value, version in rows]
         return sorted(records, key=lambda r: (r.status != "pending", r.expires_at))
 
     async def sweep(self) -> int:
         """Expire every overdue pending request (each expiry is a ledger entry); returns how many."""
-        rows = await anyio.to_thread.run_sync(self._store.list_records, NAMESPACE, MAX_LISTED)
+        rows = await self._store.list_records(NAMESPACE, MAX_LISTED)
         now = self._clock.now()
         expired = 0
         for _, value, version in rows:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
@@ -362,6 +363,13 @@ class JwksSource:
         if key is None:
             raise AttestationError("no issuer key matches the token's kid")
         return key
+
+    async def get_key_async(self, kid: str | None) -> VerificationKey:
+        """:meth:`get_key` for the event loop: cached keys at once, a fetch off the loop."""
+        try:
+            return self.get_key(kid, may_fetch=False)
+        except FetchRequired:
+            return await anyio.to_thread.run_sync(self.get_key, kid)
 
     def keys(self) -> tuple[VerificationKey, ...]:
         """The currently trusted keys (fetching them if none are cached)."""

@@ -42,7 +42,7 @@ from broker.attest.jwt_checks import (
 from broker.clock import Clock
 from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
 from broker.models import EndUser
-from broker.store.base import StateStore
+from broker.state.store import StateStore
 
 __all__ = ["USER_JTI_NAMESPACE", "USER_TOKEN_TYPES", "UserIssuerConfig", "UserTokenVerifier"]
 
@@ -228,11 +228,10 @@ class UserTokenVerifier:
         for source in self._owned:
             source.close()
 
-    def verify(self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True) -> EndUser:
+    async def verify(self, subject_token: str, subject_token_type: str) -> EndUser:
         """Verify an end user's ``subject_token`` and return the user it proves.
 
-        With ``may_fetch=False``, :class:`~broker.attest.jwks.FetchRequired` is raised (before any
-        state changes) when only fetching the issuer's JWKS over the network could answer.
+        Never blocks the event loop: issuer keys and the replay store are awaited.
         """
         label = "subject_token"
         # (1) Size cap, then compact JWS shape.
@@ -256,7 +255,7 @@ class UserTokenVerifier:
         alg = check_header(_unverified_header, label, accepted_typ=cfg.typ)
         if alg not in cfg.algorithms:
             raise AttestationError(f"algorithm {alg} is not allowed for this issuer")
-        key = issuer.keys.get_key(_unverified_header.get("kid"), may_fetch=may_fetch)
+        key = await issuer.keys.get_key_async(_unverified_header.get("kid"))
         key.check_algorithm(alg)
         # (5) Signature, iss, aud, required claims in one call; time against the injected clock.
         with pyjwt_errors(label):
@@ -285,7 +284,7 @@ class UserTokenVerifier:
                 raise AttestationError("missing required claim 'jti'")
         elif not isinstance(jti, str) or _JTI_RE.fullmatch(jti) is None:
             raise AttestationError("claim 'jti' must be 1..256 printable ASCII characters")
-        elif cfg.single_use and not self._replay.consume_once(
+        elif cfg.single_use and not await self._replay.consume_once(
             USER_JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway
         ):
             raise ReplayDetected("subject_token has already been used")

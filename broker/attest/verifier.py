@@ -37,7 +37,7 @@ from broker.attest.template import SpiffeIdTemplate
 from broker.clock import Clock
 from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
 from broker.models import WorkloadIdentity
-from broker.store.base import StateStore
+from broker.state.store import ConsumeOnce, StateStore
 
 __all__ = ["JTI_NAMESPACE", "SUBJECT_TOKEN_TYPES", "Attestor"]
 
@@ -105,16 +105,30 @@ class Attestor:
         for source in self._owned:
             source.close()
 
-    def verify(
-        self, subject_token: str, subject_token_type: str, *, may_fetch: bool = True, label: str = "subject_token"
+    async def verify(
+        self, subject_token: str, subject_token_type: str, *, label: str = "subject_token"
     ) -> WorkloadIdentity:
         """Verify ``subject_token`` and return the workload identity it proves (see module docstring).
 
         ``label`` names the token in error descriptions: ``actor_token`` when the workload's identity
         is the actor of a delegated exchange (RFC 8693 §2.1).
+        """
+        identity, single_use = await self.verify_signed(subject_token, subject_token_type, label=label)
+        if single_use is not None and not await self._replay.consume_once(
+            single_use.namespace, single_use.key, single_use.expires_at
+        ):
+            raise ReplayDetected(f"{label} has already been used")
+        return identity
 
-        With ``may_fetch=False``, :class:`~broker.attest.jwks.FetchRequired` is raised (before any
-        state changes) when only fetching the issuer's JWKS over the network could answer.
+    async def verify_signed(
+        self, subject_token: str, subject_token_type: str, *, label: str = "subject_token"
+    ) -> tuple[WorkloadIdentity, ConsumeOnce | None]:
+        """Steps (1)-(11) except consuming the ``jti``: the identity and its single-use check.
+
+        The caller MUST apply the returned check before it acts on the identity and raise
+        :class:`~broker.errors.ReplayDetected` if it fails: the token path folds it into its one
+        state-store round trip (:meth:`~broker.state.guard.IssuanceGuard.admit`); :meth:`verify`
+        applies it at once.
         """
         # (1) Only JWT-shaped subject tokens are supported (RFC 8693 §3 type URIs).
         if subject_token_type not in SUBJECT_TOKEN_TYPES:
@@ -146,7 +160,7 @@ class Attestor:
             raise AttestationError(f"algorithm {alg} is not allowed for this issuer")
 
         # (6) The issuer's key named by kid (a one-key JWKS may be used without kid), fit for alg.
-        key = issuer.keys.get_key(_unverified_header.get("kid"), may_fetch=may_fetch)
+        key = await issuer.keys.get_key_async(_unverified_header.get("kid"))
         key.check_algorithm(alg)
 
         # (7)+(8) Signature, iss, aud, required claims; then types, time and lifetime.
@@ -174,14 +188,12 @@ class Attestor:
             raise AttestationError(f"issuer kind {cfg.kind} is not a token attestation method")
         identity = method.identity(verified)
 
-        # (11) Single use: the jti is consumed last, so a token refused above is not burnt.
+        # (11) Single use: the jti is consumed last (by the caller), so a token refused above is not burnt.
         if jti is None and cfg.require_jti:
             raise AttestationError("missing required claim 'jti'")
-        if cfg.require_jti:
-            # Remember it for as long as the token could still be accepted (exp + leeway).
-            if not self._replay.consume_once(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway):
-                raise ReplayDetected(f"{label} has already been used")
-        return identity
+        # Remember it for as long as the token could still be accepted (exp + leeway).
+        single_use = ConsumeOnce(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway) if cfg.require_jti else None
+        return identity, single_use
 
     def _decode(self, token: str, key: Any, alg: str, cfg: IssuerConfig, label: str) -> dict[str, Any]:
         # (7) One pyjwt call: signature with the one allow-listed alg, exact iss, our aud, required claims.

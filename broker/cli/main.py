@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -83,12 +82,7 @@ def _trust_lines(settings: Any, trial: bool) -> list[str]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
-    from broker.api.app import SETTINGS_ENV, create_app
-    from broker.api.http_server import BoundedHttpToolsProtocol
-    from broker.metrics import prepare_multiprocess_dir
+    from broker.api.server import run as run_server
     from broker.runtime import Runtime
 
     settings = _settings(args)
@@ -131,27 +125,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("  trial user issuer ON (no user_issuers configured) - `nhi-broker dev user <subject>`;"
               " for trials only")
     sys.stdout.flush()
-    log_level = "info" if args.access_log else "warning"
-    common: dict[str, Any] = {"log_level": log_level, "access_log": args.access_log, "server_header": False,
-                              "http": BoundedHttpToolsProtocol}
     try:
-        if settings.workers == 1:
-            server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
-            server.run(sockets=[sock])
-            if not server.started:
-                return 1
-        else:
-            os.environ[SETTINGS_ENV] = settings.model_dump_json()
-            # Every worker writes its counters here, so any worker's /metrics answers for all of them.
-            prepare_multiprocess_dir(settings.data_dir)
-            config = uvicorn.Config("broker.api.app:app_from_environment", factory=True,
-                                    workers=settings.workers, **common)
-            Multiprocess(config, sockets=[sock]).run()
+        served = run_server(settings, args.server, access_log=args.access_log, sock=sock)
     except KeyboardInterrupt:
-        pass
+        served = True
     finally:
         sock.close()
-    return 0
+    return 0 if served else 1
 
 
 def _cmd_dev_identity(args: argparse.Namespace) -> int:
@@ -291,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
+                       help="HTTP server (default uvicorn with a bounded request head; see broker/api/server.py)")
     serve.set_defaults(func=_cmd_serve)
 
     health = sub.add_parser("healthcheck", help="probe the local broker's /healthz (or /readyz) on its configured "

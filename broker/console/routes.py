@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import secrets
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -182,9 +181,8 @@ async def login(request: Request) -> Response:
     except _Refused as exc:
         return _refused_page(exc, None)
     assert console.runtime.state is not None
-    authenticate = partial(console.runtime.state.operators.authenticate, "Bearer " + form.get("credential", ""))
     try:
-        operator = await anyio.to_thread.run_sync(authenticate)
+        operator = await console.runtime.state.operators.authenticate("Bearer " + form.get("credential", ""))
     except BrokerError as exc:  # a wrong credential (401), or an identity provider unreachable (503)
         token = secrets.token_urlsafe(24)
         problem = ("That credential was not accepted." if isinstance(exc, InvalidOperatorToken)

@@ -13,11 +13,9 @@ import json
 import secrets
 from dataclasses import dataclass
 
-import anyio.to_thread
-
 from broker.clock import Clock
 from broker.operators import Operator
-from broker.store.base import StateStore
+from broker.state.store import StateStore
 
 __all__ = ["ConsoleSession", "ConsoleSessions"]
 
@@ -55,14 +53,14 @@ class ConsoleSessions:
         session = ConsoleSession(operator, secrets.token_urlsafe(32), self._clock.now() + self.lifetime)
         value = json.dumps({"name": operator.name, "role": operator.role, "method": operator.method,
                             "groups": list(operator.groups), "csrf": session.csrf})
-        await anyio.to_thread.run_sync(self._store.put_record, NAMESPACE, _key(cookie), value, session.expires_at)
+        await self._store.put_record(NAMESPACE, _key(cookie), value, session.expires_at)
         return cookie, session
 
     async def find(self, cookie: str | None) -> ConsoleSession | None:
         """The live session of ``cookie``, or ``None``."""
         if not cookie or len(cookie) > 128:
             return None
-        found = await anyio.to_thread.run_sync(self._store.get_record, NAMESPACE, _key(cookie))
+        found = await self._store.get_record(NAMESPACE, _key(cookie))
         if found is None:
             return None
         data = json.loads(found[0])
@@ -75,8 +73,7 @@ class ConsoleSessions:
         if not cookie or len(cookie) > 128:
             return
         key = _key(cookie)
-        found = await anyio.to_thread.run_sync(self._store.get_record, NAMESPACE, key)
+        found = await self._store.get_record(NAMESPACE, key)
         if found is not None:
-            await anyio.to_thread.run_sync(
-                self._store.swap_record, NAMESPACE, key, found[1], found[0], self._clock.now()
+            await self._store.swap_record(NAMESPACE, key, found[1], found[0], self._clock.now()
             )

@@ -438,6 +438,11 @@ class Ledger:
         contradicts, and the index from which on the altered entry lies). Nothing is repaired.
         """
         refusing = "refusing to serve or sign"
+        # Published checkpoints first: on a shared ledger other replicas keep appending and publishing,
+        # and a checkpoint is recorded only after its entries are durable, so every checkpoint read
+        # now is covered by the size read after it (read the other way round, a replica that is
+        # merely behind would look like a rollback).
+        published = sorted(self._storage.published_checkpoints(checkpoints))
         with self._tree_lock, _tiles_intact():
             # (1)
             try:
@@ -460,7 +465,6 @@ class Ledger:
                 self._check_range(start, end, refusing)
             # (3) published checkpoints, smallest first: the first one the tree contradicts, and the
             # largest one below it that still holds, bound where the history was altered.
-            published = sorted(self._storage.published_checkpoints(checkpoints))
             holds = 0
             for cp_size, cp_root in published:
                 if cp_size > size:

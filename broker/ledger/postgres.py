@@ -38,7 +38,7 @@ from psycopg import errors as pg_errors
 
 from broker.errors import InvalidRequest, LedgerUnavailable
 from broker.ledger.merkle import HASH_SIZE, leaf_hash
-from broker.ledger.storage import DuplicateLeaf
+from broker.ledger.storage import DuplicateLeaf, MissingEntry
 from broker.pg import describe, redact, require_schema
 from broker.pg.session import Connection as _Conn
 from broker.pg.session import Session
@@ -231,7 +231,7 @@ class PostgresLedgerStorage:
         if len(rows) != end - start:
             # Name the first hole: an operator (and `serve`'s refusal) must say which row is gone.
             missing = next((start + i for i, row in enumerate(rows) if row[0] != start + i), start + len(rows))
-            raise LedgerUnavailable(f"ledger storage is missing entry {missing}")
+            raise MissingEntry(missing)
         return [_bytes(row[1]) for row in rows]
 
     def leaf_hashes(self, start: int, end: int) -> list[bytes]:

@@ -22,9 +22,12 @@ Which rule decides:
    restrictive cap; ties go to the smallest rule id);
 4. else deny by default, with no rule.
 
-When Casbin says allow, the bucket is also evaluated directly (the same match functions, called
-from Python) to choose the allow rule; if the two ever disagree, the request is denied and logged.
-Any exception while deciding is a deny.
+On the request path the bucket's matcher is evaluated directly: the same match functions Casbin
+calls, over the same rows, once per request, without pycasbin's expression evaluator or its lock.
+Casbin stays the reference: every bucket enforcer is built and probed at load time,
+:meth:`PolicySet.casbin_decision` answers with Casbin itself, ``policy test`` and ``policy explain``
+report any disagreement, and a differential test over generated policies holds the two equal. Any
+exception while deciding is a deny.
 """
 
 from __future__ import annotations
@@ -157,6 +160,13 @@ class Explanation:
     candidates: tuple[RuleTrace, ...]
     decision: Decision
     user: EndUser | None = None
+    #: Casbin's own answer for the same request, ``(effect, rule id)`` (the reference).
+    casbin: tuple[str, str | None] = ("deny", None)
+
+    @property
+    def agrees_with_casbin(self) -> bool:
+        """Whether the decision is Casbin's (a review is an allow to Casbin)."""
+        return self.casbin == ("allow" if self.decision.allowed else "deny", self.decision.rule_id)
 
     def to_json(self) -> dict[str, Any]:
         """The report as ``nhi-broker policy explain --format json`` prints it."""
@@ -226,6 +236,10 @@ class Explanation:
                 f"          max ttl {self.decision.max_ttl}s, credential {self.decision.credential_kind}"
                 + ("" if self.decision.binding == "optional" else f", binding {self.decision.binding}")
             )
+        effect, rule_id = self.casbin
+        said = f"{effect} by rule {rule_id}" if rule_id else f"{effect}, no rule"
+        lines.append(f"casbin    {said}" + ("" if self.agrees_with_casbin else
+                                             "  -- DISAGREES with the decision above: report this as a bug"))
         return "\n".join(lines)
 
 
@@ -490,33 +504,19 @@ class PolicySet:
         bucket = self._bucket_for(intent.action)
         if bucket is None:
             return self._default_deny(intent)
-        # (3) Casbin decides.
-        with _CASBIN_LOCK:
-            allowed, explain = bucket.enforcer.enforce_ex(
-                workload.name, audience, intent.action, intent.resource, ctx
-            )
-        if not allowed:
-            if explain:
-                rule = self._rules_by_id[explain[_RULE_ID_COLUMN]]
+        # (3) the bucket's matcher, evaluated directly. Deny rows come first, in file order, so the
+        # first matching deny is the one plain Casbin stops at.
+        matching: list[Rule] = []
+        action, resource = intent.action, intent.resource
+        for rule in bucket.rules:
+            if rule.matches(subjects, audience, action, resource, ctx):
                 if rule.effect == "deny":
                     return self._decision("deny", rule, f"denied by rule {rule.rule_id}")
+                matching.append(rule)
+        if not matching:
             return self._default_deny(intent)
-        # (4) Casbin allowed: find the deciding allow rule directly, and cross-check.
-        matching = [
-            r for r in bucket.rules if r.matches(subjects, audience, intent.action, intent.resource, ctx)
-        ]
-        if not matching or any(r.effect == "deny" for r in matching):
-            log.error("policy engines disagree; denying (workload=%s policy=%s)", workload.name, self.version)
-            return self._decision("deny", None, "policy evaluation failed")
-        decision, chosen = self._allowed_by(matching)
-        if not explain or explain[_RULE_ID_COLUMN] != chosen.rule_id:
-            log.warning(
-                "Casbin explained allow by %s, chose %s (policy=%s)",
-                explain[_RULE_ID_COLUMN] if explain else None,
-                chosen.rule_id,
-                self.version,
-            )
-        return decision
+        # (4) review beats allow; the smallest TTL decides (ties: the smallest rule id).
+        return self._allowed_by(matching)[0]
 
     def _allowed_by(self, matching: list[Rule]) -> tuple[Decision, Rule]:
         """Steps 2-3 of the module docstring over matching allow and review rules (none of them deny)."""
@@ -563,6 +563,40 @@ class PolicySet:
             log.error("policy evaluation failed; denying (workload=%s policy=%s error=%s)",
                       getattr(workload, "name", "?"), self.version, type(exc).__name__)
             return self._decision("deny", None, "policy evaluation failed")
+
+    def casbin_decision(self, workload: RegisteredWorkload, audience: str, intent: Intent,
+                        user: EndUser | None = None) -> tuple[str, str | None]:
+        """Casbin's own answer for the request's bucket: ``(effect, rule id)``, effect ``allow`` or ``deny``.
+
+        The reference the request path must agree with (``policy test`` and ``policy explain``
+        compare the two; tests compare them over generated policies). Off the request path: pycasbin
+        is not thread-safe, so this takes a lock.
+        """
+        subjects = self._subjects.get(workload.name)
+        if subjects is None or not isinstance(intent.context, dict):
+            return "deny", None
+        ctx = policy_context(intent, user)
+        if not (isinstance(audience, str) and is_valid_action(intent.action) and is_valid_resource(intent.resource)):
+            return "deny", None
+        bucket = self._bucket_for(intent.action)
+        if bucket is None:
+            return "deny", None
+        with _CASBIN_LOCK:
+            allowed, explain = bucket.enforcer.enforce_ex(workload.name, audience, intent.action, intent.resource, ctx)
+        rule_id = explain[_RULE_ID_COLUMN] if explain else None
+        if allowed:
+            return "allow", rule_id
+        return "deny", rule_id if rule_id is not None and self._rules_by_id[rule_id].effect == "deny" else None
+
+    def agrees_with_casbin(self, workload: RegisteredWorkload, audience: str, intent: Intent,
+                           decision: Decision, user: EndUser | None = None) -> bool:
+        """Whether ``decision`` (from :meth:`decide`) is what Casbin decides: the same effect (a review
+        is an allow to Casbin) and, for a deny by a rule, the same rule."""
+        # Casbin reports the first matching deny, or the last matching allow in bucket order: the
+        # bucket order (denies in file order, allows then reviews by falling TTL) makes that the
+        # rule the engine chooses.
+        return self.casbin_decision(workload, audience, intent, user) == (
+            "allow" if decision.allowed else "deny", decision.rule_id)
 
     def authorize(
         self,
@@ -630,7 +664,7 @@ class PolicySet:
                 traces.append(self._trace(rule, workload, subjects, audience, intent, user))
         return Explanation(
             workload=workload, audience=audience, intent=intent, candidates=tuple(traces), decision=decision,
-            user=user,
+            user=user, casbin=self.casbin_decision(workload, audience, intent, user),
         )
 
     def _trace(

@@ -230,8 +230,14 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
     max_ttl: int | None = None
     binding: str | None = None
     kind: str | None = None
+    agrees = True
     try:
         workload = policy_set.resolve_workload(identity)
+        if case.audience in workload.audiences:
+            # Casbin is the reference: the request path's decision must be its decision.
+            agrees = policy_set.agrees_with_casbin(
+                workload, case.audience, intent, policy_set.decide(workload, case.audience, intent, case.user),
+                case.user)
         grant = policy_set.authorize(identity, workload, case.audience, intent, case.user)
     except UnregisteredWorkload as exc:
         outcome, detail = "unregistered", exc.description
@@ -249,6 +255,8 @@ def run_case(policy_set: PolicySet, case: PolicyTestCase) -> PolicyTestResult:
                       f"by {grant.review.approvers}, ttl {grant.max_ttl}s)")
 
     mismatches = []
+    if not agrees:
+        mismatches.append("the request path and Casbin disagree (a bug: please report it)")
     if outcome != case.expect:
         mismatches.append(f"expected {case.expect}, got {outcome}")
     if case.rule is not None and (rule_id or "") != case.rule:

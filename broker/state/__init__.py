@@ -1,78 +1,36 @@
-"""Shared-state services built on :mod:`broker.store`: what every replica must agree on.
+"""Shared state: what every broker replica must agree on, and the stores that keep it.
 
-- :class:`~broker.state.tokens.TokenState`: revocation (one token, or every token of a workload, an end
-  user or a conversation), suspension (kill switch) and use counts of N-use tokens;
-- :class:`~broker.state.guard.IssuanceGuard`: suspension, request rates and value budgets at issuance;
-- :class:`~broker.state.introspection.Introspector`: RFC 7662 introspection and RFC 7009 revocation.
+- :mod:`broker.state.store`: the :class:`StateStore` interface and its atomic check steps;
+  backends :mod:`broker.state.sqlite` (embedded default, one dedicated thread per store) and
+  :mod:`broker.state.redis` (``redis.asyncio``), chosen by :func:`open_store`;
+- :mod:`broker.state.tokens`: revocation, suspension and use counts (:class:`~broker.state.tokens.TokenState`);
+- :mod:`broker.state.guard`: replay, suspension, request rates and value budgets at issuance, in one
+  store round trip (:class:`~broker.state.guard.IssuanceGuard`);
+- :mod:`broker.state.introspection`: RFC 7662 introspection and RFC 7009 revocation;
+- :mod:`broker.state.services`: the services of one process (:class:`~broker.state.services.StateServices`).
+
+Every store method is a coroutine: no store call ever blocks the event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker.attest.verifier import Attestor
 from broker.clock import Clock
-from broker.mint.jwt import JWT_TOKEN_TYPE
-from broker.mint.keys import KeySet
-from broker.operators import ClientAuthenticator, OperatorAuthenticator
-from broker.state.guard import IssuanceGuard
-from broker.state.introspection import Introspector
-from broker.state.tokens import TokenState
-from broker.store.base import StateStore
+from broker.state.store import Check, ConsumeOnce, CountUp, NoMark, StateStore
 
 if TYPE_CHECKING:
     from broker.config import Settings
 
-__all__ = ["Introspector", "IssuanceGuard", "StateServices", "TokenState"]
+__all__ = ["Check", "ConsumeOnce", "CountUp", "NoMark", "StateStore", "open_store"]
 
 
-@dataclass(frozen=True)
-class StateServices:
-    """The shared-state services of one broker process, and who may use them."""
+def open_store(settings: Settings, clock: Clock) -> StateStore:
+    """The configured backend: SQLite under ``data_dir`` (default) or Redis at ``redis_url``."""
+    if settings.state_backend == "redis":
+        from broker.state.redis import RedisStateStore
 
-    tokens: TokenState
-    guard: IssuanceGuard
-    introspector: Introspector
-    operators: OperatorAuthenticator
-    clients: ClientAuthenticator
-    on_close: tuple[Callable[[], None], ...] = ()
+        return RedisStateStore(settings.redis_url, prefix=settings.redis_prefix, clock=clock)
+    from broker.state.sqlite import SqliteStateStore
 
-    @classmethod
-    def build(
-        cls, store: StateStore, keys: KeySet, issuer: str, clock: Clock,
-        operators: OperatorAuthenticator, clients: ClientAuthenticator,
-        on_close: tuple[Callable[[], None], ...] = (),
-    ) -> StateServices:
-        """Assemble the services over ``store``."""
-        tokens = TokenState(store, clock)
-        return cls(
-            tokens=tokens,
-            guard=IssuanceGuard(store, tokens, clock),
-            introspector=Introspector(keys, issuer, tokens, clock),
-            operators=operators,
-            clients=clients,
-            on_close=on_close,
-        )
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, store: StateStore, keys: KeySet, attestor: Attestor, clock: Clock
-    ) -> StateServices:
-        """The services as ``settings`` configure them; ``attestor`` verifies resource servers' identities."""
-        # Operators' issuers get their own attestor: an operator's OIDC token never exchanges for a task token.
-        op_attestor = Attestor(settings.operator_issuers, store, clock) if settings.operator_issuers else None
-        operators = OperatorAuthenticator(
-            settings.operators, attest=(lambda t: op_attestor.verify(t, JWT_TOKEN_TYPE)) if op_attestor else None
-        )
-        clients = ClientAuthenticator(
-            settings.introspection_clients, attest=lambda t: attestor.verify(t, JWT_TOKEN_TYPE)
-        )
-        return cls.build(store, keys, settings.issuer_url, clock, operators, clients,
-                         on_close=(op_attestor.close,) if op_attestor else ())
-
-    def close(self) -> None:
-        """Release what the services own (the operators' attestor and its key fetchers)."""
-        for close in self.on_close:
-            close()
+    return SqliteStateStore(settings.data_dir / "state.sqlite3", clock=clock)

@@ -5,8 +5,10 @@ minted. It raises an :class:`~broker.errors.AccessDenied` (recorded as a ``denia
 pipeline) or :class:`~broker.errors.StoreUnavailable` (503: fail closed), and otherwise returns
 the extra claims the rule's limits put in the token (``num_uses``).
 
-Each counter is advanced by one atomic store call that refuses to pass its limit, so concurrent
-requests on any number of replicas never exceed a rate or a budget, not even by one cent. A budget
+All of a request's checks (the identity token's single use, the kill switch, the rate, the budget)
+are one atomic store call (:meth:`~broker.state.store.StateStore.run_checks`: one Lua script on
+Redis, one transaction on SQLite) that refuses to pass any limit, so concurrent requests on any
+number of replicas never exceed a rate or a budget, not even by one cent. A budget
 is charged when the request is admitted; if the ledger then fails, the charge stays (the safe side).
 Windows are fixed UTC periods (``floor(now / period)``).
 """
@@ -14,16 +16,17 @@ Windows are fixed UTC periods (``floor(now / period)``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
 from broker.clock import Clock
-from broker.errors import BudgetExceeded, PolicyDenied, RateLimited, WorkloadSuspended
+from broker.errors import BrokerError, BudgetExceeded, PolicyDenied, RateLimited, ReplayDetected, WorkloadSuspended
 from broker.models import Grant
 from broker.money import CURRENCY_EXPONENTS, to_minor_units
 from broker.policy.limits import Budget, RuleLimits
+from broker.state.store import Check, ConsumeOnce, CountUp, NoMark, StateStore
 from broker.state.tokens import TokenState
-from broker.store.base import StateStore
 
 __all__ = ["IssuanceGuard"]
 
@@ -36,67 +39,102 @@ def _amount(minor: int, currency: str) -> str:
 
 
 class IssuanceGuard:
-    """Enforces suspensions and the rate and budget limits of ``limits.toml`` at issuance."""
+    """Enforces replay, suspensions and the rate and budget limits of ``limits.toml`` at issuance."""
 
     def __init__(self, store: StateStore, tokens: TokenState, clock: Clock) -> None:
         self._store = store
         self._tokens = tokens
         self._clock = clock
 
-    def admit(self, grant: Grant, limits: RuleLimits | None, *, count_rate: bool = True) -> dict[str, Any]:
+    async def admit(
+        self, grant: Grant, limits: RuleLimits | None, *, count_rate: bool = True, replay: Sequence[ConsumeOnce] = (),
+    ) -> dict[str, Any]:
         """Admit ``grant`` or raise; returns extra task-token claims.
 
+        ``replay`` are the request's single-use values (the identity token's ``jti``), consumed first
+        in the same store round trip (:class:`~broker.errors.ReplayDetected` if one was seen before).
         ``count_rate=False`` when the request was already counted: an approved intent, whose rate was
         counted when it was held (:meth:`admit_hold`).
         """
-        # (1) the kill switch beats every allow.
-        self._check_not_suspended(grant)
-        if limits is None:
-            return {}
         now = self._clock.now()
-        # (2) request rate per (workload, action).
-        if count_rate:
-            self._count_rate(grant, limits, now)
-        # (3) cumulative value budget.
-        if limits.budget is not None:
-            self._charge(grant, limits.budget, now)
-        return {"num_uses": limits.uses} if limits.uses is not None else {}
+        # (0) single use, (1) the kill switch beats every allow, (2) request rate per (workload,
+        # action), (3) cumulative value budget: one atomic store call, in this order.
+        checks: list[Check] = [*replay, self._tokens.not_suspended(grant.workload.name)]
+        if limits is not None and count_rate:
+            checks += self._rate_checks(grant, limits, now)
+        refusal: BrokerError | None = None
+        if limits is not None and limits.budget is not None:
+            budget = self._budget_check(grant, limits.budget, now)
+            if isinstance(budget, BrokerError):
+                refusal = budget  # a malformed amount is refused once the checks before it passed
+            else:
+                checks.append(budget)
+        await self._run(grant, checks, limits)
+        if refusal is not None:
+            raise refusal
+        return {"num_uses": limits.uses} if limits is not None and limits.uses is not None else {}
 
-    def admit_hold(self, grant: Grant, limits: RuleLimits | None) -> None:
+    async def admit_hold(
+        self, grant: Grant, limits: RuleLimits | None, *, replay: Sequence[ConsumeOnce] = ()
+    ) -> None:
         """Admit an intent to be held for review, or raise: a suspended workload cannot queue requests
         for approvers, and holds count toward the rule's request rate. Budgets are charged only when
         the approved intent is issued."""
-        self._check_not_suspended(grant)
+        checks: list[Check] = [*replay, self._tokens.not_suspended(grant.workload.name)]
         if limits is not None:
-            self._count_rate(grant, limits, self._clock.now())
+            checks += self._rate_checks(grant, limits, self._clock.now())
+        await self._run(grant, checks, limits)
 
-    def _check_not_suspended(self, grant: Grant) -> None:
-        if self._tokens.suspended_since(grant.workload.name) is not None:
+    async def consume(self, replay: Sequence[ConsumeOnce]) -> None:
+        """Consume single-use values alone (a request refused before admission); raises on a replay."""
+        if replay and await self._store.run_checks(replay) is not None:
+            raise ReplayDetected("subject_token has already been used")
+
+    async def _run(self, grant: Grant, checks: list[Check], limits: RuleLimits | None) -> None:
+        failed = await self._store.run_checks(checks)
+        if failed is None:
+            return
+        check = checks[failed]
+        deny = {"rule_id": grant.rule_id, "policy_version": grant.policy_version}
+        if isinstance(check, ConsumeOnce):
+            raise ReplayDetected("subject_token has already been used")
+        if isinstance(check, NoMark):
             raise WorkloadSuspended(f"workload {grant.workload.name!r} is suspended by an operator")
-
-    def _count_rate(self, grant: Grant, limits: RuleLimits, now: float) -> None:
-        if limits.rate is not None:
+        assert limits is not None
+        if check.namespace == _NS_RATE and limits.rate is not None:
             count, seconds = limits.rate
-            window = int(now // seconds)
-            key = f"{grant.workload.name}\x00{grant.intent.action}\x00{seconds}\x00{window}"
-            frees_at = (window + 1) * seconds
-            if self._store.count_up(_NS_RATE, key, 1, count, frees_at) is None:
-                raise RateLimited(
-                    f"rule {grant.rule_id!r} allows {count} requests per {seconds} s for this workload and action",
-                    rule_id=grant.rule_id, policy_version=grant.policy_version,
-                    retry_after=max(1, math.ceil(frees_at - now)),
-                )
+            raise RateLimited(
+                f"rule {grant.rule_id!r} allows {count} requests per {seconds} s for this workload and action",
+                **deny, retry_after=max(1, math.ceil(check.expires_at - self._clock.now())),
+            )
+        budget = limits.budget
+        assert budget is not None
+        unit = budget.currency
+        raise BudgetExceeded(
+            f"rule {grant.rule_id!r} allows at most {_amount(budget.max_minor, unit)} {unit} per {budget.per} "
+            f"per {budget.period}; this request of {_amount(check.amount, unit)} {unit} would exceed it", **deny,
+        )
 
-    def _charge(self, grant: Grant, budget: Budget, now: float) -> None:
+    @staticmethod
+    def _rate_checks(grant: Grant, limits: RuleLimits, now: float) -> list[Check]:
+        if limits.rate is None:
+            return []
+        count, seconds = limits.rate
+        window = int(now // seconds)
+        key = f"{grant.workload.name}\x00{grant.intent.action}\x00{seconds}\x00{window}"
+        return [CountUp(_NS_RATE, key, 1, count, (window + 1) * seconds)]
+
+    @staticmethod
+    def _budget_check(grant: Grant, budget: Budget, now: float) -> CountUp | BrokerError:
         context = grant.intent.context
         deny = {"rule_id": grant.rule_id, "policy_version": grant.policy_version}
         if context.get("currency") != budget.currency:
-            raise PolicyDenied(f"rule {grant.rule_id!r} budgets {budget.currency} only", **deny)
+            return PolicyDenied(f"rule {grant.rule_id!r} budgets {budget.currency} only", **deny)
         value = context.get(budget.key)
         # A JSON number only: the intent parser has made it exact (broker.money).
         minor = to_minor_units(value, budget.currency) if isinstance(value, int | float) else None
         if minor is None:
-            raise PolicyDenied(
+            return PolicyDenied(
                 f"rule {grant.rule_id!r} has a budget: context.{budget.key} must be a positive amount "
                 f"with at most {CURRENCY_EXPONENTS[budget.currency]} decimals for {budget.currency}", **deny,
             )
@@ -110,10 +148,4 @@ class IssuanceGuard:
         key = "\x00".join(
             (grant.workload.name, budget.per, scope_value, grant.intent.action, budget.period, str(window))
         )
-        expires = (window + 1) * budget.period_seconds
-        if self._store.count_up(_NS_BUDGET, key, minor, budget.max_minor, expires) is None:
-            unit = budget.currency
-            raise BudgetExceeded(
-                f"rule {grant.rule_id!r} allows at most {_amount(budget.max_minor, unit)} {unit} per {budget.per} "
-                f"per {budget.period}; this request of {_amount(minor, unit)} {unit} would exceed it", **deny,
-            )
+        return CountUp(_NS_BUDGET, key, minor, budget.max_minor, (window + 1) * budget.period_seconds)

@@ -93,12 +93,12 @@ class Introspector:
             return None
         return claims
 
-    def introspect(self, token: str, client: AuthenticatedClient) -> dict[str, Any]:
+    async def introspect(self, token: str, client: AuthenticatedClient) -> dict[str, Any]:
         """The RFC 7662 response; consumes one use of an N-use token when it is active."""
         claims = self._claims_for(token, client)
         if claims is None:
             return dict(INACTIVE)
-        status = self._tokens.status(claims, consume_use=True)
+        status = await self._tokens.status(claims, consume_use=True)
         if not status.active:
             log.info("introspection by %s: jti=%s inactive (%s)", client.client_id, claims["jti"], status.reason)
             return dict(INACTIVE)
@@ -107,7 +107,7 @@ class Introspector:
             response["uses_remaining"] = int(claims["num_uses"]) - status.uses
         return response
 
-    def revoke(self, token: str, client: AuthenticatedClient) -> dict[str, Any] | None:
+    async def revoke(self, token: str, client: AuthenticatedClient) -> dict[str, Any] | None:
         """Revoke ``token`` if it is a live token this client may see; returns its claims, else ``None``.
 
         RFC 7009 §2.2: an invalid or unknown token is not an error for the caller.
@@ -115,5 +115,5 @@ class Introspector:
         claims = self._claims_for(token, client)
         if claims is None:
             return None
-        self._tokens.revoke_token(str(claims["jti"]), float(claims["exp"]))
+        await self._tokens.revoke_token(str(claims["jti"]), float(claims["exp"]))
         return claims

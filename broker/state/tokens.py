@@ -22,7 +22,7 @@ from typing import Any
 
 from broker.clock import Clock
 from broker.policy import MAX_TTL
-from broker.store.base import StateStore
+from broker.state.store import NoMark, StateStore
 
 __all__ = ["CUTOFF_LIFETIME", "SCOPES", "TokenState", "TokenStatus", "token_scopes"]
 
@@ -71,57 +71,62 @@ class TokenState:
         self._store = store
         self._clock = clock
 
-    def _publish(self, event: dict[str, Any]) -> None:
+    async def _publish(self, event: dict[str, Any]) -> None:
         publish = getattr(self._store, "publish", None)
         if publish is not None:
-            publish("events", json.dumps(event, separators=(",", ":"), sort_keys=True))
+            await publish("events", json.dumps(event, separators=(",", ":"), sort_keys=True))
 
-    def revoke_token(self, jti: str, expires_at: float) -> None:
+    async def revoke_token(self, jti: str, expires_at: float) -> None:
         """Revoke one token until it expires anyway."""
-        self._store.set_mark(_NS_REVOKED, jti, 1.0, expires_at)
-        self._publish({"kind": "revocation", "scope": "token", "jti": jti})
+        await self._store.set_mark(_NS_REVOKED, jti, 1.0, expires_at)
+        await self._publish({"kind": "revocation", "scope": "token", "jti": jti})
 
-    def revoke_scope(self, scope: str, value: str) -> float:
+    async def revoke_scope(self, scope: str, value: str) -> float:
         """Every token of ``scope`` = ``value`` issued until now becomes inactive; returns the cut-off."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}")
         now = self._clock.now()
-        self._store.set_mark(_NS_CUTOFF, f"{scope}\x00{value}", now, now + CUTOFF_LIFETIME)
-        self._publish({"kind": "revocation", "scope": scope, "value": value, "before": now})
+        await self._store.set_mark(_NS_CUTOFF, f"{scope}\x00{value}", now, now + CUTOFF_LIFETIME)
+        await self._publish({"kind": "revocation", "scope": scope, "value": value, "before": now})
         return now
 
-    def suspend(self, workload: str) -> float:
+    async def suspend(self, workload: str) -> float:
         """Kill switch: nothing is issued to ``workload`` and its live tokens are inactive."""
         now = self._clock.now()
-        self._store.set_mark(_NS_SUSPENDED, workload, now, None)
+        await self._store.set_mark(_NS_SUSPENDED, workload, now, None)
         # The cut-off keeps the tokens inactive after a resume.
-        self._store.set_mark(_NS_CUTOFF, f"workload\x00{workload}", now, now + CUTOFF_LIFETIME)
-        self._publish({"kind": "suspension", "workload": workload, "suspended": True, "at": now})
+        await self._store.set_mark(_NS_CUTOFF, f"workload\x00{workload}", now, now + CUTOFF_LIFETIME)
+        await self._publish({"kind": "suspension", "workload": workload, "suspended": True, "at": now})
         return now
 
-    def resume(self, workload: str) -> bool:
+    async def resume(self, workload: str) -> bool:
         """Lift a suspension (tokens from before it stay inactive). True if it was suspended."""
-        was = self._store.delete_mark(_NS_SUSPENDED, workload)
-        self._publish({"kind": "suspension", "workload": workload, "suspended": False})
+        was = await self._store.delete_mark(_NS_SUSPENDED, workload)
+        await self._publish({"kind": "suspension", "workload": workload, "suspended": False})
         return was
 
-    def suspended_since(self, workload: str) -> float | None:
+    @staticmethod
+    def not_suspended(workload: str) -> NoMark:
+        """The store check that passes while ``workload`` is not suspended (for one-trip admission)."""
+        return NoMark(_NS_SUSPENDED, workload)
+
+    async def suspended_since(self, workload: str) -> float | None:
         """When ``workload`` was suspended, or ``None``."""
-        return self._store.get_marks([(_NS_SUSPENDED, workload)])[0]
+        return (await self._store.get_marks([(_NS_SUSPENDED, workload)]))[0]
 
-    def workload_status(self, workload: str) -> dict[str, float | None]:
+    async def workload_status(self, workload: str) -> dict[str, float | None]:
         """Suspension time and revocation cut-off of ``workload`` (for the admin API)."""
-        return self.workloads_status([workload])[workload]
+        return (await self.workloads_status([workload]))[workload]
 
-    def workloads_status(self, workloads: list[str]) -> dict[str, dict[str, float | None]]:
+    async def workloads_status(self, workloads: list[str]) -> dict[str, dict[str, float | None]]:
         """:meth:`workload_status` of several workloads in one store round trip."""
         items = [item for w in workloads for item in ((_NS_SUSPENDED, w), (_NS_CUTOFF, f"workload\x00{w}"))]
-        marks = self._store.get_marks(items)
+        marks = await self._store.get_marks(items)
         return {
             w: {"suspended_since": marks[2 * i], "revoked_before": marks[2 * i + 1]} for i, w in enumerate(workloads)
         }
 
-    def status(self, claims: Mapping[str, Any], *, consume_use: bool) -> TokenStatus:
+    async def status(self, claims: Mapping[str, Any], *, consume_use: bool) -> TokenStatus:
         """Whether the verified ``claims`` are live; consumes one use of an N-use token when asked.
 
         A use is consumed only once every other check passed, so an inactive token wastes nothing.
@@ -130,7 +135,7 @@ class TokenState:
         scopes = token_scopes(claims)
         items = [(_NS_REVOKED, jti), (_NS_SUSPENDED, scopes["workload"])]
         items += [(_NS_CUTOFF, f"{scope}\x00{value}") for scope, value in scopes.items()]
-        revoked, suspended, *cutoffs = self._store.get_marks(items)
+        revoked, suspended, *cutoffs = await self._store.get_marks(items)
         if revoked is not None:
             return TokenStatus(False, "revoked")
         if suspended is not None:
@@ -142,7 +147,7 @@ class TokenState:
         max_uses = claims.get("num_uses")
         if max_uses is None or not consume_use:
             return TokenStatus(True)
-        used = self._store.count_up(_NS_USES, jti, 1, int(max_uses), float(claims["exp"]))
+        used = await self._store.count_up(_NS_USES, jti, 1, int(max_uses), float(claims["exp"]))
         if used is None:
             return TokenStatus(False, "uses exhausted")
         return TokenStatus(True, uses=used)

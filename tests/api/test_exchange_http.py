@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import rfc8785
 from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jwt as jwcrypto_jwt
@@ -110,3 +111,28 @@ def test_restart_reuses_keys_and_ledger(tmp_path: Path) -> None:
         assert size2 == size + 1  # one policy_load entry for the second start; no new keys
     finally:
         second.stop()
+
+
+def test_granian_names_the_broker_not_itself_in_server(tmp_path: Path) -> None:
+    # granian would name itself unless the app sends a Server header.
+    broker = LiveBroker(tmp_path / "data", server="granian")
+    try:
+        for r in (httpx.get(broker.url + "/healthz"), httpx.post(broker.url + "/v1/token", data={"a": "b"}),
+                  httpx.get(broker.url + "/no/such/path")):
+            assert r.headers.get_list("server") == ["nhi-broker"], r.headers
+        r = httpx.post(broker.url + "/v1/token", data=exchange_form(dev_identity(broker), "payments-api", REFUND_20))
+        assert r.status_code == 200, r.text
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_granian_serves_the_same_exchange(tmp_path: Path, workers: int) -> None:
+    broker = LiveBroker(tmp_path / "data", workers=workers, server="granian")
+    try:
+        r = httpx.post(broker.url + "/v1/token", data=exchange_form(dev_identity(broker), "payments-api", REFUND_20))
+        assert r.status_code == 200, r.text
+        assert r.json()["receipt"]["index"] >= 0
+        assert r.headers.get_list("server") == ["nhi-broker"]
+    finally:
+        broker.stop()

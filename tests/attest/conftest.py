@@ -23,7 +23,8 @@ from broker.attest.jwks import JwksSource, jwk_thumbprint
 from broker.attest.verifier import Attestor
 from broker.clock import FixedClock
 from broker.models import WorkloadIdentity
-from broker.store.sqlite import SqliteStateStore
+from broker.state.sqlite import SqliteStateStore
+from tests.helpers import run
 
 NOW = 1_800_000_000
 AUDIENCE = "https://broker.example/v1/token"
@@ -137,7 +138,7 @@ def clock() -> FixedClock:
 def store(tmp_path: Path, clock: FixedClock) -> Iterator[SqliteStateStore]:
     s = SqliteStateStore(tmp_path / "state.db", clock=clock)
     yield s
-    s.close()
+    s.close_now()
 
 
 class JwksServer:
@@ -271,7 +272,7 @@ class Harness:
         return Attestor(configs, self.store, self.clock, jwks_sources=sources, **kwargs)
 
     def verify(self, token: str, token_type: str = JWT_TYPE) -> WorkloadIdentity:
-        return self.attestor.verify(token, token_type)
+        return run(self.attestor.verify(token, token_type))
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from jwcrypto import jwt as jwcrypto_jwt
 from broker.attest.dev import DEV_ISSUER, DEV_KEY_FILE, DevIssuer
 from broker.attest.verifier import Attestor
 from broker.errors import AttestationError, ConfigError, ReplayDetected
+from tests.helpers import run
 
 
 def test_key_file_created_0600_and_reused(tmp_path: Path) -> None:
@@ -120,13 +121,13 @@ def test_mint_then_verify_round_trip(tmp_path: Path, clock: Any, store: Any, kit
     ]
     for spiffe_id in ids:
         token = dev.mint(spiffe_id, kit.AUDIENCE, clock=clock)
-        identity = attestor.verify(token, kit.JWT_TYPE)
+        identity = run(attestor.verify(token, kit.JWT_TYPE))
         assert identity.spiffe_id == spiffe_id
         assert identity.method == "dev"
         assert identity.issuer == DEV_ISSUER
         assert identity.expires_at == kit.NOW + 300
         with pytest.raises(ReplayDetected):
-            attestor.verify(token, kit.JWT_TYPE)
+            run(attestor.verify(token, kit.JWT_TYPE))
 
 
 def test_dev_trust_domain_restriction(tmp_path: Path, clock: Any, store: Any, kit: Any) -> None:
@@ -137,9 +138,9 @@ def test_dev_trust_domain_restriction(tmp_path: Path, clock: Any, store: Any, ki
         clock,
         jwks_sources={dev.issuer: dev.jwks_source()},
     )
-    assert attestor.verify(dev.mint("spiffe://dev.local/bot", kit.AUDIENCE, clock=clock), kit.JWT_TYPE)
+    assert run(attestor.verify(dev.mint("spiffe://dev.local/bot", kit.AUDIENCE, clock=clock), kit.JWT_TYPE))
     with pytest.raises(AttestationError, match="trust domain does not match"):
-        attestor.verify(dev.mint("spiffe://example.org/bot", kit.AUDIENCE, clock=clock), kit.JWT_TYPE)
+        run(attestor.verify(dev.mint("spiffe://example.org/bot", kit.AUDIENCE, clock=clock), kit.JWT_TYPE))
 
 
 def test_dev_token_for_another_audience_refused(tmp_path: Path, clock: Any, store: Any, kit: Any) -> None:
@@ -148,7 +149,7 @@ def test_dev_token_for_another_audience_refused(tmp_path: Path, clock: Any, stor
         [dev.issuer_config(kit.AUDIENCE)], store, clock, jwks_sources={dev.issuer: dev.jwks_source()}
     )
     with pytest.raises(AttestationError, match="audience mismatch"):
-        attestor.verify(dev.mint("spiffe://dev.local/bot", "https://elsewhere", clock=clock), kit.JWT_TYPE)
+        run(attestor.verify(dev.mint("spiffe://dev.local/bot", "https://elsewhere", clock=clock), kit.JWT_TYPE))
 
 
 def test_another_dev_key_is_not_trusted(tmp_path: Path, clock: Any, store: Any, kit: Any) -> None:
@@ -158,4 +159,4 @@ def test_another_dev_key_is_not_trusted(tmp_path: Path, clock: Any, store: Any, 
         [ours.issuer_config(kit.AUDIENCE)], store, clock, jwks_sources={ours.issuer: ours.jwks_source()}
     )
     with pytest.raises(AttestationError, match="no issuer key matches"):
-        attestor.verify(theirs.mint("spiffe://dev.local/bot", kit.AUDIENCE, clock=clock), kit.JWT_TYPE)
+        run(attestor.verify(theirs.mint("spiffe://dev.local/bot", kit.AUDIENCE, clock=clock), kit.JWT_TYPE))

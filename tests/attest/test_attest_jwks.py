@@ -13,9 +13,10 @@ from jwcrypto import jwk as jwcrypto_jwk
 from jwt.algorithms import get_default_algorithms
 
 from broker.attest.issuers import IssuerConfig
-from broker.attest.jwks import FetchRequired, JwksError, JwksSource, jwk_thumbprint, parse_jwks
+from broker.attest.jwks import JwksError, JwksSource, jwk_thumbprint, parse_jwks
 from broker.attest.verifier import Attestor
 from broker.errors import AttestationError, ConfigError, TemporarilyUnavailable
+from tests.helpers import run
 
 # --- parsing ---------------------------------------------------------------------------------
 
@@ -266,41 +267,13 @@ def test_attestor_end_to_end_over_http_with_rotation(
     )
     attestor = Attestor([config], store, clock)
     try:
-        assert attestor.verify(a.sign(kit.claims()), kit.JWT_TYPE).method == "spiffe-jwt"
+        assert run(attestor.verify(a.sign(kit.claims()), kit.JWT_TYPE)).method == "spiffe-jwt"
         jwks_server.document = {"keys": [a.public_jwk, b.public_jwk]}
         with pytest.raises(AttestationError, match="no issuer key matches"):
-            attestor.verify(b.sign(kit.claims()), kit.JWT_TYPE)  # within the refresh interval
+            run(attestor.verify(b.sign(kit.claims()), kit.JWT_TYPE))  # within the refresh interval
         clock.advance(30)
-        assert attestor.verify(b.sign(kit.claims()), kit.JWT_TYPE).method == "spiffe-jwt"
+        assert run(attestor.verify(b.sign(kit.claims()), kit.JWT_TYPE)).method == "spiffe-jwt"
         assert jwks_server.requests == 2
-    finally:
-        attestor.close()
-
-
-def test_no_network_fetch_unless_allowed(jwks_server: Any, clock: Any, store: Any, kit: Any) -> None:
-    """The event-loop path (may_fetch=False) uses cached keys and names every fetch it would need."""
-    a, b = kit.make_signer("ES256"), kit.make_signer("ES256")
-    jwks_server.document = {"keys": [a.public_jwk, b.public_jwk]}
-    config = IssuerConfig(
-        issuer=kit.SPIFFE_ISS, kind="spiffe-jwt", audience=kit.AUDIENCE, jwks_url=jwks_server.url,
-        trust_domain="example.org",
-    )
-    attestor = Attestor([config], store, clock)
-    try:
-        token = a.sign(kit.claims())
-        with pytest.raises(FetchRequired):  # nothing cached yet
-            attestor.verify(token, kit.JWT_TYPE, may_fetch=False)
-        assert jwks_server.requests == 0
-        # Refused before the jti was consumed: the same token still verifies with a fetch.
-        assert attestor.verify(token, kit.JWT_TYPE).method == "spiffe-jwt"
-        assert attestor.verify(b.sign(kit.claims()), kit.JWT_TYPE, may_fetch=False).method == "spiffe-jwt"
-        c = kit.make_signer("ES256")
-        with pytest.raises(FetchRequired):  # an unknown kid would need a refetch
-            attestor.verify(c.sign(kit.claims()), kit.JWT_TYPE, may_fetch=False)
-        clock.advance(300)
-        with pytest.raises(FetchRequired):  # the cache expired
-            attestor.verify(a.sign(kit.claims()), kit.JWT_TYPE, may_fetch=False)
-        assert jwks_server.requests == 1
     finally:
         attestor.close()
 

@@ -23,6 +23,7 @@ from broker.errors import (
     InvalidRequest,
     ReplayDetected,
 )
+from tests.helpers import run
 
 # ---------------------------------------------------------------------------------------------
 # Attack table. Each builder gets the harness `h` and the helper kit `k` and returns
@@ -597,7 +598,7 @@ def test_single_key_jwks_token_without_kid(kit: Any, h: Any) -> None:
     attestor = Attestor(
         [cfg], h.store, h.clock, jwks_sources={cfg.issuer: JwksSource.from_jwks(signer.jwks())}
     )
-    assert attestor.verify(signer.sign(kit.claims()), JWT).method == "spiffe-jwt"
+    assert run(attestor.verify(signer.sign(kit.claims()), JWT)).method == "spiffe-jwt"
 
 
 def test_kubernetes_service_account_token(h: Any, kit: Any) -> None:
@@ -631,7 +632,7 @@ def test_oidc_template_other_claim(h: Any, kit: Any) -> None:
         spiffe_id_template="spiffe://people.example/tenants/{claim:tid}/users/{sub}",
     )
     attestor = h.build([cfg])
-    identity = attestor.verify(h.ec.sign(kit.claims(iss=kit.OIDC_ISS, sub="u-17", tid="acme")), JWT)
+    identity = run(attestor.verify(h.ec.sign(kit.claims(iss=kit.OIDC_ISS, sub="u-17", tid="acme")), JWT))
     assert identity.spiffe_id == "spiffe://people.example/tenants/acme/users/u-17"
 
 
@@ -662,7 +663,7 @@ def test_oidc_template_missing_claim(h: Any, kit: Any) -> None:
     with pytest.raises(
         AttestationError, match="claim 'employee_id' required by the SPIFFE ID template is missing"
     ):
-        h.build([cfg]).verify(h.ec.sign(kit.claims(iss=kit.OIDC_ISS, sub="u-1")), JWT)
+        run(h.build([cfg]).verify(h.ec.sign(kit.claims(iss=kit.OIDC_ISS, sub="u-1")), JWT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,9 +680,9 @@ def test_jti_replay_is_detected(h: Any, kit: Any) -> None:
 
 def test_replay_detected_across_attestors_sharing_a_store(h: Any, kit: Any) -> None:
     token = h.ec.sign(kit.claims())
-    h.build().verify(token, JWT)
+    run(h.build().verify(token, JWT))
     with pytest.raises(ReplayDetected):
-        h.build().verify(token, JWT)
+        run(h.build().verify(token, JWT))
 
 
 def test_same_jti_new_token_is_a_replay(h: Any, kit: Any) -> None:
@@ -741,4 +742,4 @@ def test_dev_issuer_without_keys_refused(h: Any, kit: Any) -> None:
 def test_max_token_bytes_configurable(h: Any, kit: Any) -> None:
     attestor = h.build(max_token_bytes=1024)
     with pytest.raises(AttestationError, match="exceeds 1024 bytes"):
-        attestor.verify(h.ec.sign(kit.claims(pad="a" * 1024)), JWT)
+        run(attestor.verify(h.ec.sign(kit.claims(pad="a" * 1024)), JWT))

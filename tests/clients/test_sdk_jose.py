@@ -17,7 +17,8 @@ from nhi_broker_client._jose import normalize_htu, public_key_from_jwk
 
 from broker.clock import SystemClock
 from broker.dpop import DPoPVerifier
-from broker.store.sqlite import SqliteStateStore
+from broker.state.sqlite import SqliteStateStore
+from tests.helpers import run
 
 RFC9449_JWK = {"kty": "EC", "x": "l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs",
                "y": "9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA", "crv": "P-256"}
@@ -36,10 +37,10 @@ def test_sdk_proofs_verify_at_the_broker(tmp_path: Path) -> None:
     try:
         key = DPoPKey.generate()
         proof = key.proof("post", "HTTPS://Broker.Example:443/v1/token?q=1")
-        verified = DPoPVerifier(store, SystemClock()).verify(proof, htm="POST", htu="https://broker.example/v1/token")
+        verified = run(DPoPVerifier(store, SystemClock()).verify(proof, htm="POST", htu="https://broker.example/v1/token"))
         assert verified.jkt == key.jkt
     finally:
-        store.close()
+        store.close_now()
 
 
 def _jwcrypto_proof(key: jwcrypto_jwk.JWK, alg: str, token: str, **claims: object) -> str:

@@ -26,7 +26,7 @@ from jwcrypto import jwt as jwcrypto_jwt
 
 from broker.attest.dev import DEV_USER_ISSUER, DevIssuer, DevUserIssuer
 from broker.clock import SystemClock
-from tests.helpers import SUPPORT, TRIAGE, LiveBroker, exchange_form, intent
+from tests.helpers import SUPPORT, TRIAGE, LiveBroker, exchange_form, intent, run
 
 NHI = str(Path(sys.executable).with_name("nhi-broker"))
 EXECUTOR = "spiffe://example.org/ns/payments/sa/refund-executor"
@@ -313,7 +313,7 @@ def _revoke(broker: LiveBroker, token: str) -> None:
     runtime = Runtime.open(Settings(data_dir=broker.data_dir))
     try:
         assert runtime.state is not None
-        runtime.state.tokens.revoke_token(claims["jti"], claims["exp"])
+        run(runtime.state.tokens.revoke_token(claims["jti"], claims["exp"]))
     finally:
         runtime.close()
 
@@ -406,6 +406,6 @@ def test_a_single_use_parent_hands_on_its_one_use(broker: LiveBroker) -> None:
     try:
         assert runtime.state is not None
         claims = verify_independently(broker, parent)
-        assert runtime.state.tokens.status(claims, consume_use=True).active is False
+        assert run(runtime.state.tokens.status(claims, consume_use=True)).active is False
     finally:
         runtime.close()

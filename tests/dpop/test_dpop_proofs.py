@@ -29,8 +29,9 @@ from broker.dpop import (
     normalize_htu,
 )
 from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
-from broker.store.sqlite import SqliteStateStore
+from broker.state.sqlite import SqliteStateStore
 from tests.dpop.dpop_helpers import HTU, jwk_of, new_key, proof
+from tests.helpers import run
 
 NOW = 1_700_000_000
 
@@ -50,11 +51,24 @@ RFC_IAT = 1562262616
 def store(tmp_path: Path) -> Any:
     s = SqliteStateStore(tmp_path / "state.sqlite3", clock=FixedClock(NOW))
     yield s
-    s.close()
+    s.close_now()
 
 
-def verifier(store: Any, now: float = NOW, **kwargs: Any) -> DPoPVerifier:
-    return DPoPVerifier(store, FixedClock(now), **kwargs)
+class _Verifier:
+    """A :class:`DPoPVerifier` driven from synchronous tests (each proof on a fresh event loop)."""
+
+    def __init__(self, inner: DPoPVerifier) -> None:
+        self.inner = inner
+
+    def verify(self, proof: str, *, htm: str, htu: str) -> DPoPProof:
+        return run(self.inner.verify(proof, htm=htm, htu=htu))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def verifier(store: Any, now: float = NOW, **kwargs: Any) -> _Verifier:
+    return _Verifier(DPoPVerifier(store, FixedClock(now), **kwargs))
 
 
 def test_rfc9449_example_proof_verifies(store: Any) -> None:

@@ -140,6 +140,43 @@ def test_async_append(ledger):
         assert_receipt_verifies(ledger, r, note)
 
 
+def test_async_append_cancelled_before_its_batch_is_written_is_left_out(ledger):
+    async def main() -> Receipt:
+        doomed = asyncio.ensure_future(ledger.append_async(entry(1)))
+        kept = asyncio.ensure_future(ledger.append_async(entry(2)))
+        await asyncio.sleep(0)  # both are queued on the loop, not yet handed to the writer
+        doomed.cancel()
+        return await kept
+
+    receipt = asyncio.run(main())
+    assert ledger.size() == 1 and receipt.index == 0
+    assert decode_entry(ledger.entries(0, 1)[0])["n"] == 2
+
+
+def test_async_append_times_out_when_the_writer_is_stuck(tmp_path):
+    release = threading.Event()
+
+    class Stuck(SqliteLedgerStorage):
+        def append_batch(self, leaves: list[bytes]) -> int:
+            release.wait(10)
+            return super().append_batch(leaves)
+
+    led = make_ledger(tmp_path / "ledger.sqlite3", Stuck(tmp_path / "ledger.sqlite3"), append_timeout=0.2)
+    try:
+        with pytest.raises(LedgerUnavailable, match="timed out"):
+            asyncio.run(led.append_async(entry(1)))
+    finally:
+        release.set()
+        led.close()
+
+
+def test_async_append_after_close_is_unavailable(tmp_path):
+    led = make_ledger(tmp_path / "ledger.sqlite3")
+    led.close()
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        asyncio.run(led.append_async(entry(1)))
+
+
 # -- range and argument checks ----------------------------------------------------------------------
 
 

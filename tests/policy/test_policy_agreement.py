@@ -1,5 +1,6 @@
-"""The indexed engine agrees with plain Casbin (one enforcer, every row, file order) and with a direct
-reference evaluation, on random rule sets and random requests."""
+"""The request path's decisions (the bucket's matcher evaluated directly, no pycasbin) agree with plain
+Casbin (one enforcer, every row, file order), with each action bucket's Casbin enforcer and with a
+direct reference evaluation, on random rule sets and random requests."""
 
 from __future__ import annotations
 
@@ -134,13 +135,18 @@ def _check_agreement(
         # (2) a deny rule is the one plain Casbin stops at (the first matching deny in file order)
         if not allowed and explain:
             assert explain[5] == "deny" and decision.rule_id == explain[6]
-        # (3) the exact outcome the reference evaluation gives
+        # (3) the request path's direct evaluation is what the action bucket's own Casbin enforcer
+        # decides, rule for rule (the same check `policy test` and `policy explain` make)
+        assert policy_set.casbin_decision(workloads[name], audience, intent(action, resource, **ctx)) == (
+            decision.effect, decision.rule_id), (name, audience, action, resource, ctx)
+        assert policy_set.agrees_with_casbin(workloads[name], audience, intent(action, resource, **ctx), decision)
+        # (4) the exact outcome the reference evaluation gives
         assert (decision.effect, decision.rule_id, decision.max_ttl) == reference(
             policy_set, name, audience, action, resource, ctx
         )
         key = "allow" if decision.effect == "allow" else ("deny-rule" if decision.rule_id else "deny-default")
         seen[key] += 1
-    # (4) the bucket's own Casbin explanation always named the rule we report; nothing failed
+    # (5) nothing was logged: no evaluation failed
     assert not [r for r in caplog.records if r.name == "broker.policy"], caplog.text
     return seen
 

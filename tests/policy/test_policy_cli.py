@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ALPHA, SAMPLES, write_policy_dir
+from conftest import ALPHA, SAMPLES, identity, intent, write_policy_dir
 
 from broker.cli import policy_cmd
 from broker.errors import PolicyLoadError
@@ -42,6 +42,24 @@ def test_shipped_samples_pass(samples: PolicySet) -> None:
     assert by_name["refund over the limit is held for review"].rule_id == "refund-review-eur"
     assert by_name["triage is denied refunds by its deny rule"].rule_id == "triage-no-payments"
     assert by_name["support refunds 20 EUR"].max_ttl == 120
+
+
+def test_policy_test_fails_a_case_where_casbin_disagrees(samples: PolicySet, monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    # Casbin is the reference: a case whose request-path decision is not Casbin's fails, even when
+    # the decision is what the case expects.
+    monkeypatch.setattr(PolicySet, "casbin_decision",
+                        lambda self, workload, audience, intent, user=None: ("deny", None))
+    by_name = {r.name: r for r in run_policy_tests(samples, SAMPLES / "tests.toml")}
+    refund = by_name["support refunds 20 EUR"]
+    assert not refund.passed and "Casbin disagree" in refund.message
+
+
+def test_explain_names_casbins_answer(samples: PolicySet) -> None:
+    workload = samples.resolve_workload(identity(SUPPORT))
+    text = samples.explain(workload, "orders-api", intent("orders.read", "customers/c-1/orders/o-1", customer="c-1")
+                           ).render()
+    assert "casbin    allow by rule orders-read-own-customer" in text and "DISAGREES" not in text
 
 
 def test_cli_test_on_samples(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -527,11 +527,17 @@ p, reader, *, things.do, things/*, "risk > 5", deny, risky, -, -
     request = intent("things.do", "things/t1", risk=1)
     assert policy_set.decide(workload, "orders-api", request).effect == "allow"
 
-    class Raising:
-        def matches(self, ctx: Any) -> bool:
-            raise ValueError("evaluation error")
+    from broker.policy._conditions import Condition
 
-    monkeypatch.setitem(policy_set._conditions, "risk > 5", Raising())
+    original = Condition.matches
+
+    def raising_on_the_deny_row(self: Condition, ctx: Any) -> bool:
+        if self.text == "risk > 5":
+            raise ValueError("evaluation error")
+        return original(self, ctx)
+
+    # The request path evaluates each row's own condition; Casbin calls it through _conditions.
+    monkeypatch.setattr(Condition, "matches", raising_on_the_deny_row)
     decision = policy_set.decide(workload, "orders-api", request)
     assert (decision.effect, decision.rule_id) == ("deny", None)
 

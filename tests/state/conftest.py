@@ -6,16 +6,16 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from broker.clock import SystemClock
-from broker.store.base import StateStore
-from broker.store.redis import RedisStateStore
-from broker.store.sqlite import SqliteStateStore
+from broker.state.redis import RedisStateStore
+from broker.state.sqlite import SqliteStateStore
+from broker.state.store import StateStore
 from tests.helpers import free_port
 
 #: The shared development Redis; every test uses its own key prefix and deletes its keys.
@@ -60,10 +60,10 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def store(backend: str, tmp_path: Path, redis_prefix: str) -> Iterator[StateStore]:
+async def store(backend: str, tmp_path: Path, redis_prefix: str) -> AsyncIterator[StateStore]:
     s = make_store(backend, tmp_path, redis_prefix)
     yield s
-    s.close()
+    await s.close()
 
 
 class OwnRedis:

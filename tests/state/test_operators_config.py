@@ -21,7 +21,7 @@ from broker.operators import (
     OperatorCredential,
     hash_secret,
 )
-from tests.helpers import POLICIES
+from tests.helpers import POLICIES, run
 
 GOOD = hash_secret("a-long-random-operator-secret")
 
@@ -74,11 +74,11 @@ def test_every_configured_hash_is_compared() -> None:
     creds = [OperatorCredential(name=f"op{i}", role="auditor", token_sha256=hash_secret(f"secret-number-{i}"))
              for i in range(3)]
     auth = OperatorAuthenticator(creds)
-    assert auth.authenticate("Bearer secret-number-2").name == "op2"
-    assert auth.authenticate("bearer   secret-number-0 ").name == "op0"
+    assert run(auth.authenticate("Bearer secret-number-2")).name == "op2"
+    assert run(auth.authenticate("bearer   secret-number-0 ")).name == "op0"
     for header in (None, "", "Bearer", "Bearer ", "Basic c2VjcmV0", "Bearer " + "x" * 600, "Bearer secret-number-9"):
         with pytest.raises(InvalidOperatorToken):
-            auth.authenticate(header)
+            run(auth.authenticate(header))
 
 
 def _basic(raw: str) -> str:
@@ -90,7 +90,7 @@ def test_client_credentials_are_form_decoded_and_exact() -> None:
     auth = ClientAuthenticator([IntrospectionClient(client_id="rs:1", secret_sha256=hash_secret(secret),
                                                     audiences=("a",))])
     # RFC 6749 §2.3.1: id and secret are form-urlencoded before the Basic encoding.
-    assert auth.authenticate(_basic(f"{quote('rs:1', safe='')}:{quote(secret, safe='')}")).client_id == "rs:1"
+    assert run(auth.authenticate(_basic(f"{quote('rs:1', safe='')}:{quote(secret, safe='')}"))).client_id == "rs:1"
     for raw in (f"rs%3A1:{quote(secret, safe='')}extra", "rs%3A1:", f"rs%3A2:{quote(secret, safe='')}", "nocolon"):
         with pytest.raises(InvalidClient):
-            auth.authenticate(_basic(raw))
+            run(auth.authenticate(_basic(raw)))

@@ -6,34 +6,35 @@ import multiprocessing as mp
 from pathlib import Path
 
 from broker.clock import FixedClock
-from broker.store.sqlite import SqliteStateStore
+from broker.state.sqlite import SqliteStateStore
+from tests.helpers import run
 
 
 def test_first_use_wins(tmp_path: Path) -> None:
     store = SqliteStateStore(tmp_path / "s.db", clock=FixedClock(1000))
-    assert store.consume_once("identity-jti", "iss\x00a", 2000) is True
-    assert store.consume_once("identity-jti", "iss\x00a", 2000) is False
-    assert store.consume_once("other", "iss\x00a", 2000) is True
+    assert run(store.consume_once("identity-jti", "iss\x00a", 2000)) is True
+    assert run(store.consume_once("identity-jti", "iss\x00a", 2000)) is False
+    assert run(store.consume_once("other", "iss\x00a", 2000)) is True
 
 
 def test_expired_key_can_be_used_again(tmp_path: Path) -> None:
     clock = FixedClock(1000)
     store = SqliteStateStore(tmp_path / "s.db", clock=clock)
-    assert store.consume_once("ns", "k", 1010)
+    assert run(store.consume_once("ns", "k", 1010))
     clock.set(1009)
-    assert not store.consume_once("ns", "k", 1020)
+    assert not run(store.consume_once("ns", "k", 1020))
     clock.set(1011)
-    assert store.consume_once("ns", "k", 1030)
+    assert run(store.consume_once("ns", "k", 1030))
 
 
 def _race(path: str, keys: list[str], out: mp.Queue) -> None:  # type: ignore[type-arg]
     store = SqliteStateStore(path)
-    out.put(sum(store.consume_once("ns", k, 4e9) for k in keys))
+    out.put(sum(run(store.consume_once("ns", k, 4e9)) for k in keys))
 
 
 def test_processes_never_both_win(tmp_path: Path) -> None:
     path = str(tmp_path / "s.db")
-    SqliteStateStore(path)
+    SqliteStateStore(path).close_now()
     keys = [f"k{i}" for i in range(300)]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

@@ -30,10 +30,10 @@ from broker.vault.leases import LeaseRecord
 __all__ = ["router"]
 
 
-def _operator(request: Request) -> Operator:
+async def _operator(request: Request) -> Operator:
     runtime: Runtime = request.app.state.runtime
     assert runtime.state is not None
-    return runtime.state.operators.authenticate(single_header(request, "Authorization"))
+    return await runtime.state.operators.authenticate(single_header(request, "Authorization"))
 
 
 OperatorDep = Annotated[Operator, Depends(_operator)]
@@ -89,7 +89,7 @@ async def revoke_scope(request: Request, operator: OperatorDep, runtime: Runtime
     if body.scope == "workload":
         _known_workload(runtime, body.value)
     assert runtime.state is not None
-    cutoff = await anyio.to_thread.run_sync(runtime.state.tokens.revoke_scope, body.scope, body.value)
+    cutoff = await runtime.state.tokens.revoke_scope(body.scope, body.value)
     entry = revocation_entry(now=cutoff, request_id=uuid.uuid4().hex, actor=operator.to_json(), scope=body.scope,
                              target={"value": body.value}, reason=body.reason)
     receipt = await runtime.ledger.append_async(entry)
@@ -104,7 +104,7 @@ async def suspend(name: _WorkloadName, request: Request, operator: OperatorDep, 
     body = await read_json(request, SuspensionRequest)
     _known_workload(runtime, name)
     assert runtime.state is not None
-    at = await anyio.to_thread.run_sync(runtime.state.tokens.suspend, name)
+    at = await runtime.state.tokens.suspend(name)
     request_id = uuid.uuid4().hex
     entry = suspension_entry(now=at, request_id=request_id, actor=operator.to_json(), workload=name,
                              suspended=True, reason=body.reason)
@@ -130,7 +130,7 @@ async def resume(name: _WorkloadName, request: Request, operator: OperatorDep, r
     body = await read_json(request, SuspensionRequest)
     _known_workload(runtime, name)
     assert runtime.state is not None
-    was = await anyio.to_thread.run_sync(runtime.state.tokens.resume, name)
+    was = await runtime.state.tokens.resume(name)
     entry = suspension_entry(now=runtime.clock.now(), request_id=uuid.uuid4().hex, actor=operator.to_json(),
                              workload=name, suspended=False, reason=body.reason)
     receipt = await runtime.ledger.append_async(entry)
@@ -143,7 +143,7 @@ async def workloads_state(operator: OperatorDep, runtime: RuntimeDep) -> dict[st
     operator.require("read")
     assert runtime.state is not None
     entries = list(runtime.policies.registry)
-    status = await anyio.to_thread.run_sync(runtime.state.tokens.workloads_status, [e.name for e in entries])
+    status = await runtime.state.tokens.workloads_status([e.name for e in entries])
     return {"workloads": [
         {"workload": e.name, "owner": e.owner, "suspended": status[e.name]["suspended_since"] is not None,
          **status[e.name]}
@@ -156,7 +156,7 @@ async def workload_state(name: _WorkloadName, operator: OperatorDep, runtime: Ru
     operator.require("read")
     _known_workload(runtime, name)
     assert runtime.state is not None
-    status = await anyio.to_thread.run_sync(runtime.state.tokens.workload_status, name)
+    status = await runtime.state.tokens.workload_status(name)
     return {"workload": name, "suspended": status["suspended_since"] is not None, **status}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -21,7 +20,7 @@ from broker.api.forms import read_form
 from broker.entries import revocation_entry
 from broker.errors import InvalidRequest
 from broker.operators import AuthenticatedClient
-from broker.state import StateServices
+from broker.state.services import StateServices
 
 __all__ = ["router"]
 
@@ -52,9 +51,7 @@ def _services(runtime: Any) -> StateServices:
 
 
 async def _authenticated_form(request: Request, runtime: Any) -> tuple[AuthenticatedClient, str]:
-    # In a thread: a workload identity may need the issuer's JWKS.
-    client = await anyio.to_thread.run_sync(_services(runtime).clients.authenticate,
-                                            single_header(request, "Authorization"))
+    client = await _services(runtime).clients.authenticate(single_header(request, "Authorization"))
     form = await read_form(request, runtime.settings.max_body_bytes)
     token = form.get("token")
     if not token:
@@ -71,8 +68,8 @@ async def _authenticated_form(request: Request, runtime: Any) -> tuple[Authentic
 async def introspect(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """``active`` plus the granted intent, owner and ledger ``txn``; ``{"active": false}`` otherwise."""
     client, token = await _authenticated_form(request, runtime)
-    # On the event loop: the broker's own keys and a few state-store reads (see broker.pipeline).
-    answer = _services(runtime).introspector.introspect(token, client)
+    # On the event loop: the broker's own keys and a few async state-store reads (see broker.pipeline).
+    answer = await _services(runtime).introspector.introspect(token, client)
     return JSONResponse(answer, headers=NO_STORE)
 
 
@@ -80,7 +77,7 @@ async def introspect(request: Request, runtime: RuntimeDep) -> JSONResponse:
 async def revoke(request: Request, runtime: RuntimeDep) -> Response:
     """Revoke a task token; 200 with an empty body whether or not it was valid (RFC 7009 §2.2)."""
     client, token = await _authenticated_form(request, runtime)
-    claims = await anyio.to_thread.run_sync(_services(runtime).introspector.revoke, token, client)
+    claims = await _services(runtime).introspector.revoke(token, client)
     if claims is not None:
         entry = revocation_entry(
             now=runtime.clock.now(), request_id=uuid.uuid4().hex, actor=client.to_json(), scope="token",

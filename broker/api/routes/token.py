@@ -97,7 +97,8 @@ def _dpop_proof(request: Request, runtime: RuntimeDep) -> CheckedDPoPProof | Non
         raise InvalidDPoPProof("DPoP is not enabled on this broker")
     # htu is the token endpoint under the issuer URL: what clients read from the RFC 8414 metadata.
     htu = runtime.settings.issuer_url + request.url.path
-    # On the event loop, like the decision itself: a signature check, no state.
+    # On the event loop, like the decision itself: a signature check, no state (the jti is consumed
+    # by the pipeline once the identity is attested).
     return runtime.dpop.check(proofs[0], htm=request.method, htu=htu)
 
 
