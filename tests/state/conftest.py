@@ -50,7 +50,9 @@ def redis_prefix() -> Iterator[str]:
 
 def make_store(backend: str, tmp_path: Path, prefix: str) -> StateStore:
     if backend == "redis":
-        return RedisStateStore(SHARED_REDIS, prefix=prefix, clock=SystemClock())
+        # A roomier timeout than the broker's 0.5 s: racing tests open many connections at once on a
+        # shared, busy machine; what they check is atomicity, not the fail-fast window.
+        return RedisStateStore(SHARED_REDIS, prefix=prefix, clock=SystemClock(), timeout=3.0)
     return SqliteStateStore(tmp_path / "state.sqlite3", clock=SystemClock())
 
 
