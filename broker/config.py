@@ -11,8 +11,9 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,10 +22,11 @@ from pydantic_settings import (
 )
 
 from broker.approvals.settings import ApprovalSettings
-from broker.attest.issuers import IssuerConfig
+from broker.attest.issuers import IssuerConfig, is_loopback_host
 from broker.attest.methods.wimse import WimseSettings
 from broker.attest.methods.x509_svid import X509Settings
 from broker.attest.users import UserIssuerConfig
+from broker.config_explain import explain_validation_error, read_toml, unknown_environment
 from broker.errors import ConfigError
 from broker.operators import IntrospectionClient, OperatorCredential
 from broker.tls import TlsSettings
@@ -45,12 +47,12 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path(".nhi-broker"), description="Keys, SQLite ledger and state live here.")
     policies_dir: Path = Field(Path("policies"), description="Casbin model, policy lines, registry, tests.")
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
-    workers: int = Field(1, ge=1, le=64)
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback turns the trial issuer off.")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes sharing the port.")
     public_url: str | None = Field(None, description="Issuer URL; defaults to http(s)://host:port.")
     audience: str = Field("nhi-broker", description="The `aud` subject tokens must carry for this broker.")
-    token_alg: Literal["ES256", "EdDSA"] = "ES256"
+    token_alg: Literal["ES256", "EdDSA"] = Field("ES256", description="Task-token signature algorithm.")
     token_ttl: int = Field(300, ge=10, le=3600, description="Default task-token lifetime; rules cap it.")
     ledger_origin: str = Field("nhi-broker.local/ledger", description="Checkpoint origin line.")
     ledger_key_name: str | None = Field(None, description="Signed-note key name; defaults to the origin.")
@@ -63,18 +65,22 @@ class Settings(BaseSettings):
     ledger_witnesses: list[str] = Field(
         default_factory=list, description="Witness verifier keys whose checkpoint cosignatures the broker publishes."
     )
-    dev_issuer: bool | None = Field(
-        None, description="Trust the local trial issuer. Default: on only when `trust` is empty."
+    unsafe_trial_issuers: bool | None = Field(
+        None,
+        description="Trust the local trial issuer(s) (anyone with the data dir's dev key can claim any identity). "
+        "Default: on only on embedded defaults bound to loopback (no `trust`, loopback host and public_url).",
+    )
+    max_body_bytes: int = Field(65536, ge=1024, le=1048576, description="Largest request body accepted (413 above).")
+    max_subject_token_bytes: int = Field(
+        8192, ge=1024, le=65536, description="Largest subject/actor token accepted, checked before decoding."
     )
     user_issuers: list[UserIssuerConfig] = Field(
         default_factory=list, description="Issuers of end-user tokens for delegated exchanges (RFC 8693 §2.1)."
     )
-    dev_user_issuer: bool | None = Field(
+    unsafe_trial_user_issuer: bool | None = Field(
         None, description="Trust the local trial end-user issuer. Default: on only when `user_issuers` is empty "
-        "and the trial workload issuer is on."
+        "and the trial workload issuer is on (loopback embedded defaults)."
     )
-    max_body_bytes: int = Field(65536, ge=1024, le=1048576)
-    max_subject_token_bytes: int = Field(8192, ge=1024, le=65536)
     dpop_nonce: bool = Field(False, description="Demand a server nonce in DPoP proofs (RFC 9449 §8).")
     # Shared state (issue 5): replay, revocation, use counts, rate limits, budgets, suspensions.
     state_backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite (one machine) or redis.")
@@ -89,7 +95,9 @@ class Settings(BaseSettings):
     )
     vault: VaultSettings | None = Field(None, description="Vault/OpenBao for vault-* intents (docs/vault.md).")
     # Human approval of intents held for review (issue 7): polling, webhook, console sessions.
-    approvals: ApprovalSettings = ApprovalSettings()  # frozen, so one shared default is safe
+    approvals: ApprovalSettings = Field(  # frozen, so one shared default is safe
+        ApprovalSettings(), description="Approval polling, webhook and console sessions (docs/approvals.md)."
+    )
     x509: X509Settings | None = Field(
         None, description="X.509-SVID attestation: trust bundles per trust domain, proxies trusted for XFCC."
     )
@@ -129,15 +137,15 @@ class Settings(BaseSettings):
         return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
-    def _dev_issuer_only_without_trust(self) -> Settings:
-        if self.dev_issuer and self.trust:
-            raise ValueError("dev_issuer is for trials only and cannot be combined with configured trust")
+    def _trial_only_without_trust(self) -> Settings:
+        if self.unsafe_trial_issuers and self.trust:
+            raise ValueError("unsafe_trial_issuers is for trials only and cannot be combined with configured trust")
         return self
 
     @model_validator(mode="after")
     def _user_issuers_apart(self) -> Settings:
-        if self.dev_user_issuer and self.user_issuers:
-            raise ValueError("dev_user_issuer is for trials only and cannot be combined with user_issuers")
+        if self.unsafe_trial_user_issuer and self.user_issuers:
+            raise ValueError("unsafe_trial_user_issuer is for trials only and cannot be combined with user_issuers")
         workload_issuers = {cfg.issuer for cfg in (*self.trust, *self.operator_issuers)}
         for cfg in self.user_issuers:
             # An issuer is trusted for one thing: a workload token must never pass as a user's, and the
@@ -168,6 +176,14 @@ class Settings(BaseSettings):
         return self.public_url or f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
     @property
+    def on_loopback(self) -> bool:
+        """True when the broker binds a loopback address and its public URL (if any) is on loopback."""
+        hosts = [self.host]
+        if self.public_url is not None:
+            hosts.append(urlsplit(self.public_url).hostname or "")
+        return all(is_loopback_host(h) for h in hosts)
+
+    @property
     def ledger_storage_url(self) -> str:
         """``ledger_url``, or the embedded default under ``data_dir``."""
         from broker.ledger.engines import default_ledger_url
@@ -175,15 +191,18 @@ class Settings(BaseSettings):
         return self.ledger_url or default_ledger_url(self.data_dir)
 
     @property
-    def dev_issuer_enabled(self) -> bool:
-        return self.dev_issuer if self.dev_issuer is not None else not self.trust
+    def trial_issuers_enabled(self) -> bool:
+        """Whether the trial issuers are trusted: explicitly, or on loopback embedded defaults only."""
+        if self.unsafe_trial_issuers is not None:
+            return self.unsafe_trial_issuers
+        return not self.trust and self.on_loopback
 
     @property
-    def dev_user_issuer_enabled(self) -> bool:
+    def trial_user_issuer_enabled(self) -> bool:
         """The trial end-user issuer: on by default with the trial workload issuer, off with user issuers."""
-        if self.dev_user_issuer is not None:
-            return self.dev_user_issuer
-        return self.dev_issuer_enabled and not self.user_issuers
+        if self.unsafe_trial_user_issuer is not None:
+            return self.unsafe_trial_user_issuer
+        return self.trial_issuers_enabled and not self.user_issuers
 
     @classmethod
     def settings_customise_sources(
@@ -204,23 +223,41 @@ class Settings(BaseSettings):
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from ``config`` (or ``$NHI_BROKER_CONFIG``), the environment and ``overrides``.
 
-    Raises :class:`ConfigError` with every problem, never a traceback.
+    Raises :class:`ConfigError` listing every problem, each with its file and line (or environment
+    variable), its key, the nearest valid key for an unknown one, and what the value must be.
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     previous = os.environ.get(CONFIG_ENV)
+    toml_path: Path | None = None
     if config is not None:
         if not config.is_file():
             raise ConfigError(f"configuration file {config} does not exist")
+        toml_path = config
+    elif previous:
+        if not Path(previous).is_file():
+            raise ConfigError(f"configuration file {previous} (from {CONFIG_ENV}) does not exist")
+        toml_path = Path(previous)
+    toml_text = read_toml(toml_path)[0] if toml_path is not None else None  # syntax errors name file:line
+    unknown = unknown_environment(Settings, os.environ)
+    problems = list(unknown.values())
+    if config is not None:
         os.environ[CONFIG_ENV] = str(config)
-    elif previous and not Path(previous).is_file():
-        raise ConfigError(f"configuration file {previous} (from {CONFIG_ENV}) does not exist")
     try:
-        return Settings(**overrides)
-    except ValueError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems += explain_validation_error(
+            exc, Settings, toml_path=toml_path, toml_text=toml_text, environ=dict(os.environ), overrides=overrides,
+            unknown_env=list(unknown),
+        )
+    except ValueError as exc:  # raised outside pydantic's validation (e.g. by a settings source)
+        problems.append(f"{toml_path or 'settings'}: {exc}")
     finally:
         if config is not None:
             if previous is None:
                 os.environ.pop(CONFIG_ENV, None)
             else:
                 os.environ[CONFIG_ENV] = previous
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        raise ConfigError(f"invalid configuration ({count}):\n  " + "\n  ".join(problems))
+    return settings

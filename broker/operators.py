@@ -88,12 +88,16 @@ class OperatorCredential(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    role: Role
-    token_sha256: str | None = None
-    spiffe_id: str | None = Field(None, pattern=_SPIFFE_PATTERN)
+    name: str = Field(description="The operator's name, as the ledger records it.")
+    role: Role = Field(description="admin (revoke, suspend, read), approver (decide its groups' approvals) or auditor.")
+    token_sha256: str | None = Field(None, description="Hex SHA-256 of its bearer secret (never the secret).")
+    spiffe_id: str | None = Field(
+        None, pattern=_SPIFFE_PATTERN, description="Or: the SPIFFE ID its operator_issuers identity token proves."
+    )
     #: Approver groups (``approvers`` of ``policies/approvals.toml``) this operator decides for.
-    groups: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")], ...] = ()
+    groups: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")], ...] = Field(
+        (), description="Approver groups of policies/approvals.toml it decides for; an approver needs one."
+    )
 
     @model_validator(mode="after")
     def _one_method(self) -> OperatorCredential:
@@ -123,10 +127,12 @@ class IntrospectionClient(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    client_id: str
-    secret_sha256: str | None = None
-    spiffe_id: str | None = Field(None, pattern=_SPIFFE_PATTERN)
-    audiences: tuple[str, ...] = Field(min_length=1)
+    client_id: str = Field(description="The resource server's client id (HTTP Basic user name).")
+    secret_sha256: str | None = Field(None, description="Hex SHA-256 of its client secret.")
+    spiffe_id: str | None = Field(
+        None, pattern=_SPIFFE_PATTERN, description="Or: the SPIFFE ID its workload identity token proves."
+    )
+    audiences: tuple[str, ...] = Field(min_length=1, description="Audiences whose tokens it may see (`*` = any).")
 
     @model_validator(mode="after")
     def _one_method(self) -> IntrospectionClient:

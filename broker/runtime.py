@@ -109,7 +109,7 @@ class Runtime:
         issuers = list(settings.trust)
         dev_issuer = None
         sources = {}
-        if settings.dev_issuer_enabled:
+        if settings.trial_issuers_enabled:
             dev_issuer = DevIssuer.load_or_create(data_dir)
             issuers.append(dev_issuer.issuer_config(settings.audience))
             sources[dev_issuer.issuer] = dev_issuer.jwks_source()
@@ -124,7 +124,7 @@ class Runtime:
         user_issuers = list(settings.user_issuers)
         dev_user_issuer = None
         user_sources: dict[str, JwksSource] = {}
-        if settings.dev_user_issuer_enabled:
+        if settings.trial_user_issuer_enabled:
             dev_user_issuer = DevUserIssuer.load_or_create(data_dir)
             user_issuers.append(dev_user_issuer.user_issuer_config(settings.audience))
             user_sources[dev_user_issuer.issuer] = dev_user_issuer.jwks_source()
@@ -168,22 +168,31 @@ class Runtime:
         assert self.ledger_signer is not None
         return str(self.ledger_signer.verifier_key)
 
+    def record_new_keys(self, request_id: str) -> list[str]:
+        """``key_rotation`` entries for the keys this process created; returns their purposes."""
+        now = self.clock.now()
+        recorded = []
+        if self.ledger_key_created and self.ledger_signer_key is not None:
+            jwk = public_jwk(self.ledger_signer_key)
+            entry = key_rotation_entry(
+                now=now, request_id=request_id, purpose="ledger", kid=jwk["kid"], alg="EdDSA", jwk=jwk
+            )
+            self.ledger.append(entry)
+            recorded.append("ledger")
+        if self.keys.created:
+            active = self.keys.active
+            entry = key_rotation_entry(
+                now=now, request_id=request_id, purpose="task-token", kid=active.kid, alg=active.alg, jwk=active.jwk
+            )
+            self.ledger.append(entry)
+            recorded.append("task-token")
+        return recorded
+
     def record_startup(self) -> None:
         """Ledger entries for what went live at this start: new keys and the policy set."""
         now = self.clock.now()
         start_id = f"start-{uuid.uuid4().hex}"
-        if self.ledger_key_created and self.ledger_signer_key is not None:
-            jwk = public_jwk(self.ledger_signer_key)
-            entry = key_rotation_entry(
-                now=now, request_id=start_id, purpose="ledger", kid=jwk["kid"], alg="EdDSA", jwk=jwk
-            )
-            self.ledger.append(entry)
-        if self.keys.created:
-            active = self.keys.active
-            entry = key_rotation_entry(
-                now=now, request_id=start_id, purpose="task-token", kid=active.kid, alg=active.alg, jwk=active.jwk
-            )
-            self.ledger.append(entry)
+        self.record_new_keys(start_id)
         self.ledger.append(
             policy_load_entry(
                 now=now,

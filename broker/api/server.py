@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 from typing import Any
 
 from broker.config import Settings
@@ -54,8 +55,12 @@ def granian_app() -> Any:
     return _ServerHeader(app_from_environment())
 
 
-def run(settings: Settings, server: str, *, access_log: bool = False) -> None:
-    """Serve until stopped (SIGTERM/SIGINT), with ``settings.workers`` worker processes."""
+def run(settings: Settings, server: str, *, access_log: bool = False, sock: socket.socket | None = None) -> bool:
+    """Serve until stopped (SIGTERM/SIGINT), with ``settings.workers`` worker processes.
+
+    ``sock`` is the listening socket ``nhi-broker serve`` bound before recording the start (uvicorn
+    serves on it; granian binds its own, so it is closed just before). Returns whether it served.
+    """
     from broker.api.app import SETTINGS_ENV, create_app
     from broker.metrics import prepare_multiprocess_dir
 
@@ -74,23 +79,27 @@ def run(settings: Settings, server: str, *, access_log: bool = False) -> None:
         # Fresh worker interpreters, as uvicorn's: a forked worker would inherit this process's
         # prometheus_client, imported before the multiprocess directory was set.
         multiprocessing.set_start_method("spawn", force=True)
+        if sock is not None:
+            sock.close()
         Granian("broker.api.server:granian_app", factory=True, address=settings.host, port=settings.port,
                 interface=Interfaces.ASGI, workers=settings.workers, loop=Loops.uvloop, log_level=LogLevels(log_level),
                 log_access=access_log, websockets=False).serve()
-        return
+        return True
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from broker.api.http_server import BoundedHttpToolsProtocol
 
     # proxy_headers=False: the client address must be the transport's, since it decides whether an
     # x-forwarded-client-cert header is read (X-Forwarded-For must not make a caller a trusted proxy).
-
+    common: dict[str, Any] = {"log_level": log_level, "access_log": access_log, "server_header": False,
+                              "http": BoundedHttpToolsProtocol, "proxy_headers": False}
+    if sock is None:
+        common.update(host=settings.host, port=settings.port)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=access_log, server_header=False, http=BoundedHttpToolsProtocol,
-                    proxy_headers=False)
-    else:
-        uvicorn.run("broker.api.app:app_from_environment", factory=True, host=settings.host,
-                    port=settings.port, workers=settings.workers, log_level=log_level,
-                    access_log=access_log, server_header=False, http=BoundedHttpToolsProtocol,
-                    proxy_headers=False)
+        one = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
+        one.run(sockets=[sock] if sock is not None else None)
+        return bool(one.started)
+    config = uvicorn.Config("broker.api.app:app_from_environment", factory=True, workers=settings.workers, **common)
+    Multiprocess(config, sockets=[sock if sock is not None else config.bind_socket()]).run()
+    return True

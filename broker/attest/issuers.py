@@ -26,6 +26,7 @@ __all__ = [
     "check_algorithms",
     "check_jwks_url",
     "check_printable",
+    "is_loopback_host",
 ]
 
 IssuerKind = Literal["kubernetes", "spiffe-jwt", "oidc", "dev"]
@@ -41,7 +42,8 @@ DEFAULT_ALGORITHMS: tuple[str, ...] = ("ES256", "RS256", "EdDSA", "PS256")
 _NO_CONTROL_RE = re.compile(r"[^\x00-\x20\x7f]{1,2048}")
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
@@ -73,7 +75,7 @@ def check_jwks_url(value: str | None) -> str | None:
     host = parts.hostname or ""
     if not host:
         raise ValueError("jwks_url has no host")
-    if parts.scheme == "http" and not _is_loopback_host(host):
+    if parts.scheme == "http" and not is_loopback_host(host):
         raise ValueError("jwks_url must use https (plain http is allowed only to a loopback address)")
     return value
 
@@ -121,19 +123,23 @@ class IssuerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    issuer: str
-    kind: IssuerKind
-    audience: str
-    jwks_file: Path | None = None
-    jwks_url: str | None = None
-    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
-    trust_domain: str | None = None
-    spiffe_id_template: str | None = None
-    max_lifetime: int = Field(default=3600, ge=1, le=86400)
-    require_jti: bool = True
-    leeway: int = Field(default=30, ge=0, le=300)
-    jwks_refresh_min_interval: float = Field(default=30.0, gt=0, le=3600)
-    jwks_cache_ttl: float = Field(default=300.0, gt=0, le=86400)
+    issuer: str = Field(description="The exact `iss` of its tokens (compared byte for byte).")
+    kind: IssuerKind = Field(description="How a subject becomes a SPIFFE ID: kubernetes, spiffe-jwt, oidc, dev.")
+    audience: str = Field(description="The broker's audience; the token's `aud` must contain it.")
+    jwks_file: Path | None = Field(None, description="A file with the issuer's JWKS (or jwks_url, not both).")
+    jwks_url: str | None = Field(None, description="The issuer's JWKS URL: https, or http to loopback only.")
+    algorithms: tuple[str, ...] = Field(DEFAULT_ALGORITHMS, description="Allowed JWS algorithms (asymmetric only).")
+    trust_domain: str | None = Field(
+        None, description="Trust domain of the SPIFFE IDs; required for kubernetes and spiffe-jwt."
+    )
+    spiffe_id_template: str | None = Field(None, description="oidc only: e.g. spiffe://example.org/oidc/{sub}.")
+    max_lifetime: int = Field(default=3600, ge=1, le=86400, description="Longest accepted token lifetime, seconds.")
+    require_jti: bool = Field(True, description="Tokens must carry a `jti` and are single-use.")
+    leeway: int = Field(default=30, ge=0, le=300, description="Clock skew tolerated on exp/nbf/iat, seconds.")
+    jwks_refresh_min_interval: float = Field(
+        default=30.0, gt=0, le=3600, description="At most one key fetch per this many seconds."
+    )
+    jwks_cache_ttl: float = Field(default=300.0, gt=0, le=86400, description="How long fetched keys are trusted (s).")
 
     @field_validator("issuer", "audience")
     @classmethod

@@ -83,21 +83,25 @@ class UserIssuerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    issuer: str
-    audience: str
-    kind: Literal["oidc", "dev"] = "oidc"
-    jwks_file: Path | None = None
-    jwks_url: str | None = None
-    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
-    token_types: tuple[str, ...] = USER_TOKEN_TYPES[:2]
-    typ: tuple[str, ...] = _DEFAULT_TYP
-    claims: dict[str, str] = Field(default_factory=dict)
-    max_lifetime: int = Field(default=3600, ge=1, le=86400)
-    single_use: bool = True
-    require_jti: bool = False
-    leeway: int = Field(default=30, ge=0, le=300)
-    jwks_refresh_min_interval: float = Field(default=30.0, gt=0, le=3600)
-    jwks_cache_ttl: float = Field(default=300.0, gt=0, le=86400)
+    issuer: str = Field(description="The exact `iss` (never the broker itself, never a workload issuer).")
+    audience: str = Field(description="The `aud` the user token must contain.")
+    kind: Literal["oidc", "dev"] = Field("oidc", description="oidc, or dev (the trial end-user issuer).")
+    jwks_file: Path | None = Field(None, description="A file with the issuer's JWKS (or jwks_url, not both).")
+    jwks_url: str | None = Field(None, description="The issuer's JWKS URL: https, or http to loopback only.")
+    algorithms: tuple[str, ...] = Field(DEFAULT_ALGORITHMS, description="Allowed JWS algorithms (asymmetric only).")
+    token_types: tuple[str, ...] = Field(USER_TOKEN_TYPES[:2], description="Accepted `subject_token_type` URIs.")
+    typ: tuple[str, ...] = Field(_DEFAULT_TYP, description="Accepted JOSE `typ` headers (a missing `typ` is accepted).")
+    claims: dict[str, str] = Field(
+        default_factory=dict, description="Policy term -> claim name, e.g. { tenant = \"tid\" } gives user.tenant."
+    )
+    max_lifetime: int = Field(default=3600, ge=1, le=86400, description="Longest accepted token lifetime, seconds.")
+    single_use: bool = Field(True, description="A token carrying a `jti` is accepted once.")
+    require_jti: bool = Field(False, description="Refuse tokens without a `jti`.")
+    leeway: int = Field(default=30, ge=0, le=300, description="Clock skew tolerated on exp/nbf/iat, seconds.")
+    jwks_refresh_min_interval: float = Field(
+        default=30.0, gt=0, le=3600, description="At most one key fetch per this many seconds."
+    )
+    jwks_cache_ttl: float = Field(default=300.0, gt=0, le=86400, description="How long fetched keys are trusted (s).")
 
     @field_validator("issuer", "audience")
     @classmethod

@@ -8,17 +8,22 @@
     policy test|explain|lint
     audit verify|prove|consistency|witness|report
     ledger export|schema|rotate-key
+    config check|docs      validate a configuration without starting; the configuration reference
+    healthcheck            probe the local broker on its configured port (Docker HEALTHCHECK)
+    admin ...              operators: workloads, revoke, approvals, leases (against a running broker)
     db upgrade|status      the shared PostgreSQL schema (ledger_url = "postgresql://...")
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker import __version__
 from broker.errors import BrokerError, ConfigError, PolicyLoadError
@@ -29,7 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["build_parser", "main"]
 
 
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from ``--config``, the environment and the command's flags."""
     from broker.config import load_settings
 
     return load_settings(
@@ -42,19 +48,57 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen before anything is written: a start that cannot serve leaves no trace."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "the address is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason} (nothing was started or recorded)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _trust_lines(settings: Any, trial: bool) -> list[str]:
+    lines = []
+    for issuer in settings.trust:
+        lines.append(f"  trusted issuer    {issuer.issuer} ({issuer.kind})")
+    if trial:
+        why = "explicitly enabled" if settings.unsafe_trial_issuers else "embedded defaults on loopback"
+        lines.append(f"  trial issuer      ON ({why}) - `nhi-broker dev identity <spiffe-id>`; for trials only")
+    else:
+        why = ("unsafe_trial_issuers = false" if settings.unsafe_trial_issuers is False
+               else "trust is configured" if settings.trust
+               else "not on loopback embedded defaults; set unsafe_trial_issuers = true to try it anyway")
+        lines.append(f"  trial issuer      OFF ({why})")
+        if not settings.trust:
+            lines.append("  WARNING           no [[trust]] issuer is configured: every token exchange is refused")
+    return lines
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from broker.api.server import run as run_server
     from broker.runtime import Runtime
 
     settings = _settings(args)
-    runtime = Runtime.open(settings)
+    sock = _listen(settings.host, settings.port)
     try:
-        runtime.record_startup()
-        verifier_key = runtime.ledger_verifier_key
-        dev = runtime.dev_issuer is not None
-        dev_user = runtime.dev_user_issuer is not None
-    finally:
-        runtime.close()
+        runtime = Runtime.open(settings)
+        try:
+            runtime.record_startup()
+            verifier_key = runtime.ledger_verifier_key
+            trial = runtime.dev_issuer is not None
+            trial_user = runtime.dev_user_issuer is not None
+        finally:
+            runtime.close()
+    except BaseException:
+        sock.close()
+        raise
     base = settings.issuer_url
     scheme = "https" if settings.tls is not None else "http"
     print(f"nhi-broker {__version__} listening on {scheme}://{settings.host}:{settings.port}")
@@ -76,20 +120,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("  WARNING           the ledger is shared (PostgreSQL) but the state store is this host's SQLite file:"
               " replicas on other hosts will not see its replay, revocation, suspension and approval state;"
               " set state_backend = \"redis\"")
-    if dev:
-        print("  trial issuer      ON (no trust configured) - `nhi-broker dev identity <spiffe-id>`;"
-              " for trials only")
-    if dev_user:
+    for line in _trust_lines(settings, trial):
+        print(line)
+    if trial_user:
         print("  trial user issuer ON (no user_issuers configured) - `nhi-broker dev user <subject>`;"
               " for trials only")
     sys.stdout.flush()
     if settings.tls is not None:
         if args.server != "uvicorn":
+            sock.close()
             raise ConfigError("tls (mutual TLS termination) runs on uvicorn; use --server uvicorn")
+        sock.close()  # uvicorn binds its own TLS listener (broker.tls)
         _serve_tls(settings, "info" if args.access_log else "warning", args.access_log)
-    else:
-        run_server(settings, args.server, access_log=args.access_log)
-    return 0
+        return 0
+    try:
+        served = run_server(settings, args.server, access_log=args.access_log, sock=sock)
+    except KeyboardInterrupt:
+        served = True
+    finally:
+        sock.close()
+    return 0 if served else 1
 
 
 def _serve_tls(settings: Settings, log_level: str, access_log: bool) -> None:
@@ -122,7 +172,7 @@ def _cmd_dev_identity(args: argparse.Namespace) -> int:
     from broker.clock import SystemClock
 
     settings = _settings(args)
-    if not settings.dev_issuer_enabled:
+    if not settings.trial_issuers_enabled:
         raise ConfigError("the trial issuer is off because trust is configured")
     try:
         parse_spiffe_id(args.spiffe_id)
@@ -139,7 +189,7 @@ def _cmd_dev_user(args: argparse.Namespace) -> int:
     from broker.clock import SystemClock
 
     settings = _settings(args)
-    if not settings.dev_user_issuer_enabled:
+    if not settings.trial_user_issuer_enabled:
         raise ConfigError("the trial user issuer is off because user_issuers (or trust) are configured")
     claims: dict[str, str] = {}
     if args.tenant:
@@ -155,14 +205,43 @@ def _cmd_dev_user(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_list(args: argparse.Namespace) -> int:
+    import json
+
+    from broker.cli.admin_cmd import human_time
     from broker.mint.keys import KeySet
 
     settings = _settings(args)
     keys = KeySet(settings.data_dir / "keys" / "token", alg=settings.token_alg)
     published = {k["kid"] for k in keys.jwks()["keys"]}
+    rows: list[dict[str, Any]] = []
     for key in reversed(keys.keys):
         state = "active" if key is keys.active else ("published" if key.kid in published else "retired")
-        print(f"{key.kid}  {key.alg}  created {key.created_at}  {state}")
+        rows.append({"kid": key.kid, "alg": key.alg, "created_at": key.created_at, "state": state})
+    if args.format == "json":
+        print(json.dumps({"keys": rows}, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['kid']}  {row['alg']}  created {human_time(row['created_at'])}  {row['state']}")
+    return 0
+
+
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    import uuid
+
+    from broker.runtime import Runtime
+
+    settings = _settings(args)
+    runtime = Runtime.open(settings)  # creates the ledger key and a first token key when absent
+    try:
+        recorded = runtime.record_new_keys(f"keys-init-{uuid.uuid4().hex}")
+        verifier, kid = runtime.ledger_verifier_key, runtime.keys.active.kid
+    finally:
+        runtime.close()
+    keys_dir = (settings.data_dir / "keys").resolve()
+    print(f"keys in {keys_dir} ({'created and recorded: ' + ', '.join(recorded) if recorded else 'all existed'})")
+    print(f"  ledger verifier   {verifier}")
+    print(f"  task-token key    {kid} ({settings.token_alg})")
+    print("copy keys/ to every replica's data_dir (docs/deploy.md); publish the verifier key out of band")
     return 0
 
 
@@ -184,6 +263,24 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     print(f"new signing key {key.kid}; running brokers use it after a restart")
+    return 0
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = _settings(args)
+    # A wildcard bind is probed on loopback; a specific address on that address.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)  # noqa: S104
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        status = httpx.get(url, timeout=args.timeout).status_code
+    except httpx.HTTPError as exc:
+        print(f"unhealthy: {url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"unhealthy: {url} answered HTTP {status}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -210,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HTTP server (default uvicorn with a bounded request head; see broker/api/server.py)")
     serve.set_defaults(func=_cmd_serve)
 
+    health = sub.add_parser("healthcheck", help="probe the local broker's /healthz (or /readyz) on its configured "
+                            "port; exit 0 healthy, 1 not (the Docker HEALTHCHECK)")
+    health.add_argument("--config", type=Path, help="TOML settings file (default: $NHI_BROKER_CONFIG)")
+    health.add_argument("--ready", action="store_true", help="probe /readyz (backends) instead of /healthz")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    health.set_defaults(func=_cmd_healthcheck)
+
     dev = sub.add_parser("dev", help="trial helpers (embedded defaults only)")
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="COMMAND", required=True)
     ident = dev_sub.add_parser("identity", help="print a short-lived workload JWT from the trial issuer")
@@ -233,16 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
     klist = keys_sub.add_parser("list", help="list keys, newest first")
     _add_common(klist)
+    klist.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     klist.set_defaults(func=_cmd_keys_list)
+    kinit = keys_sub.add_parser("init", help="create the ledger key and a first token key if absent, "
+                                "recorded in the ledger (provisioning for replicas)")
+    _add_common(kinit)
+    kinit.set_defaults(func=_cmd_keys_init)
     krot = keys_sub.add_parser("rotate", help="create a new signing key (recorded in the ledger)")
     _add_common(krot)
     krot.set_defaults(func=_cmd_keys_rotate)
 
-    from broker.cli import audit_cmd, db_cmd, policy_cmd
+    from broker.cli import admin_cmd, audit_cmd, config_cmd, db_cmd, policy_cmd
 
     policy_cmd.register(sub)
     audit_cmd.register(sub)
     db_cmd.register(sub)
+    config_cmd.register(sub)
+    admin_cmd.register(sub)
     return parser
 
 

@@ -67,14 +67,20 @@ def _cmd_test(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         _print_refusal(exc, sys.stderr)
         return 1
-    failed = 0
+    failed = sum(1 for r in results if not r.passed)
+    passed = len(results) - failed
+    if args.format == "json":
+        print(json.dumps({
+            "policy_version": policy_set.version, "passed": passed, "failed": failed,
+            "cases": [{"name": r.name, "passed": r.passed, "outcome": r.outcome, "rule_id": r.rule_id,
+                       "max_ttl": r.max_ttl, "message": r.message, "source": r.case.source} for r in results],
+        }, indent=2))
+        return 1 if failed or not results else 0
     for result in results:
         if result.passed:
             print(f"PASS  {result.name}")
         else:
-            failed += 1
             print(f"FAIL  {result.name}: {result.message}  [{result.case.source}]")
-    passed = len(results) - failed
     print(f"\n{passed} passed, {failed} failed ({policy_set.version})")
     if not results:
         print("no test cases: add [[case]] tables to tests.toml", file=sys.stderr)
@@ -127,12 +133,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except BrokerError as exc:
         print(f"unregistered: {exc.description}")
         return 1
-    if args.audience not in workload.audiences:
+    explanation = policy_set.explain(workload, args.audience, intent, user)
+    outside = args.audience not in workload.audiences
+    if args.format == "json":
+        print(json.dumps({**explanation.to_json(), "audience_registered": not outside}, indent=2))
+        return 0
+    if outside:
         print(
             f"note: {args.audience!r} is not one of {workload.name}'s audiences "
             f"({', '.join(workload.audiences) or 'none'}): the broker answers invalid_target before policy\n"
         )
-    print(policy_set.explain(workload, args.audience, intent, user).render())
+    print(explanation.render())
     return 0
 
 
@@ -220,8 +231,12 @@ def register(subparsers: Any) -> None:
             help="policy directory (default: ./policies)",
         )
 
+    def add_format(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+
     test = commands.add_parser("test", help="run the cases in tests.toml; exit 1 on any failure")
     add_dir(test)
+    add_format(test)
     test.set_defaults(func=_cmd_test)
 
     explain = commands.add_parser("explain", help="show which rule decides a request, and why")
@@ -242,6 +257,7 @@ def register(subparsers: Any) -> None:
     explain.add_argument("--user-claim", metavar="NAME=VALUE", action="append",
                          help="a mapped claim of the user (user.NAME in conditions); repeatable")
     add_dir(explain)
+    add_format(explain)
     explain.set_defaults(func=_cmd_explain)
 
     replay = commands.add_parser(

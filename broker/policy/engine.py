@@ -168,6 +168,33 @@ class Explanation:
         """Whether the decision is Casbin's (a review is an allow to Casbin)."""
         return self.casbin == ("allow" if self.decision.allowed else "deny", self.decision.rule_id)
 
+    def to_json(self) -> dict[str, Any]:
+        """The report as ``nhi-broker policy explain --format json`` prints it."""
+        d = self.decision
+        return {
+            "workload": {"name": self.workload.name, "spiffe_id": self.workload.spiffe_id,
+                         "owner": self.workload.owner},
+            "audience": self.audience,
+            "intent": {"action": self.intent.action, "resource": self.intent.resource,
+                       "context": json.loads(json.dumps(self.intent.context, default=repr))},
+            "user": None if self.user is None else {"iss": self.user.issuer, "sub": self.user.subject,
+                                                    "claims": dict(self.user.claims)},
+            "policy_version": d.policy_version,
+            "candidates": [
+                {"rule_id": t.rule_id, "effect": t.effect, "source": t.source, "ttl": t.ttl, "kind": t.kind,
+                 "matched": t.matched, "parts": [{"part": p.part, "matched": p.matched, "detail": p.detail}
+                                                 for p in t.parts]}
+                for t in self.candidates
+            ],
+            "decision": {
+                "effect": d.effect, "rule_id": d.rule_id, "reason": d.reason, "max_ttl": d.max_ttl,
+                "credential_kind": d.credential_kind, "binding": d.binding,
+                "review": None if d.review is None else {
+                    "rule_id": d.review.rule_id, "approvers": d.review.approvers, "approvals": d.review.approvals,
+                    "max_wait": d.review.max_wait, "owner_may_approve": d.review.owner_may_approve},
+            },
+        }
+
     def render(self) -> str:
         """A plain-text report for ``nhi-broker policy explain``."""
         intent = self.intent

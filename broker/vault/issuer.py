@@ -235,6 +235,17 @@ class VaultIssuer:
         """
         return sum(self._revoke(r, reason, request_id, actor) for r in self.leases.open_for_workload(workload))
 
+    def revoke_task(self, task_id: str, request_id: str, actor: dict[str, str], reason: str) -> LeaseRecord | None:
+        """An operator ends one task's lease now; ``None`` if no such task. Idempotent for an ended task.
+
+        Raises VaultUnavailable / VaultRefused (the lease stays open for the sweeper).
+        """
+        record = self.leases.get(task_id)
+        if record is None:
+            return None
+        self._revoke(record, reason, request_id, actor)
+        return self.leases.get(task_id)
+
     def sweep(self) -> int:
         """Revoke the leases of expired tasks; returns how many this call revoked."""
         done = 0

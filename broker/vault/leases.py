@@ -151,6 +151,18 @@ class LeaseBook:
                          (workload,)).fetchall()
         return [LeaseRecord(*r) for r in rows]
 
+    def listing(self, *, workload: str | None = None, open_only: bool = True, limit: int = 500) -> list[LeaseRecord]:
+        """Leases, newest first: open ones (pending, live, revoking) or all; of one workload if given."""
+        where = ["1=1"]
+        args: list[object] = []
+        if open_only:
+            where.append("state IN ('pending','live','revoking')")
+        if workload is not None:
+            where.append("workload=?")
+            args.append(workload)
+        rows = self._run(_SELECT + " AND ".join(where) + " ORDER BY issued_at DESC LIMIT ?", (*args, limit)).fetchall()
+        return [LeaseRecord(*r) for r in rows]
+
     def close(self) -> None:
         """Close the connection."""
         with self._lock:

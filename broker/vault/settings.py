@@ -24,14 +24,14 @@ class VaultSettings(BaseModel):
 
     addr: str = Field(description="e.g. http://127.0.0.1:8200")
     token_file: Path | None = Field(None, description="A file holding the broker's Vault token.")
-    approle_role_id: str | None = None
+    approle_role_id: str | None = Field(None, description="AppRole role id (with approle_secret_id_file).")
     approle_secret_id_file: Path | None = Field(None, description="A file holding the AppRole secret id.")
-    approle_mount: str = "approle"
-    database_mount: str = "database"
-    kv_mount: str = "kv"
+    approle_mount: str = Field("approle", description="Mount of the AppRole auth method.")
+    database_mount: str = Field("database", description="Mount of the database secrets engine.")
+    kv_mount: str = Field("kv", description="Mount of the KV engine (response-wrapped secrets).")
     token_role: str = Field("nhi-broker-task", description="Token role used to create child tokens.")
     timeout: float = Field(3.0, gt=0, le=60, description="Seconds per Vault request.")
-    ca_cert: Path | None = None
+    ca_cert: Path | None = Field(None, description="CA bundle to verify Vault's TLS certificate.")
     sweep_interval: float = Field(5.0, gt=0, le=3600, description="Seconds between lease sweeps.")
 
     @field_validator("addr")

@@ -142,7 +142,7 @@ def cluster() -> Iterator[Cluster]:
         config = root / "broker.toml"
         config.write_text(
             # One name for the service (a load balancer's), so every replica accepts the others' tokens.
-            f'public_url = "https://broker.example.test"\nledger_origin = "{ORIGIN}"\n'
+            f'public_url = "https://broker.example.test"\nunsafe_trial_issuers = true\nledger_origin = "{ORIGIN}"\n'
             f'ledger_url = "{ledger_url}"\n'
             f'state_backend = "redis"\nredis_url = "{redis_server.url}"\nredis_prefix = "replicas:"\n'
             f'[[operators]]\nname = "alice"\nrole = "admin"\ntoken_sha256 = "{hash_secret(ADMIN)}"\n'

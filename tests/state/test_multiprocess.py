@@ -56,7 +56,7 @@ class Pair:
         config = root / "broker.toml"
         config.write_text(
             # Replicas behind one name share the issuer URL, so each verifies the other's tokens.
-            'public_url = "https://broker.example.test"\n'
+            'public_url = "https://broker.example.test"\nunsafe_trial_issuers = true\n'
             f'state_backend = "{backend}"\nredis_url = "{SHARED_REDIS}"\nredis_prefix = "{prefix}"\n'
             f'[[operators]]\nname = "alice"\nrole = "admin"\ntoken_sha256 = "{hash_secret(ADMIN)}"\n'
             f'[[introspection_clients]]\nclient_id = "payments-api"\nsecret_sha256 = "{hash_secret(RS_SECRET)}"\n'

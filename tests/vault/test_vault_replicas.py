@@ -32,6 +32,7 @@ def replicas(tmp_path: Path, dev_vault: DevVault, pg_url: str) -> Iterator[tuple
     def settings(name: str) -> Settings:
         return Settings(
             data_dir=tmp_path / name, policies_dir=POLICIES, public_url="https://broker.example.test",
+            unsafe_trial_issuers=True,  # trial identities behind an https name: explicitly
             ledger_url=pg_url, state_backend="redis", redis_url=SHARED_REDIS, redis_prefix=prefix,
             vault=dev_vault.settings(sweep_interval=3600),
             operators=[*OPERATORS, {"name": "ops", "role": "admin", "token_sha256": hash_secret(ADMIN_SECRET)}],

@@ -1,4 +1,4 @@
-"""Admin API: scoped revocation and the kill switch, for authenticated operators only.
+"""Admin API: scoped revocation, the kill switch and Vault leases, for authenticated operators only.
 
 Every call needs ``Authorization: Bearer <operator token>`` (see :mod:`broker.operators`); the role
 decides what it may do. Each action takes effect in the shared state store first (it only ever takes
@@ -14,17 +14,18 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from broker.api.deps import RuntimeDep, single_header
 from broker.api.json_body import json_body_openapi, read_json
 from broker.entries import revocation_entry, suspension_entry
-from broker.errors import NotFound
+from broker.errors import NotFound, TemporarilyUnavailable
 from broker.operators import Operator
 from broker.runtime import Runtime
 from broker.text import unsafe_character
 from broker.vault.errors import VaultRefused, VaultUnavailable
+from broker.vault.leases import LeaseRecord
 
 __all__ = ["router"]
 
@@ -157,3 +158,52 @@ async def workload_state(name: _WorkloadName, operator: OperatorDep, runtime: Ru
     assert runtime.state is not None
     status = await runtime.state.tokens.workload_status(name)
     return {"workload": name, "suspended": status["suspended_since"] is not None, **status}
+
+
+_TaskId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+def _lease_view(record: LeaseRecord) -> dict[str, Any]:
+    return {"task_id": record.task_id, "workload": record.workload, "spiffe_id": record.spiffe_id,
+            "kind": record.kind, "ref_type": record.ref_type, "ref": record.ref, "issued_at": record.issued_at,
+            "expires_at": record.expires_at, "state": record.state, "reason": record.reason,
+            "issuance": record.leaf_hash}
+
+
+@router.get("/leases", summary="Vault/OpenBao leases handed out (open ones unless state=all), newest first")
+async def leases(
+    operator: OperatorDep, runtime: RuntimeDep,
+    workload: Annotated[str | None, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")] = None,
+    state: Literal["open", "all"] = "open",
+) -> dict[str, Any]:
+    operator.require("read")
+    if runtime.vault is None:
+        return {"vault_configured": False, "leases": []}
+    if workload is not None:
+        _known_workload(runtime, workload)
+    vault = runtime.vault
+    records = await anyio.to_thread.run_sync(
+        lambda: vault.leases.listing(workload=workload, open_only=state == "open")
+    )
+    return {"vault_configured": True, "leases": [_lease_view(r) for r in records]}
+
+
+@router.post("/leases/{task_id}/revoke", summary="End one Vault task now: revoke its lease (a revocation entry)",
+             openapi_extra=json_body_openapi(SuspensionRequest))
+async def revoke_lease(
+    task_id: _TaskId, request: Request, operator: OperatorDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    operator.require("revoke")
+    body = await read_json(request, SuspensionRequest)
+    if runtime.vault is None:
+        raise NotFound("no Vault is configured on this broker, so it holds no leases")
+    vault = runtime.vault
+    try:
+        record = await anyio.to_thread.run_sync(
+            vault.revoke_task, task_id, uuid.uuid4().hex, operator.to_json(), body.reason
+        )
+    except (VaultUnavailable, VaultRefused) as exc:
+        raise TemporarilyUnavailable(f"the lease stays open (the sweeper retries): {exc.description}") from None
+    if record is None:
+        raise NotFound(f"no Vault task {task_id!r} in the lease book")
+    return _lease_view(record)
