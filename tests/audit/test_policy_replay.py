@@ -141,8 +141,9 @@ def test_replay_counts_delegated_requests_under_unrecorded_user_claims(tmp_path:
     assert report.not_replayable == {"delegated request under rules naming user.tenant": 2}, report.lines()
     assert report.replayed == 1 and report.transitions == {"allow → deny": 1}
     # Other actions' rules do not read user.tenant: their delegated requests replay as before.
-    other = dict(DELEGATED[0], intent={"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/o-1",
-                                        "context": {"customer": "c-42"}},
+    read = {"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/o-1",
+            "context": {"customer": "c-42"}}
+    other = dict(DELEGATED[0], intent=read,
                  audience="orders-api", decision={"effect": "allow", "rule": "orders-read-own-customer",
                                                   "policy_version": "sha256:x"})
     report = _replay(candidate, [other])
