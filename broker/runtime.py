@@ -184,8 +184,8 @@ class Runtime:
         path = self.settings.data_dir / "keys" / "ledger-key.pem"
         stamp = _stamp(path)
         if stamp is not None and stamp != self.ledger_key_stamp and self.ledger_signer is not None:
+            self.ledger_key_stamp = stamp  # a file that cannot be used is reported once, not at every look
             key = _load(path, "EdDSA")
-            self.ledger_key_stamp = stamp
             if self.ledger_signer_key is None or public_jwk(key)["kid"] != public_jwk(self.ledger_signer_key)["kid"]:
                 signer = NoteSigner(self.settings.ledger_key_name or self.settings.ledger_origin, key)  # type: ignore[arg-type]
                 self.ledger.replace_signer(signer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ __all__ = [
 #: Seconds a resource server may cache the JWKS (its ``Cache-Control: max-age``); a rotated key is
 #: published longer than this before it signs (``keys rotate --publish-for``).
 JWKS_MAX_AGE = 300
+
+log = logging.getLogger("nhi_broker.keys")
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -178,13 +181,18 @@ class KeySet:
         self.publish = publish
         self.clock = clock or SystemClock()
         self.created = False
+        #: Key files a refresh could not use (mode, format), by name: never retried until renamed.
+        self.refused: dict[str, str] = {}
         self._keys = self._load_all({})
         if not self._keys:
             self.rotate()
             self.created = True
 
-    def _load_all(self, known: dict[str, SigningKey]) -> list[SigningKey]:
-        """Every key file in the directory; keys in ``known`` (by file name) are not read again."""
+    def _load_all(self, known: dict[str, SigningKey], refused: dict[str, str] | None = None) -> list[SigningKey]:
+        """Every key file in the directory; keys in ``known`` (by file name) are not read again.
+
+        A file that cannot be used raises, unless ``refused`` collects it (file name -> why).
+        """
         if not self.directory.exists():
             return []
         keys = []
@@ -192,14 +200,19 @@ class KeySet:
             if path.name in known:
                 keys.append(known[path.name])
                 continue
+            if refused is not None and path.name in refused:
+                continue
             stamp = path.stem.split("-", 1)[0]
             signs_from = int(stamp) if stamp.isdigit() else 0
             try:
                 key = _load(path, self.alg)
-            except ConfigError as exc:
+            except (ConfigError, ValueError, OSError) as exc:
                 if "does not hold" in str(exc):
                     continue  # a key of another algorithm (after an alg change) is simply not ours
-                raise
+                if refused is None:
+                    raise
+                refused[path.name] = str(exc)
+                continue
             keys.append(SigningKey(key, self.alg, public_jwk(key), signs_from, int(path.stat().st_mtime)))
         keys.sort(key=lambda k: k.signs_from)
         return keys
@@ -212,7 +225,11 @@ class KeySet:
         """
         before = {k.kid for k in self._keys}
         known = {f"{k.signs_from:012d}-{k.kid}.pem": k for k in self._keys}
-        keys = self._load_all(known)
+        refused = self.refused
+        seen = set(refused)
+        keys = self._load_all(known, refused)
+        for name in sorted(set(refused) - seen):  # said once per file, not at every look
+            log.error("key file %s is not used: %s", name, refused[name])
         if not keys:
             return []
         self._keys = keys

@@ -305,3 +305,40 @@ def test_ledger_key_rotation_takes_effect_without_restart(tmp_path: Path) -> Non
         assert "rotated" in audit.stdout
     finally:
         broker.stop()
+
+
+def test_sighup_under_granian_reloads_instead_of_respawning(tmp_path: Path) -> None:
+    """granian's supervisor respawns every worker on SIGHUP; the broker's hands it to one worker."""
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies, ignore=shutil.ignore_patterns("vault"))
+    broker = LiveBroker(tmp_path / "data", policies, workers=2, server="granian",
+                        env={"NHI_BROKER_LIVE_SYNC_INTERVAL": "0.2"})
+    try:
+        issuer = DevIssuer.load_or_create(tmp_path / "data")
+
+        def codes(n: int) -> Counter[int]:
+            found: Counter[int] = Counter()
+            for _ in range(n):
+                identity = issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
+                with httpx.Client(timeout=20) as http:
+                    found[http.post(broker.url + "/v1/token",
+                                    data=exchange_form(identity, "orders-api", READ_C42)).status_code] += 1
+            return found
+
+        assert codes(4) == Counter({200: 4})
+        pids = worker_pids(broker.proc.pid)
+        with (policies / "policy.csv").open("a") as f:
+            f.write(FREEZE)
+        os.kill(broker.proc.pid, signal.SIGHUP)
+        wait_until(lambda: codes(8) == Counter({403: 8}), what="both granian workers to decide by the new set")
+        assert worker_pids(broker.proc.pid) == pids
+        storage = SqliteLedgerStorage(tmp_path / "data" / "ledger.sqlite3")
+        try:
+            loads = [e for e in (json.loads(x) for x in storage.entries(0, storage.size()))
+                     if e["kind"] == "policy_load"]
+        finally:
+            storage.close()
+        assert [e["request_id"].split("-")[0] for e in loads] == ["start", "reload"]
+        assert loads[1]["request_id"].startswith("reload-sighup-")
+    finally:
+        broker.stop()

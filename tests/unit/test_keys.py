@@ -111,3 +111,16 @@ def test_refresh_takes_up_keys_another_process_rotated(tmp_path) -> None:
     assert [k["kid"] for k in running.jwks()["keys"]] == [new.kid, old.kid] and running.active.kid == old.kid
     clock.advance(60)
     assert running.active.kid == new.kid
+
+
+def test_refresh_reports_an_unusable_key_file_once_and_keeps_signing(tmp_path, caplog) -> None:
+    clock = FixedClock(1_900_000_000)
+    running = KeySet(tmp_path / "token", clock=clock)
+    active = running.active
+    bad = tmp_path / "token" / "001900000000-readable.pem"
+    bad.write_text("not a key")
+    os.chmod(bad, 0o644)
+    assert running.refresh() == [] and running.refresh() == []
+    assert "mode 644" in running.refused[bad.name]
+    assert len([r for r in caplog.records if f"key file {bad.name} is not used" in r.getMessage()]) == 1
+    assert running.active.kid == active.kid
