@@ -134,3 +134,20 @@ async def test_a_replica_with_other_files_keeps_its_set_and_says_so_once(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_limits_approval_terms_and_registry_change_with_a_reload(workers: tuple[Runtime, Runtime, Path]) -> None:
+    a, b, policies = workers
+    assert a.policies.limits["tickets-create"].rate == (120, 60)
+    assert a.policies.reviews["refund-review-eur"].approvals == 1
+    (policies / "limits.toml").write_text((policies / "limits.toml").read_text().replace('"120/minute"', '"5/minute"'))
+    (policies / "approvals.toml").write_text(
+        (policies / "approvals.toml").read_text().replace("approvals = 1", "approvals = 2", 1))
+    (policies / "workloads.toml").write_text((policies / "workloads.toml").read_text().replace(
+        'owner = "Dana Reyes <dana.reyes@example.com>"', 'owner = "Lee Park <lee.park@example.com>"'))
+    await a.reload_policies("api")
+    await b.reloads.follow()  # type: ignore[union-attr]
+    for runtime in (a, b):
+        assert runtime.policies.limits["tickets-create"].rate == (5, 60)
+        assert runtime.policies.reviews["refund-review-eur"].approvals == 2
+        assert runtime.policies.registry.get("support-assistant").owner == "Lee Park <lee.park@example.com>"  # type: ignore[union-attr]
