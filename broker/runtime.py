@@ -36,7 +36,7 @@ from broker.config import Settings
 from broker.delegation import ParentTokens
 from broker.dpop import DPoPVerifier, NonceIssuer
 from broker.entries import key_rotation_entry, policy_load_entry
-from broker.errors import ConfigError, StoreUnavailable
+from broker.errors import ConfigError, StoreUnavailable, TemporarilyUnavailable
 from broker.ledger import Ledger, NoteSigner
 from broker.ledger.engines import is_shared, open_ledger_storage
 from broker.ledger.storage import LedgerStorage
@@ -251,7 +251,7 @@ class Runtime:
         if self.reloads is not None:
             try:
                 asyncio.run(self.reloads.announce(self.policies.version, receipt))
-            except StoreUnavailable as exc:
+            except TemporarilyUnavailable as exc:  # the store is down, or a crashed reload's lock still holds
                 log.warning("the started policy set is not announced in the state store (%s): "
                             "workers follow reloads once it answers", exc)
 
