@@ -232,6 +232,20 @@ class PolicyReloader:
                  new.version, old.version, receipt.index, published.generation)
         return ReloadOutcome(old.version, new.version, old.version != new.version, True, published, **counts)
 
+    async def check_started(self) -> ReloadOutcome | None:
+        """At a worker's start: if the shared record names another set than the files gave this worker
+        (a worker respawned after the files were edited), lead a reload of the files, so that what this
+        worker serves is recorded and the other workers follow it, rather than serve an unrecorded set."""
+        record = await self.record()
+        current = self._current()
+        if record is None or record.version == current.version:
+            if record is not None:
+                self._seen = record.generation
+            return None
+        log.warning("this worker started with policy set %s but %s is the recorded one (the files changed "
+                    "since): reloading them on every worker, recorded", current.version, record.version)
+        return await self.reload(f"reload-worker-start-{uuid.uuid4().hex}")
+
     async def follow(self) -> bool:
         """Follow a reload another process recorded; True if this process now serves another set."""
         record = await self.record()

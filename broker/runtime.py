@@ -36,7 +36,7 @@ from broker.config import Settings
 from broker.delegation import ParentTokens
 from broker.dpop import DPoPVerifier, NonceIssuer
 from broker.entries import key_rotation_entry, policy_load_entry
-from broker.errors import ConfigError, StoreUnavailable, TemporarilyUnavailable
+from broker.errors import ConfigError, PolicyLoadError, StoreUnavailable, TemporarilyUnavailable
 from broker.ledger import Ledger, NoteSigner
 from broker.ledger.engines import is_shared, open_ledger_storage
 from broker.ledger.storage import LedgerStorage
@@ -195,6 +195,11 @@ class Runtime:
 
     async def run_live_sync(self, interval: float) -> None:
         """Every ``interval`` seconds: follow policy reloads led elsewhere, take up rotated keys."""
+        if self.reloads is not None:
+            try:
+                await self.reloads.check_started()
+            except (TemporarilyUnavailable, PolicyLoadError) as exc:
+                log.warning("policy set at start not checked against the shared record: %s", exc)
         while True:
             await asyncio.sleep(interval)
             try:

@@ -151,3 +151,27 @@ async def test_limits_approval_terms_and_registry_change_with_a_reload(workers: 
         assert runtime.policies.limits["tickets-create"].rate == (5, 60)
         assert runtime.policies.reviews["refund-review-eur"].approvals == 2
         assert runtime.policies.registry.get("support-assistant").owner == "Lee Park <lee.park@example.com>"  # type: ignore[union-attr]
+
+
+async def test_a_worker_started_after_an_edit_records_what_it_serves(tmp_path: Path) -> None:
+    """A worker respawned after the files were edited (no reload asked) serves a set nobody recorded:
+    it records it, and the other workers follow, rather than serve two sets."""
+    policies = policy_dir(tmp_path)
+    a = open_runtime(tmp_path / "data", policies)
+    try:
+        started = await a.reload_policies("api")
+        with (policies / "policy.csv").open("a") as f:
+            f.write(FREEZE)
+        respawned = open_runtime(tmp_path / "data", policies)
+        try:
+            assert respawned.policies.version != started.version
+            outcome = await respawned.reloads.check_started()  # type: ignore[union-attr]
+            assert outcome is not None and outcome.recorded and not outcome.changed
+            assert await respawned.reloads.check_started() is None  # type: ignore[union-attr]
+        finally:
+            await respawned.aclose()
+        assert await a.reloads.follow() is True  # type: ignore[union-attr]
+        assert a.policies.version == outcome.version
+        assert [e["request_id"].split("-")[1] for e in policy_loads(a)] == ["api", "worker"]
+    finally:
+        await a.aclose()
