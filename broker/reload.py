@@ -18,6 +18,9 @@ read). For a generation it has not followed and a version it does not serve, it 
 directory; when that gives the recorded version it loads and swaps it (no entry: the leader wrote
 the one entry of this change). When the files differ (this replica's files are not the recorded ones
 yet) it keeps serving what it serves, says so once in its log, and tries again at the next look.
+A worker that starts with files giving another set than the record names (respawned after an edit
+nobody reloaded) leads a reload of them (:meth:`PolicyReloader.check_started`): no worker serves a
+set the ledger does not name.
 
 Every decision records the version that decided it, so an auditor sees which set each worker applied.
 """
