@@ -96,10 +96,13 @@ class TraceContextMiddleware:
             await self.app(scope, receive, send)
             return
         values = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"traceparent"]
-        if self.spans is None or not self.spans.enabled:
+        # Without spans of its own (a middleware stack built apart from create_app), the app's.
+        spans = self.spans if self.spans is not None else getattr(getattr(scope.get("app"), "state", None),
+                                                                   "spans", None)
+        if spans is None or not spans.enabled:
             await self._serve(TraceContext.start(values), scope, receive, send)
             return
-        with self.spans.request(values, scope.get("method", "")) as span:
+        with spans.request(values, scope.get("method", "")) as span:
             statuses: list[int] = []
             try:
                 await self._serve(span.trace, scope, receive, send, statuses.append)

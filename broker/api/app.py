@@ -72,6 +72,7 @@ def create_app(
         summary="Workload identity and ephemeral credential broker for AI assistants",
         lifespan=lifespan,
     )
+    app.state.spans = spans
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=lambda: getattr(app.state, "metrics", None))
     # Outermost: logs, errors and ledger entries of a request all see its trace.
