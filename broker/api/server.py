@@ -61,7 +61,7 @@ def _hand_to_worker(pids: list[int], log: Any) -> None:
             os.kill(pid, signal.SIGHUP)
         except OSError:
             continue
-        log.warning("SIGHUP: worker %d reloads the policies; the other workers follow (no restart)", pid)
+        log.info("SIGHUP: worker %d reloads the policies; the other workers follow (no restart)", pid)
         return
     log.error("SIGHUP: no worker is ready to reload the policies; nothing changed")
 
@@ -99,7 +99,12 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
 
     if server not in SERVERS:
         raise ValueError(f"unknown HTTP server {server!r}")
+    from broker.logs import logging_config
+
     log_level = "info" if access_log else "warning"
+    # Applied by uvicorn and granian in every worker process: the broker's, the server's and the
+    # libraries' records all in settings.log_format.
+    log_config = logging_config(settings.log_format)
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     if settings.workers > 1:
         # Every worker writes its counters here, so any worker's /metrics answers for all of them.
@@ -117,7 +122,7 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
         supervisor = Granian("broker.api.server:granian_app", factory=True, address=settings.host,
                              port=settings.port, interface=Interfaces.ASGI, workers=settings.workers,
                              loop=Loops.uvloop, log_level=LogLevels(log_level), log_access=access_log,
-                             websockets=False)
+                             log_dictconfig=log_config, websockets=False)
 
         def granian_hup(*_: Any) -> None:
             # granian would respawn every worker; one worker leads a live reload instead.
@@ -136,7 +141,7 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
     # proxy_headers=False: the client address must be the transport's, since it decides whether an
     # x-forwarded-client-cert header is read (X-Forwarded-For must not make a caller a trusted proxy).
     common: dict[str, Any] = {"log_level": log_level, "access_log": access_log, "server_header": False,
-                              "http": BoundedHttpToolsProtocol, "proxy_headers": False}
+                              "http": BoundedHttpToolsProtocol, "proxy_headers": False, "log_config": log_config}
     if sock is None:
         common.update(host=settings.host, port=settings.port)
     if settings.workers == 1:

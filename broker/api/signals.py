@@ -34,10 +34,10 @@ async def reload_on_signal(runtime: Runtime) -> None:
         log.error("SIGHUP: policy reload failed (%s), still serving %s", exc.description, runtime.policies.version)
         return
     if outcome.recorded:
-        log.warning("SIGHUP: policy set %s is live (was %s), recorded at ledger index %d",
+        log.info("SIGHUP: policy set %s is live (was %s), recorded at ledger index %d",
                     outcome.version, outcome.previous_version, outcome.record.ledger_index)
     else:
-        log.warning("SIGHUP: policy set %s was already live and recorded (ledger index %d)",
+        log.info("SIGHUP: policy set %s was already live and recorded (ledger index %d)",
                     outcome.version, outcome.record.ledger_index)
 
 
