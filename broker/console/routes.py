@@ -5,11 +5,14 @@ the broker's URL is https); every form carries a CSRF token bound to the session
 bound to a short-lived pre-login cookie), and a POST whose ``Origin`` is another site is refused.
 Pages send a strict Content-Security-Policy (no script at all), ``no-store`` and ``frame-ancestors
 'none'``. Decisions go through :class:`~broker.approvals.ApprovalDesk`, exactly as the API's do.
+On embedded defaults the sign-in also takes the bootstrap credentials ``serve`` printed
+(:mod:`broker.console.bootstrap`); they open the console only.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -328,7 +331,7 @@ def _cursor(query: dict[str, str], name: str) -> int | None:
     value = query.get(name, "")
     if not value:
         return None
-    if not value.isdigit() or int(value) > _CURSOR_MAX:
+    if re.fullmatch(r"[0-9]{1,16}", value) is None or int(value) > _CURSOR_MAX:
         raise SearchProblems({name: "is not an entry index"})
     return int(value)
 
@@ -349,7 +352,9 @@ async def ledger(request: Request) -> Response:
         if before is not None and after is not None:
             raise SearchProblems({"before": "give before or after, not both"})
     except SearchProblems as exc:
-        values = {name: query.get(name, "")[:256] for name in SearchFilter.fields()}
+        # Shown back as typed (autoescaped), control characters replaced: the operator sees what to fix.
+        values = {name: "".join(c if ord(c) >= 32 else "\ufffd" for c in query.get(name, "")[:256])
+                  for name in SearchFilter.fields()}
         return _page("ledger.html", 400, **page, criteria=values, errors=exc.fields, results=None,
                      problem="The search was not run: " + exc.description)
     results = await anyio.to_thread.run_sync(lambda: console.ledger.search(criteria, before=before, after=after))

@@ -137,6 +137,8 @@ def scenario(tmp_path: Path) -> Iterator[Scenario]:
         ({"customer": "c-42\x00"}, "customer", "control characters"),
         ({"before": "-1"}, "before", "is not an entry index"),
         ({"after": "1e9"}, "after", "is not an entry index"),
+        ({"before": "\u00b2"}, "before", "is not an entry index"),  # a Unicode digit int() refuses
+        ({"before": "9" * 20}, "before", "is not an entry index"),
         ({"before": "1", "after": "2"}, "before", "not both"),
     ],
 )
