@@ -246,6 +246,11 @@ def test_the_cause_of_every_denial(scenario: Scenario) -> None:
         assert cause is not None and cause.group(1) == label, (name, page)
     outage = h.client.get(f"/console/ledger/{index['vault_outage']}").text
     assert "Vault is unreachable" in outage and "Denied by rule" not in outage
+    # The attribution printout (as `audit prove` prints it) names the cause too, not "deny by rule".
+    assert "deny by rule" not in outage
+    assert "decision         deny: Backend unavailable, failed closed (rule orders-db-read allowed it" in outage
+    rule_deny = h.client.get(f"/console/ledger/{index['deny_rule']}").text
+    assert "decision         deny: Denied by rule triage-no-payments (access_denied" in rule_deny
 
 
 def test_revocation_and_suspension_summaries_link_to_their_subjects(scenario: Scenario) -> None:
@@ -281,6 +286,7 @@ def test_downloaded_entry_proof_verifies_offline(scenario: Scenario, tmp_path: P
     assert nhi_main(["audit", "prove", "--entry-proof", str(path), "--verifier-key", key]) == 0
     out = capsys.readouterr().out
     assert f"entry            {index['vault_outage']} (denial)" in out
+    assert "decision         deny: Backend unavailable, failed closed" in out
     # Tampered: the leaf, the path or the checkpoint; and another key.
     other = "other.example/ledger+00000000+" + base64.b64encode(b"\x01" * 32).decode()
     leaf = json.loads(base64.b64decode(document["leaf"]))
@@ -348,3 +354,55 @@ def test_console_forms_still_need_their_tokens(scenario: Scenario) -> None:
                                                                    "csrf": "forged"})
     assert r.status_code == 403
     assert "default-src 'none'" in page.headers["content-security-policy"]
+
+
+def _denial(error: str, rule: str | None, reason: str) -> dict[str, Any]:
+    return {"kind": "denial", "decision": {"effect": "deny", "error": error, "rule": rule, "reason": reason}}
+
+
+@pytest.mark.parametrize(
+    ("entry", "label"),
+    [
+        (_denial("temporarily_unavailable", "orders-db-read", "Vault is sealed (x); nothing was issued"),
+         "Backend unavailable, failed closed (rule orders-db-read allowed it; nothing was issued)"),
+        (_denial("temporarily_unavailable", None, "the state store is unavailable"),
+         "Backend unavailable, failed closed"),
+        (_denial("access_denied", "orders-db-read", "Vault refused database role 'r' (permission denied)"),
+         "Vault refused the credential (rule orders-db-read allowed it)"),
+        (_denial("access_denied", "triage-no-payments", "denied by rule triage-no-payments"),
+         "Denied by rule triage-no-payments"),
+        (_denial("access_denied", None, "no rule allows payments.refund on x"), "No rule allows it (default deny)"),
+        (_denial("access_denied", None, "workload spiffe://a/b does not match its registry entry"),
+         "Refused before any rule applied"),
+        (_denial("access_denied", "refund-small-eur", "rule 'refund-small-eur' budgets EUR only"),
+         "Refused under rule refund-small-eur"),
+        (_denial("rate_limit_exceeded", "tickets-create", "rule allows 120 requests per 60 s"),
+         "Rate limit of rule tickets-create exceeded"),
+        (_denial("budget_exceeded", "refund-small-eur", "at most 200.00 EUR"),
+         "Budget of rule refund-small-eur exceeded"),
+        (_denial("workload_suspended", "tickets-create", "suspended"),
+         "Workload suspended by an operator (kill switch)"),
+        (_denial("invalid_dpop_proof", "orders-cancel-dpop", "a DPoP proof is required"),
+         "Proof of possession (DPoP) missing or wrong (rule orders-cancel-dpop)"),
+        (_denial("invalid_target", None, "audience 'x' is not registered"),
+         "Audience or delegation not allowed for this workload"),
+        (_denial("something_new", None, "?"), "Refused (something_new)"),
+        ({"kind": "approval", "approval": {"outcome": "denied", "approver": {"name": "april"}, "reason": "no"}},
+         "Denied by approver april"),
+        ({"kind": "approval", "approval": {"outcome": "expired", "approver": None, "group": "g"}},
+         "Expired: nobody decided in time"),
+    ],
+)
+def test_denial_cause_names_what_refused(entry: dict[str, Any], label: str) -> None:
+    from broker.audit.causes import denial_cause
+
+    cause = denial_cause(entry)
+    assert cause is not None and cause["label"] == label
+
+
+def test_no_cause_for_what_was_not_refused() -> None:
+    from broker.audit.causes import denial_cause
+
+    assert denial_cause({"kind": "issuance", "decision": {"effect": "allow", "rule": "r"}}) is None
+    assert denial_cause({"kind": "approval", "approval": {"outcome": "approved"}}) is None
+    assert denial_cause({"kind": "suspension"}) is None
