@@ -82,6 +82,10 @@ class Settings(BaseSettings):
         "and the trial workload issuer is on (loopback embedded defaults)."
     )
     dpop_nonce: bool = Field(False, description="Demand a server nonce in DPoP proofs (RFC 9449 §8).")
+    live_sync_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between a worker's looks for a policy set another worker or replica "
+        "reloaded, and for rotated token or ledger keys (live changes, docs/operators.md)."
+    )
     # Shared state (issue 5): replay, revocation, use counts, rate limits, budgets, suspensions.
     state_backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite (one machine) or redis.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Used when state_backend is redis.")
@@ -104,6 +108,14 @@ class Settings(BaseSettings):
     wimse: WimseSettings | None = Field(None, description="WIMSE WIT + WPT attestation: trust anchors per domain.")
     tls: TlsSettings | None = Field(
         None, description="Serve HTTPS, requesting client certificates verified against the x509 bundles."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines: text for a terminal, or json (one object per line, with the request's "
+        "trace_id and span_id) for a log pipeline."
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces): export OpenTelemetry "
+        "spans of every request there; needs the [otel] extra (docs/observability.md)."
     )
 
     @field_validator("ledger_origin")
@@ -135,6 +147,14 @@ class Settings(BaseSettings):
         if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
             raise ValueError("public_url must be an http(s) URL without query or fragment")
         return value.rstrip("/") if value else value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("otlp_endpoint must be an http(s) URL without query or fragment, e.g. "
+                             "http://127.0.0.1:4318/v1/traces")
+        return value
 
     @model_validator(mode="after")
     def _trial_only_without_trust(self) -> Settings:

@@ -13,11 +13,13 @@ from broker import __version__
 from broker.api.errors import install_error_handlers
 from broker.api.routes import admin, approvals, health, introspect, ledger, metrics, token, wellknown
 from broker.api.routes.credentials import router as credentials_router
+from broker.api.signals import install_sighup
 from broker.clock import Clock
 from broker.config import Settings
 from broker.console import router as console_router
 from broker.metrics import BrokerMetrics, MetricsMiddleware
 from broker.runtime import Runtime
+from broker.telemetry import spans_from_settings
 from broker.tls import ServerTls
 from broker.tracing import TraceContextMiddleware
 
@@ -33,13 +35,15 @@ def create_app(
     """A FastAPI app for ``settings``; the runtime is opened in the lifespan unless given.
 
     ``tls`` is the SSL context of a broker that terminates mutual TLS itself: rotated trust bundles'
-    new roots are added to it.
+    new roots are added to it. With ``otlp_endpoint`` set, requests and the exchange's steps are
+    OpenTelemetry spans (:mod:`broker.telemetry`), exported until the app shuts down.
     """
+    spans = runtime.spans if runtime is not None else spans_from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = runtime is None
-        app.state.runtime = runtime if runtime is not None else Runtime.open(settings, clock=clock)
+        app.state.runtime = runtime if runtime is not None else Runtime.open(settings, clock=clock, spans=spans)
         live = app.state.runtime
         app.state.metrics = BrokerMetrics(live.ledger.size, lambda: live.policies.version)
         # Requests held for review expire (and are recorded) even when nobody looks at them again.
@@ -51,15 +55,23 @@ def create_app(
         if live.x509 is not None and live.settings.x509 is not None:
             refresher = asyncio.create_task(live.x509.run_refresher(
                 live.settings.x509.refresh_interval, tls.add_roots if tls is not None else None))
+        # Live changes: follow reloads led by other workers and replicas, take up rotated keys;
+        # SIGHUP reloads the policy directory here (the supervisor hands it to one worker).
+        syncer = asyncio.create_task(live.run_live_sync(live.settings.live_sync_interval))
+        remove_sighup = install_sighup(live)
         try:
             yield
         finally:
+            remove_sighup()
+            syncer.cancel()
             if sweeper is not None:
                 sweeper.cancel()
             if refresher is not None:
                 refresher.cancel()
             if owned:
                 await app.state.runtime.aclose()
+                # Export what is still batched (a thread join, off the loop).
+                await asyncio.to_thread(spans.shutdown)
 
     app = FastAPI(
         title="nhi-broker",
@@ -67,10 +79,11 @@ def create_app(
         summary="Workload identity and ephemeral credential broker for AI assistants",
         lifespan=lifespan,
     )
+    app.state.spans = spans
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=lambda: getattr(app.state, "metrics", None))
     # Outermost: logs, errors and ledger entries of a request all see its trace.
-    app.add_middleware(TraceContextMiddleware)
+    app.add_middleware(TraceContextMiddleware, spans=spans)
     app.include_router(token.router)
     app.include_router(wellknown.router)
     app.include_router(credentials_router)

@@ -421,20 +421,24 @@ class LedgerBrowser:
         if index < 0 or index >= size:
             raise NotFound(f"no ledger entry {index} (the ledger has {size})")
         note = self._ledger.checkpoint()
+        # The trusted key, and a rotated key the last full verification followed the ledger's endorsement to.
+        status = self._status
+        keys = [self._key] + ([status.signed_by] if status is not None and status.signed_by not in ("", self._key)
+                              else [])
         try:
-            checkpoint, _ = verify_note(note, [self._key], self._origin)
+            checkpoint, signed_by = verify_note(note, keys, self._origin)
         except AuditFailure as exc:
             raise ProofUnavailable(f"the latest checkpoint does not verify with the console's key: {exc}") from None
         if index >= checkpoint.size:
             raise ProofUnavailable(f"entry {index} is not yet under a signed checkpoint (size {checkpoint.size})")
         leaf = self._ledger.entries(index, index + 1)[0]
         document = entry_proof_document(
-            origin=self._origin, checkpoint=note, verifier_key=self._key, index=index, leaf=leaf,
+            origin=self._origin, checkpoint=note, verifier_key=signed_by, index=index, leaf=leaf,
             audit_path=self._ledger.inclusion_proof(index, checkpoint.size),
         )
         source = EntryProofSource.from_document(document)
         try:
-            prove_attribution(source, self._key, leaf_hash_hex=leaf_hash(leaf).hex(), origin=self._origin)
+            prove_attribution(source, signed_by, leaf_hash_hex=leaf_hash(leaf).hex(), origin=self._origin)
         except AuditFailure as exc:
             raise ProofUnavailable(f"entry {index} could not be proven: {exc}") from None
         return document

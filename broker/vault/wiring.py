@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.clock import Clock
+from broker.telemetry import NO_SPANS, Spans
 
 from .identity import VaultIdentity
 from .issuer import VaultIssuer
@@ -26,7 +27,7 @@ def open_lease_book(data_dir: Path, shared_url: str | None) -> LeaseBook:
 
 
 def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, clock: Clock,
-                      shared_url: str | None = None) -> VaultIssuer:
+                      shared_url: str | None = None, *, spans: Spans = NO_SPANS) -> VaultIssuer:
     """A :class:`VaultIssuer` with its lease book, sweeping in the background.
 
     The book lives in PostgreSQL when ``shared_url`` names one (the ledger's database, so every
@@ -34,6 +35,7 @@ def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, cloc
     while Vault is down and fails closed per request.
     """
     identity = VaultIdentity(settings, clock)
-    issuer = VaultIssuer(VaultMinter(identity), open_lease_book(data_dir, shared_url), ledger, clock)
+    issuer = VaultIssuer(VaultMinter(identity), open_lease_book(data_dir, shared_url), ledger, clock,
+                         spans=spans)
     issuer.start_sweeper(settings.sweep_interval)
     return issuer

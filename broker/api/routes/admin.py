@@ -1,4 +1,5 @@
-"""Admin API: scoped revocation, the kill switch and Vault leases, for authenticated operators only.
+"""Admin API: scoped revocation, the kill switch, Vault leases and live policy reloads, for
+authenticated operators only.
 
 Every call needs ``Authorization: Bearer <operator token>`` (see :mod:`broker.operators`); the role
 decides what it may do. Each action takes effect in the shared state store first (it only ever takes
@@ -20,10 +21,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from broker.api.deps import RuntimeDep, single_header
 from broker.api.json_body import json_body_openapi, read_json
 from broker.entries import revocation_entry, suspension_entry
-from broker.errors import NotFound, TemporarilyUnavailable
+from broker.errors import NotFound, PolicyLoadError, PolicySetRefused, TemporarilyUnavailable
 from broker.operators import Operator
 from broker.runtime import Runtime
 from broker.text import unsafe_character
+from broker.tracing import current_trace_id
 from broker.vault.errors import VaultRefused, VaultUnavailable
 from broker.vault.leases import LeaseRecord
 
@@ -91,7 +93,8 @@ async def revoke_scope(request: Request, operator: OperatorDep, runtime: Runtime
     assert runtime.state is not None
     cutoff = await runtime.state.tokens.revoke_scope(body.scope, body.value)
     entry = revocation_entry(now=cutoff, request_id=uuid.uuid4().hex, actor=operator.to_json(), scope=body.scope,
-                             target={"value": body.value}, reason=body.reason)
+                             target={"value": body.value}, reason=body.reason,
+                             trace_id=current_trace_id())
     receipt = await runtime.ledger.append_async(entry)
     return {"scope": body.scope, "value": body.value, "revoked_before": cutoff,
             "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
@@ -107,7 +110,7 @@ async def suspend(name: _WorkloadName, request: Request, operator: OperatorDep, 
     at = await runtime.state.tokens.suspend(name)
     request_id = uuid.uuid4().hex
     entry = suspension_entry(now=at, request_id=request_id, actor=operator.to_json(), workload=name,
-                             suspended=True, reason=body.reason)
+                             suspended=True, reason=body.reason, trace_id=current_trace_id())
     receipt = await runtime.ledger.append_async(entry)
     answer: dict[str, Any] = {"workload": name, "suspended": True, "since": at,
                               "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
@@ -132,7 +135,7 @@ async def resume(name: _WorkloadName, request: Request, operator: OperatorDep, r
     assert runtime.state is not None
     was = await runtime.state.tokens.resume(name)
     entry = suspension_entry(now=runtime.clock.now(), request_id=uuid.uuid4().hex, actor=operator.to_json(),
-                             workload=name, suspended=False, reason=body.reason)
+                             workload=name, suspended=False, reason=body.reason, trace_id=current_trace_id())
     receipt = await runtime.ledger.append_async(entry)
     return {"workload": name, "suspended": False, "was_suspended": was,
             "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
@@ -207,3 +210,16 @@ async def revoke_lease(
     if record is None:
         raise NotFound(f"no Vault task {task_id!r} in the lease book")
     return _lease_view(record)
+
+
+@router.post("/policies/reload", summary="Reload policies, registry, limits and approval terms without a restart",
+             responses={422: {"description": "invalid_policy: the set was refused; the old one keeps serving"}})
+async def reload_policies(operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """Lint the policy directory, swap the set in and record one ``policy_load`` entry (``recorded``);
+    every worker and replica follows. A set already live answers ``changed: false`` with its entry."""
+    operator.require("reload")
+    try:
+        outcome = await runtime.reload_policies("api", actor=operator.to_json())
+    except PolicyLoadError as exc:
+        raise PolicySetRefused(exc.problems, runtime.policies.version) from None
+    return outcome.to_json()
