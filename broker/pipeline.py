@@ -362,9 +362,11 @@ class Broker:
     ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
         """(2) in its span: the decision's rule and effect as attributes (identifiers, no token)."""
         with self.spans.span("policy") as span:
+            outcome = await self._authorize(principals, request)
+            if not self.spans.enabled:  # the no-op span: skip building its attributes (the hot path)
+                return outcome
             span.set("nhi.action", request.intent.action)
             span.set("nhi.audience", request.audience)
-            outcome = await self._authorize(principals, request)
             if isinstance(outcome, _Refusal):
                 span.set("nhi.decision", "deny")
                 span.set("nhi.error", outcome.error.code)
@@ -496,6 +498,8 @@ class Broker:
 
 
 async def _append_traced(spans: Spans, ledger: AppendOnlyLog, entry: dict[str, Any]) -> Receipt:
+    if not spans.enabled:
+        return await ledger.append_async(entry)
     with spans.span("ledger.append") as span:
         span.set("nhi.ledger.kind", entry["kind"])
         receipt = await ledger.append_async(entry)
