@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.approvals import ApprovalDesk, WebhookNotifier
@@ -36,6 +36,7 @@ from broker.delegation import ParentTokens
 from broker.dpop import DPoPVerifier, NonceIssuer
 from broker.entries import key_rotation_entry, policy_load_entry
 from broker.errors import ConfigError
+from broker.isolation import Lanes
 from broker.ledger import Ledger, NoteSigner
 from broker.ledger.engines import is_shared, open_ledger_storage
 from broker.ledger.storage import LedgerStorage
@@ -87,6 +88,8 @@ class Runtime:
     dev_user_issuer: DevUserIssuer | None = None
     #: The configured X.509-SVID method: the app refreshes its bundles from a worker thread.
     x509: X509SvidMethod | None = None
+    #: Threads and deadlines of the blocking backends without a lane of their own (ledger reads).
+    lanes: Lanes = field(default_factory=Lanes.create)
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -160,6 +163,8 @@ class Runtime:
             users=users,
             dev_user_issuer=dev_user_issuer,
             x509=x509,
+            lanes=Lanes.create(ledger_capacity=settings.ledger_read_threads,
+                               ledger_timeout=settings.ledger_read_timeout),
         )
 
     @property
@@ -204,6 +209,7 @@ class Runtime:
         )
 
     def _close_sync_parts(self) -> None:
+        self.lanes.close()
         if self.vault is not None:
             self.vault.close()
         self.attestor.close()

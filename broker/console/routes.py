@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlsplit
 
-import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -305,8 +304,8 @@ async def ledger(request: Request) -> Response:
     except BrokerError as exc:
         return _page("base.html", exc.status, title="Ledger", section="ledger", session=session,
                      problem=exc.description)
-    status = await anyio.to_thread.run_sync(console.ledger.checkpoint_status)
-    results = await anyio.to_thread.run_sync(console.ledger.search, criteria)
+    status = await console.runtime.lanes.ledger.run(console.ledger.checkpoint_status)
+    results = await console.runtime.lanes.ledger.run(console.ledger.search, criteria)
     return _page("ledger.html", title="Ledger", section="ledger", session=session, status=status,  # the checkpoint
                  results=results, criteria=criteria.__dict__, fields=_SEARCH_FIELDS)
 
@@ -319,7 +318,7 @@ async def entry(request: Request, index: Annotated[int, PathParam(ge=0, le=2**53
     if session is None:
         return _redirect("/console/login")
     try:
-        shown = await anyio.to_thread.run_sync(console.ledger.entry, index)
+        shown = await console.runtime.lanes.ledger.run(console.ledger.entry, index)
     except BrokerError as exc:
         return _page("base.html", exc.status, title="Ledger entry", section="ledger", session=session,
                      problem=exc.description)
