@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         4, ge=1, le=64, description="Threads of their own for ledger reads (proofs, entries, checkpoints, /metrics)."
     )
     ledger_read_timeout: float = Field(
-        10.0, gt=0, le=300, description="Seconds a ledger read may take; then 503, the event loop never waits."
+        30.0, gt=0, le=300, description="Seconds a ledger read may take (as an append); then 503, the loop never waits."
     )
     trust: list[IssuerConfig] = Field(default_factory=list, description="Trusted workload-identity issuers.")
     ledger_witnesses: list[str] = Field(

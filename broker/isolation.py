@@ -95,7 +95,7 @@ class Lanes:
     ledger: Lane
 
     @classmethod
-    def create(cls, *, ledger_capacity: int = 4, ledger_timeout: float = 10.0) -> Lanes:
+    def create(cls, *, ledger_capacity: int = 4, ledger_timeout: float = 30.0) -> Lanes:
         """The lanes with these sizes and deadlines (``ledger_read_threads``, ``ledger_read_timeout``)."""
         return cls(ledger=Lane("ledger reads", ledger_capacity, ledger_timeout))
 
