@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.clock import Clock
+from broker.telemetry import NO_SPANS, Spans
 
 from .identity import VaultIdentity
 from .issuer import VaultIssuer
@@ -26,7 +27,7 @@ def open_lease_book(data_dir: Path, shared_url: str | None, timeout: float = 10.
 
 
 def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, clock: Clock,
-                      shared_url: str | None = None) -> VaultIssuer:
+                      shared_url: str | None = None, *, spans: Spans = NO_SPANS) -> VaultIssuer:
     """A :class:`VaultIssuer` with its lease book, sweeping in the background.
 
     The book lives in PostgreSQL when ``shared_url`` names one (the ledger's database, so every
@@ -36,6 +37,6 @@ def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, cloc
     identity = VaultIdentity(settings, clock)
     # The lease book's SQLite busy timeout fits in its lane's deadline (VaultIssuer.book_lane).
     book = open_lease_book(data_dir, shared_url, timeout=settings.timeout)
-    issuer = VaultIssuer(VaultMinter(identity), book, ledger, clock)
+    issuer = VaultIssuer(VaultMinter(identity), book, ledger, clock, spans=spans)
     issuer.start_sweeper(settings.sweep_interval)
     return issuer
