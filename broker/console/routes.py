@@ -271,9 +271,9 @@ async def _approval_page(console: _Console, session: ConsoleSession, auth_req_id
     context = record.intent.get("context") or {}
     customer = str((record.user or {}).get("sub") or context.get("customer") or "")
     conversation = str(context.get("conversation") or "")
-    history = await anyio.to_thread.run_sync(
-        lambda: console.ledger.recent_decisions(str(record.workload.get("spiffe_id", "")), customer=customer,
-                                                conversation=conversation))
+    history = await console.runtime.lanes.ledger.run(
+        console.ledger.recent_decisions, str(record.workload.get("spiffe_id", "")), customer=customer,
+        conversation=conversation)
     assert console.runtime.state is not None
     try:
         budgets = await budget_use(policies, console.runtime.state.guard, record)
@@ -344,7 +344,7 @@ async def ledger(request: Request) -> Response:
     if session is None:
         return _redirect("/console/login")
     query = dict(request.query_params)
-    status = await anyio.to_thread.run_sync(console.ledger.checkpoint_status)
+    status = await console.runtime.lanes.ledger.run(console.ledger.checkpoint_status)
     page = dict(title="Ledger", section="ledger", session=session, status=status, fields=_SEARCH_FIELDS)
     try:
         criteria = SearchFilter.from_query(query)
@@ -357,7 +357,7 @@ async def ledger(request: Request) -> Response:
                   for name in SearchFilter.fields()}
         return _page("ledger.html", 400, **page, criteria=values, errors=exc.fields, results=None,
                      problem="The search was not run: " + exc.description)
-    results = await anyio.to_thread.run_sync(lambda: console.ledger.search(criteria, before=before, after=after))
+    results = await console.runtime.lanes.ledger.run(console.ledger.search, criteria, before=before, after=after)
     return _page("ledger.html", **page, criteria=criteria.__dict__, errors={}, results=results,
                  search_query=criteria.query())
 
@@ -370,7 +370,7 @@ async def entry(request: Request, index: Annotated[int, PathParam(ge=0, le=2**53
     if session is None:
         return _redirect("/console/login")
     try:
-        shown = await anyio.to_thread.run_sync(console.ledger.entry, index)
+        shown = await console.runtime.lanes.ledger.run(console.ledger.entry, index)
     except BrokerError as exc:
         return _page("base.html", exc.status, title="Ledger entry", section="ledger", session=session,
                      problem=exc.description)
@@ -386,7 +386,7 @@ async def entry_proof(request: Request, index: Annotated[int, PathParam(ge=0, le
     if session is None:
         return _redirect("/console/login")
     try:
-        document = await anyio.to_thread.run_sync(console.ledger.entry_proof, index)
+        document = await console.runtime.lanes.ledger.run(console.ledger.entry_proof, index)
     except BrokerError as exc:
         return _page("base.html", exc.status, title="Ledger entry", section="ledger", session=session,
                      problem=exc.description)

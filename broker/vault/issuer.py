@@ -10,6 +10,11 @@ Order for a Vault grant (the credential exists before its entry, so failure must
    takes it, and answer 503.
 
 Every revocation (release, expiry sweep, suspension, failed append) is a ``revocation`` entry.
+
+Nothing here blocks the event loop: hvac calls run on the Vault lane and lease-book writes on the
+lease book's lane (:mod:`broker.isolation`), each with its own threads and deadline, so a Vault that
+hangs fails Vault intents with 503 and delays nothing else. The synchronous methods (release,
+revocations, sweeps) are for those lanes, the sweeper thread and the CLI.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import threading
 import uuid
 from typing import Any, Protocol
 
-import anyio.to_thread
+import anyio
 
 from broker.clock import Clock, SystemClock
 from broker.entries import denial_entry, issuance_entry, revocation_entry
 from broker.errors import InvalidGrant, LedgerUnavailable, TemporarilyUnavailable
+from broker.isolation import Lane
 from broker.models import Grant, Issued, Receipt
 from broker.telemetry import NO_SPANS, Spans
 
@@ -85,6 +91,10 @@ class VaultIssuer:
         self.leases = leases
         self.ledger = ledger
         self.clock = clock or SystemClock()
+        settings = minter.settings
+        # A call on the Vault lane is at most a login plus one request, each within settings.timeout.
+        self.lane = Lane("Vault", settings.concurrency, 2 * settings.timeout + 0.5)
+        self.book_lane = Lane("the lease book", settings.concurrency, settings.timeout + 0.5)
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -105,7 +115,7 @@ class VaultIssuer:
             rows = _row_scope(kind, grant)
             with self.spans.span("vault.mint") as span:
                 span.set("nhi.credential.kind", kind.family)
-                minted = await anyio.to_thread.run_sync(self.minter.mint, kind, grant.max_ttl, meta, rows)
+                minted = await self.lane.run(self.minter.mint, kind, grant.max_ttl, meta, rows)
         except (VaultUnavailable, VaultRefused) as exc:
             await self._record_denial(grant, request_id, exc, trace_id)
             raise
@@ -120,7 +130,7 @@ class VaultIssuer:
         credential.update({"iat": int(now), "exp": int(now) + minted.ttl})
         receipt: Receipt | None = None
         try:
-            self.leases.add(record, release_token)
+            await self.book_lane.run(self.leases.add, record, release_token)
             entry = issuance_entry(
                 grant=grant, now=now, request_id=request_id, credential=credential, approval=approval,
                 trace_id=trace_id,
@@ -130,16 +140,18 @@ class VaultIssuer:
                 receipt = await self.ledger.append_async(entry)
                 span.set("nhi.ledger.index", receipt.index)
                 span.set("nhi.ledger.leaf_hash", receipt.leaf_hash)
-            self.leases.mark_live(task_id, receipt.leaf_hash)
+            await self.book_lane.run(self.leases.mark_live, task_id, receipt.leaf_hash)
         except BaseException as exc:
             # The secret exists but will not reach the caller: it must not survive. Shielded, so that a
             # cancelled request (client gone) still revokes.
             reason = "ledger_append_failed" if receipt is None else "issuance_failed"
             issuance = None if receipt is None else receipt.leaf_hash
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    self._destroy_unrecorded, record, minted, request_id, reason, issuance
-                )
+                try:
+                    await self.lane.run(self._destroy_unrecorded, record, minted, request_id, reason, issuance)
+                except TemporarilyUnavailable:
+                    # Still running on its thread, or left to the sweeper once the lease is due.
+                    log.error("revocation of unrecorded task=%s is late (the Vault lane is busy)", task_id)
             if isinstance(exc, Exception) and not isinstance(exc, TemporarilyUnavailable):
                 raise LedgerUnavailable("the credential could not be recorded; it was revoked") from None
             raise
@@ -288,8 +300,10 @@ class VaultIssuer:
         self._sweeper.start()
 
     def close(self) -> None:
-        """Stop the sweeper and close the lease book and the Vault session."""
+        """Stop the sweeper and the lanes, and close the lease book and the Vault session."""
         self._stop.set()
+        self.lane.close()
+        self.book_lane.close()
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
         self.leases.close()
