@@ -8,7 +8,7 @@ from typing import Any
 from broker.clock import Clock
 
 from .identity import VaultIdentity
-from .issuer import VaultIssuer
+from .issuer import SuspendedSince, VaultIssuer
 from .leases import LeaseBook
 from .minter import VaultMinter
 from .settings import VaultSettings
@@ -26,14 +26,16 @@ def open_lease_book(data_dir: Path, shared_url: str | None) -> LeaseBook:
 
 
 def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, clock: Clock,
-                      shared_url: str | None = None) -> VaultIssuer:
+                      shared_url: str | None = None, suspended_since: SuspendedSince | None = None) -> VaultIssuer:
     """A :class:`VaultIssuer` with its lease book, sweeping in the background.
 
     The book lives in PostgreSQL when ``shared_url`` names one (the ledger's database, so every
-    replica shares it), else under ``data_dir``. Nothing here talks to Vault: the broker starts
-    while Vault is down and fails closed per request.
+    replica shares it), else under ``data_dir``. ``suspended_since`` is the kill switch, read again
+    once a lease is live (a workload suspended mid-request gets no credential). Nothing here talks to
+    Vault: the broker starts while Vault is down and fails closed per request.
     """
     identity = VaultIdentity(settings, clock)
-    issuer = VaultIssuer(VaultMinter(identity), open_lease_book(data_dir, shared_url), ledger, clock)
+    issuer = VaultIssuer(VaultMinter(identity), open_lease_book(data_dir, shared_url), ledger, clock,
+                         suspended_since=suspended_since)
     issuer.start_sweeper(settings.sweep_interval)
     return issuer
