@@ -528,21 +528,24 @@ class PolicySet:
             return self._decision("review", chosen, f"held for review by rule {chosen.rule_id}", binding), chosen
         return self._decision("allow", chosen, f"allowed by rule {chosen.rule_id}", binding), chosen
 
-    def decide_direct(self, workload: RegisteredWorkload, audience: str, intent: Intent) -> Decision:
+    def decide_direct(
+        self, workload: RegisteredWorkload, audience: str, intent: Intent, user: EndUser | None = None
+    ) -> Decision:
         """:meth:`decide` by the engine's own matcher alone, without Casbin (bulk replay).
 
-        The same rules, match functions and precedence as :meth:`decide` (which uses this matcher
-        to cross-check Casbin), several times faster. Never raises: anything unexpected is a deny.
-        ``policy replay`` confirms a sample of these decisions with :meth:`decide`.
+        The same rules, match functions, user terms and precedence as :meth:`decide` (which uses
+        this matcher to cross-check Casbin), several times faster. Never raises: anything unexpected
+        is a deny. ``policy replay`` confirms a sample of these decisions with :meth:`decide`.
         """
         try:
             subjects = self._subjects.get(workload.name)
             if subjects is None:
                 return self._decision("deny", None, f"workload {workload.name} is not in this policy set")
-            ctx = intent.context
+            if not isinstance(intent.context, dict):
+                return self._decision("deny", None, "the intent is not well-formed")
+            ctx = policy_context(intent, user)
             if (
                 not isinstance(audience, str)
-                or not isinstance(ctx, dict)
                 or not is_valid_action(intent.action)
                 or not is_valid_resource(intent.resource)
             ):

@@ -26,7 +26,7 @@ from typing import Any
 from broker.audit.source import LedgerSource
 from broker.audit.verify import VerifierKeys, verify_ledger
 from broker.errors import InvalidTarget, UnregisteredWorkload
-from broker.models import Intent, RegisteredWorkload, WorkloadIdentity
+from broker.models import EndUser, Intent, RegisteredWorkload, WorkloadIdentity
 from broker.policy.engine import PolicySet
 
 __all__ = ["Change", "ReplayReport", "RuleChanges", "replay_entries", "replay_ledger"]
@@ -164,8 +164,9 @@ def _redecide(policies: PolicySet, entry: dict[str, Any], cache: dict[tuple[Any,
     workload = entry["workload"]
     intent = entry["intent"]
     # Identical requests decide identically: ledgers repeat the same few intents many times.
+    user = entry.get("user")
     key = (workload["spiffe_id"], workload["attestation"], workload["issuer"], entry["audience"], intent["action"],
-           intent["resource"], _frozen(intent["context"]))
+           intent["resource"], _frozen(intent["context"]), (user["iss"], user["sub"]) if user else None)
     cached = cache.get(key)
     if cached is None:
         cached = cache[key] = _decide_fresh(policies, entry)
@@ -191,13 +192,26 @@ def _decide_fresh(policies: PolicySet, entry: dict[str, Any]) -> tuple[str, str 
     if entry["audience"] not in registered.audiences:
         return "deny", None, str(InvalidTarget(f"audience {entry['audience']!r} is not registered").description)
     request = Intent(intent["action"], intent["resource"], dict(intent["context"]))
-    decision = policies.decide_direct(registered, entry["audience"], request)
+    user = _recorded_user(entry)
+    decision = policies.decide_direct(registered, entry["audience"], request, user)
     if _confirm(entry):
         # The broker decides with Casbin; confirm a deterministic sample of the fast decisions.
-        full = policies.decide(registered, entry["audience"], request)
+        full = policies.decide(registered, entry["audience"], request, user)
         if (full.effect, full.rule_id) != (decision.effect, decision.rule_id):
             return full.effect, full.rule_id, full.reason + " (engine cross-check differed)"
     return decision.effect, decision.rule_id, decision.reason
+
+
+def _recorded_user(entry: dict[str, Any]) -> EndUser | None:
+    """The verified end user the entry records (a delegated request), as policies see it.
+
+    The ledger keeps the user's issuer and subject, not its mapped claims: a condition on a mapped
+    claim (``user.tenant``) is replayed with that term missing, so it is false (docs/policy-replay.md).
+    """
+    user = entry.get("user")
+    if user is None:
+        return None
+    return EndUser(issuer=user["iss"], subject=user["sub"])
 
 
 _RESOLVED: dict[tuple[str, str, str, str], RegisteredWorkload | UnregisteredWorkload] = {}
