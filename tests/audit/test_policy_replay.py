@@ -13,10 +13,12 @@ from tests.audit.conftest import Ledger
 from tests.audit.test_audit_cli import nhi
 from tests.helpers import POLICIES
 
-SMALL = ('"amount > 0 && amount <= 50 && currency == \'EUR\'", allow, refund-small-eur',
-         '"amount > 0 && amount <= 10 && currency == \'EUR\'", allow, refund-small-eur')
-REVIEW = ('"amount > 50 && amount < 500 && currency == \'EUR\'", review, refund-review-eur',
-          '"amount > 10 && amount < 500 && currency == \'EUR\'", review, refund-review-eur')
+SMALL = ('"amount > 0 && amount <= 50 && currency == \'EUR\' && customer == user.sub", allow, refund-small-eur',
+         '"amount > 0 && amount <= 10 && currency == \'EUR\' && customer == user.sub", allow, refund-small-eur')
+REVIEW = ('"amount > 50 && amount < 500 && currency == \'EUR\' && customer == user.sub", review, refund-review-eur',
+          '"amount > 10 && amount < 500 && currency == \'EUR\' && customer == user.sub", review, refund-review-eur')
+# The recorded refunds are delegated (ledger member `user`): a candidate that no longer checks the
+# customer against the verified user must not change them, one that needs another user must deny them.
 
 
 def _candidate(tmp_path: Path, *edits: tuple[str, str]) -> Path:
@@ -67,6 +69,21 @@ def test_replay_of_the_recorded_policies_changes_nothing(ledger_copy: Ledger, tm
             "--policies", str(POLICIES), "--max-changes", "0")
     assert r.returncode == 0, r.stderr
     assert "unchanged 8, changed 0" in r.stdout
+
+
+def test_replay_decides_with_the_recorded_verified_user(ledger_copy: Ledger, tmp_path: Path) -> None:
+    bundle = _bundle(ledger_copy, tmp_path)
+    source = BundleLedgerSource(bundle)
+    # The six refunds were for the verified user c-42 of the trial user issuer: a rule that wants
+    # another issuer's users no longer allows them ...
+    other_issuer = (SMALL[0], SMALL[0].replace("customer == user.sub", "user.iss == 'https://login.example.org'"))
+    report = replay_ledger(source, ledger_copy.verifier_key, load_policies(_candidate(tmp_path / "a", other_issuer)))
+    assert report.transitions == {"allow → deny": 6}
+    # ... and one that asks for the same user, spelled differently, changes nothing.
+    same_user = (SMALL[0], SMALL[0].replace("customer == user.sub", "user.sub == 'c-42' && user.delegated == true"))
+    report = replay_ledger(BundleLedgerSource(bundle), ledger_copy.verifier_key,
+                           load_policies(_candidate(tmp_path / "b", same_user)))
+    assert report.transitions == {} and report.replayed == 8
 
 
 def test_replay_refuses_an_unverified_ledger_and_bad_input(ledger_copy: Ledger, tmp_path: Path) -> None:
