@@ -104,7 +104,7 @@ def test_a_suspension_on_one_replica_ends_the_other_replicas_tokens_and_leases_w
 
 def test_an_approval_decided_on_one_replica_is_collected_by_a_poll_on_the_other(replicas) -> None:
     a, b = replicas
-    held = a.exchange(SUPPORT, "payments-api", refund(120))
+    held = a.exchange(SUPPORT, "payments-api", refund(120), user="c-42")
     assert held.status_code == 200, held.text
     auth_req_id = held.json()["auth_req_id"]
     decided = a.client.post(f"/v1/admin/approvals/{auth_req_id}/approve", json={"reason": "checked"},
