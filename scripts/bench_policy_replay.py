@@ -50,7 +50,10 @@ def _entry(i: int, rng: random.Random) -> dict[str, object]:
               "resource": f"customers/{customer}/orders/o-{rng.randrange(10**6)}",
               "context": {"customer": customer, "amount": amount, "currency": "EUR"}}
     base = {"v": 1, "time": f"2026-11-{1 + i * 30 // 100_000 % 30:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
-            "request_id": f"req-{i:012d}", "workload": _workload(i), "audience": "payments-api", "intent": intent}
+            "request_id": f"req-{i:012d}", "workload": _workload(i), "audience": "payments-api", "intent": intent,
+            # Delegated refunds, as the sample policy requires: the verified customer the refund is for.
+            "user": {"iss": "https://login.example.org", "sub": customer,
+                     "evidence_digest": "sha256:" + f"{i + 1:064x}"}}
     if amount <= 50:
         return {**base, "kind": "issuance",
                 "decision": {"effect": "allow", "rule": "refund-small-eur", "policy_version": VERSION},
