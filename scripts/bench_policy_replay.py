@@ -35,6 +35,7 @@ ORIGIN = "bench.example/ledger"
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 SUPPORT = "spiffe://example.org/ns/support/sa/support-assistant"
 VERSION = "sha256:" + "ab" * 32
+USERS = "https://login.example.org"
 
 
 def _workload(i: int) -> dict[str, object]:
@@ -51,9 +52,8 @@ def _entry(i: int, rng: random.Random) -> dict[str, object]:
               "context": {"customer": customer, "amount": amount, "currency": "EUR"}}
     base = {"v": 1, "time": f"2026-11-{1 + i * 30 // 100_000 % 30:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
             "request_id": f"req-{i:012d}", "workload": _workload(i), "audience": "payments-api", "intent": intent,
-            # Delegated refunds, as the sample policy requires: the verified customer the refund is for.
-            "user": {"iss": "https://login.example.org", "sub": customer,
-                     "evidence_digest": "sha256:" + f"{i + 1:064x}"}}
+            # Refunds are delegated: the verified customer the assistant acts for (docs/delegation.md).
+            "user": {"iss": USERS, "sub": customer, "evidence_digest": "sha256:" + f"{i:064x}"}}
     if amount <= 50:
         return {**base, "kind": "issuance",
                 "decision": {"effect": "allow", "rule": "refund-small-eur", "policy_version": VERSION},

@@ -29,4 +29,6 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff check --config clients/python/pyproject.toml clients/python
 .venv/bin/mypy
+# The SDK is typed too (py.typed): strict on its own configuration.
+.venv/bin/mypy --config-file clients/python/pyproject.toml
 exec .venv/bin/python -m pytest "$@"

@@ -433,6 +433,11 @@ class PolicySet:
                 return bucket
         return self._star
 
+    def rules_for(self, action: str) -> tuple[Rule, ...]:
+        """Every rule that can match a request for ``action`` (its bucket, in Casbin order)."""
+        bucket = self._bucket_for(action)
+        return () if bucket is None else bucket.rules
+
     def resolve_workload(self, identity: WorkloadIdentity) -> RegisteredWorkload:
         """The registry entry for an attested identity (exact SPIFFE ID beats a pattern).
 
@@ -527,45 +532,6 @@ class PolicySet:
         if reviews:
             return self._decision("review", chosen, f"held for review by rule {chosen.rule_id}", binding), chosen
         return self._decision("allow", chosen, f"allowed by rule {chosen.rule_id}", binding), chosen
-
-    def decide_direct(
-        self, workload: RegisteredWorkload, audience: str, intent: Intent, user: EndUser | None = None
-    ) -> Decision:
-        """:meth:`decide` by the engine's own matcher alone, without Casbin (bulk replay).
-
-        The same rules, match functions, user terms and precedence as :meth:`decide` (which uses
-        this matcher to cross-check Casbin), several times faster. Never raises: anything unexpected
-        is a deny. ``policy replay`` confirms a sample of these decisions with :meth:`decide`.
-        """
-        try:
-            subjects = self._subjects.get(workload.name)
-            if subjects is None:
-                return self._decision("deny", None, f"workload {workload.name} is not in this policy set")
-            if not isinstance(intent.context, dict):
-                return self._decision("deny", None, "the intent is not well-formed")
-            ctx = policy_context(intent, user)
-            if (
-                not isinstance(audience, str)
-                or not is_valid_action(intent.action)
-                or not is_valid_resource(intent.resource)
-            ):
-                return self._decision("deny", None, "the intent is not well-formed")
-            bucket = self._bucket_for(intent.action)
-            if bucket is None:
-                return self._default_deny(intent)
-            matching = [
-                r for r in bucket.rules if r.matches(subjects, audience, intent.action, intent.resource, ctx)
-            ]
-            for rule in matching:  # deny rows come first, in file order (_casbin_order)
-                if rule.effect == "deny":
-                    return self._decision("deny", rule, f"denied by rule {rule.rule_id}")
-            if not matching:
-                return self._default_deny(intent)
-            return self._allowed_by(matching)[0]
-        except Exception as exc:
-            log.error("policy evaluation failed; denying (workload=%s policy=%s error=%s)",
-                      getattr(workload, "name", "?"), self.version, type(exc).__name__)
-            return self._decision("deny", None, "policy evaluation failed")
 
     def casbin_decision(self, workload: RegisteredWorkload, audience: str, intent: Intent,
                         user: EndUser | None = None) -> tuple[str, str | None]:

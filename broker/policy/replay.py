@@ -13,13 +13,15 @@ decides (registry → audience → intent policy), and compared with what the le
 What cannot be replayed is counted, never guessed (docs/policy-replay.md): denials decided by
 something other than the intent policy (kill switch, rate limit, budget, DPoP, Vault down), and
 requests from workloads the registry did not know (their entry has no workload name, so a new
-registry entry could match them, but their evidence's attestation details are all that is kept).
+registry entry could match them, but their evidence's attestation details are all that is kept),
+and delegated requests under rules that read user claims the entry does not keep (it records the
+user's issuer and subject only).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +29,17 @@ from broker.audit.source import LedgerSource
 from broker.audit.verify import VerifierKeys, verify_ledger
 from broker.errors import InvalidTarget, UnregisteredWorkload
 from broker.models import EndUser, Intent, RegisteredWorkload, WorkloadIdentity
+from broker.policy._rules import Rule
 from broker.policy.engine import PolicySet
 
 __all__ = ["Change", "ReplayReport", "RuleChanges", "replay_entries", "replay_ledger"]
 
 POLICY_ERRORS = frozenset({"access_denied", "invalid_target"})
 EXAMPLES_PER_TRANSITION = 3
-CONFIRM_SAMPLE = 2  # of 256: about 0.8% of distinct requests are also decided by the Casbin path
+CONFIRM_SAMPLE = 2  # of 256: about 0.8% of distinct requests are also decided by Casbin itself
+#: The user terms a ledger entry's ``user`` member gives back (issuer and subject); ``user.delegated``
+#: is whether the member is there. Mapped claims (``user.tenant``) are not recorded.
+RECORDED_USER_TERMS = frozenset({"user.sub", "user.iss", "user.delegated"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +172,7 @@ def _redecide(policies: PolicySet, entry: dict[str, Any], cache: dict[tuple[Any,
     # Identical requests decide identically: ledgers repeat the same few intents many times.
     user = entry.get("user")
     key = (workload["spiffe_id"], workload["attestation"], workload["issuer"], entry["audience"], intent["action"],
-           intent["resource"], _frozen(intent["context"]), (user["iss"], user["sub"]) if user else None)
+           intent["resource"], _frozen(intent["context"]), None if user is None else (user["iss"], user["sub"]))
     cached = cache.get(key)
     if cached is None:
         cached = cache[key] = _decide_fresh(policies, entry)
@@ -192,26 +198,14 @@ def _decide_fresh(policies: PolicySet, entry: dict[str, Any]) -> tuple[str, str 
     if entry["audience"] not in registered.audiences:
         return "deny", None, str(InvalidTarget(f"audience {entry['audience']!r} is not registered").description)
     request = Intent(intent["action"], intent["resource"], dict(intent["context"]))
-    user = _recorded_user(entry)
-    decision = policies.decide_direct(registered, entry["audience"], request, user)
-    if _confirm(entry):
-        # The broker decides with Casbin; confirm a deterministic sample of the fast decisions.
-        full = policies.decide(registered, entry["audience"], request, user)
-        if (full.effect, full.rule_id) != (decision.effect, decision.rule_id):
-            return full.effect, full.rule_id, full.reason + " (engine cross-check differed)"
+    recorded_user = entry.get("user")
+    user = None if recorded_user is None else EndUser(issuer=recorded_user["iss"], subject=recorded_user["sub"])
+    decision = policies.decide(registered, entry["audience"], request, user)
+    if _confirm(entry) and not policies.agrees_with_casbin(registered, entry["audience"], request, decision, user):
+        # Casbin is the reference; a deterministic sample of the engine's decisions is put to it.
+        effect, rule = policies.casbin_decision(registered, entry["audience"], request, user)
+        return effect, rule, f"Casbin decides {effect} by {rule or 'default'} (the engine differed: {decision.reason})"
     return decision.effect, decision.rule_id, decision.reason
-
-
-def _recorded_user(entry: dict[str, Any]) -> EndUser | None:
-    """The verified end user the entry records (a delegated request), as policies see it.
-
-    The ledger keeps the user's issuer and subject, not its mapped claims: a condition on a mapped
-    claim (``user.tenant``) is replayed with that term missing, so it is false (docs/policy-replay.md).
-    """
-    user = entry.get("user")
-    if user is None:
-        return None
-    return EndUser(issuer=user["iss"], subject=user["sub"])
 
 
 _RESOLVED: dict[tuple[str, str, str, str], RegisteredWorkload | UnregisteredWorkload] = {}
@@ -234,6 +228,15 @@ def _resolve(policies: PolicySet, identity: WorkloadIdentity) -> RegisteredWorkl
     return found
 
 
+def unrecorded_user_terms(rules: Iterable[Rule]) -> set[str]:
+    """The ``user.*`` terms ``rules`` read that a ledger entry does not record (mapped claims)."""
+    terms: set[str] = set()
+    for rule in rules:
+        for clause in rule.condition.clauses:
+            terms.update(t for t in (clause.key, clause.ref) if t is not None and t.startswith("user."))
+    return terms - RECORDED_USER_TERMS
+
+
 def _confirm(entry: dict[str, Any]) -> bool:
     return int(entry["workload"]["evidence_digest"][-2:], 16) < CONFIRM_SAMPLE
 
@@ -244,6 +247,7 @@ class _Replayer:
     def __init__(self, policies: PolicySet, report: ReplayReport, since: str | None, until: str | None) -> None:
         self.policies, self.report, self.since, self.until = policies, report, since, until
         self.cache: dict[tuple[Any, ...], tuple[str, str | None, str]] = {}
+        self.unrecorded: dict[str, str] = {}  # action -> the user terms its rules read that entries lack
 
     def __call__(self, index: int, digest: bytes, entry: dict[str, Any]) -> None:
         kind = entry.get("kind")
@@ -259,6 +263,16 @@ class _Replayer:
         if isinstance(recorded, str):
             report.not_replayable[recorded] += 1
             return
+        if "user" in entry:
+            action = entry["intent"]["action"]
+            unrecorded = self.unrecorded.get(action)
+            if unrecorded is None:
+                unrecorded = self.unrecorded[action] = ", ".join(sorted(unrecorded_user_terms(
+                    self.policies.rules_for(action))))
+            if unrecorded:
+                # A delegated request under rules that read user claims the entry does not keep.
+                report.not_replayable[f"delegated request under rules naming {unrecorded}"] += 1
+                return
         before, before_rule = recorded
         report.replayed += 1
         report.recorded_versions[entry["decision"]["policy_version"]] += 1

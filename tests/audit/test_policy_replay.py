@@ -8,7 +8,7 @@ from pathlib import Path
 
 from broker.audit import BundleLedgerSource
 from broker.policy import load_policies
-from broker.policy.replay import replay_ledger
+from broker.policy.replay import ReplayReport, replay_entries, replay_ledger
 from tests.audit.conftest import Ledger
 from tests.audit.test_audit_cli import nhi
 from tests.helpers import POLICIES
@@ -102,3 +102,74 @@ def test_replay_refuses_an_unverified_ledger_and_bad_input(ledger_copy: Ledger, 
     ]:
         r = nhi(*args, *extra)
         assert r.returncode == code and said in r.stderr, (extra, r.returncode, r.stderr)
+
+
+def _refund(index: int, customer: str, user_sub: str | None, kind: str, rule: str | None) -> dict[str, object]:
+    """A recorded refund request as the broker writes it (delegated when ``user_sub`` is given)."""
+    entry: dict[str, object] = {
+        "v": 1, "kind": kind, "time": f"2026-11-01T00:00:{index:02d}Z", "request_id": f"req-{index}",
+        "audience": "payments-api",
+        "workload": {"spiffe_id": "spiffe://example.org/ns/support/sa/support-assistant", "attestation": "kubernetes",
+                     "issuer": "https://k8s.example.org", "evidence_digest": "sha256:" + f"{index:064x}",
+                     "name": "support-assistant"},
+        "intent": {"type": "intent", "action": "payments.refund", "resource": f"customers/{customer}/orders/o-1",
+                   "context": {"customer": customer, "amount": 20, "currency": "EUR"}},
+        "decision": {"effect": "allow" if kind == "issuance" else "deny", "rule": rule, "policy_version": "sha256:x",
+                     **({} if kind == "issuance" else {"error": "access_denied"})},
+    }
+    if user_sub is not None:
+        entry["user"] = {"iss": "https://login.example.org", "sub": user_sub}
+    return entry
+
+
+RULE_REQUIRES_USER = ('p, refund-agent, payments-api, payments.refund, **, "user.delegated == false", deny, '
+                      'refund-requires-verified-user, -, -\n')
+DELEGATED = [
+    _refund(0, "c-42", "c-42", "issuance", "refund-small-eur"),        # the verified customer's own refund
+    _refund(1, "c-42", "c-99", "denial", "refund-other-customer"),     # another customer's refund: denied
+    _refund(2, "c-42", None, "issuance", "refund-small-eur"),          # recorded without a user
+]
+
+
+def _replay(policies_dir: Path, entries: list[dict[str, object]]) -> ReplayReport:
+    report = ReplayReport(candidate_version="candidate")
+    return replay_entries(load_policies(policies_dir), ((i, bytes(32), e) for i, e in enumerate(entries)), report)
+
+
+def test_replay_decides_delegated_requests_with_the_recorded_user(tmp_path: Path) -> None:
+    # The sample policy requires the verified customer: the delegated requests replay unchanged (the
+    # user terms come back from the entry), the refund recorded without a user would now be denied.
+    report = _replay(POLICIES, DELEGATED)
+    assert (report.replayed, report.unchanged, report.changed) == (3, 2, 1), report.lines()
+    assert report.transitions == {"allow → deny": 1}, report.lines()
+    (change,) = report.by_rule["refund-requires-verified-user"].examples["allow → deny"]
+    assert change.index == 2
+    # A candidate without that requirement changes nothing: entry 1 is still another customer's refund
+    # for the recorded user c-99 (refund-other-customer), entry 2 a plain refund allowed again.
+    candidate = _candidate(
+        tmp_path,
+        (RULE_REQUIRES_USER, ""),
+        ("\"amount > 0 && amount <= 50 && currency == 'EUR' && customer == user.sub\", allow, refund-small-eur",
+         "\"amount > 0 && amount <= 50 && currency == 'EUR'\", allow, refund-small-eur"),
+    )
+    report = _replay(candidate, DELEGATED)
+    assert (report.replayed, report.unchanged, report.changed) == (3, 3, 0), report.lines()
+
+
+def test_replay_counts_delegated_requests_under_unrecorded_user_claims(tmp_path: Path) -> None:
+    # Entries keep the user's issuer and subject, not its mapped claims: a rule reading user.tenant
+    # cannot be re-decided for a delegated request, and the report says so instead of guessing.
+    candidate = _candidate(tmp_path, ("&& customer == user.sub\", allow, refund-small-eur",
+                                      "&& customer == user.sub && user.tenant == 'eu'\", allow, refund-small-eur"))
+    report = _replay(candidate, DELEGATED)
+    assert report.not_replayable == {"delegated request under rules naming user.tenant": 2}, report.lines()
+    # The refund recorded without a user is replayed: denied for want of a verified user.
+    assert report.replayed == 1 and report.transitions == {"allow → deny": 1}
+    # Other actions' rules do not read user.tenant: their delegated requests replay as before.
+    read = {"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/o-1",
+            "context": {"customer": "c-42"}}
+    other = dict(DELEGATED[0], intent=read,
+                 audience="orders-api", decision={"effect": "allow", "rule": "orders-read-own-customer",
+                                                  "policy_version": "sha256:x"})
+    report = _replay(candidate, [other])
+    assert (report.replayed, report.unchanged, report.not_replayable) == (1, 1, {}), report.lines()
