@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     tls: TlsSettings | None = Field(
         None, description="Serve HTTPS, requesting client certificates verified against the x509 bundles."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines: text for a terminal, or json (one object per line, with the request's "
+        "trace_id and span_id) for a log pipeline."
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces): export OpenTelemetry "
+        "spans of every request there; needs the [otel] extra (docs/observability.md)."
+    )
 
     @field_validator("ledger_origin")
     @classmethod
@@ -135,6 +143,14 @@ class Settings(BaseSettings):
         if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
             raise ValueError("public_url must be an http(s) URL without query or fragment")
         return value.rstrip("/") if value else value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("otlp_endpoint must be an http(s) URL without query or fragment, e.g. "
+                             "http://127.0.0.1:4318/v1/traces")
+        return value
 
     @model_validator(mode="after")
     def _trial_only_without_trust(self) -> Settings:

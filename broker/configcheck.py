@@ -223,6 +223,13 @@ def run_checks(settings: Settings, *, network: bool = True) -> list[Check]:
         checks.append(Check("trust", "issuers", "warn", "no [[trust]] issuer: every token exchange is refused"))
     else:
         checks.append(Check("trust", "issuers", "ok", ", ".join(t.issuer for t in settings.trust)))
+    if settings.otlp_endpoint is not None:
+        from broker.telemetry import require_exporter
+
+        with _suppress_into(checks, "telemetry", settings.otlp_endpoint):
+            require_exporter(settings)
+            checks.append(Check("telemetry", settings.otlp_endpoint, "ok", "OpenTelemetry spans exported over "
+                                "OTLP/HTTP (a collector that is down loses spans, never requests)"))
     if network:
         checks.extend(_backends(settings))
     return checks

@@ -4,6 +4,10 @@ Every entry is built through its frozen model in :mod:`broker.ledger.schema` —
 ``audit`` validates with — so the broker cannot write an entry an auditor would refuse: a bad
 member raises :class:`ValueError` here, before anything is appended. Entries carry hashes,
 identifiers and decisions — never a token or a secret.
+
+``trace_id`` is the W3C trace id of the request that wrote the entry (:mod:`broker.tracing`),
+passed by the caller; it is omitted when there is none, so an entry written outside a request has
+exactly the bytes it had before the member existed.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def workload_json(identity: WorkloadIdentity, workload: RegisteredWorkload | Non
 
 def issuance_entry(
     *, grant: Grant, now: float, request_id: str, credential: dict[str, Any],
-    approval: dict[str, Any] | None = None,
+    approval: dict[str, Any] | None = None, trace_id: str | None = None,
 ) -> dict[str, Any]:
     """The entry that must be durable before ``credential`` leaves the broker.
 
@@ -79,6 +83,7 @@ def issuance_entry(
         "credential": credential,
         "approval": approval,
         **_delegation(grant.user, grant.delegation),
+        "trace_id": trace_id,
     }).to_json()
 
 
@@ -99,6 +104,7 @@ def approval_entry(
     policy_version: str,
     approval: dict[str, Any],
     user: EndUser | None = None,
+    trace_id: str | None = None,
 ) -> dict[str, Any]:
     """A decision on an intent held for review: one approver's approval or denial, or its expiry.
 
@@ -117,6 +123,7 @@ def approval_entry(
         "decision": {"effect": "review", "rule": rule_id, "policy_version": policy_version},
         "approval": approval,
         "user": user.ledger_json() if user is not None else None,
+        "trace_id": trace_id,
     }).to_json()
 
 
@@ -134,6 +141,7 @@ def denial_entry(
     policy_version: str,
     user: EndUser | None = None,
     parent: Delegation | None = None,
+    trace_id: str | None = None,
 ) -> dict[str, Any]:
     """The entry for an attested workload that was refused (unregistered, wrong audience, policy deny).
 
@@ -155,6 +163,7 @@ def denial_entry(
             "reason": reason,
         },
         **_delegation(user, parent),
+        "trace_id": trace_id,
     }).to_json()
 
 
@@ -190,7 +199,8 @@ def key_rotation_entry(
 
 
 def revocation_entry(
-    *, now: float, request_id: str, actor: dict[str, str], scope: str, target: dict[str, Any], reason: str
+    *, now: float, request_id: str, actor: dict[str, str], scope: str, target: dict[str, Any], reason: str,
+    trace_id: str | None = None,
 ) -> dict[str, Any]:
     """Tokens were revoked by ``actor``: one token (``scope`` = ``token``, ``target`` names its ``jti``)
     or every token of a workload, end user or conversation (``target`` names the value)."""
@@ -201,11 +211,13 @@ def revocation_entry(
         "request_id": request_id,
         "actor": actor,
         "revocation": {"scope": scope, **target, "reason": reason},
+        "trace_id": trace_id,
     }).to_json()
 
 
 def suspension_entry(
-    *, now: float, request_id: str, actor: dict[str, str], workload: str, suspended: bool, reason: str
+    *, now: float, request_id: str, actor: dict[str, str], workload: str, suspended: bool, reason: str,
+    trace_id: str | None = None,
 ) -> dict[str, Any]:
     """An operator suspended (kill switch) or resumed ``workload``."""
     return SuspensionEntry.model_validate({
@@ -215,4 +227,5 @@ def suspension_entry(
         "request_id": request_id,
         "actor": actor,
         "suspension": {"workload": workload, "state": "suspended" if suspended else "resumed", "reason": reason},
+        "trace_id": trace_id,
     }).to_json()

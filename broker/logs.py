@@ -1,10 +1,20 @@
 """Log output: plain text for a terminal, or one JSON object per line for a log pipeline.
 
-``configure_logging("json")`` makes every record of the broker, uvicorn and libraries a single
-line of JSON with ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``message``, and the
-``trace_id``/``span_id`` of the request being served (:mod:`broker.tracing`), so a log line, a
-trace and a ledger entry can be joined on the trace id. The broker never logs a token or a secret;
-this formatter adds nothing from the request but the trace ids.
+:func:`logging_config` is the one ``logging.config.dictConfig`` setup of a broker process: every
+record of the broker, uvicorn (error and access), granian and libraries goes to stderr in the
+configured format (``log_format``, ``nhi-broker serve --log-format``). ``nhi-broker serve`` hands it
+to uvicorn and granian, which apply it in every worker process.
+
+In ``json`` every record is a single line with ``time`` (RFC 3339, UTC), ``level``, ``logger``,
+``message``, ``pid`` (which worker process) and the ``trace_id``/``span_id`` of the request being
+served (:mod:`broker.tracing`), so a log line, a trace and a ledger entry can be joined on the trace
+id; an access line also has ``http_method``, ``url_path``, ``status`` and ``client``.
+
+The broker never logs a token or a secret (tests/ops/test_observability.py greps a real ``serve``
+process's logs for the tokens it was sent). Two records could carry one from outside the broker's
+code, and are cut at the handler: a request target's query string (a client that puts
+``?access_token=`` in a URL) is logged with its parameter names and numeric values only, and
+httpx's per-request INFO lines (a webhook URL can embed a secret) are not logged below WARNING.
 """
 
 from __future__ import annotations
@@ -12,16 +22,45 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from typing import Any
+from urllib.parse import parse_qsl
 
 from broker.tracing import current_trace
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "RedactQueryStrings", "configure_logging", "logging_config"]
 
 LOG_FORMATS = ("text", "json")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# LogRecord attributes that are the record itself, not extra fields a caller attached.
-_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# LogRecord attributes that are the record itself, not extra fields a caller attached; uvicorn's
+# ``color_message`` is the message again with terminal colours.
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName", "color_message"}
+_ACCESS_LOGGER = "uvicorn.access"
+_NUMBER = re.compile(r"[0-9]{1,20}")
+
+
+def redact_target(target: str) -> str:
+    """A request target with its query values cut, but numbers (a ledger range, a tree size) kept:
+    ``/p?access_token=abc&start=5`` -> ``/p?access_token=&start=5``."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    pairs = parse_qsl(query, keep_blank_values=True)
+    kept = "&".join(f"{name[:64]}={value if _NUMBER.fullmatch(value) else ''}" for name, value in pairs)
+    return f"{path}?{kept}" if kept else path
+
+
+class RedactQueryStrings(logging.Filter):
+    """Cuts the query values out of uvicorn's access records (``args[2]`` is the request target)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == _ACCESS_LOGGER and isinstance(record.args, tuple) and len(record.args) == 5:
+            args = list(record.args)
+            if isinstance(args[2], str):
+                args[2] = redact_target(args[2])
+                record.args = tuple(args)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,30 +72,53 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         trace = current_trace.get()
         if trace is not None:
             out["trace_id"] = trace.trace_id
             out["span_id"] = trace.span_id
+        if record.name == _ACCESS_LOGGER and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, target, _version, status = record.args
+            out.update(http_method=method, url_path=target, status=status, client=client)
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 out[key] = value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
         if record.exc_info:
-            # The exception's type and message; a traceback is for a debugger, not a log pipeline.
+            # The exception's type; a traceback (and a message that may quote input) is for a debugger.
             out["error"] = f"{record.exc_info[0].__name__ if record.exc_info[0] else 'Exception'}"
         return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 
-def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Route every logger (the broker's, uvicorn's, libraries') to stderr in ``log_format``."""
+def logging_config(log_format: str = "text", level: str = "INFO") -> dict[str, Any]:
+    """The ``dictConfig`` of a broker process: one stderr handler on the root logger, in ``log_format``.
+
+    uvicorn's and granian's loggers keep no handler of their own and propagate to it, so their lines
+    have the same format (and, in ``json``, the request's trace ids).
+    """
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.propagate = True
+    formatter: dict[str, Any] = ({"()": "broker.logs.JsonFormatter"} if log_format == "json"
+                                 else {"format": _TEXT_FORMAT})
+    propagate = {"handlers": [], "propagate": True}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"broker": formatter},
+        "filters": {"redact": {"()": "broker.logs.RedactQueryStrings"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                                "formatter": "broker", "filters": ["redact"]}},
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            "uvicorn": propagate, "uvicorn.error": propagate, "uvicorn.access": propagate,
+            "_granian": propagate, "granian.access": propagate,
+            "httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"},
+        },
+    }
+
+
+def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Route every logger (the broker's, uvicorn's, libraries') to stderr in ``log_format``."""
+    import logging.config
+
+    logging.config.dictConfig(logging_config(log_format, logging.getLevelName(level)))

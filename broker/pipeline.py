@@ -66,6 +66,7 @@ from broker.models import (
     WorkloadIdentity,
 )
 from broker.state.store import ConsumeOnce
+from broker.telemetry import NO_SPANS, Spans
 from broker.vault.errors import VaultUnavailable
 from broker.vault.kinds import check_requested_type
 
@@ -123,7 +124,9 @@ class AppendOnlyLog(Protocol):
 class SecretIssuer(Protocol):
     """Issues Vault-backed credentials for a grant (``broker.vault.issuer.VaultIssuer``)."""
 
-    async def issue(self, grant: Grant, request_id: str, approval: dict[str, Any] | None = None) -> Issued: ...
+    async def issue(
+        self, grant: Grant, request_id: str, approval: dict[str, Any] | None = None, *, trace_id: str | None = None
+    ) -> Issued: ...
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ class ExchangeRequest:
     user: EndUser | None = None  # set by Broker.redeem: the verified user a held intent was for
     # What the transport says besides the form (peer certificate, address, headers): request methods.
     evidence: Evidence | None = None
+    #: The W3C trace the request belongs to (broker.tracing): recorded in its ledger entry.
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,7 @@ class PollRequest:
     dpop: DPoPProof | None = None
     dpop_checked: CheckedDPoPProof | None = None
     evidence: Evidence | None = None
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,7 @@ class Broker:
         users: UserTokenVerifier | None = None,
         parents: ParentTokens | None = None,
         dpop: DPoPConsumer | None = None,
+        spans: Spans = NO_SPANS,
     ) -> None:
         self.attestor = attestor
         self.policies = policies
@@ -216,6 +223,7 @@ class Broker:
         self.users = users
         self.parents = parents
         self.dpop = dpop
+        self.spans = spans
 
     async def _consume_dpop(self, checked: CheckedDPoPProof | None) -> DPoPProof | None:
         """(1b) The checked proof's ``jti``, consumed only now that the caller is attested."""
@@ -326,10 +334,12 @@ class Broker:
 
         Returns :class:`Held` when a review rule decides the intent: nothing is issued until approved.
         """
-        principals = await self._attest(request)
-        if request.dpop_checked is not None:
-            request = replace(request, dpop=await self._consume_dpop(request.dpop_checked), dpop_checked=None)
-        outcome = await self._authorize(principals, request)
+        with self.spans.span("attest") as span:
+            principals = await self._attest(request)
+            if request.dpop_checked is not None:
+                request = replace(request, dpop=await self._consume_dpop(request.dpop_checked), dpop_checked=None)
+            span.set("nhi.attestation", principals.identity.method)
+        outcome = await self._decide(principals, request)
         if isinstance(outcome, _Refusal):
             await self._record_refusal(request, outcome)
             raise outcome.error
@@ -337,19 +347,42 @@ class Broker:
             if self.approvals is None:
                 raise TemporarilyUnavailable("this broker cannot hold intents for review")
             jkt = request.dpop.jkt if request.dpop else None
-            return await self.approvals.hold(outcome.grant, request.request_id, jkt)
+            with self.spans.span("approval.hold"):
+                return await self.approvals.hold(outcome.grant, request.request_id, jkt, trace_id=request.trace_id)
         grant, prepared = outcome
         return await self._issue(request, grant, prepared)
+
+    async def _decide(
+        self, principals: _Principals, request: ExchangeRequest
+    ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
+        """(2) in its span: the decision's rule and effect as attributes (identifiers, no token)."""
+        with self.spans.span("policy") as span:
+            span.set("nhi.action", request.intent.action)
+            span.set("nhi.audience", request.audience)
+            outcome = await self._authorize(principals, request)
+            if isinstance(outcome, _Refusal):
+                span.set("nhi.decision", "deny")
+                span.set("nhi.error", outcome.error.code)
+            else:
+                grant = outcome.grant if isinstance(outcome, _Hold) else outcome[0]
+                span.set("nhi.decision", "review" if isinstance(outcome, _Hold) else "allow")
+                span.set("nhi.rule", grant.rule_id)
+                span.set("nhi.workload", grant.workload.name)
+                span.set("nhi.credential.kind", grant.credential_kind)
+            return outcome
 
     async def redeem(self, poll: PollRequest) -> Issued:
         """A CIBA poll: attest the poller, claim its approved request, issue the held intent with the
         approval bound in. Raises the CIBA error (``authorization_pending``, ...) while it cannot."""
         if self.approvals is None:
             raise TemporarilyUnavailable("this broker cannot hold intents for review")
-        identity = await self._workload(poll.subject_token, poll.subject_token_type, poll.evidence)
-        if poll.dpop_checked is not None:
-            poll = replace(poll, dpop=await self._consume_dpop(poll.dpop_checked), dpop_checked=None)
-        approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
+        with self.spans.span("attest") as span:
+            identity = await self._workload(poll.subject_token, poll.subject_token_type, poll.evidence)
+            if poll.dpop_checked is not None:
+                poll = replace(poll, dpop=await self._consume_dpop(poll.dpop_checked), dpop_checked=None)
+            span.set("nhi.attestation", identity.method)
+        with self.spans.span("approval.claim"):
+            approval = await self.approvals.claim(poll.auth_req_id, identity, poll.dpop.jkt if poll.dpop else None)
         held = approval.record.intent
         # The user was verified when the intent was held; the poller is the same workload (claim()).
         user = approval.record.end_user()
@@ -358,10 +391,11 @@ class Broker:
             audience=approval.record.audience,
             intent=Intent(action=held["action"], resource=held["resource"], context=dict(held["context"])),
             request_id=poll.request_id, dpop=poll.dpop, approval=approval, user=user, evidence=poll.evidence,
+            trace_id=poll.trace_id,
         )
         principals = _Principals(identity, user=user)
         try:
-            outcome = await self._authorize(principals, request)
+            outcome = await self._decide(principals, request)
             if isinstance(outcome, _Refusal):
                 await self._record_refusal(request, outcome)
                 await self.approvals.settle(approval, jti=None)
@@ -384,7 +418,10 @@ class Broker:
                 await self._record_refusal(request, refusal)
                 raise refusal.error
             approval = request.approval.ledger_ref() if request.approval is not None else None
-            return await self.vault.issue(grant, request.request_id, approval)
+            with self.spans.span("vault.issue") as span:
+                issued = await self.vault.issue(grant, request.request_id, approval, trace_id=request.trace_id)
+                span.set("nhi.credential.jti", issued.jti)
+                return issued
         # (3) durable before the credential exists.
         credential = {
             "kind": "jwt",
@@ -401,10 +438,14 @@ class Broker:
         entry = issuance_entry(
             grant=grant, now=self.clock.now(), request_id=request.request_id, credential=credential,
             approval=request.approval.ledger_ref() if request.approval is not None else None,
+            trace_id=request.trace_id,
         )
-        receipt = await self.ledger.append_async(entry)
+        receipt = await self._append(entry)
         # (4) sign, binding the leaf hash.
-        token = self.minter.sign(prepared, txn=receipt.leaf_hash)
+        with self.spans.span("mint") as span:
+            token = self.minter.sign(prepared, txn=receipt.leaf_hash)
+            span.set("nhi.credential.kind", "jwt")
+            span.set("nhi.credential.jti", prepared.jti)
         log.info(
             "issued jti=%s workload=%s action=%s rule=%s index=%d",
             prepared.jti, grant.workload.name, grant.intent.action, grant.rule_id, receipt.index,
@@ -418,6 +459,10 @@ class Broker:
             receipt=receipt,
             grant=grant,
         )
+
+    async def _append(self, entry: dict[str, Any]) -> Receipt:
+        """(3) Append ``entry`` and wait until it is durable (in its span: kind, index, leaf hash)."""
+        return await _append_traced(self.spans, self.ledger, entry)
 
     async def _record_refusal(self, request: ExchangeRequest, refusal: _Refusal) -> None:
         """A ``denial`` entry for an attested workload that was refused."""
@@ -436,12 +481,22 @@ class Broker:
             policy_version=self.policies.version,
             user=refusal.user,
             parent=refusal.delegation,
+            trace_id=request.trace_id,
         )
-        receipt = await self.ledger.append_async(entry)
+        receipt = await self._append(entry)
         log.info(
             "denied workload=%s action=%s rule=%s index=%d",
             refusal.identity.spiffe_id, request.intent.action, rule_id, receipt.index,
         )
+
+
+async def _append_traced(spans: Spans, ledger: AppendOnlyLog, entry: dict[str, Any]) -> Receipt:
+    with spans.span("ledger.append") as span:
+        span.set("nhi.ledger.kind", entry["kind"])
+        receipt = await ledger.append_async(entry)
+        span.set("nhi.ledger.index", receipt.index)
+        span.set("nhi.ledger.leaf_hash", receipt.leaf_hash)
+        return receipt
 
 
 def _check_approval(grant: Grant, approval: Approval, proof: DPoPProof | None) -> None:

@@ -43,6 +43,7 @@ from broker.pipeline import Broker
 from broker.policy import POLICY_FILES, PolicySet, load_policies
 from broker.state import StateStore, open_store
 from broker.state.services import StateServices
+from broker.telemetry import NO_SPANS, Spans
 from broker.vault.issuer import VaultIssuer
 from broker.vault.wiring import open_vault_issuer
 
@@ -85,10 +86,15 @@ class Runtime:
     dev_user_issuer: DevUserIssuer | None = None
     #: The configured X.509-SVID method: the app refreshes its bundles from a worker thread.
     x509: X509SvidMethod | None = None
+    #: Where the exchange's steps are traced (broker.telemetry).
+    spans: Spans = NO_SPANS
 
     @classmethod
-    def open(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
-        """Create or reuse everything under ``settings.data_dir`` and assemble the broker."""
+    def open(cls, settings: Settings, clock: Clock | None = None, *, spans: Spans = NO_SPANS) -> Runtime:
+        """Create or reuse everything under ``settings.data_dir`` and assemble the broker.
+
+        ``spans`` traces the exchange's steps (:mod:`broker.telemetry`; the app passes OpenTelemetry's
+        when ``otlp_endpoint`` is set)."""
         clock = clock or SystemClock()
         data_dir = settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -133,8 +139,9 @@ class Runtime:
         state = StateServices.from_settings(settings, store, keys, attestor, clock)
         parents = ParentTokens(keys, settings.issuer_url, state.tokens, clock)
         shared = settings.ledger_storage_url if is_shared(settings.ledger_storage_url) else None
-        vault = open_vault_issuer(settings.vault, data_dir, ledger, clock, shared,
-                                  suspended_since=state.tokens.suspended_since) if settings.vault else None
+        vault = (open_vault_issuer(settings.vault, data_dir, ledger, clock, shared,
+                                   suspended_since=state.tokens.suspended_since, spans=spans)
+                 if settings.vault else None)
         approvals = ApprovalDesk(store, ledger, clock, poll_interval=settings.approvals.poll_interval,
                                  notify=_webhook(settings, clock))
         nonces = None
@@ -146,7 +153,7 @@ class Runtime:
         # Decisions run on the event loop; the store is async (broker.state.store), never blocking it.
         broker = Broker(
             attestor, policies, minter, ledger, state.guard, clock, vault=vault, approvals=approvals,
-            users=users, parents=parents, dpop=dpop,
+            users=users, parents=parents, dpop=dpop, spans=spans,
         )
         return cls(
             settings=settings, clock=clock, keys=keys, ledger=ledger, store=store, policies=policies,
@@ -159,6 +166,7 @@ class Runtime:
             users=users,
             dev_user_issuer=dev_user_issuer,
             x509=x509,
+            spans=spans,
         )
 
     @property

@@ -25,8 +25,8 @@ _HEADER = """# Configuration reference
      tests/ops/test_config_docs.py fails when this file is out of date. -->
 
 Embedded defaults need no configuration. Otherwise settings come from, highest precedence first:
-the command line's flags (`--host`, `--port`, `--workers`, `--data-dir`, `--policies`), `NHI_BROKER_*`
-environment variables (nested tables with `__`, e.g. `NHI_BROKER_VAULT__ADDR`; arrays of tables as
+the command line's flags (`--host`, `--port`, `--workers`, `--data-dir`, `--policies`, `--log-format`),
+`NHI_BROKER_*` environment variables (nested tables with `__`, e.g. `NHI_BROKER_VAULT__ADDR`; arrays of tables as
 JSON, e.g. `NHI_BROKER_TRUST='[{...}]'`), the TOML file named by `--config` or `NHI_BROKER_CONFIG`, and
 the defaults below.
 

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["TraceContext", "TraceContextMiddleware", "current_trace", "parse_traceparent", "trace_member"]
+if TYPE_CHECKING:
+    from broker.telemetry import Spans
+
+__all__ = [
+    "TraceContext", "TraceContextMiddleware", "current_trace", "current_trace_id", "parse_traceparent"]
 
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _MAX_HEADER = 512
@@ -77,24 +82,44 @@ class TraceContextMiddleware:
     """ASGI middleware: every HTTP request runs in its :class:`TraceContext` (``current_trace``).
 
     The response carries ``traceresponse`` (Trace Context Level 2) naming the broker's span, so a
-    caller that sent no ``traceparent`` still learns the trace id its ledger entry records.
+    caller that sent no ``traceparent`` still learns the trace id its ledger entry records. With
+    OpenTelemetry configured (:mod:`broker.telemetry`) the request is a server span and the trace
+    context is that span's.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, spans: Spans | None = None) -> None:
         self.app = app
+        self.spans = spans
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         values = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"traceparent"]
-        trace = TraceContext.start(values)
+        # Without spans of its own (a middleware stack built apart from create_app), the app's.
+        spans = self.spans if self.spans is not None else getattr(getattr(scope.get("app"), "state", None),
+                                                                   "spans", None)
+        if spans is None or not spans.enabled:
+            await self._serve(TraceContext.start(values), scope, receive, send)
+            return
+        with spans.request(values, scope.get("method", "")) as span:
+            statuses: list[int] = []
+            try:
+                await self._serve(span.trace, scope, receive, send, statuses.append)
+            finally:
+                route = getattr(scope.get("route"), "path", None)  # the template, never the ids in the path
+                span.finish(statuses[-1] if statuses else 500, route if isinstance(route, str) else None)
+
+    async def _serve(self, trace: TraceContext, scope: Scope, receive: Receive, send: Send,
+                     on_status: Callable[[int], None] | None = None) -> None:
         token = current_trace.set(trace)
         header = (b"traceresponse", trace.traceparent.encode("ascii"))
 
         async def send_with_trace(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), header]}
+                if on_status is not None:
+                    on_status(message["status"])
             await send(message)
 
         try:
@@ -103,7 +128,7 @@ class TraceContextMiddleware:
             current_trace.reset(token)
 
 
-def trace_member() -> dict[str, Any]:
-    """``{"trace_id": ...}`` for a ledger entry written while serving a request, else ``{}``."""
+def current_trace_id() -> str | None:
+    """The trace id of the request being served (what its ledger entries record), else ``None``."""
     trace = current_trace.get()
-    return {"trace_id": trace.trace_id} if trace is not None else {}
+    return trace.trace_id if trace is not None else None

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,12 +81,13 @@ class LiveBroker:
     """A ``nhi-broker serve`` process on a free loopback port, stopped by its fixture.
 
     ``env`` adds ``NHI_BROKER_*`` settings (the caller's own are never inherited); ``server`` picks
-    the HTTP server (``serve --server``).
+    the HTTP server (``serve --server``); ``args`` are more ``serve`` flags.
     """
 
     def __init__(
         self, data_dir: Path, policies: Path = POLICIES, workers: int = 1, config: Path | None = None,
         env: dict[str, str] | None = None, server: str | None = None, tls_verify: Any = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
@@ -101,7 +102,7 @@ class LiveBroker:
         self.proc = subprocess.Popen(
             [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir), "--policies", str(policies),
              "--workers", str(workers), *(["--config", str(config)] if config else []),
-             *(["--server", server] if server else [])],
+             *(["--server", server] if server else []), *args],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**{k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}, **(env or {})},
         )

@@ -18,6 +18,7 @@ from broker.config import Settings
 from broker.console import router as console_router
 from broker.metrics import BrokerMetrics, MetricsMiddleware
 from broker.runtime import Runtime
+from broker.telemetry import spans_from_settings
 from broker.tls import ServerTls
 from broker.tracing import TraceContextMiddleware
 
@@ -33,13 +34,15 @@ def create_app(
     """A FastAPI app for ``settings``; the runtime is opened in the lifespan unless given.
 
     ``tls`` is the SSL context of a broker that terminates mutual TLS itself: rotated trust bundles'
-    new roots are added to it.
+    new roots are added to it. With ``otlp_endpoint`` set, requests and the exchange's steps are
+    OpenTelemetry spans (:mod:`broker.telemetry`), exported until the app shuts down.
     """
+    spans = runtime.spans if runtime is not None else spans_from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = runtime is None
-        app.state.runtime = runtime if runtime is not None else Runtime.open(settings, clock=clock)
+        app.state.runtime = runtime if runtime is not None else Runtime.open(settings, clock=clock, spans=spans)
         live = app.state.runtime
         app.state.metrics = BrokerMetrics(live.ledger.size, lambda: live.policies.version)
         # Requests held for review expire (and are recorded) even when nobody looks at them again.
@@ -60,6 +63,8 @@ def create_app(
                 refresher.cancel()
             if owned:
                 await app.state.runtime.aclose()
+                # Export what is still batched (a thread join, off the loop).
+                await asyncio.to_thread(spans.shutdown)
 
     app = FastAPI(
         title="nhi-broker",
@@ -67,10 +72,11 @@ def create_app(
         summary="Workload identity and ephemeral credential broker for AI assistants",
         lifespan=lifespan,
     )
+    app.state.spans = spans
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=lambda: getattr(app.state, "metrics", None))
     # Outermost: logs, errors and ledger entries of a request all see its trace.
-    app.add_middleware(TraceContextMiddleware)
+    app.add_middleware(TraceContextMiddleware, spans=spans)
     app.include_router(token.router)
     app.include_router(wellknown.router)
     app.include_router(credentials_router)

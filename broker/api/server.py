@@ -66,7 +66,12 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
 
     if server not in SERVERS:
         raise ValueError(f"unknown HTTP server {server!r}")
+    from broker.logs import logging_config
+
     log_level = "info" if access_log else "warning"
+    # Applied by uvicorn and granian in every worker process: the broker's, the server's and the
+    # libraries' records all in settings.log_format.
+    log_config = logging_config(settings.log_format)
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     if settings.workers > 1:
         # Every worker writes its counters here, so any worker's /metrics answers for all of them.
@@ -83,7 +88,7 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
             sock.close()
         Granian("broker.api.server:granian_app", factory=True, address=settings.host, port=settings.port,
                 interface=Interfaces.ASGI, workers=settings.workers, loop=Loops.uvloop, log_level=LogLevels(log_level),
-                log_access=access_log, websockets=False).serve()
+                log_access=access_log, log_dictconfig=log_config, websockets=False).serve()
         return True
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -93,7 +98,7 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
     # proxy_headers=False: the client address must be the transport's, since it decides whether an
     # x-forwarded-client-cert header is read (X-Forwarded-For must not make a caller a trusted proxy).
     common: dict[str, Any] = {"log_level": log_level, "access_log": access_log, "server_header": False,
-                              "http": BoundedHttpToolsProtocol, "proxy_headers": False}
+                              "http": BoundedHttpToolsProtocol, "proxy_headers": False, "log_config": log_config}
     if sock is None:
         common.update(host=settings.host, port=settings.port)
     if settings.workers == 1:

@@ -93,6 +93,8 @@ class PendingApproval:
     jti: str | None = None
     #: The verified end user of a delegated request: ``{iss, sub, claims, evidence_digest}``.
     user: dict[str, Any] | None = None
+    #: The W3C trace id of the token request that was held: every decision's entry records it.
+    trace_id: str | None = None
     version: int = 0
 
     def end_user(self) -> EndUser | None:
@@ -117,6 +119,7 @@ class PendingApproval:
             "needed": self.needed, "owner_may_approve": self.owner_may_approve, "dpop_jkt": self.dpop_jkt,
             "approvals": list(self.approvals), "denial": self.denial, "decided_at": self.decided_at,
             "entry": self.entry, "jti": self.jti, "user": self.user,
+            **({"trace_id": self.trace_id} if self.trace_id is not None else {}),
         }
 
     @classmethod
@@ -221,13 +224,19 @@ class ApprovalDesk:
             audience=record.audience, intent=record.intent, rule_id=record.rule,
             policy_version=record.policy_version,
             approval={"auth_req_id": record.auth_req_id, "group": record.group, "needed": record.needed, **approval},
-            user=record.end_user(),
+            user=record.end_user(), trace_id=record.trace_id,
         )
 
     # -- the workload's side ----------------------------------------------------------------------
 
-    async def hold(self, grant: Grant, request_id: str, dpop_jkt: str | None = None) -> Held:
-        """Create the pending request for a grant a review rule decided; notify approvers."""
+    async def hold(
+        self, grant: Grant, request_id: str, dpop_jkt: str | None = None, *, trace_id: str | None = None
+    ) -> Held:
+        """Create the pending request for a grant a review rule decided; notify approvers.
+
+        ``trace_id`` (the held request's trace) is recorded in every ``approval`` entry of the request,
+        so the approvers' decisions sit in the assistant's trace, between its prompt and its credential.
+        """
         terms = grant.review
         assert terms is not None
         now = self._clock.now()
@@ -239,6 +248,7 @@ class ApprovalDesk:
             policy_version=grant.policy_version, group=terms.approvers, needed=terms.approvals,
             owner_may_approve=terms.owner_may_approve, dpop_jkt=dpop_jkt,
             user=None if grant.user is None else {**grant.user.ledger_json(), "claims": dict(grant.user.claims)},
+            trace_id=trace_id,
         )
         value = json.dumps(record.to_json(), separators=(",", ":"))
         created = await self._store.put_record(NAMESPACE, record.auth_req_id, value, record.expires_at + RETAIN_SECONDS

@@ -45,6 +45,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         data_dir=getattr(args, "data_dir", None),
         policies_dir=getattr(args, "policies", None),
         workers=getattr(args, "workers", None),
+        log_format=getattr(args, "log_format", None),
     )
 
 
@@ -83,9 +84,13 @@ def _trust_lines(settings: Any, trial: bool) -> list[str]:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from broker.api.server import run as run_server
+    from broker.logs import configure_logging
     from broker.runtime import Runtime
+    from broker.telemetry import require_exporter
 
     settings = _settings(args)
+    configure_logging(settings.log_format)  # this process's records (the start) as the workers' will be
+    require_exporter(settings)  # before anything is bound or recorded
     sock = _listen(settings.host, settings.port)
     try:
         runtime = Runtime.open(settings)
@@ -157,9 +162,11 @@ def _serve_tls(settings: Settings, log_level: str, access_log: bool) -> None:
     except (ValueError, OSError) as exc:
         raise ConfigError(f"tls: {exc}") from None
     from broker.api.http_server import BoundedHttpToolsProtocol
+    from broker.logs import logging_config
 
     config = uvicorn.Config(create_app(settings, tls=tls), host=settings.host, port=settings.port,
                             log_level=log_level, access_log=access_log, server_header=False, proxy_headers=False,
+                            log_config=logging_config(settings.log_format),
                             http=peer_cert_protocol(BoundedHttpToolsProtocol))
     config.load()
     config.ssl = tls.context  # our context: its client CAs follow bundle rotation (ServerTls.add_roots)
@@ -303,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="log lines as text (default) or one JSON object per line with the request's trace id")
     serve.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
                        help="HTTP server (default uvicorn with a bounded request head; see broker/api/server.py)")
     serve.set_defaults(func=_cmd_serve)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -24,9 +25,12 @@ def _cmd_dev_vault(args: argparse.Namespace) -> int:
         print(f"OpenBao dev server at {vault.addr} (in memory; everything is gone when it stops)")
         print(f"  root token file   {vault.root_token_file}   (for trials: export BAO_TOKEN=$(cat ...))")
         print(f"  database          {vault.addr}/v1/database/creds/orders-reader -> PostgreSQL nhi_vault_demo")
+        env_file = workdir / "env"
+        env_file.write_text("".join(f"export {name}={shlex.quote(value)}\n" for name, value in vault.env().items()))
         print("Run the broker with these settings (environment), or put them under [vault] in its TOML file:")
         for name, value in vault.env().items():
-            print(f"  export {name}={value}")
+            print(f"  export {name}={shlex.quote(value)}")
+        print(f"  (also in {env_file}: `. {env_file}` in the broker's shell)")
         print("Ctrl-C stops the server and revokes every database user it created.")
         sys.stdout.flush()
 

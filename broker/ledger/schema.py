@@ -14,8 +14,8 @@ Conventions, so a change is one line:
 - every object refuses members it does not define (``extra="forbid"``), and every value has
   its JSON type exactly (``strict``): ``true`` is not ``1``, ``"1"`` is not ``1``.
 
-So adding an optional member (``trace_id``, a delegated ``user``) is one line in the model of
-each kind that carries it.
+So adding an optional member (a delegated ``user``) is one line in the model of each kind that
+carries it; ``trace_id`` is one line in the envelope every kind shares.
 """
 
 # The member types are built by small factories (Text(256), Matching(...)), which mypy cannot
@@ -256,6 +256,24 @@ WorkloadName = Matching(r"[a-z][a-z0-9_-]{0,63}", "a workload name ([a-z][a-z0-9
 RuleId = Matching(r"[a-z0-9][a-z0-9_.-]{0,63}", "a rule id")
 AuthReqId = Matching(r"[A-Za-z0-9_-]{20,64}", "an auth_req_id (base64url, 20-64 characters)")
 RequestId = Text(128)
+
+
+_TRACE_ID_RE = re.compile(r"[0-9a-f]{32}")
+_ZERO_TRACE_ID = "0" * 32
+
+
+def _trace_id(value: str) -> str:
+    if _TRACE_ID_RE.fullmatch(value) is None:
+        raise MemberProblem("is not a W3C trace id (32 lower-case hex digits)")
+    if value == _ZERO_TRACE_ID:
+        raise MemberProblem("is all zeros, which W3C Trace Context forbids")
+    return value
+
+
+TraceId = Annotated[StrictStr, AfterValidator(_trace_id), WithJsonSchema({
+    "type": "string", "pattern": _schema_pattern(_TRACE_ID_RE), "not": {"const": _ZERO_TRACE_ID},
+    "description": "the W3C Trace Context trace id of the request that wrote the entry"})]
+
 Action = Matching(ACTION_RE.pattern, "an action such as payments.refund")
 
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
@@ -673,6 +691,9 @@ class _Entry(Member):
     v: Literal[1] = Field(description="entry schema version")
     time: Time
     request_id: RequestId
+    # The trace of the request that wrote the entry (W3C Trace Context): absent for entries written
+    # outside a request (a start, the expiry sweep) and in entries older than the member.
+    trace_id: TraceId | None = None
 
 
 class IssuanceEntry(_Entry):

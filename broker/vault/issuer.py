@@ -33,6 +33,7 @@ from broker.clock import Clock, SystemClock
 from broker.entries import denial_entry, issuance_entry, revocation_entry
 from broker.errors import InvalidGrant, LedgerUnavailable, TemporarilyUnavailable, WorkloadSuspended
 from broker.models import Grant, Issued, Receipt
+from broker.telemetry import NO_SPANS, Spans
 
 from .errors import VaultRefused, VaultUnavailable
 from .kinds import VaultKind, parse_vault_kind
@@ -89,8 +90,9 @@ class VaultIssuer:
 
     def __init__(
         self, minter: VaultMinter, leases: LeaseBook, ledger: _Ledger, clock: Clock | None = None,
-        suspended_since: SuspendedSince | None = None,
+        suspended_since: SuspendedSince | None = None, *, spans: Spans = NO_SPANS,
     ) -> None:
+        self.spans = spans
         self.minter = minter
         self.leases = leases
         self.ledger = ledger
@@ -101,19 +103,24 @@ class VaultIssuer:
 
     # -- issuance -------------------------------------------------------------------------------
 
-    async def issue(self, grant: Grant, request_id: str, approval: dict[str, Any] | None = None) -> Issued:
+    async def issue(
+        self, grant: Grant, request_id: str, approval: dict[str, Any] | None = None, *, trace_id: str | None = None
+    ) -> Issued:
         """Steps 1-5 of the module docstring for an allowed Vault grant.
 
-        ``approval`` (an approved held intent) points the issuance entry at its approval entry.
+        ``approval`` (an approved held intent) points the issuance entry at its approval entry;
+        ``trace_id`` is the request's W3C trace id, recorded in the issuance (or denial) entry.
         """
         kind = parse_vault_kind(grant.credential_kind)
         task_id = uuid.uuid4().hex
         meta = {"task_id": task_id, "workload": grant.workload.name, "rule": grant.rule_id}
         try:
             rows = _row_scope(kind, grant)
-            minted = await anyio.to_thread.run_sync(self.minter.mint, kind, grant.max_ttl, meta, rows)
+            with self.spans.span("vault.mint") as span:
+                span.set("nhi.credential.kind", kind.family)
+                minted = await anyio.to_thread.run_sync(self.minter.mint, kind, grant.max_ttl, meta, rows)
         except (VaultUnavailable, VaultRefused) as exc:
-            await self._record_denial(grant, request_id, exc)
+            await self._record_denial(grant, request_id, exc, trace_id)
             raise
         now = self.clock.now()
         release_token = secrets.token_urlsafe(32)
@@ -128,9 +135,14 @@ class VaultIssuer:
         try:
             self.leases.add(record, release_token)
             entry = issuance_entry(
-                grant=grant, now=now, request_id=request_id, credential=credential, approval=approval
+                grant=grant, now=now, request_id=request_id, credential=credential, approval=approval,
+                trace_id=trace_id,
             )
-            receipt = await self.ledger.append_async(entry)
+            with self.spans.span("ledger.append") as span:
+                span.set("nhi.ledger.kind", "issuance")
+                receipt = await self.ledger.append_async(entry)
+                span.set("nhi.ledger.index", receipt.index)
+                span.set("nhi.ledger.leaf_hash", receipt.leaf_hash)
             self.leases.mark_live(task_id, receipt.leaf_hash)
             # (5) the kill switch again, now that the lease is in the book (module docstring). A store
             # that cannot answer fails closed through the except below: the lease is revoked, 503.
@@ -195,11 +207,13 @@ class VaultIssuer:
         except Exception:
             return False
 
-    async def _record_denial(self, grant: Grant, request_id: str, error: VaultUnavailable | VaultRefused) -> None:
+    async def _record_denial(
+        self, grant: Grant, request_id: str, error: VaultUnavailable | VaultRefused, trace_id: str | None
+    ) -> None:
         entry = denial_entry(
             identity=grant.identity, workload=grant.workload, audience=grant.audience, intent=grant.intent,
             now=self.clock.now(), request_id=request_id, error=error.code, reason=error.description,
-            rule_id=grant.rule_id, policy_version=grant.policy_version,
+            rule_id=grant.rule_id, policy_version=grant.policy_version, trace_id=trace_id,
         )
         await self.ledger.append_async(entry)
 

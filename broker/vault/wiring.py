@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.clock import Clock
+from broker.telemetry import NO_SPANS, Spans
 
 from .identity import VaultIdentity
 from .issuer import SuspendedSince, VaultIssuer
@@ -26,7 +27,8 @@ def open_lease_book(data_dir: Path, shared_url: str | None) -> LeaseBook:
 
 
 def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, clock: Clock,
-                      shared_url: str | None = None, suspended_since: SuspendedSince | None = None) -> VaultIssuer:
+                      shared_url: str | None = None, suspended_since: SuspendedSince | None = None, *,
+                      spans: Spans = NO_SPANS) -> VaultIssuer:
     """A :class:`VaultIssuer` with its lease book, sweeping in the background.
 
     The book lives in PostgreSQL when ``shared_url`` names one (the ledger's database, so every
@@ -36,6 +38,6 @@ def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, cloc
     """
     identity = VaultIdentity(settings, clock)
     issuer = VaultIssuer(VaultMinter(identity), open_lease_book(data_dir, shared_url), ledger, clock,
-                         suspended_since=suspended_since)
+                         suspended_since=suspended_since, spans=spans)
     issuer.start_sweeper(settings.sweep_interval)
     return issuer

@@ -89,6 +89,11 @@ SCHEMA_ATTACKS = [
     ("time-calendar", _set(ISSUANCE, "time", "2026-02-30T10:00:00Z"), "time", "not a valid calendar time"),
     ("no-request-id", _set(ISSUANCE, "request_id", _DELETE), "request_id", "is required"),
     ("extra-member", _set(ISSUANCE, "token", "eyJ..."), "token", "is not a member"),
+    ("trace-id-upper", _set(ISSUANCE, "trace_id", "4BF92F3577B34DA6A3CE929D0E0E4736"), "trace_id",
+     "not a W3C trace id"),
+    ("trace-id-short", _set(ISSUANCE, "trace_id", "4bf92f3577b34da6"), "trace_id", "not a W3C trace id"),
+    ("trace-id-zero", _set(ISSUANCE, "trace_id", "0" * 32), "trace_id", "all zeros"),
+    ("trace-id-number", _set(KEY_ROTATION, "trace_id", 4), "trace_id", "must be a string"),
     (
         "spiffe",
         _set(ISSUANCE, "workload.spiffe_id", "spiffe://example.org/../x"),

@@ -91,3 +91,89 @@ def test_json_log_lines_carry_the_trace() -> None:
 def test_configure_logging_refuses_unknown_formats() -> None:
     with pytest.raises(ValueError, match="not one of text, json"):
         configure_logging("yaml")
+
+
+@pytest.mark.parametrize(("target", "logged"), [
+    ("/healthz", "/healthz"),
+    ("/healthz?access_token=eyJhbGciOi.x.y", "/healthz?access_token="),
+    ("/v1/ledger/entries?start=0&end=12", "/v1/ledger/entries?start=0&end=12"),
+    ("/p?token=abc&size=5&secret=1e3", "/p?token=&size=5&secret="),
+    ("/p?a=%65yJ", "/p?a="),
+    ("/p?", "/p"),
+    ("/p?n=" + "9" * 21, "/p?n="),  # a number longer than any size or index is not kept
+])
+def test_query_values_are_cut_from_access_lines(target: str, logged: str) -> None:
+    from broker.logs import redact_target
+
+    assert redact_target(target) == logged
+
+
+def test_access_records_in_json_have_their_fields_and_no_query_values() -> None:
+    import logging.config
+
+    from broker.logs import logging_config
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate,
+                                                logging.getLogger(n).level) for n in ("uvicorn.access", "httpx")})
+    stream = io.StringIO()
+    config = logging_config("json")
+    config["handlers"]["stderr"] = {**config["handlers"]["stderr"], "stream": stream}
+    del config["handlers"]["stderr"]["class"]
+    config["handlers"]["stderr"]["()"] = lambda stream: logging.StreamHandler(stream)
+    logging.config.dictConfig(config)
+    try:
+        logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET",
+                                                  "/healthz?access_token=SECRET", "1.1", 200)
+        logging.getLogger("httpx").info("HTTP Request: POST https://hooks.example/T0/SECRET")
+    finally:
+        root.handlers[:], level, loggers = saved
+        root.setLevel(level)
+        for name, (handlers, propagate, own_level) in loggers.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(own_level)
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert "SECRET" not in line and record["url_path"] == "/healthz?access_token="
+    assert record["http_method"] == "GET" and record["status"] == 200 and record["client"] == "127.0.0.1:5"
+
+
+def test_otel_request_span_is_the_trace_context_and_a_child_of_the_caller() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from broker.telemetry import OtelSpans
+
+    exported = InMemorySpanExporter()
+    spans = OtelSpans("http://127.0.0.1:9/v1/traces", exporter=exported)
+    app = FastAPI()
+    app.state.spans = spans  # the middleware has none of its own: it takes the app's
+    app.add_middleware(TraceContextMiddleware)
+
+    @app.get("/t/{item}")
+    async def t(item: str) -> dict[str, str | None]:
+        with spans.span("policy") as step:
+            step.set("nhi.rule", "r1")
+        trace = current_trace.get()
+        assert trace is not None
+        return {"trace_id": trace.trace_id, "span_id": trace.span_id}
+
+    r = TestClient(app).get("/t/secret-looking-id", headers={"traceparent": VALID})
+    spans.shutdown()
+    server, step = sorted(exported.get_finished_spans(), key=lambda s: s.kind.value, reverse=True)
+    assert r.json()["trace_id"] == f"{server.context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert r.json()["span_id"] == f"{server.context.span_id:016x}"
+    assert r.headers["traceresponse"] == f"00-4bf92f3577b34da6a3ce929d0e0e4736-{r.json()['span_id']}-01"
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert server.name == "GET /t/{item}" and server.attributes["http.route"] == "/t/{item}"  # never the id
+    assert step.name == "nhi_broker.policy" and step.parent.span_id == server.context.span_id
+    assert step.attributes["nhi.rule"] == "r1"
+
+
+def test_no_spans_is_one_shared_no_op() -> None:
+    from broker.telemetry import NO_SPANS
+
+    first, second = NO_SPANS.span("attest"), NO_SPANS.span("policy")
+    assert first is second and not NO_SPANS.enabled
+    with first as span:
+        span.set("nhi.rule", "r1")

@@ -24,6 +24,7 @@ from broker.errors import NotFound, TemporarilyUnavailable
 from broker.operators import Operator
 from broker.runtime import Runtime
 from broker.text import unsafe_character
+from broker.tracing import current_trace_id
 from broker.vault.errors import VaultRefused, VaultUnavailable
 from broker.vault.leases import LeaseRecord
 
@@ -91,7 +92,8 @@ async def revoke_scope(request: Request, operator: OperatorDep, runtime: Runtime
     assert runtime.state is not None
     cutoff = await runtime.state.tokens.revoke_scope(body.scope, body.value)
     entry = revocation_entry(now=cutoff, request_id=uuid.uuid4().hex, actor=operator.to_json(), scope=body.scope,
-                             target={"value": body.value}, reason=body.reason)
+                             target={"value": body.value}, reason=body.reason,
+                             trace_id=current_trace_id())
     receipt = await runtime.ledger.append_async(entry)
     return {"scope": body.scope, "value": body.value, "revoked_before": cutoff,
             "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
@@ -107,7 +109,7 @@ async def suspend(name: _WorkloadName, request: Request, operator: OperatorDep, 
     at = await runtime.state.tokens.suspend(name)
     request_id = uuid.uuid4().hex
     entry = suspension_entry(now=at, request_id=request_id, actor=operator.to_json(), workload=name,
-                             suspended=True, reason=body.reason)
+                             suspended=True, reason=body.reason, trace_id=current_trace_id())
     receipt = await runtime.ledger.append_async(entry)
     answer: dict[str, Any] = {"workload": name, "suspended": True, "since": at,
                               "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}
@@ -132,7 +134,7 @@ async def resume(name: _WorkloadName, request: Request, operator: OperatorDep, r
     assert runtime.state is not None
     was = await runtime.state.tokens.resume(name)
     entry = suspension_entry(now=runtime.clock.now(), request_id=uuid.uuid4().hex, actor=operator.to_json(),
-                             workload=name, suspended=False, reason=body.reason)
+                             workload=name, suspended=False, reason=body.reason, trace_id=current_trace_id())
     receipt = await runtime.ledger.append_async(entry)
     return {"workload": name, "suspended": False, "was_suspended": was,
             "receipt": {"index": receipt.index, "leaf_hash": receipt.leaf_hash}}

@@ -21,6 +21,7 @@ from broker.entries import revocation_entry
 from broker.errors import InvalidRequest
 from broker.operators import AuthenticatedClient
 from broker.state.services import StateServices
+from broker.tracing import current_trace_id
 
 __all__ = ["router"]
 
@@ -82,6 +83,7 @@ async def revoke(request: Request, runtime: RuntimeDep) -> Response:
         entry = revocation_entry(
             now=runtime.clock.now(), request_id=uuid.uuid4().hex, actor=client.to_json(), scope="token",
             target={"jti": claims["jti"], "workload": claims["client_id"]}, reason="RFC 7009 revocation",
+            trace_id=current_trace_id(),
         )
         await runtime.ledger.append_async(entry)
     return Response(status_code=200, headers=NO_STORE)

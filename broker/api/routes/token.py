@@ -35,6 +35,7 @@ from broker.mint.jwt import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE
 from broker.models import Held, Issued
 from broker.pipeline import ExchangeRequest, PollRequest
 from broker.tls import peer_chain
+from broker.tracing import current_trace_id
 from broker.vault.kinds import TOKEN_TYPES
 
 __all__ = ["CIBA_GRANT", "TOKEN_EXCHANGE_GRANT", "router"]
@@ -195,11 +196,13 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     headers = {**NO_STORE, "X-Request-Id": request_id}
     outcome: Issued | Held
     if form.get("grant_type") == CIBA_GRANT:
-        poll = dataclasses.replace(_poll_request(form, request_id), evidence=_evidence(request, runtime))
+        poll = dataclasses.replace(_poll_request(form, request_id), evidence=_evidence(request, runtime),
+                                   trace_id=current_trace_id())
         proof = _dpop_proof(request, runtime)
         outcome = await runtime.broker.redeem(dataclasses.replace(poll, dpop_checked=proof) if proof else poll)
     else:
-        exchange = dataclasses.replace(_exchange_request(form, request_id), evidence=_evidence(request, runtime))
+        exchange = dataclasses.replace(_exchange_request(form, request_id), evidence=_evidence(request, runtime),
+                                       trace_id=current_trace_id())
         proof = _dpop_proof(request, runtime)
         if proof is not None:
             exchange = dataclasses.replace(exchange, dpop_checked=proof)

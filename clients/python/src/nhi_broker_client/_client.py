@@ -22,6 +22,7 @@ import httpx
 from ._dpop import DPoPKey
 from ._errors import ApprovalPending, BrokerResponseError, TransportError, error_from_response
 from ._intent import Intent
+from ._trace import TraceparentSource, outgoing_traceparent, parse_traceresponse
 
 __all__ = ["AsyncBrokerClient", "BrokerClient", "TaskToken"]
 
@@ -42,8 +43,9 @@ AsyncIdentitySource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 class TaskToken:
     """A task token for one intent at one audience, with the key it is bound to (if DPoP).
 
-    ``receipt_index`` / ``receipt_leaf_hash`` locate its issuance entry in the broker's ledger.
-    ``repr()`` never shows the token.
+    ``receipt_index`` / ``receipt_leaf_hash`` locate its issuance entry in the broker's ledger;
+    ``traceparent`` is the broker's span of the exchange (its ``traceresponse``), whose trace id the
+    issuance entry records. ``repr()`` never shows the token.
     """
 
     access_token: str = field(repr=False)
@@ -54,14 +56,29 @@ class TaskToken:
     receipt_index: int | None
     receipt_leaf_hash: str | None
     dpop_key: DPoPKey | None = field(default=None, repr=False)
+    traceparent: str | None = None
 
-    def headers(self, method: str, url: str, *, nonce: str | None = None) -> dict[str, str]:
-        """``Authorization`` (and a fresh ``DPoP`` proof with ``ath``) for one request ``method url``."""
+    @property
+    def trace_id(self) -> str | None:
+        """The W3C trace id of the exchange (the one its ledger entry records), if the broker named it."""
+        return self.traceparent.split("-")[1] if self.traceparent else None
+
+    def headers(
+        self, method: str, url: str, *, nonce: str | None = None, traceparent: TraceparentSource = None
+    ) -> dict[str, str]:
+        """``Authorization`` (and a fresh ``DPoP`` proof with ``ath``) for one request ``method url``,
+        and a ``traceparent``: the one given, else the active OpenTelemetry span's, else the exchange's,
+        so the downstream call sits in the trace that holds the token's decision and ledger entry."""
         if self.token_type.lower() == "dpop":
             assert self.dpop_key is not None
             proof = self.dpop_key.proof(method, url, access_token=self.access_token, nonce=nonce)
-            return {"Authorization": f"DPoP {self.access_token}", "DPoP": proof}
-        return {"Authorization": f"Bearer {self.access_token}"}
+            headers = {"Authorization": f"DPoP {self.access_token}", "DPoP": proof}
+        else:
+            headers = {"Authorization": f"Bearer {self.access_token}"}
+        parent = outgoing_traceparent(traceparent) or self.traceparent
+        if parent is not None:
+            headers["traceparent"] = parent
+        return headers
 
 
 class _Retry(Exception):
@@ -79,8 +96,9 @@ class _Exchanger:
     """The sans-I/O core: request building, response parsing, nonce and cache handling."""
 
     def __init__(self, broker_url: str, dpop_key: DPoPKey | None, refresh_margin: float,
-                 clock: Callable[[], float], subject_token_type: str) -> None:
+                 clock: Callable[[], float], subject_token_type: str, traceparent: TraceparentSource = None) -> None:
         self.broker_url = broker_url.rstrip("/")
+        self.traceparent = traceparent
         self.dpop_key = dpop_key
         self.refresh_margin = refresh_margin
         self.clock = clock
@@ -168,6 +186,9 @@ class _Exchanger:
     def _headers(self) -> dict[str, str]:
         assert self.token_endpoint is not None
         headers = {"Accept": "application/json"}
+        parent = outgoing_traceparent(self.traceparent)
+        if parent is not None:
+            headers["traceparent"] = parent
         if self.dpop_key is not None:
             headers["DPoP"] = self.dpop_key.proof("POST", self.token_endpoint, nonce=self.nonce, now=self.clock())
         return headers
@@ -209,6 +230,7 @@ class _Exchanger:
             receipt_index=index if isinstance(index, int) and not isinstance(index, bool) else None,
             receipt_leaf_hash=leaf if isinstance(leaf, str) else None,
             dpop_key=self.dpop_key if token_type.lower() == "dpop" else None,
+            traceparent=parse_traceresponse(response.headers.get("traceresponse")),
         )
 
 
@@ -274,6 +296,10 @@ class BrokerClient:
     attests the certificate and binds the task token to it (``cnf.x5t#S256``). ``subject_token_type``
     is the workload identity's type, also when it is the ``actor``: an SVID-attested assistant acting
     for a verified user sends ``actor_token_type`` = the X.509-SVID type.
+
+    Tracing (W3C Trace Context): each exchange sends ``traceparent`` (a string, or a callable asked
+    per exchange, e.g. the current prompt's), else the active OpenTelemetry span's when
+    ``opentelemetry-api`` is installed; :attr:`TaskToken.trace_id` is the trace the broker recorded.
     """
 
     def __init__(
@@ -292,9 +318,10 @@ class BrokerClient:
         timeout: float = 10.0,
         client_cert: tuple[str, str] | None = None,
         ca_file: str | None = None,
+        traceparent: TraceparentSource = None,
     ) -> None:
         key = (dpop_key or DPoPKey.generate()) if dpop else None
-        self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type)
+        self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type, traceparent)
         self._identity: IdentitySource = _workload_identity(identity, actor)
         self._user_token = user_token
         self._owns_client = http_client is None
@@ -433,9 +460,10 @@ class AsyncBrokerClient:
         timeout: float = 10.0,
         client_cert: tuple[str, str] | None = None,
         ca_file: str | None = None,
+        traceparent: TraceparentSource = None,
     ) -> None:
         key = (dpop_key or DPoPKey.generate()) if dpop else None
-        self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type)
+        self._core = _Exchanger(broker_url, key, refresh_margin, clock, subject_token_type, traceparent)
         self._identity: AsyncIdentitySource = _workload_identity(identity, actor)
         self._user_token = user_token
         self._owns_client = http_client is None
