@@ -82,6 +82,10 @@ class Settings(BaseSettings):
         "and the trial workload issuer is on (loopback embedded defaults)."
     )
     dpop_nonce: bool = Field(False, description="Demand a server nonce in DPoP proofs (RFC 9449 §8).")
+    live_sync_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between a worker's looks for a policy set another worker or replica "
+        "reloaded, and for rotated token or ledger keys (live changes, docs/operators.md)."
+    )
     # Shared state (issue 5): replay, revocation, use counts, rate limits, budgets, suspensions.
     state_backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite (one machine) or redis.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Used when state_backend is redis.")

@@ -168,12 +168,13 @@ def denial_entry(
 
 
 def policy_load_entry(
-    *, now: float, request_id: str, policy_version: str, files: dict[str, str], source: str
+    *, now: float, request_id: str, policy_version: str, files: dict[str, str], source: str,
+    actor: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A policy set went live: its version and the digest of every file in it.
 
     ``request_id`` names the start (or reload) that loaded it, so two starts within one second
-    are two entries, not one deduplicated leaf.
+    are two entries, not one deduplicated leaf; ``actor`` the operator who asked for a reload.
     """
     return PolicyLoadEntry.model_validate({
         "v": ENTRY_VERSION,
@@ -181,6 +182,7 @@ def policy_load_entry(
         "time": rfc3339(now),
         "request_id": request_id,
         "policy": {"version": policy_version, "files": files, "source": source},
+        "actor": actor,
     }).to_json()
 
 

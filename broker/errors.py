@@ -26,11 +26,12 @@ The API maps errors to responses in one handler (``broker.api.errors``).
     ├── InvalidClient                   invalid_client           401   (introspection/revocation caller)
     ├── InvalidOperatorToken            invalid_token            401   (admin API caller)
     ├── NotFound                        not_found                404
+    ├── PolicySetRefused                invalid_policy           422   (a live reload refused; old set serves)
     └── TemporarilyUnavailable          temporarily_unavailable  503
         ├── LedgerUnavailable           temporarily_unavailable  503
         └── StoreUnavailable            temporarily_unavailable  503
 
-    PolicyLoadError   refused policy set (never reaches the wire: the broker does not start)
+    PolicyLoadError   refused policy set (the broker does not start; a live reload answers PolicySetRefused)
     VerificationError a proof, signature or ledger failed offline verification
     ConfigError       refused configuration
 """
@@ -54,6 +55,7 @@ __all__ = [
     "NotFound",
     "PolicyDenied",
     "PolicyLoadError",
+    "PolicySetRefused",
     "RateLimited",
     "ReplayDetected",
     "RequestTooLarge",
@@ -208,6 +210,22 @@ class InvalidOperatorToken(BrokerError):
 class NotFound(BrokerError):
     code = "not_found"
     status = 404
+
+
+class PolicySetRefused(BrokerError):
+    """A live reload refused the policy directory; the old set keeps serving. ``problems`` names each
+    problem as ``nhi-broker policy lint`` does (file, line, what is wrong)."""
+
+    code = "invalid_policy"
+    status = 422
+
+    def __init__(self, problems: list[str], serving: str) -> None:
+        super().__init__(f"policy set refused, still serving {serving}: " + "; ".join(problems))
+        self.problems = problems
+        self.serving = serving
+
+    def to_json(self) -> dict[str, str]:
+        return {**super().to_json(), "problems": self.problems, "serving": self.serving}  # type: ignore[dict-item]
 
 
 class TemporarilyUnavailable(BrokerError):

@@ -50,7 +50,7 @@ Role = Literal["admin", "approver", "auditor"]
 
 #: What each role may do on the admin API.
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
-    "admin": frozenset({"revoke", "suspend", "read"}),
+    "admin": frozenset({"revoke", "suspend", "reload", "read"}),
     "approver": frozenset({"approve", "read"}),
     "auditor": frozenset({"read"}),
 }

@@ -180,6 +180,8 @@ class _Refusal:
     error: BrokerError
     user: EndUser | None = None
     delegation: Delegation | None = None
+    #: The policy version that decided (a reload may swap the set while the refusal is recorded).
+    policy_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -278,10 +280,12 @@ class Broker:
         identity, user, delegation = principals.identity, principals.user, principals.delegation
         single_use = principals.single_use
         workload: RegisteredWorkload | None = None
+        # One set decides the whole request, even if a live reload swaps self.policies meanwhile.
+        policies = self.policies
         try:
             try:
                 # (2) registry, then intent policy.
-                workload = self.policies.resolve_workload(identity)
+                workload = policies.resolve_workload(identity)
                 if delegation is not None:
                     # (2a) a sub-agent narrows only the task tokens of workloads it takes sub-tasks from,
                     # and only within their grant; then its own rules decide.
@@ -291,7 +295,7 @@ class Broker:
                             "(delegators in workloads.toml)"
                         )
                     check_within(delegation, request.audience, request.intent)
-                grant = self.policies.authorize(identity, workload, request.audience, request.intent, user)
+                grant = policies.authorize(identity, workload, request.audience, request.intent, user)
                 if delegation is not None:
                     grant = replace(grant, delegation=delegation)
                     if grant.review is not None:
@@ -303,7 +307,7 @@ class Broker:
                 # A refused token is burnt as if attestation had consumed it; a replay is refused as one.
                 await self.guard.consume(single_use)
                 raise
-            limits = self.policies.limits.get(grant.rule_id)
+            limits = policies.limits.get(grant.rule_id)
             if grant.review is not None and request.approval is None:
                 # Suspension and rate apply to holds too; the budget is charged at issuance.
                 await self.guard.admit_hold(grant, limits, replay=single_use)
@@ -318,7 +322,8 @@ class Broker:
                 # Only now, with the child admitted: a wider or refused child leaves the parent's uses.
                 await self.parents.consume_use(delegation)
         except (AccessDenied, InvalidTarget, DPoPBindingRequired) as exc:
-            return _Refusal(identity, workload, exc, user=user, delegation=delegation)
+            return _Refusal(identity, workload, exc, user=user, delegation=delegation,
+                            policy_version=policies.version)
         if grant.credential_kind != "jwt":
             return grant, None  # a Vault kind: broker.vault mints it
         if request.approval is not None:
@@ -357,9 +362,11 @@ class Broker:
     ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
         """(2) in its span: the decision's rule and effect as attributes (identifiers, no token)."""
         with self.spans.span("policy") as span:
+            outcome = await self._authorize(principals, request)
+            if not self.spans.enabled:  # the no-op span: skip building its attributes (the hot path)
+                return outcome
             span.set("nhi.action", request.intent.action)
             span.set("nhi.audience", request.audience)
-            outcome = await self._authorize(principals, request)
             if isinstance(outcome, _Refusal):
                 span.set("nhi.decision", "deny")
                 span.set("nhi.error", outcome.error.code)
@@ -414,7 +421,7 @@ class Broker:
             if self.vault is None:
                 refusal = _Refusal(grant.identity, grant.workload, VaultUnavailable(
                     f"rule {grant.rule_id} issues a Vault secret and this broker has no Vault configured"),
-                    user=grant.user, delegation=grant.delegation)
+                    user=grant.user, delegation=grant.delegation, policy_version=grant.policy_version)
                 await self._record_refusal(request, refusal)
                 raise refusal.error
             approval = request.approval.ledger_ref() if request.approval is not None else None
@@ -478,7 +485,7 @@ class Broker:
             error=error.code,
             reason=error.description,
             rule_id=rule_id,
-            policy_version=self.policies.version,
+            policy_version=refusal.policy_version or self.policies.version,
             user=refusal.user,
             parent=refusal.delegation,
             trace_id=request.trace_id,
@@ -491,6 +498,8 @@ class Broker:
 
 
 async def _append_traced(spans: Spans, ledger: AppendOnlyLog, entry: dict[str, Any]) -> Receipt:
+    if not spans.enabled:
+        return await ledger.append_async(entry)
     with spans.span("ledger.append") as span:
         span.set("nhi.ledger.kind", entry["kind"])
         receipt = await ledger.append_async(entry)

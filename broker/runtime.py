@@ -15,11 +15,12 @@ Everything on the embedded default lives under ``settings.data_dir``::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from broker.approvals import ApprovalDesk, WebhookNotifier
 from broker.attest.dev import DevIssuer, DevUserIssuer
@@ -33,14 +34,15 @@ from broker.config import Settings
 from broker.delegation import ParentTokens
 from broker.dpop import DPoPVerifier, NonceIssuer
 from broker.entries import key_rotation_entry, policy_load_entry
-from broker.errors import ConfigError
+from broker.errors import ConfigError, PolicyLoadError, StoreUnavailable, TemporarilyUnavailable
 from broker.ledger import Ledger, NoteSigner
 from broker.ledger.engines import is_shared, open_ledger_storage
 from broker.ledger.storage import LedgerStorage
 from broker.mint.jwt import TaskTokenMinter
-from broker.mint.keys import KeySet, PrivateKey, load_or_create_private_key, public_jwk
+from broker.mint.keys import KeySet, PrivateKey, _load, load_or_create_private_key, public_jwk
 from broker.pipeline import Broker
-from broker.policy import POLICY_FILES, PolicySet, load_policies
+from broker.policy import PolicySet, load_policies
+from broker.reload import PolicyReloader, ReloadOutcome, policy_file_digests
 from broker.state import StateStore, open_store
 from broker.state.services import StateServices
 from broker.telemetry import NO_SPANS, Spans
@@ -50,15 +52,6 @@ from broker.vault.wiring import open_vault_issuer
 __all__ = ["Runtime", "policy_file_digests"]
 
 log = logging.getLogger("nhi_broker")
-
-
-def policy_file_digests(directory: Path) -> dict[str, str]:
-    """``sha256:<hex>`` of each policy file present, by name."""
-    return {
-        name: "sha256:" + hashlib.sha256((directory / name).read_bytes()).hexdigest()
-        for name in POLICY_FILES
-        if (directory / name).is_file()
-    }
 
 
 @dataclass
@@ -88,6 +81,10 @@ class Runtime:
     x509: X509SvidMethod | None = None
     #: Where the exchange's steps are traced (broker.telemetry).
     spans: Spans = NO_SPANS
+    #: Live policy reloads: leads them here, follows the ones other workers and replicas lead.
+    reloads: PolicyReloader | None = None
+    #: (inode, mtime) of the ledger key file when its key was loaded: a rotated key is taken up live.
+    ledger_key_stamp: tuple[int, int] | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None, *, spans: Spans = NO_SPANS) -> Runtime:
@@ -99,7 +96,7 @@ class Runtime:
         data_dir = settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         policies = load_policies(settings.policies_dir)
-        keys = KeySet(data_dir / "keys" / "token", alg=settings.token_alg)
+        keys = KeySet(data_dir / "keys" / "token", alg=settings.token_alg, clock=clock)
         storage = open_ledger_storage(settings.ledger_storage_url)
         try:
             ledger_key, ledger_key_created = _ledger_key(settings, storage)
@@ -155,7 +152,7 @@ class Runtime:
             attestor, policies, minter, ledger, state.guard, clock, vault=vault, approvals=approvals,
             users=users, parents=parents, dpop=dpop, spans=spans,
         )
-        return cls(
+        runtime = cls(
             settings=settings, clock=clock, keys=keys, ledger=ledger, store=store, policies=policies,
             attestor=attestor, minter=minter, broker=broker, dev_issuer=dev_issuer,
             ledger_signer=signer, ledger_signer_key=ledger_key, ledger_key_created=ledger_key_created,
@@ -167,7 +164,60 @@ class Runtime:
             dev_user_issuer=dev_user_issuer,
             x509=x509,
             spans=spans,
+            ledger_key_stamp=_stamp(data_dir / "keys" / "ledger-key.pem"),
         )
+        runtime.reloads = PolicyReloader(settings.policies_dir, lambda: runtime.policies, runtime.install_policies,
+                                         ledger, store, clock)
+        return runtime
+
+    def install_policies(self, policies: PolicySet) -> None:
+        """Serve ``policies`` from now on: one assignment each, so a request sees one set or the other."""
+        self.broker.policies = policies
+        self.policies = policies
+
+    async def reload_policies(self, trigger: str, actor: dict[str, Any] | None = None) -> ReloadOutcome:
+        """Lint, swap and record the policy directory's set (:mod:`broker.reload`); raises
+        :class:`~broker.errors.PolicyLoadError` (the old set keeps serving) when it is refused."""
+        assert self.reloads is not None
+        return await self.reloads.reload(f"reload-{trigger}-{uuid.uuid4().hex}", actor)
+
+    def refresh_keys(self) -> list[str]:
+        """Take up rotated keys without a restart (blocking file reads: call it from a thread).
+
+        New token-key files join the JWKS at once and sign from their ``signs_from`` time; a replaced
+        ledger key file signs the next checkpoints. Returns what changed, for the log.
+        """
+        changed = [f"task-token key {k.kid} published, signs from {k.signs_from}" for k in self.keys.refresh()]
+        path = self.settings.data_dir / "keys" / "ledger-key.pem"
+        stamp = _stamp(path)
+        if stamp is not None and stamp != self.ledger_key_stamp and self.ledger_signer is not None:
+            self.ledger_key_stamp = stamp  # a file that cannot be used is reported once, not at every look
+            key = _load(path, "EdDSA")
+            if self.ledger_signer_key is None or public_jwk(key)["kid"] != public_jwk(self.ledger_signer_key)["kid"]:
+                signer = NoteSigner(self.settings.ledger_key_name or self.settings.ledger_origin, key)  # type: ignore[arg-type]
+                self.ledger.replace_signer(signer)
+                self.ledger_signer, self.ledger_signer_key = signer, key
+                changed.append(f"ledger key now {signer.verifier_key}")
+        return changed
+
+    async def run_live_sync(self, interval: float) -> None:
+        """Every ``interval`` seconds: follow policy reloads led elsewhere, take up rotated keys."""
+        if self.reloads is not None:
+            try:
+                await self.reloads.check_started()
+            except (TemporarilyUnavailable, PolicyLoadError) as exc:
+                log.warning("policy set at start not checked against the shared record: %s", exc)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if self.reloads is not None:
+                    await self.reloads.follow()
+                for change in await asyncio.to_thread(self.refresh_keys):
+                    log.info("live change: %s", change)
+            except StoreUnavailable:
+                continue  # requests fail closed meanwhile; the next look tries again
+            except Exception:
+                log.exception("live sync failed; trying again in %.1f s", interval)
 
     @property
     def ledger_verifier_key(self) -> str:
@@ -200,7 +250,7 @@ class Runtime:
         now = self.clock.now()
         start_id = f"start-{uuid.uuid4().hex}"
         self.record_new_keys(start_id)
-        self.ledger.append(
+        receipt = self.ledger.append(
             policy_load_entry(
                 now=now,
                 request_id=start_id,
@@ -209,6 +259,13 @@ class Runtime:
                 source=str(self.settings.policies_dir),
             )
         )
+        # Workers (and replicas) compare the set they serve with this record (broker.reload).
+        if self.reloads is not None:
+            try:
+                asyncio.run(self.reloads.announce(self.policies.version, receipt))
+            except TemporarilyUnavailable as exc:  # the store is down, or a crashed reload's lock still holds
+                log.warning("the started policy set is not announced in the state store (%s): "
+                            "workers follow reloads once it answers", exc)
 
     def _close_sync_parts(self) -> None:
         if self.vault is not None:
@@ -248,6 +305,14 @@ def _ledger_key(settings: Settings, storage: LedgerStorage) -> tuple[PrivateKey,
                 "must sign with the same ledger key (copy keys/ledger-key.pem from an existing replica)"
             )
     return load_or_create_private_key(path, "EdDSA")
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _webhook(settings: Settings, clock: Clock) -> WebhookNotifier | None:

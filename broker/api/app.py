@@ -13,6 +13,7 @@ from broker import __version__
 from broker.api.errors import install_error_handlers
 from broker.api.routes import admin, approvals, health, introspect, ledger, metrics, token, wellknown
 from broker.api.routes.credentials import router as credentials_router
+from broker.api.signals import install_sighup
 from broker.clock import Clock
 from broker.config import Settings
 from broker.console import router as console_router
@@ -54,9 +55,15 @@ def create_app(
         if live.x509 is not None and live.settings.x509 is not None:
             refresher = asyncio.create_task(live.x509.run_refresher(
                 live.settings.x509.refresh_interval, tls.add_roots if tls is not None else None))
+        # Live changes: follow reloads led by other workers and replicas, take up rotated keys;
+        # SIGHUP reloads the policy directory here (the supervisor hands it to one worker).
+        syncer = asyncio.create_task(live.run_live_sync(live.settings.live_sync_interval))
+        remove_sighup = install_sighup(live)
         try:
             yield
         finally:
+            remove_sighup()
+            syncer.cancel()
             if sweeper is not None:
                 sweeper.cancel()
             if refresher is not None:

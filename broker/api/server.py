@@ -9,6 +9,11 @@ not the broker's JSON. Both get the same
 app: worker processes build it from ``$NHI_BROKER_SETTINGS_JSON`` (:func:`broker.api.app.app_from_environment`)
 and, with several workers, share their metrics through ``<data_dir>/metrics``.
 
+SIGHUP reloads the policies live (:mod:`broker.api.signals`), never restarting a worker: uvicorn's
+supervisor would replace every worker on SIGHUP and granian's would respawn them, so the supervisor
+here hands the signal to one ready worker instead; that worker leads the reload and the others follow
+through the shared state store (:mod:`broker.reload`). In-flight requests are never interrupted.
+
 Neither server names itself in the ``Server`` header: uvicorn is told not to send one, and
 :func:`granian_app` sets ``server: nhi-broker`` (granian adds its own name only when the app sends none).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import socket
 from typing import Any
 
@@ -46,6 +52,33 @@ class _ServerHeader:
             await send(message)
 
         await self.app(scope, receive, send_with_header)
+
+
+def _hand_to_worker(pids: list[int], log: Any) -> None:
+    """Send SIGHUP to the first worker that takes it: it leads the reload, the others follow."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError:
+            continue
+        log.info("SIGHUP: worker %d reloads the policies; the other workers follow (no restart)", pid)
+        return
+    log.error("SIGHUP: no worker is ready to reload the policies; nothing changed")
+
+
+def _live_multiprocess() -> Any:
+    """uvicorn's supervisor, with SIGHUP handed to one ready worker instead of restarting them all."""
+    import logging
+
+    from uvicorn.supervisors import Multiprocess
+
+    class LiveReloadMultiprocess(Multiprocess):
+        def handle_hup(self) -> None:
+            # A worker still starting has no handler yet (SIGHUP would end it): only ready ones.
+            ready = [p.pid for p in self.processes if p.pid is not None and p.is_ready(timeout=1)]
+            _hand_to_worker(ready, logging.getLogger("nhi_broker.reload"))
+
+    return LiveReloadMultiprocess
 
 
 def granian_app() -> Any:
@@ -86,12 +119,22 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
         multiprocessing.set_start_method("spawn", force=True)
         if sock is not None:
             sock.close()
-        Granian("broker.api.server:granian_app", factory=True, address=settings.host, port=settings.port,
-                interface=Interfaces.ASGI, workers=settings.workers, loop=Loops.uvloop, log_level=LogLevels(log_level),
-                log_access=access_log, log_dictconfig=log_config, websockets=False).serve()
+        supervisor = Granian("broker.api.server:granian_app", factory=True, address=settings.host,
+                             port=settings.port, interface=Interfaces.ASGI, workers=settings.workers,
+                             loop=Loops.uvloop, log_level=LogLevels(log_level), log_access=access_log,
+                             log_dictconfig=log_config, websockets=False)
+
+        def granian_hup(*_: Any) -> None:
+            # granian would respawn every worker; one worker leads a live reload instead.
+            import logging
+
+            _hand_to_worker([pid for w in list(supervisor.wrks) if (pid := w._id()) is not None],  # type: ignore[no-untyped-call]
+                            logging.getLogger("nhi_broker.reload"))
+
+        supervisor.signal_handler_reload = granian_hup  # type: ignore[method-assign]
+        supervisor.serve()
         return True
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
     from broker.api.http_server import BoundedHttpToolsProtocol
 
@@ -106,5 +149,5 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
         one.run(sockets=[sock] if sock is not None else None)
         return bool(one.started)
     config = uvicorn.Config("broker.api.app:app_from_environment", factory=True, workers=settings.workers, **common)
-    Multiprocess(config, sockets=[sock if sock is not None else config.bind_socket()]).run()
+    _live_multiprocess()(config, sockets=[sock if sock is not None else config.bind_socket()]).run()
     return True

@@ -4,6 +4,7 @@
     admin revoke (--workload W | --end-user U | --conversation C) --reason R
     admin approvals list | show ID | approve ID --reason R | deny ID --reason R
     admin leases list [--workload W] [--all] | revoke TASK_ID --reason R
+    admin policies reload   lint the broker's policy directory, swap it in live, record one policy_load
 
 The broker is ``--url`` or ``$NHI_BROKER_URL`` (default http://127.0.0.1:8080); the operator's bearer
 secret (or identity token) is read from ``--token-file`` or ``$NHI_BROKER_TOKEN``, never from the
@@ -12,7 +13,7 @@ is; ``table`` (the default) prints it for people, with times in UTC and relative
 
 Exit codes, for scripts:
     0  done
-    1  the broker refused the request (bad input, already decided, ...)
+    1  the broker refused the request (bad input, already decided, a policy set that fails the lint, ...)
     2  usage error (bad arguments, no token)
     3  not found (no such workload, approval request or lease)
     4  not authenticated (401) or not allowed (403: role or group)
@@ -116,6 +117,10 @@ def _call(args: argparse.Namespace, method: str, path: str, *, body: dict[str, A
     if error is None and isinstance(answer, dict) and "detail" in answer:  # FastAPI validation
         error, description = "invalid_request", json.dumps(answer["detail"])
     message = f"HTTP {response.status_code} {error or 'error'}: {description or response.text[:200]}"
+    problems = answer.get("problems") if isinstance(answer, dict) else None
+    if isinstance(problems, list) and problems:  # a refused policy set: one line per problem, as `policy lint`
+        message = f"HTTP {response.status_code} {error}: policy set refused, still serving {answer.get('serving')}"
+        message += "".join(f"\n  {problem}" for problem in problems)
     status = response.status_code
     code = (EXIT_AUTH if status in (401, 403) else EXIT_NOT_FOUND if status == 404
             else EXIT_UNAVAILABLE if status >= 500 else EXIT_REFUSED)
@@ -221,6 +226,19 @@ def _show_lease(x: dict[str, Any]) -> str:
                     ("lease", f"{x['ref_type']} {x['ref']}"), ("issued", human_time(x["issued_at"])),
                     ("expires", human_time(x["expires_at"])), ("reason", x.get("reason") or "-"),
                     ("issuance entry", x.get("issuance") or "-")])
+
+
+def _show_reload(answer: dict[str, Any]) -> str:
+    if answer["changed"]:
+        state = f"live now (was {answer['previous_version']})"
+    else:
+        state = "already live here"
+    recorded = "by this reload" if answer["recorded"] else "earlier (the set was already recorded)"
+    return _fields([
+        ("policy set", answer["version"]), ("state", state),
+        ("recorded", f"{_receipt(answer)} {recorded}"), ("generation", answer["generation"]),
+        ("contents", f"{answer['rules']} rules, {answer['workloads']} workloads, {answer['test_cases']} test cases"),
+    ])
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -341,3 +359,9 @@ def register(subparsers: Any) -> None:
              _show_lease)
     p.add_argument("task_id")
     _reason(p)
+
+    pol = groups.add_parser("policies", help="reload the policy set live").add_subparsers(
+        dest="policies_command", metavar="COMMAND", required=True)
+    leaf(pol, "reload", "lint the broker's policy directory, swap it in on every worker, record one policy_load "
+         "(a refused set: exit 1, each problem printed, the old set keeps serving)",
+         lambda a: _call(a, "POST", "/v1/admin/policies/reload"), _show_reload)

@@ -355,7 +355,7 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
                                  settings.ledger_origin, SystemClock(), settings.ledger_url)
     print(f"ledger key rotated; the rotation is entry-recorded and endorsed by the old key\n"
           f"  old verifier key  {old}\n  new verifier key  {new}\n"
-          "running brokers sign with the new key after a restart")
+          "running brokers sign with the new key once its file reaches them (no restart; copy it to every replica)")
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -31,7 +32,10 @@ from broker.errors import BrokerError, ConfigError, PolicyLoadError
 if TYPE_CHECKING:
     from broker.config import Settings
 
-__all__ = ["build_parser", "main"]
+__all__ = ["KEY_PUBLISH_SECONDS", "build_parser", "main"]
+
+#: Default of ``keys rotate --publish-for``: the JWKS ``max-age`` (300 s) plus a minute of margin.
+KEY_PUBLISH_SECONDS = 360  # broker.mint.keys.JWKS_MAX_AGE + 60 (not imported: the CLI starts light)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -91,6 +95,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_format)  # this process's records (the start) as the workers' will be
     require_exporter(settings)  # before anything is bound or recorded
+    # SIGHUP means "reload the policies" (broker.api.signals): until a worker can do that, it must not
+    # end the broker (its default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sock = _listen(settings.host, settings.port)
     try:
         runtime = Runtime.open(settings)
@@ -219,16 +226,19 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     keys = KeySet(settings.data_dir / "keys" / "token", alg=settings.token_alg)
-    published = {k["kid"] for k in keys.jwks()["keys"]}
-    rows: list[dict[str, Any]] = []
-    for key in reversed(keys.keys):
-        state = "active" if key is keys.active else ("published" if key.kid in published else "retired")
-        rows.append({"kid": key.kid, "alg": key.alg, "created_at": key.created_at, "state": state})
+    rows: list[dict[str, Any]] = [
+        {"kid": key.kid, "alg": key.alg, "created_at": key.created_at, "signs_from": key.signs_from,
+         "state": keys.state(key)}
+        for key in reversed(keys.keys)
+    ]
     if args.format == "json":
         print(json.dumps({"keys": rows}, indent=2))
         return 0
     for row in rows:
-        print(f"{row['kid']}  {row['alg']}  created {human_time(row['created_at'])}  {row['state']}")
+        line = f"{row['kid']}  {row['alg']}  created {human_time(row['created_at'])}  {row['state']}"
+        if row["state"] == "pending":
+            line += f" (published; signs from {human_time(row['signs_from'])})"
+        print(line)
     return 0
 
 
@@ -255,13 +265,16 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
 def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     import uuid
 
+    from broker.cli.admin_cmd import human_time
     from broker.entries import key_rotation_entry
     from broker.runtime import Runtime
 
+    if args.publish_for < 0:
+        raise ConfigError("--publish-for must be 0 or more seconds")
     settings = _settings(args)
     runtime = Runtime.open(settings)
     try:
-        key = runtime.keys.rotate(runtime.clock.now())
+        key = runtime.keys.rotate(runtime.clock.now(), publish_for=args.publish_for)
         entry = key_rotation_entry(
             now=runtime.clock.now(), request_id=f"cli-{uuid.uuid4().hex}",
             purpose="task-token", kid=key.kid, alg=key.alg, jwk=key.jwk,
@@ -269,7 +282,9 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
         runtime.ledger.append(entry)
     finally:
         runtime.close()
-    print(f"new signing key {key.kid}; running brokers use it after a restart")
+    print(f"new signing key {key.kid}: in the JWKS now, signs from {human_time(key.signs_from)}")
+    print("running brokers pick it up without a restart; on replicas, copy the key file to every data_dir "
+          "before then (docs/operators.md)")
     return 0
 
 
@@ -352,8 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "recorded in the ledger (provisioning for replicas)")
     _add_common(kinit)
     kinit.set_defaults(func=_cmd_keys_init)
-    krot = keys_sub.add_parser("rotate", help="create a new signing key (recorded in the ledger)")
+    krot = keys_sub.add_parser("rotate", help="create a new signing key (recorded in the ledger): published in the "
+                               "JWKS at once, signing after --publish-for seconds, no restart")
     _add_common(krot)
+    krot.add_argument("--publish-for", type=int, default=KEY_PUBLISH_SECONDS, metavar="SECONDS",
+                      help=f"seconds the new key is only published before it signs (default {KEY_PUBLISH_SECONDS}: "
+                      "the JWKS max-age of 300 s plus a minute, so cached JWKS hold it before any token it signs)")
     krot.set_defaults(func=_cmd_keys_rotate)
 
     from broker.cli import admin_cmd, audit_cmd, config_cmd, db_cmd, policy_cmd

@@ -18,7 +18,7 @@ from broker.intent import CONTEXT_KEY_RE, parse_intent
 from broker.models import EndUser, WorkloadIdentity
 from broker.policy import PolicySet, load_policies
 from broker.policy.registry import ATTESTATION_METHODS
-from broker.policy.testing import load_cases, run_policy_tests
+from broker.policy.testing import lint_policies, run_policy_tests
 
 __all__ = ["register"]
 
@@ -42,17 +42,11 @@ def _load(directory: Path) -> PolicySet | None:
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
-    policy_set = _load(args.policies)
-    if policy_set is None:
+    try:
+        policy_set, cases = lint_policies(args.policies)
+    except PolicyLoadError as exc:
+        _print_refusal(exc, sys.stderr)
         return 1
-    tests = args.policies / "tests.toml"
-    cases = 0
-    if tests.is_file():
-        try:
-            cases = len(load_cases(tests))
-        except PolicyLoadError as exc:
-            _print_refusal(exc, sys.stderr)
-            return 1
     print(f"ok: {len(policy_set.rules)} rules, {len(policy_set.registry)} workloads, {cases} test cases")
     print(f"version {policy_set.version}")
     return 0

@@ -149,6 +149,14 @@ class Ledger:
         """The signed-note verifier key auditors use for this log's checkpoints."""
         return self._signer.verifier_key
 
+    def replace_signer(self, signer: NoteSigner) -> None:
+        """Sign checkpoints with ``signer`` from now on: a rotated ledger key, taken up without a restart
+        (``ledger rotate-key`` recorded its endorsement by the old key first)."""
+        sign_checkpoint(signer, self._origin, 0, EMPTY_ROOT)  # a bad key fails here, not at a checkpoint
+        with self._tree_lock:
+            self._signer = signer
+            self._checkpoint_cache = None
+
     @property
     def last_commit_at(self) -> float | None:
         """Clock time of the last successful commit by this process (for health and metrics)."""

@@ -59,10 +59,10 @@ def rotate_ledger_key(data_dir: Path, key_name: str, origin: str, clock: Clock,
     """Rotate the ledger key under ``data_dir``; ``(old verifier key, new verifier key)``.
 
     ``ledger_url`` names the ledger storage (default: ``ledger.sqlite3`` under ``data_dir``). On a
-    shared (PostgreSQL) ledger, copy the new key to every replica and restart them all.
+    shared (PostgreSQL) ledger, copy the new key to every replica.
 
-    Run it with the broker stopped, or restart the broker afterwards: running processes keep
-    signing with the old key, which auditors still accept.
+    Running brokers take the new key file up without a restart (:meth:`Runtime.refresh_keys`); until
+    then they sign with the old key, which auditors still accept.
     """
     from broker.mint.keys import _load
 

@@ -751,10 +751,11 @@ class SuspensionEntry(_Entry):
 
 
 class PolicyLoadEntry(_Entry):
-    """A policy set went live (every start and reload)."""
+    """A policy set went live (every start and reload); ``actor`` is the operator who asked for a reload."""
 
     kind: Literal["policy_load"]
     policy: PolicyRef
+    actor: Actor | None = None
 
 
 class KeyRotationEntry(_Entry):

@@ -22,7 +22,7 @@ Deny wins; among matching allow rules the smallest TTL decides; no match is a de
 from ._conditions import ConditionError, compile_condition
 from ._rules import ANY_WORKLOAD, BINDINGS, CREDENTIAL_KINDS, MAX_TTL, Rule
 from .engine import Decision, Explanation, PartResult, PolicySet, RuleTrace
-from .loader import POLICY_FILES, SUPPORTED_MODEL, load_policies, policy_version
+from .loader import POLICY_FILES, SUPPORTED_MODEL, directory_version, load_policies, policy_version
 from .registry import ATTESTATION_METHODS, RegistryEntry, WorkloadRegistry
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "RuleTrace",
     "WorkloadRegistry",
     "compile_condition",
+    "directory_version",
     "load_policies",
     "policy_version",
 ]

@@ -31,7 +31,9 @@ from .limits import RuleLimits, parse_limits
 from .registry import WorkloadRegistry, parse_registry
 from .reviews import parse_reviews
 
-__all__ = ["MAX_ROLE_DEPTH", "POLICY_FILES", "SUPPORTED_MODEL", "load_policies", "policy_version"]
+__all__ = [
+    "MAX_ROLE_DEPTH", "POLICY_FILES", "SUPPORTED_MODEL", "directory_version", "load_policies", "policy_version",
+]
 
 POLICY_FILES = ("model.conf", "policy.csv", "workloads.toml", "tests.toml", "limits.toml", "approvals.toml")
 _REQUIRED = ("model.conf", "policy.csv", "workloads.toml")
@@ -69,6 +71,14 @@ def policy_version(files: Iterable[tuple[str, bytes]]) -> str:
     for name, data in sorted(files):
         digest.update(name.encode("utf-8") + b"\x00" + data + b"\x00")
     return "sha256:" + digest.hexdigest()
+
+
+def directory_version(directory: Path) -> str:
+    """The version the files now in ``directory`` would load as, without interpreting them (cheap:
+    read and hash). A worker compares it with a version another process loaded before loading itself."""
+    files = [(name, (Path(directory) / name).read_bytes())
+             for name in POLICY_FILES if (Path(directory) / name).is_file()]
+    return policy_version(files)
 
 
 def _model_sections(text: str) -> dict[tuple[str, str], str]:

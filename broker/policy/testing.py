@@ -39,9 +39,12 @@ from broker.models import EndUser, Intent, WorkloadIdentity
 
 from ._rules import BINDINGS
 from .engine import PolicySet
+from .loader import load_policies
 from .registry import ATTESTATION_METHODS
 
-__all__ = ["OUTCOMES", "PolicyTestCase", "PolicyTestResult", "load_cases", "run_case", "run_policy_tests"]
+__all__ = [
+    "OUTCOMES", "PolicyTestCase", "PolicyTestResult", "lint_policies", "load_cases", "run_case", "run_policy_tests",
+]
 
 OUTCOMES = ("allow", "review", "deny", "unregistered", "invalid_target")
 _KEYS = frozenset(
@@ -280,3 +283,14 @@ def run_policy_tests(policy_set: PolicySet, path: Path) -> list[PolicyTestResult
     Raises :class:`PolicyLoadError` when the file itself is invalid.
     """
     return [run_case(policy_set, case) for case in load_cases(path)]
+
+
+def lint_policies(directory: Path) -> tuple[PolicySet, int]:
+    """The checks of ``nhi-broker policy lint``: the policy set loads and ``tests.toml`` (if present)
+    parses. Returns the set and the number of test cases; raises :class:`PolicyLoadError` listing every
+    problem (file, line, what is wrong). A live reload runs exactly these checks before anything changes.
+    """
+    policy_set = load_policies(directory)
+    tests = Path(directory) / "tests.toml"
+    cases = len(load_cases(tests)) if tests.is_file() else 0
+    return policy_set, cases

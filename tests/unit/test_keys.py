@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from broker.clock import FixedClock
 from broker.errors import ConfigError
 from broker.mint.keys import KeySet, jwk_thumbprint, load_or_create_private_key, public_jwk
 
@@ -67,12 +68,59 @@ def test_public_jwk_has_no_private_members(tmp_path) -> None:
 
 
 def test_rotation_keeps_previous_key_published(tmp_path) -> None:
-    keys = KeySet(tmp_path / "token")
+    clock = FixedClock(1_900_000_000)
+    keys = KeySet(tmp_path / "token", clock=clock)
     first = keys.active.kid
-    keys.rotate(now=2_000_000_000)
-    keys.rotate(now=2_000_000_100)
+    keys.rotate()
+    clock.advance(100)
+    keys.rotate()
     published = [k["kid"] for k in keys.jwks()["keys"]]
     assert published[0] == keys.active.kid
     assert len(published) == 2 and first not in published
-    reloaded = KeySet(tmp_path / "token")
+    reloaded = KeySet(tmp_path / "token", clock=clock)
     assert reloaded.active.kid == keys.active.kid and not reloaded.created
+
+
+def test_rotated_key_is_published_before_it_signs(tmp_path) -> None:
+    """publish-then-sign: the new key is in the JWKS at once, signs only from signs_from on, and the
+    key it replaces stays published after."""
+    clock = FixedClock(1_900_000_000)
+    keys = KeySet(tmp_path / "token", clock=clock)
+    old = keys.active
+    new = keys.rotate(publish_for=360)
+    assert new.signs_from == 1_900_000_360
+    assert keys.active.kid == old.kid  # (1) the old key still signs
+    assert [k["kid"] for k in keys.jwks()["keys"]] == [new.kid, old.kid]  # (2) the new one is published
+    assert (keys.state(new), keys.state(old)) == ("pending", "active")
+    clock.advance(359)
+    assert keys.active.kid == old.kid
+    clock.advance(1)
+    assert keys.active.kid == new.kid  # (3) it signs once its time has come ...
+    assert [k["kid"] for k in keys.jwks()["keys"]] == [new.kid, old.kid]  # ... the old one still verifies
+    assert (keys.state(new), keys.state(old)) == ("active", "published")
+
+
+def test_refresh_takes_up_keys_another_process_rotated(tmp_path) -> None:
+    clock = FixedClock(1_900_000_000)
+    running = KeySet(tmp_path / "token", clock=clock)
+    old = running.active
+    new = KeySet(tmp_path / "token", clock=clock).rotate(publish_for=60)  # `keys rotate` elsewhere
+    assert new.kid not in [k["kid"] for k in running.jwks()["keys"]]
+    assert [k.kid for k in running.refresh()] == [new.kid]
+    assert running.refresh() == []  # read once
+    assert [k["kid"] for k in running.jwks()["keys"]] == [new.kid, old.kid] and running.active.kid == old.kid
+    clock.advance(60)
+    assert running.active.kid == new.kid
+
+
+def test_refresh_reports_an_unusable_key_file_once_and_keeps_signing(tmp_path, caplog) -> None:
+    clock = FixedClock(1_900_000_000)
+    running = KeySet(tmp_path / "token", clock=clock)
+    active = running.active
+    bad = tmp_path / "token" / "001900000000-readable.pem"
+    bad.write_text("not a key")
+    os.chmod(bad, 0o644)
+    assert running.refresh() == [] and running.refresh() == []
+    assert "mode 644" in running.refused[bad.name]
+    assert len([r for r in caplog.records if f"key file {bad.name} is not used" in r.getMessage()]) == 1
+    assert running.active.kid == active.kid

@@ -1,4 +1,5 @@
-"""Admin API: scoped revocation, the kill switch and Vault leases, for authenticated operators only.
+"""Admin API: scoped revocation, the kill switch, Vault leases and live policy reloads, for
+authenticated operators only.
 
 Every call needs ``Authorization: Bearer <operator token>`` (see :mod:`broker.operators`); the role
 decides what it may do. Each action takes effect in the shared state store first (it only ever takes
@@ -20,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from broker.api.deps import RuntimeDep, single_header
 from broker.api.json_body import json_body_openapi, read_json
 from broker.entries import revocation_entry, suspension_entry
-from broker.errors import NotFound, TemporarilyUnavailable
+from broker.errors import NotFound, PolicyLoadError, PolicySetRefused, TemporarilyUnavailable
 from broker.operators import Operator
 from broker.runtime import Runtime
 from broker.text import unsafe_character
@@ -209,3 +210,16 @@ async def revoke_lease(
     if record is None:
         raise NotFound(f"no Vault task {task_id!r} in the lease book")
     return _lease_view(record)
+
+
+@router.post("/policies/reload", summary="Reload policies, registry, limits and approval terms without a restart",
+             responses={422: {"description": "invalid_policy: the set was refused; the old one keeps serving"}})
+async def reload_policies(operator: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """Lint the policy directory, swap the set in and record one ``policy_load`` entry (``recorded``);
+    every worker and replica follows. A set already live answers ``changed: false`` with its entry."""
+    operator.require("reload")
+    try:
+        outcome = await runtime.reload_policies("api", actor=operator.to_json())
+    except PolicyLoadError as exc:
+        raise PolicySetRefused(exc.problems, runtime.policies.version) from None
+    return outcome.to_json()

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from broker.api.deps import RuntimeDep
 from broker.api.routes.token import CIBA_GRANT, TOKEN_EXCHANGE_GRANT
+from broker.mint.keys import JWKS_MAX_AGE
 
 __all__ = ["router"]
 
@@ -17,7 +18,7 @@ router = APIRouter()
 
 @router.get("/.well-known/jwks.json", summary="Public keys that verify task tokens (kid = RFC 7638 thumbprint)")
 def jwks(runtime: RuntimeDep) -> JSONResponse:
-    return JSONResponse(runtime.keys.jwks(), headers={"Cache-Control": "public, max-age=300"})
+    return JSONResponse(runtime.keys.jwks(), headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"})
 
 
 @router.get("/.well-known/oauth-authorization-server", summary="RFC 8414 authorization server metadata")
