@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         description="Ledger storage: sqlite:///<path> (default: <data_dir>/ledger.sqlite3) or postgresql://... "
         "(one log for every replica; `nhi-broker db upgrade` creates its schema).",
     )
+    ledger_read_threads: int = Field(
+        4, ge=1, le=64, description="Threads of their own for ledger reads (proofs, entries, checkpoints, /metrics)."
+    )
+    ledger_read_timeout: float = Field(
+        30.0, gt=0, le=300, description="Seconds a ledger read may take (as an append); then 503, the loop never waits."
+    )
     trust: list[IssuerConfig] = Field(default_factory=list, description="Trusted workload-identity issuers.")
     ledger_witnesses: list[str] = Field(
         default_factory=list, description="Witness verifier keys whose checkpoint cosignatures the broker publishes."

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -29,6 +29,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Exchanges take milliseconds; the tail that matters is the ledger's fsync and backend timeouts.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Event-loop lag: a healthy loop stays in the first buckets; 0.05 s is the bound the tests hold it to.
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 def prepare_multiprocess_dir(data_dir: Path) -> Path:
@@ -83,8 +85,37 @@ class BrokerMetrics:
         self.errors = Counter(
             "nhi_broker_errors", "Error answers by RFC 6749 error code", ["error"], registry=self._registry,
         )
+        self.loop_lag = Histogram(
+            "nhi_broker_event_loop_lag_seconds", "How late the event loop woke a timer (broker.looplag)",
+            buckets=_LAG_BUCKETS, registry=self._registry,
+        )
+        self.loop_blocked = Histogram(
+            "nhi_broker_event_loop_blocked_seconds",
+            "Event-loop lag not explained by waiting for a CPU: the loop was blocked (broker.looplag)",
+            buckets=_LAG_BUCKETS, registry=self._registry,
+        )
+        self.loop_lag_max = Gauge(
+            "nhi_broker_event_loop_lag_max_seconds", "The largest event-loop lag since the process started",
+            registry=self._registry, multiprocess_mode="max",
+        )
+        self.loop_blocked_max = Gauge(
+            "nhi_broker_event_loop_blocked_max_seconds", "The longest event-loop block since the process started",
+            registry=self._registry, multiprocess_mode="max",
+        )
+        self._lag_max = self._blocked_max = 0.0
         if not self._multiprocess:
             self._registry.register(self._live)
+
+    def record_loop_lag(self, lag: float, blocked: float) -> None:
+        """One event-loop lag sample and its blocked part (from :class:`~broker.looplag.LoopLagMonitor`)."""
+        self.loop_lag.observe(lag)
+        self.loop_blocked.observe(blocked)
+        if lag > self._lag_max:
+            self._lag_max = lag
+            self.loop_lag_max.set(lag)
+        if blocked > self._blocked_max:
+            self._blocked_max = blocked
+            self.loop_blocked_max.set(blocked)
 
     def exposition(self) -> bytes:
         """The Prometheus text format: this process's metrics, or every worker's in multiprocess mode."""

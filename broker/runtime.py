@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from broker.delegation import ParentTokens
 from broker.dpop import DPoPVerifier, NonceIssuer
 from broker.entries import key_rotation_entry, policy_load_entry
 from broker.errors import ConfigError, PolicyLoadError, StoreUnavailable, TemporarilyUnavailable
+from broker.isolation import Lanes
 from broker.ledger import Ledger, NoteSigner
 from broker.ledger.engines import is_shared, open_ledger_storage
 from broker.ledger.storage import LedgerStorage
@@ -85,6 +86,8 @@ class Runtime:
     reloads: PolicyReloader | None = None
     #: (inode, mtime) of the ledger key file when its key was loaded: a rotated key is taken up live.
     ledger_key_stamp: tuple[int, int] | None = None
+    #: Threads and deadlines of the blocking backends without a lane of their own (ledger reads).
+    lanes: Lanes = field(default_factory=Lanes.create)
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock | None = None, *, spans: Spans = NO_SPANS) -> Runtime:
@@ -165,6 +168,8 @@ class Runtime:
             x509=x509,
             spans=spans,
             ledger_key_stamp=_stamp(data_dir / "keys" / "ledger-key.pem"),
+            lanes=Lanes.create(ledger_capacity=settings.ledger_read_threads,
+                               ledger_timeout=settings.ledger_read_timeout),
         )
         runtime.reloads = PolicyReloader(settings.policies_dir, lambda: runtime.policies, runtime.install_policies,
                                          ledger, store, clock)
@@ -268,6 +273,7 @@ class Runtime:
                             "workers follow reloads once it answers", exc)
 
     def _close_sync_parts(self) -> None:
+        self.lanes.close()
         if self.vault is not None:
             self.vault.close()
         self.attestor.close()

@@ -52,9 +52,17 @@ class SerialExecutor:
     async def run(self, job: Callable[[], _T], timeout: float | None) -> _T:
         """Run ``job`` on the thread and await it; :class:`TimeoutError` after ``timeout`` seconds.
 
-        On timeout (or cancellation) a job that has not started yet is skipped.
+        On timeout (or cancellation) a job that has not started yet is skipped. Takes no thread lock
+        (it runs on the event loop): the job is queued, then dropped again if the executor closed.
         """
-        return await asyncio.wait_for(asyncio.wrap_future(self.submit(job)), timeout)
+        if self._closed:
+            raise ExecutorClosed("executor is closed")
+        future: Future[_T] = Future()
+        self._queue.put((job, future))
+        if self._closed:
+            future.cancel()  # queued behind the stop marker, or skipped by the thread: never run
+            raise ExecutorClosed("executor is closed")
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
 
     def call(self, job: Callable[[], _T]) -> _T:
         """Run ``job`` on the thread and block until it is done: for start-up and CLI code, never the loop."""

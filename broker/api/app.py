@@ -17,6 +17,7 @@ from broker.api.signals import install_sighup
 from broker.clock import Clock
 from broker.config import Settings
 from broker.console import router as console_router
+from broker.looplag import LoopLagMonitor
 from broker.metrics import BrokerMetrics, MetricsMiddleware
 from broker.runtime import Runtime
 from broker.telemetry import spans_from_settings
@@ -46,6 +47,8 @@ def create_app(
         app.state.runtime = runtime if runtime is not None else Runtime.open(settings, clock=clock, spans=spans)
         live = app.state.runtime
         app.state.metrics = BrokerMetrics(live.ledger.size, lambda: live.policies.version)
+        # The loop's own health: a blocking call anywhere shows as lag in /metrics.
+        lag = asyncio.create_task(LoopLagMonitor(app.state.metrics.record_loop_lag).run())
         # Requests held for review expire (and are recorded) even when nobody looks at them again.
         sweeper = None
         if live.approvals is not None:
@@ -64,6 +67,7 @@ def create_app(
         finally:
             remove_sighup()
             syncer.cancel()
+            lag.cancel()
             if sweeper is not None:
                 sweeper.cancel()
             if refresher is not None:

@@ -35,6 +35,9 @@ log = logging.getLogger("nhi_broker.approvals.webhook")
 
 SIGNATURE_TOLERANCE = 300
 _RETRY_DELAYS = (1.0, 4.0)
+#: Deliveries in flight at once. A webhook receiver that hangs holds at most this many connections;
+#: events beyond it are dropped with an error log (approvers still see every request in the console).
+MAX_IN_FLIGHT = 64
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -65,6 +68,8 @@ class WebhookNotifier:
         self._console_url = console_url
         self._timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
+        # Built once, here: loading the CA bundle takes milliseconds, too long for each delivery on the loop.
+        self._tls = httpx.create_ssl_context()
 
     def __call__(self, view: dict[str, Any]) -> None:
         """Schedule the delivery of one pending request's view (call from the event loop)."""
@@ -72,12 +77,15 @@ class WebhookNotifier:
         if self._console_url is not None:
             event["console_url"] = f"{self._console_url}/console/approvals/{view['auth_req_id']}"
         body = json.dumps(event, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        if len(self._tasks) >= MAX_IN_FLIGHT:
+            log.error("webhook delivery dropped: %d deliveries in flight (is the receiver hanging?)", len(self._tasks))
+            return
         task = asyncio.get_running_loop().create_task(self._deliver(body, uuid.uuid4().hex))
         self._tasks.add(task)  # keep a reference until done (asyncio holds tasks weakly)
         task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, body: bytes, delivery: str) -> None:
-        async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client:
+        async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False, verify=self._tls) as client:
             for attempt, delay in enumerate((0.0, *_RETRY_DELAYS), start=1):
                 await asyncio.sleep(delay)
                 timestamp = int(self._clock.now())

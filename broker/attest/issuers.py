@@ -140,6 +140,10 @@ class IssuerConfig(BaseModel):
         default=30.0, gt=0, le=3600, description="At most one key fetch per this many seconds."
     )
     jwks_cache_ttl: float = Field(default=300.0, gt=0, le=86400, description="How long fetched keys are trusted (s).")
+    jwks_timeout: float = Field(
+        default=5.0, gt=0, le=60,
+        description="Seconds a JWKS fetch may take in all; requests waiting for it then fail with 503.",
+    )
 
     @field_validator("issuer", "audience")
     @classmethod

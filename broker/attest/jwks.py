@@ -11,28 +11,35 @@ Fetching is fail-closed and rate limited:
   ``refresh_min_interval`` seconds, so a flood of random ``kid`` values cannot hammer the issuer;
 - a failed fetch keeps a still-valid cache; with nothing valid cached it raises
   :class:`~broker.errors.TemporarilyUnavailable` (503), never an allow.
+
+On the event loop (:meth:`JwksSource.get_key_async`) a refresh is single-flight: one fetch per
+issuer is in flight, on the issuer's own thread (a :class:`~broker.isolation.Lane` of one), and
+every request that needs it awaits that one fetch for at most ``timeout`` seconds. A JWKS URL that
+hangs therefore costs one thread and fails only the requests of that issuer, fast, with 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from broker.attest.issuers import ALLOWED_ALGORITHMS, IssuerConfig
 from broker.clock import Clock, SystemClock
 from broker.errors import AttestationError, ConfigError, TemporarilyUnavailable
+from broker.isolation import Lane
 from broker.strict_json import StrictJSONError, loads_strict
 
 __all__ = [
@@ -255,6 +262,12 @@ class _FetchError(Exception):
     pass
 
 
+def _retrieve(task: asyncio.Task[_Snapshot]) -> None:
+    """Mark a fetch's exception as retrieved: every waiter may have given up already."""
+    if not task.cancelled():
+        task.exception()
+
+
 class FetchRequired(Exception):
     """Only a network fetch of the issuer's JWKS could answer, and the caller did not allow one.
 
@@ -266,8 +279,9 @@ class FetchRequired(Exception):
 class JwksSource:
     """The public keys of one issuer, from ``jwks_url``, ``jwks_file`` or memory (:meth:`from_jwks`).
 
-    ``clock`` drives the cache and the refetch rate limit; ``transport`` is an httpx transport
-    (tests and custom TLS setups). Call :meth:`close` to release the HTTP connection pool.
+    ``clock`` drives the cache and the refetch rate limit; ``timeout`` bounds a whole fetch (connect,
+    headers and body) and how long requests wait for one; ``transport`` is an httpx transport
+    (tests and custom TLS setups). Call :meth:`close` to release the HTTP connection pool and thread.
     """
 
     def __init__(
@@ -298,7 +312,9 @@ class JwksSource:
         self._client: httpx.Client | None = None
         self._snapshot: _Snapshot | None = None
         self._last_attempt: float | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # sync callers (threads) only; the event loop never takes it
+        self._flight: asyncio.Task[_Snapshot] | None = None
+        self._lane: Lane | None = None
         if _static is not None:
             # Fixed keys: never expire, never refetch.
             self._cache_ttl = self._min_interval = float("inf")
@@ -323,7 +339,7 @@ class JwksSource:
         clock: Clock,
         *,
         transport: httpx.BaseTransport | None = None,
-        timeout: float = 5.0,
+        timeout: float | None = None,
     ) -> JwksSource:
         """The key source an :class:`IssuerConfig` names, with its cache settings."""
         if config.jwks_url is None and config.jwks_file is None:
@@ -334,7 +350,7 @@ class JwksSource:
             clock=clock,
             cache_ttl=config.jwks_cache_ttl,
             refresh_min_interval=config.jwks_refresh_min_interval,
-            timeout=timeout,
+            timeout=config.jwks_timeout if timeout is None else timeout,
             transport=transport,
         )
 
@@ -365,11 +381,65 @@ class JwksSource:
         return key
 
     async def get_key_async(self, kid: str | None) -> VerificationKey:
-        """:meth:`get_key` for the event loop: cached keys at once, a fetch off the loop."""
+        """:meth:`get_key` for the event loop: cached keys at once; a refresh is single-flight, on the
+        issuer's own thread, and awaited for at most ``timeout`` seconds (then 503)."""
+        now = self._clock.now()
+        snapshot = self._snapshot
+        if snapshot is None or self._expired(snapshot, now):
+            snapshot = await self._refresh_async(now, unknown_kid=False)
+        key = snapshot.find(kid)
+        if key is None and self._refreshable:
+            # (rotation) The issuer may have published a new key since we last looked.
+            snapshot = await self._refresh_async(now, unknown_kid=True)
+            key = snapshot.find(kid)
+        if key is None:
+            raise AttestationError("no issuer key matches the token's kid")
+        return key
+
+    async def keys_async(self) -> tuple[VerificationKey, ...]:
+        """:meth:`keys` for the event loop (see :meth:`get_key_async`)."""
+        now = self._clock.now()
+        snapshot = self._snapshot
+        if snapshot is None or self._expired(snapshot, now):
+            snapshot = await self._refresh_async(now, unknown_kid=False)
+        return snapshot.keys
+
+    async def _refresh_async(self, now: float, *, unknown_kid: bool) -> _Snapshot:
+        flight = self._flight
+        if flight is None or flight.done() or flight.get_loop() is not asyncio.get_running_loop():
+            current = self._snapshot
+            valid = current if current is not None and not self._expired(current, now) else None
+            if valid is not None and not unknown_kid:
+                return valid
+            if self._last_attempt is not None and now - self._last_attempt < self._min_interval:
+                if valid is not None:
+                    return valid
+                raise TemporarilyUnavailable("issuer keys unavailable")
+            self._last_attempt = now
+            flight = asyncio.get_running_loop().create_task(self._fetch_async(now, valid))
+            flight.add_done_callback(_retrieve)
+            self._flight = flight
         try:
-            return self.get_key(kid, may_fetch=False)
-        except FetchRequired:
-            return await anyio.to_thread.run_sync(self.get_key, kid)
+            # Shielded: a waiter that gives up does not cancel the fetch the others are waiting for.
+            return await asyncio.wait_for(asyncio.shield(flight), self._timeout)
+        except TimeoutError:
+            current = self._snapshot
+            if current is not None and not self._expired(current, now):
+                return current
+            raise TemporarilyUnavailable("issuer keys unavailable (the JWKS fetch is taking too long)") from None
+
+    async def _fetch_async(self, now: float, valid: _Snapshot | None) -> _Snapshot:
+        if self._lane is None:
+            self._lane = Lane(f"JWKS of {self._where()}", 1, self._timeout, queue_factor=1)
+        try:
+            keys = await self._lane.run(lambda: parse_jwks(self._fetch()))
+        except (_FetchError, JwksError, TemporarilyUnavailable) as exc:
+            logger.warning("JWKS from %s refused or unreachable: %s", self._where(), exc)
+            if valid is not None:
+                return valid
+            raise TemporarilyUnavailable("issuer keys unavailable") from None
+        self._snapshot = _Snapshot.of(keys, fetched_at=now)
+        return self._snapshot
 
     def keys(self) -> tuple[VerificationKey, ...]:
         """The currently trusted keys (fetching them if none are cached)."""
@@ -380,7 +450,10 @@ class JwksSource:
         return snapshot.keys
 
     def close(self) -> None:
-        """Close the HTTP client, if one was opened."""
+        """Close the HTTP client and the fetch thread, if they were opened."""
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -434,6 +507,7 @@ class JwksSource:
                 follow_redirects=False,
                 headers={"Accept": "application/jwk-set+json, application/json"},
             )
+        deadline = time.monotonic() + self._timeout
         try:
             with self._client.stream("GET", self._url) as response:
                 if response.status_code != 200:
@@ -446,6 +520,8 @@ class JwksSource:
                     body += chunk
                     if len(body) > self._max_bytes:
                         raise _FetchError(f"JWKS exceeds {self._max_bytes} bytes")
+                    if time.monotonic() > deadline:  # a server trickling bytes meets the same deadline
+                        raise _FetchError(f"JWKS fetch took longer than {self._timeout:g} s")
                 return bytes(body)
         except httpx.HTTPError as exc:
             raise _FetchError(type(exc).__name__) from None

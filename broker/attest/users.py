@@ -102,6 +102,10 @@ class UserIssuerConfig(BaseModel):
         default=30.0, gt=0, le=3600, description="At most one key fetch per this many seconds."
     )
     jwks_cache_ttl: float = Field(default=300.0, gt=0, le=86400, description="How long fetched keys are trusted (s).")
+    jwks_timeout: float = Field(
+        default=5.0, gt=0, le=60,
+        description="Seconds a JWKS fetch may take in all; requests waiting for it then fail with 503.",
+    )
 
     @field_validator("issuer", "audience")
     @classmethod
@@ -159,6 +163,7 @@ class UserIssuerConfig(BaseModel):
         return JwksSource(
             jwks_url=self.jwks_url, jwks_file=self.jwks_file, clock=clock,
             cache_ttl=self.jwks_cache_ttl, refresh_min_interval=self.jwks_refresh_min_interval,
+            timeout=self.jwks_timeout,
         )
 
 

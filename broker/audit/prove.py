@@ -25,6 +25,7 @@ import jwt
 import rfc8785
 
 from broker.audit._canonical import decode_leaf
+from broker.audit.causes import denial_cause
 from broker.audit.errors import AuditFailure, EntrySchemaError
 from broker.audit.schema import ValidatedEntry, validate_entry
 from broker.audit.source import LedgerSource
@@ -74,7 +75,12 @@ class Attribution:
         if intent:
             context = json.dumps(intent.get("context", {}), sort_keys=True)
             out.append(f"intent           {intent.get('action')} on {intent.get('resource')} context {context}")
-        if decision:
+        cause = denial_cause(e)
+        if decision and self.entry.kind == "denial" and cause is not None:
+            # The rule of a denial entry may be the one that allowed it (a Vault outage): say what refused.
+            out.append(f"decision         deny: {cause['label']} ({decision.get('error')}: {decision.get('reason')}; "
+                       f"policy {decision.get('policy_version')})")
+        elif decision:
             out.append(f"decision         {decision.get('effect')} by rule {decision.get('rule')} "
                        f"(policy {decision.get('policy_version')})")
         out.append(f"approval         {_approval_line(self.entry.kind, approval)}")

@@ -27,10 +27,13 @@ __all__ = ["register"]
 
 
 
-def _add_source(p: argparse.ArgumentParser, *, key_required: bool = True) -> None:
+def _add_source(p: argparse.ArgumentParser, *, key_required: bool = True, entry_proof: bool = False) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running broker, e.g. http://127.0.0.1:8080")
     where.add_argument("--bundle", type=Path, help="a file written by `nhi-broker ledger export`")
+    if entry_proof:
+        where.add_argument("--entry-proof", type=Path,
+                           help="one entry with its inclusion proof and checkpoint (the console's download)")
     p.add_argument("--verifier-key", required=key_required, action="append",
                    help="the ledger's signed-note verifier key, obtained out of band (<name>+<keyid>+<base64>); "
                         "repeat to trust several (oldest first)")
@@ -46,6 +49,10 @@ def _open_source(args: argparse.Namespace) -> Iterator[Any]:
     if args.url is not None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per page is noise here
         source: Any = HttpLedgerSource(args.url)  # a malformed URL is a usage error (ValueError)
+    elif getattr(args, "entry_proof", None) is not None:
+        from broker.audit.entry_proof import EntryProofSource
+
+        source = EntryProofSource.from_file(args.entry_proof)
     else:
         source = BundleLedgerSource(args.bundle)
     try:
@@ -176,9 +183,14 @@ def _cmd_prove(args: argparse.Namespace) -> int:
     for name, value in (("--token", token), ("--jti", args.jti), ("--leaf-hash", args.leaf_hash)):
         if value is not None and not value.strip():
             raise UsageError(f"{name} is empty")
+    if token is None and args.jti is None and args.leaf_hash is None and args.entry_proof is None:
+        raise UsageError("give one of --token, --token-file, --jti or --leaf-hash")
     with _open_source(args) as source:
+        leaf_hash_hex = args.leaf_hash
+        if token is None and args.jti is None and leaf_hash_hex is None:
+            leaf_hash_hex = source.leaf_hash  # an entry proof names its one entry
         attribution = prove_attribution(source, args.verifier_key, token=token, jti=args.jti,
-                                        leaf_hash_hex=args.leaf_hash, origin=args.origin)
+                                        leaf_hash_hex=leaf_hash_hex, origin=args.origin)
     _rotation_notice(attribution.signed_by, args.verifier_key)
     print("\n".join(attribution.lines()))
     return 0
@@ -381,8 +393,8 @@ def register(sub: Any) -> None:
     verify.set_defaults(func=_guard(_cmd_verify))
 
     prove = audit_sub.add_parser("prove", help="attribute a credential: its entry, proven in the signed tree")
-    _add_source(prove)
-    query = prove.add_mutually_exclusive_group(required=True)
+    _add_source(prove, entry_proof=True)
+    query = prove.add_mutually_exclusive_group()
     query.add_argument("--token", help="a task token (its txn claim names the entry)")
     query.add_argument("--token-file", type=Path, help="a file holding a task token")
     query.add_argument("--jti", help="the token id recorded at issuance (scans the ledger)")

@@ -106,6 +106,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             verifier_key = runtime.ledger_verifier_key
             trial = runtime.dev_issuer is not None
             trial_user = runtime.dev_user_issuer is not None
+            bootstrap = _console_bootstrap(settings, runtime)
         finally:
             runtime.close()
     except BaseException:
@@ -137,6 +138,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if trial_user:
         print("  trial user issuer ON (no user_issuers configured) - `nhi-broker dev user <subject>`;"
               " for trials only")
+    for line in bootstrap:
+        print(line)
     sys.stdout.flush()
     if settings.tls is not None:
         if args.server != "uvicorn":
@@ -152,6 +155,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0 if served else 1
+
+
+def _console_bootstrap(settings: Settings, runtime: Any) -> list[str]:
+    """On embedded defaults: new one-time console sign-ins (hashes stored; the secrets only printed)."""
+    from broker.console.bootstrap import bootstrap_enabled, create_bootstrap
+
+    if not bootstrap_enabled(settings):
+        return []
+    groups = tuple(sorted({terms.approvers for terms in runtime.policies.reviews.values()}))
+    lines = ["  console sign-in   one-time bootstrap credentials (embedded defaults; printed once, stored hashed,",
+             "                    replaced at the next start; console only, never the admin API):"]
+    for cred in create_bootstrap(settings.data_dir, groups):
+        op = cred.operator
+        extra = f"  (groups: {', '.join(op.groups)})" if op.groups else ""
+        lines.append(f"    {op.role:<9} {cred.secret}{extra}")
+    return lines
 
 
 def _serve_tls(settings: Settings, log_level: str, access_log: bool) -> None:

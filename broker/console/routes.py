@@ -5,11 +5,14 @@ the broker's URL is https); every form carries a CSRF token bound to the session
 bound to a short-lived pre-login cookie), and a POST whose ``Origin`` is another site is refused.
 Pages send a strict Content-Security-Policy (no script at all), ``no-store`` and ``frame-ancestors
 'none'``. Decisions go through :class:`~broker.approvals.ApprovalDesk`, exactly as the API's do.
+On embedded defaults the sign-in also takes the bootstrap credentials ``serve`` printed
+(:mod:`broker.console.bootstrap`); they open the console only.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,15 +22,18 @@ from urllib.parse import parse_qsl, urlsplit
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from broker.approvals import ApprovalDesk
 from broker.approvals.desk import is_owner
-from broker.console.ledger_view import LedgerBrowser, SearchFilter
+from broker.console.bootstrap import BootstrapOperators
+from broker.console.ledger_view import LedgerBrowser, SearchFilter, SearchProblems
+from broker.console.review_view import budget_use, deciding_rule
 from broker.console.sessions import ConsoleSession, ConsoleSessions
 from broker.errors import BrokerError, InvalidOperatorToken
-from broker.operators import ROLE_PERMISSIONS
+from broker.ledger.schema import ENTRY_KINDS
+from broker.operators import ROLE_PERMISSIONS, Operator
 from broker.runtime import Runtime
 
 __all__ = ["router"]
@@ -45,8 +51,17 @@ _HEADERS = {
     # same-origin, not no-referrer: with no-referrer browsers send "Origin: null" on our own form posts.
     "Referrer-Policy": "same-origin",
 }
-_SEARCH_FIELDS = [("workload", "Workload"), ("owner", "Owner"), ("action", "Action"), ("jti", "Token id (jti)"),
-                  ("kind", "Kind"), ("since", "From (UTC, e.g. 2026-11-23T10:00)"), ("until", "Until (UTC)")]
+#: The search form: (field, label, hint) in SearchFilter order.
+_SEARCH_FIELDS = [
+    ("workload", "Workload", "name or SPIFFE ID, part of it"), ("owner", "Owner", "part of it"),
+    ("resource", "Resource", "part of it, e.g. customers/c-42"), ("customer", "Customer", "exact, e.g. c-42"),
+    ("conversation", "Conversation", "exact, e.g. conv-7"), ("action", "Action", "part of it"),
+    ("rule", "Rule", "exact rule id"), ("decision", "Decision", "allow, deny or review"),
+    ("error", "Error", "exact, e.g. temporarily_unavailable"), ("kind", "Kind", "issuance, denial, approval, ..."),
+    ("jti", "Token id (jti)", "exact"), ("leaf_hash", "Leaf hash", "8 to 64 hex digits"),
+    ("since", "From (UTC)", "2026-11-23 or 2026-11-23T10:00"), ("until", "Until (UTC, inclusive)", "same forms"),
+]
+_CURSOR_MAX = 2**53
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
@@ -57,6 +72,7 @@ def _utc(t: Any) -> str:
 
 _env = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=select_autoescape(["html"]))
 _env.filters["utc"] = _utc
+_env.globals["ENTRY_KINDS"] = sorted(ENTRY_KINDS)
 
 
 class _Console:
@@ -67,6 +83,7 @@ class _Console:
         self.sessions = ConsoleSessions(runtime.store, runtime.clock,
                                         runtime.settings.approvals.console_session_minutes * 60)
         self.ledger = LedgerBrowser(runtime.ledger, runtime.ledger_verifier_key, runtime.settings.ledger_origin)
+        self.bootstrap = BootstrapOperators(runtime.settings)
         self.secure = runtime.settings.issuer_url.startswith("https://")
 
     @property
@@ -181,8 +198,11 @@ async def login(request: Request) -> Response:
     except _Refused as exc:
         return _refused_page(exc, None)
     assert console.runtime.state is not None
+    credential = form.get("credential", "")
     try:
-        operator = await console.runtime.state.operators.authenticate("Bearer " + form.get("credential", ""))
+        bootstrapped = await anyio.to_thread.run_sync(console.bootstrap.authenticate, credential)
+        operator: Operator = bootstrapped or await console.runtime.state.operators.authenticate(
+            "Bearer " + credential)
     except BrokerError as exc:  # a wrong credential (401), or an identity provider unreachable (503)
         token = secrets.token_urlsafe(24)
         problem = ("That credential was not accepted." if isinstance(exc, InvalidOperatorToken)
@@ -247,9 +267,23 @@ async def _approval_page(console: _Console, session: ConsoleSession, auth_req_id
     notice = extra.pop("notice", None)
     if not why_not and is_owner(operator.name, record.owner) and not record.owner_may_approve and not notice:
         notice = "You own this workload: you may deny it, but another approver must approve it."
+    policies = console.runtime.policies
+    context = record.intent.get("context") or {}
+    customer = str((record.user or {}).get("sub") or context.get("customer") or "")
+    conversation = str(context.get("conversation") or "")
+    history = await console.runtime.lanes.ledger.run(
+        console.ledger.recent_decisions, str(record.workload.get("spiffe_id", "")), customer=customer,
+        conversation=conversation)
+    assert console.runtime.state is not None
+    try:
+        budgets = await budget_use(policies, console.runtime.state.guard, record)
+        budget_problem = None
+    except BrokerError as exc:  # the state store is down: say so, the rest of the page still helps
+        budgets, budget_problem = [], exc.description
     return _page("approval.html", status, title=f"Approval request {auth_req_id[:8]}…", section="approvals",
                  session=session, r=console.desk.public_view(record), may_decide=not why_not, why_not=why_not,
-                 notice=notice, **extra)
+                 notice=notice, rule=deciding_rule(policies, record), history=history, customer=customer,
+                 conversation=conversation, budgets=budgets, budget_problem=budget_problem, **extra)
 
 
 @router.get("/approvals/{auth_req_id}")
@@ -293,38 +327,71 @@ async def decide(request: Request, auth_req_id: _AuthReqId) -> Response:
 # -- ledger -------------------------------------------------------------------------------------
 
 
+def _cursor(query: dict[str, str], name: str) -> int | None:
+    value = query.get(name, "")
+    if not value:
+        return None
+    if re.fullmatch(r"[0-9]{1,16}", value) is None or int(value) > _CURSOR_MAX:
+        raise SearchProblems({name: "is not an entry index"})
+    return int(value)
+
+
 @router.get("/ledger")
 async def ledger(request: Request) -> Response:
-    """The latest checkpoint's verification and the ledger search."""
+    """The latest checkpoint's verification and the ledger search, one page at a time."""
     console = _console(request)
     session = await _session(request, console)
     if session is None:
         return _redirect("/console/login")
+    query = dict(request.query_params)
+    status = await console.runtime.lanes.ledger.run(console.ledger.checkpoint_status)
+    page = dict(title="Ledger", section="ledger", session=session, status=status, fields=_SEARCH_FIELDS)
     try:
-        criteria = SearchFilter.from_query(dict(request.query_params))
-    except BrokerError as exc:
-        return _page("base.html", exc.status, title="Ledger", section="ledger", session=session,
-                     problem=exc.description)
-    status = await anyio.to_thread.run_sync(console.ledger.checkpoint_status)
-    results = await anyio.to_thread.run_sync(console.ledger.search, criteria)
-    return _page("ledger.html", title="Ledger", section="ledger", session=session, status=status,  # the checkpoint
-                 results=results, criteria=criteria.__dict__, fields=_SEARCH_FIELDS)
+        criteria = SearchFilter.from_query(query)
+        before, after = _cursor(query, "before"), _cursor(query, "after")
+        if before is not None and after is not None:
+            raise SearchProblems({"before": "give before or after, not both"})
+    except SearchProblems as exc:
+        # Shown back as typed (autoescaped), control characters replaced: the operator sees what to fix.
+        values = {name: "".join(c if ord(c) >= 32 else "\ufffd" for c in query.get(name, "")[:256])
+                  for name in SearchFilter.fields()}
+        return _page("ledger.html", 400, **page, criteria=values, errors=exc.fields, results=None,
+                     problem="The search was not run: " + exc.description)
+    results = await console.runtime.lanes.ledger.run(console.ledger.search, criteria, before=before, after=after)
+    return _page("ledger.html", **page, criteria=criteria.__dict__, errors={}, results=results,
+                 search_query=criteria.query())
 
 
 @router.get("/ledger/{index}")
 async def entry(request: Request, index: Annotated[int, PathParam(ge=0, le=2**53)]) -> Response:
-    """One entry with its attribution and inclusion proof."""
+    """One entry with its attribution, inclusion proof, cause and neighbours."""
     console = _console(request)
     session = await _session(request, console)
     if session is None:
         return _redirect("/console/login")
     try:
-        shown = await anyio.to_thread.run_sync(console.ledger.entry, index)
+        shown = await console.runtime.lanes.ledger.run(console.ledger.entry, index)
     except BrokerError as exc:
         return _page("base.html", exc.status, title="Ledger entry", section="ledger", session=session,
                      problem=exc.description)
     return _page("entry.html", title=f"Ledger entry {index} ({shown['entry'].get('kind')})", section="ledger",
-                 session=session, e=shown)
+                 session=session, e=shown, trusted_key=console.ledger.verifier_key)
+
+
+@router.get("/ledger/{index}/proof.json")
+async def entry_proof(request: Request, index: Annotated[int, PathParam(ge=0, le=2**53)]) -> Response:
+    """Download entry ``index`` with its inclusion proof and signed checkpoint (``audit prove --entry-proof``)."""
+    console = _console(request)
+    session = await _session(request, console)
+    if session is None:
+        return _redirect("/console/login")
+    try:
+        document = await console.runtime.lanes.ledger.run(console.ledger.entry_proof, index)
+    except BrokerError as exc:
+        return _page("base.html", exc.status, title="Ledger entry", section="ledger", session=session,
+                     problem=exc.description)
+    headers = {**_HEADERS, "Content-Disposition": f'attachment; filename="nhi-broker-entry-{index}.proof.json"'}
+    return JSONResponse(document, headers=headers)
 
 
 @router.get("/static/console.css")

@@ -189,7 +189,15 @@ class Ledger:
         leaf = encode_entry(entry)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Receipt] = loop.create_future()
-        self._enqueue(_Pending(leaf, leaf_hash(leaf), None, waiter, loop))
+        # No thread lock on the loop: put, then look whether the ledger closed meanwhile. If it did,
+        # the waiter is cancelled (the writer skips it, or it already wrote it: one extra entry at
+        # worst, never a missing one) and the caller hears "unavailable".
+        if self._closed:
+            raise LedgerUnavailable("ledger is closed")
+        self._queue.put(_Pending(leaf, leaf_hash(leaf), None, waiter, loop))
+        if self._closed:
+            waiter.cancel()
+            raise LedgerUnavailable("ledger is closed")
         try:
             async with asyncio.timeout(self._append_timeout):
                 return await waiter

@@ -144,8 +144,19 @@ class IssuanceGuard:
         if budget.per == "end_user" and grant.user is not None:
             scope = grant.user.subject  # the verified end user, not the bot's assertion (docs/delegation.md)
         scope_value = scope if isinstance(scope, str) else ""
-        window = int(now // budget.period_seconds)
-        key = "\x00".join(
-            (grant.workload.name, budget.per, scope_value, grant.intent.action, budget.period, str(window))
-        )
-        return CountUp(_NS_BUDGET, key, minor, budget.max_minor, (window + 1) * budget.period_seconds)
+        key, expires_at = _budget_key(grant.workload.name, grant.intent.action, budget, scope_value, now)
+        return CountUp(_NS_BUDGET, key, minor, budget.max_minor, expires_at)
+
+    async def budget_used(self, workload: str, action: str, budget: Budget, scope: str) -> tuple[int, float]:
+        """Minor units of ``budget`` that ``workload`` used for ``action`` in ``scope`` this period, and
+        when the period ends (for the console). Adding zero is a read: no budget changes."""
+        key, expires_at = _budget_key(workload, action, budget, scope, self._clock.now())
+        used = await self._store.count_up(_NS_BUDGET, key, 0, 2**53, expires_at)
+        return (used or 0), expires_at
+
+
+def _budget_key(workload: str, action: str, budget: Budget, scope: str, now: float) -> tuple[str, float]:
+    """The budget counter's key for this period, and the period's end (fixed UTC windows)."""
+    window = int(now // budget.period_seconds)
+    key = "\x00".join((workload, budget.per, scope, action, budget.period, str(window)))
+    return key, (window + 1) * budget.period_seconds

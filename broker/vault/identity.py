@@ -60,12 +60,18 @@ class VaultIdentity:
             raise VaultUnavailable(exc.description) from None
 
     def _client_locked(self) -> hvac.Client:
-        with self._lock:
+        # One login at a time; a call that waits longer than one Vault request for it fails (503)
+        # instead of queueing behind a login that hangs.
+        if not self._lock.acquire(timeout=self.settings.timeout):
+            raise VaultUnavailable("the broker's Vault login is not answering")
+        try:
             if not self._logged_in:
                 self._login()
             elif self._ttl and self.clock.now() - self._obtained_at >= self._ttl * 2 / 3:
                 self._refresh()
             return self._client
+        finally:
+            self._lock.release()
 
     def _login(self) -> None:
         s = self.settings

@@ -16,6 +16,11 @@ Order for a Vault grant (the credential exists before its entry, so failure must
    so at least one of them sees the other (both revoking is harmless: one claim wins).
 
 Every revocation (release, expiry sweep, suspension, failed append) is a ``revocation`` entry.
+
+Nothing here blocks the event loop: hvac calls run on the Vault lane and lease-book writes on the
+lease book's lane (:mod:`broker.isolation`), each with its own threads and deadline, so a Vault that
+hangs fails Vault intents with 503 and delays nothing else. The synchronous methods (release,
+revocations, sweeps) are for those lanes, the sweeper thread and the CLI.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import anyio.to_thread
+import anyio
 
 from broker.clock import Clock, SystemClock
 from broker.entries import denial_entry, issuance_entry, revocation_entry
 from broker.errors import InvalidGrant, LedgerUnavailable, TemporarilyUnavailable, WorkloadSuspended
+from broker.isolation import Lane
 from broker.models import Grant, Issued, Receipt
 from broker.telemetry import NO_SPANS, Spans
 
@@ -98,6 +104,10 @@ class VaultIssuer:
         self.ledger = ledger
         self.clock = clock or SystemClock()
         self.suspended_since = suspended_since
+        settings = minter.settings
+        # A call on the Vault lane is at most a login plus one request, each within settings.timeout.
+        self.lane = Lane("Vault", settings.concurrency, 2 * settings.timeout + 0.5)
+        self.book_lane = Lane("the lease book", settings.concurrency, settings.timeout + 0.5)
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -118,7 +128,7 @@ class VaultIssuer:
             rows = _row_scope(kind, grant)
             with self.spans.span("vault.mint") as span:
                 span.set("nhi.credential.kind", kind.family)
-                minted = await anyio.to_thread.run_sync(self.minter.mint, kind, grant.max_ttl, meta, rows)
+                minted = await self.lane.run(self.minter.mint, kind, grant.max_ttl, meta, rows)
         except (VaultUnavailable, VaultRefused) as exc:
             await self._record_denial(grant, request_id, exc, trace_id)
             raise
@@ -133,7 +143,7 @@ class VaultIssuer:
         credential.update({"iat": int(now), "exp": int(now) + minted.ttl})
         receipt: Receipt | None = None
         try:
-            self.leases.add(record, release_token)
+            await self.book_lane.run(self.leases.add, record, release_token)
             entry = issuance_entry(
                 grant=grant, now=now, request_id=request_id, credential=credential, approval=approval,
                 trace_id=trace_id,
@@ -143,7 +153,7 @@ class VaultIssuer:
                 receipt = await self.ledger.append_async(entry)
                 span.set("nhi.ledger.index", receipt.index)
                 span.set("nhi.ledger.leaf_hash", receipt.leaf_hash)
-            self.leases.mark_live(task_id, receipt.leaf_hash)
+            await self.book_lane.run(self.leases.mark_live, task_id, receipt.leaf_hash)
             # (5) the kill switch again, now that the lease is in the book (module docstring). A store
             # that cannot answer fails closed through the except below: the lease is revoked, 503.
             suspended = self.suspended_since is not None and await self.suspended_since(grant.workload.name) is not None
@@ -153,15 +163,22 @@ class VaultIssuer:
             reason = "ledger_append_failed" if receipt is None else "issuance_failed"
             issuance = None if receipt is None else receipt.leaf_hash
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    self._destroy_unrecorded, record, minted, request_id, reason, issuance
-                )
+                try:
+                    await self.lane.run(self._destroy_unrecorded, record, minted, request_id, reason, issuance)
+                except TemporarilyUnavailable:
+                    # Still running on its thread, or left to the sweeper once the lease is due.
+                    log.error("revocation of unrecorded task=%s is late (the Vault lane is busy)", task_id)
             if isinstance(exc, Exception) and not isinstance(exc, TemporarilyUnavailable):
                 raise LedgerUnavailable("the credential could not be recorded; it was revoked") from None
             raise
         if suspended:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._revoke_suspended, record, request_id, receipt.leaf_hash)
+                try:
+                    await self.lane.run(self._revoke_suspended, record, request_id, receipt.leaf_hash)
+                except TemporarilyUnavailable:
+                    # Still running on its thread, or left to the sweeper once the lease is due.
+                    log.error("revocation of task=%s of a suspended workload is late (the Vault lane is busy)",
+                              task_id)
             raise WorkloadSuspended(
                 f"workload {grant.workload.name!r} was suspended by an operator while this request was in "
                 "flight; its credential was revoked"
@@ -320,8 +337,10 @@ class VaultIssuer:
         self._sweeper.start()
 
     def close(self) -> None:
-        """Stop the sweeper and close the lease book and the Vault session."""
+        """Stop the sweeper and the lanes, and close the lease book and the Vault session."""
         self._stop.set()
+        self.lane.close()
+        self.book_lane.close()
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
         self.leases.close()

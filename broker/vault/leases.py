@@ -9,6 +9,9 @@ finds. States::
 
 ``revoking`` is a claim: exactly one process revokes a lease; a failed Vault call puts it back.
 The release token is stored as its SHA-256 only.
+
+Every method blocks (SQLite, with its own lock): the broker calls them on the lease book's lane
+(:class:`~broker.vault.issuer.VaultIssuer`), the sweeper thread or the CLI, never on the event loop.
 """
 
 from __future__ import annotations
@@ -80,10 +83,10 @@ _INSERT = (
 class LeaseBook:
     """Leases by task id, by release token, by workload and by expiry."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, timeout: float = 10.0) -> None:
         self._lock = threading.Lock()
         try:
-            self._conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
+            self._conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)

@@ -31,6 +31,10 @@ class VaultSettings(BaseModel):
     kv_mount: str = Field("kv", description="Mount of the KV engine (response-wrapped secrets).")
     token_role: str = Field("nhi-broker-task", description="Token role used to create child tokens.")
     timeout: float = Field(3.0, gt=0, le=60, description="Seconds per Vault request.")
+    concurrency: int = Field(
+        8, ge=1, le=256,
+        description="Vault calls in flight at once, on threads of their own; more wait, then fail with 503.",
+    )
     ca_cert: Path | None = Field(None, description="CA bundle to verify Vault's TLS certificate.")
     sweep_interval: float = Field(5.0, gt=0, le=3600, description="Seconds between lease sweeps.")
 

@@ -17,13 +17,13 @@ from .settings import VaultSettings
 __all__ = ["open_lease_book", "open_vault_issuer"]
 
 
-def open_lease_book(data_dir: Path, shared_url: str | None) -> LeaseBook:
+def open_lease_book(data_dir: Path, shared_url: str | None, timeout: float = 10.0) -> LeaseBook:
     """The lease book: in PostgreSQL at ``shared_url`` (replicas), else a SQLite file under ``data_dir``."""
     if shared_url is not None:
         from .pg_leases import PostgresLeaseBook
 
         return PostgresLeaseBook(shared_url)
-    return LeaseBook(data_dir / "vault-leases.sqlite3")
+    return LeaseBook(data_dir / "vault-leases.sqlite3", timeout=timeout)
 
 
 def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, clock: Clock,
@@ -37,7 +37,8 @@ def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, cloc
     Vault: the broker starts while Vault is down and fails closed per request.
     """
     identity = VaultIdentity(settings, clock)
-    issuer = VaultIssuer(VaultMinter(identity), open_lease_book(data_dir, shared_url), ledger, clock,
-                         suspended_since=suspended_since, spans=spans)
+    # The lease book's SQLite busy timeout fits in its lane's deadline (VaultIssuer.book_lane).
+    book = open_lease_book(data_dir, shared_url, timeout=settings.timeout)
+    issuer = VaultIssuer(VaultMinter(identity), book, ledger, clock, suspended_since=suspended_since, spans=spans)
     issuer.start_sweeper(settings.sweep_interval)
     return issuer

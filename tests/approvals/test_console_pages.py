@@ -126,7 +126,7 @@ def test_ledger_search_and_entries(harness: Harness) -> None:
     assert harness.client.get("/console/ledger/99").status_code == 404
     assert harness.client.get("/console/ledger/-1").status_code == 400
     page = harness.client.get("/console/ledger", params={"kind": "denial"})
-    assert page.status_code == 200 and "0 entries" in page.text and "Verified" in page.text
+    assert page.status_code == 200 and "0 matching entries" in page.text and "Verified" in page.text
 
 
 def test_logout_ends_the_session(harness: Harness) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -26,7 +25,7 @@ from broker.operators import Operator
 from broker.runtime import Runtime
 from broker.text import unsafe_character
 from broker.tracing import current_trace_id
-from broker.vault.errors import VaultRefused, VaultUnavailable
+from broker.vault.errors import VaultRefused
 from broker.vault.leases import LeaseRecord
 
 __all__ = ["router"]
@@ -118,10 +117,10 @@ async def suspend(name: _WorkloadName, request: Request, operator: OperatorDep, 
         # Its Vault secrets end too, each with a revocation entry under this request id. If Vault is
         # down the suspension still holds (nothing new is issued) and the sweeper ends the leases.
         try:
-            answer["vault_leases_revoked"] = await anyio.to_thread.run_sync(
+            answer["vault_leases_revoked"] = await runtime.vault.lane.run(
                 runtime.vault.revoke_workload, name, request_id, operator.to_json(), "suspended"
             )
-        except (VaultUnavailable, VaultRefused) as exc:
+        except (TemporarilyUnavailable, VaultRefused) as exc:
             answer["vault_leases_error"] = exc.description
     return answer
 
@@ -185,9 +184,7 @@ async def leases(
     if workload is not None:
         _known_workload(runtime, workload)
     vault = runtime.vault
-    records = await anyio.to_thread.run_sync(
-        lambda: vault.leases.listing(workload=workload, open_only=state == "open")
-    )
+    records = await vault.book_lane.run(vault.leases.listing, workload=workload, open_only=state == "open")
     return {"vault_configured": True, "leases": [_lease_view(r) for r in records]}
 
 
@@ -202,10 +199,8 @@ async def revoke_lease(
         raise NotFound("no Vault is configured on this broker, so it holds no leases")
     vault = runtime.vault
     try:
-        record = await anyio.to_thread.run_sync(
-            vault.revoke_task, task_id, uuid.uuid4().hex, operator.to_json(), body.reason
-        )
-    except (VaultUnavailable, VaultRefused) as exc:
+        record = await vault.lane.run(vault.revoke_task, task_id, uuid.uuid4().hex, operator.to_json(), body.reason)
+    except (TemporarilyUnavailable, VaultRefused) as exc:
         raise TemporarilyUnavailable(f"the lease stays open (the sweeper retries): {exc.description}") from None
     if record is None:
         raise NotFound(f"no Vault task {task_id!r} in the lease book")

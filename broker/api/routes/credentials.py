@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 
-import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -47,6 +46,6 @@ async def release(request: Request, runtime: RuntimeDep) -> JSONResponse:
     token = required(form, "release_token")
     if runtime.vault is None:
         raise TemporarilyUnavailable("this broker has no Vault configured")
-    record = await anyio.to_thread.run_sync(runtime.vault.release, token, request_id)
+    record = await runtime.vault.lane.run(runtime.vault.release, token, request_id)
     payload = {"task_id": record.task_id, "kind": record.kind, "state": record.state, "reason": record.reason}
     return JSONResponse(payload, headers={**NO_STORE, "X-Request-Id": request_id})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anyio.to_thread
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
@@ -30,7 +29,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     except BrokerError as exc:
         checks["state"] = exc.description
     try:
-        await anyio.to_thread.run_sync(runtime.ledger.size)
+        await runtime.lanes.ledger.run(runtime.ledger.size)
         checks["ledger"] = "ok"
     except BrokerError as exc:
         checks["ledger"] = exc.description

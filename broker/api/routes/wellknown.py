@@ -1,4 +1,8 @@
-"""Discovery: the JWKS (RFC 7517) and authorization-server metadata (RFC 8414)."""
+"""Discovery: the JWKS (RFC 7517) and authorization-server metadata (RFC 8414).
+
+Both are answered on the event loop from memory: no thread, no backend, so they answer while any
+backend hangs (anyio's shared thread pool, which sync routes would wait for, is never needed).
+"""
 
 from __future__ import annotations
 
@@ -17,12 +21,12 @@ router = APIRouter()
 
 
 @router.get("/.well-known/jwks.json", summary="Public keys that verify task tokens (kid = RFC 7638 thumbprint)")
-def jwks(runtime: RuntimeDep) -> JSONResponse:
+async def jwks(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse(runtime.keys.jwks(), headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"})
 
 
 @router.get("/.well-known/oauth-authorization-server", summary="RFC 8414 authorization server metadata")
-def metadata(runtime: RuntimeDep) -> dict[str, Any]:
+async def metadata(runtime: RuntimeDep) -> dict[str, Any]:
     base = runtime.settings.issuer_url
     return {
         "issuer": base,

@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -135,9 +133,6 @@ class WimseMethod:
         self._audience = token_endpoint
         self._max_wit_lifetime = max_wit_lifetime
         self._max_proof_lifetime = max_proof_lifetime
-        # Key reads may touch a file or the network: worker threads of their own, so a slow JWKS
-        # endpoint cannot starve other backends' threads.
-        self._limiter = anyio.CapacityLimiter(4)
 
     @classmethod
     def configured(cls, settings: WimseSettings, store: StateStore, clock: Clock, token_endpoint: str) -> WimseMethod:
@@ -169,7 +164,7 @@ class WimseMethod:
         source = self._sources.get(rest.partition("/")[0]) if scheme in ("spiffe", "wimse") else None
         if source is None:
             return {}
-        keys = await anyio.to_thread.run_sync(source.keys, limiter=self._limiter)
+        keys = await source.keys_async()  # single-flight, on the trust domain's own fetch thread
         usable = [k for k in (_as_pyjwk(key, alg) for key in keys) if k is not None]
         return {rest.partition("/")[0]: usable}
 
