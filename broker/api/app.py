@@ -14,6 +14,7 @@ from broker.api.errors import install_error_handlers
 from broker.api.routes import admin, approvals, health, introspect, ledger, metrics, token, wellknown
 from broker.api.routes.credentials import router as credentials_router
 from broker.api.signals import install_sighup
+from broker.api.token_lane import BrokerApp
 from broker.clock import Clock
 from broker.config import Settings
 from broker.console import router as console_router
@@ -77,7 +78,7 @@ def create_app(
                 # Export what is still batched (a thread join, off the loop).
                 await asyncio.to_thread(spans.shutdown)
 
-    app = FastAPI(
+    app = BrokerApp(
         title="nhi-broker",
         version=__version__,
         summary="Workload identity and ephemeral credential broker for AI assistants",
@@ -98,6 +99,7 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(approvals.router)
     app.include_router(console_router)
+    app.enable_token_lane()
     return app
 
 

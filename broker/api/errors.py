@@ -7,11 +7,12 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.errors import BrokerError
 
-__all__ = ["NO_STORE", "error_response", "install_error_handlers"]
+__all__ = ["NO_STORE", "broker_error_response", "count_error", "error_response", "install_error_handlers"]
 
 log = logging.getLogger("nhi_broker.api")
 
@@ -20,15 +21,32 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request", 415: "invalid_request"}
 
 
-def _count(request: Request, error: str) -> None:
-    metrics = getattr(request.app.state, "metrics", None)
+def count_error(app: Starlette, error: str) -> None:
+    """Count an error answer by its RFC 6749 code (``nhi_broker_errors``)."""
+    metrics = getattr(app.state, "metrics", None)
     if metrics is not None:
         metrics.errors.labels(error).inc()
+
+
+def _count(request: Request, error: str) -> None:
+    count_error(request.app, error)
 
 
 def error_response(status: int, error: str, description: str) -> JSONResponse:
     """An RFC 6749 §5.2 error body with ``no-store`` caching."""
     return JSONResponse({"error": error, "error_description": description}, status_code=status, headers=NO_STORE)
+
+
+def broker_error_response(exc: BrokerError) -> JSONResponse:
+    """The answer to a :class:`BrokerError`: its JSON, status and headers (503 adds ``Retry-After``)."""
+    headers = dict(NO_STORE)
+    if exc.status == 503:
+        headers["Retry-After"] = "1"
+    headers.update(getattr(exc, "http_headers", {}))  # e.g. DPoP-Nonce (RFC 9449 §8)
+    challenge = getattr(exc, "www_authenticate", None)
+    if challenge is not None:
+        headers["WWW-Authenticate"] = challenge
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -37,14 +55,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BrokerError)
     async def _broker_error(request: Request, exc: BrokerError) -> JSONResponse:
         _count(request, exc.code)
-        headers = dict(NO_STORE)
-        if exc.status == 503:
-            headers["Retry-After"] = "1"
-        headers.update(getattr(exc, "http_headers", {}))  # e.g. DPoP-Nonce (RFC 9449 §8)
-        challenge = getattr(exc, "www_authenticate", None)
-        if challenge is not None:
-            headers["WWW-Authenticate"] = challenge
-        return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+        return broker_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -32,6 +32,8 @@ __all__ = [
     "peek_unverified",
     "printable",
     "pyjwt_errors",
+    "verify_claims",
+    "verify_signature",
 ]
 
 # Compact JWS (RFC 7515 §7.1): three non-empty base64url parts without padding.
@@ -94,6 +96,53 @@ def peek_unverified(token: str, label: str = "subject_token") -> tuple[dict[str,
     if b64url_decode_canonical(signature_segment) is None:
         raise AttestationError(f"{label} signature is not base64url")
     return _unverified_header, _unverified_claims
+
+
+def verify_signature(token: str, key: Any, alg: str, label: str = "subject_token") -> None:
+    """The JWS signature of ``token`` (already through :func:`check_shape` and :func:`peek_unverified`)
+    under ``key``, with pyjwt's implementation of the one allow-listed ``alg``; raises on any failure.
+
+    This is the signature step of ``jwt.decode`` (the same algorithm object, key preparation and
+    minimum key length) without parsing the token a second time: the claims that
+    :func:`peek_unverified` parsed strictly from these very bytes are then the verified claims.
+    """
+    signing_input, _, signature_segment = token.rpartition(".")
+    signature = b64url_decode_canonical(signature_segment)
+    if signature is None:
+        raise AttestationError(f"{label} signature is not base64url")
+    if alg not in ALLOWED_ALGORITHMS:
+        raise AttestationError("algorithm is not allowed")
+    with pyjwt_errors(label):
+        algorithm = jwt.get_algorithm_by_name(alg)
+        prepared = algorithm.prepare_key(key)
+        if algorithm.check_key_length(prepared):
+            raise jwt.exceptions.InvalidKeyError("key is too short")
+        valid = algorithm.verify(signing_input.encode("ascii"), prepared, signature)
+    if not valid:
+        raise AttestationError("signature verification failed")
+
+
+def verify_claims(claims: Mapping[str, Any], *, issuer: str, audience: str, required: Collection[str]) -> None:
+    """The claim checks ``jwt.decode`` makes with ``verify_iss/aud/sub/jti`` on: ``required`` claims
+    present and not null, ``iss`` exactly ``issuer``, ``audience`` among the ``aud`` strings, and
+    ``sub`` and ``jti`` strings when present. Time is :func:`check_times`'s, against the injected clock.
+    """
+    for name in required:
+        if claims.get(name) is None:
+            raise AttestationError(f"missing required claim '{printable(name)}'")
+    iss = claims.get("iss")
+    if iss is not None and (not isinstance(iss, str) or iss != issuer):
+        raise AttestationError("issuer mismatch")
+    aud = claims.get("aud")
+    if not aud:
+        raise AttestationError("missing required claim 'aud'")
+    audiences = [aud] if isinstance(aud, str) else aud
+    if not isinstance(audiences, list) or any(not isinstance(a, str) for a in audiences) or audience not in audiences:
+        raise AttestationError("audience mismatch")
+    if "sub" in claims and not isinstance(claims["sub"], str):
+        raise AttestationError("claim 'sub' must be a string")
+    if "jti" in claims and not isinstance(claims["jti"], str):
+        raise AttestationError("claim 'jti' must be a string")
 
 
 @contextmanager

@@ -10,10 +10,11 @@ numbered steps below in order and raises at the first failure:
 - :class:`~broker.errors.TemporarilyUnavailable` when the issuer's keys or the replay store cannot be
   reached (fail closed: 503, never an allow).
 
-pyjwt checks the signature, ``iss``, ``aud`` and required claims in one call; it is not trusted with
-the rest (see DESIGN "Library notes"): claim types, time (pyjwt reads the wall clock, we use the
-injected :class:`~broker.clock.Clock`), lifetime, duplicate names, ``typ`` and size are checked here,
-inside the same private function, so no caller can skip them.
+The token is parsed once, strictly (no duplicate names, canonical base64url), and the signature is
+checked with pyjwt's implementation of the allow-listed algorithm over exactly those bytes
+(:func:`~broker.attest.jwt_checks.verify_signature`); ``iss``, ``aud``, required claims, claim types,
+time (against the injected :class:`~broker.clock.Clock`), lifetime, ``typ`` and size are checked
+here, inside the same private function, so no caller can skip them (DESIGN "Library notes").
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
-
 from broker.attest.cnf import identity_key_thumbprint
 from broker.attest.issuers import IssuerConfig
 from broker.attest.jwks import JwksSource
-from broker.attest.jwt_checks import check_header, check_shape, check_times, peek_unverified, pyjwt_errors
+from broker.attest.jwt_checks import (
+    check_header,
+    check_shape,
+    check_times,
+    peek_unverified,
+    verify_claims,
+    verify_signature,
+)
 from broker.attest.methods import REGISTRY
 from broker.attest.methods.base import AttestationMethod, TokenMethod, VerifiedJwt
 from broker.attest.template import SpiffeIdTemplate
@@ -181,7 +187,7 @@ class Attestor:
         key.check_algorithm(alg)
 
         # (7)+(8) Signature, iss, aud, required claims; then types, time and lifetime.
-        claims = self._decode(subject_token, key.key, alg, cfg, label)
+        claims = self._decode(subject_token, _unverified_claims, key.key, alg, cfg, label)
         exp = claims["exp"]
 
         # (9) A key the identity token is bound to (RFC 7800 cnf): rules may demand DPoP with it.
@@ -212,30 +218,14 @@ class Attestor:
         single_use = ConsumeOnce(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway) if cfg.require_jti else None
         return identity, single_use
 
-    def _decode(self, token: str, key: Any, alg: str, cfg: IssuerConfig, label: str) -> dict[str, Any]:
-        # (7) One pyjwt call: signature with the one allow-listed alg, exact iss, our aud, required claims.
-        # pyjwt's own time checks read the wall clock, so they are off; (8) does them with self._clock.
-        with pyjwt_errors(label):
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key=key,
-                algorithms=[alg],
-                audience=cfg.audience,
-                issuer=cfg.issuer,
-                options={
-                    "verify_signature": True,
-                    "verify_aud": True,
-                    "verify_iss": True,
-                    "verify_sub": True,
-                    "verify_jti": True,
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "require": ["iss", "aud", "exp", "sub"],
-                    "strict_aud": False,
-                    "enforce_minimum_key_length": True,
-                },
-            )
+    def _decode(
+        self, token: str, _unverified_claims: dict[str, Any], key: Any, alg: str, cfg: IssuerConfig, label: str
+    ) -> dict[str, Any]:
+        # (7) The signature with the one allow-listed alg over the exact bytes the claims were strictly
+        # parsed from (pyjwt's algorithm, not a second parse), then exact iss, our aud, required claims.
+        verify_signature(token, key, alg, label)
+        claims = _unverified_claims  # verified from here on
+        verify_claims(claims, issuer=cfg.issuer, audience=cfg.audience, required=("iss", "aud", "exp", "sub"))
 
         # (8) Types and time, against the injected clock.
         if not claims["sub"]:

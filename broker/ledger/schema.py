@@ -343,6 +343,18 @@ Endorsement = Annotated[StrictStr, AfterValidator(_endorsement), WithJsonSchema(
 # -- objects ----------------------------------------------------------------------------------------
 
 
+_OPTIONAL_MEMBERS: dict[type[BaseModel], tuple[str, ...]] = {}
+
+
+def _optional_members(model: type[BaseModel]) -> tuple[str, ...]:
+    """The names of ``model``'s optional fields (computed once per class: this runs on every append)."""
+    names = _OPTIONAL_MEMBERS.get(model)
+    if names is None:
+        names = _OPTIONAL_MEMBERS[model] = tuple(
+            name for name, field in model.model_fields.items() if not field.is_required())
+    return names
+
+
 class Member(BaseModel):
     """Base of every object in an entry: frozen, strict, closed, and absent members omitted."""
 
@@ -351,8 +363,8 @@ class Member(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        for name, field in type(self).model_fields.items():
-            if not field.is_required() and data.get(name, 0) is None:
+        for name in _optional_members(type(self)):
+            if data.get(name, 0) is None:
                 del data[name]  # an optional member that is absent, not null
         return data
 

@@ -103,7 +103,7 @@ def _dpop_proof(request: Request, runtime: RuntimeDep) -> CheckedDPoPProof | Non
     if runtime.dpop is None:
         raise InvalidDPoPProof("DPoP is not enabled on this broker")
     # htu is the token endpoint under the issuer URL: what clients read from the RFC 8414 metadata.
-    htu = runtime.settings.issuer_url + request.url.path
+    htu = runtime.settings.issuer_url + request.scope["path"]
     # On the event loop, like the decision itself: a signature check, no state (the jti is consumed
     # by the pipeline once the identity is attested).
     return runtime.dpop.check(proofs[0], htm=request.method, htu=htu)
@@ -124,7 +124,7 @@ def _evidence(request: Request, runtime: RuntimeDep) -> Evidence:
             headers[name] = ",".join(values)
     return Evidence(
         token=None, token_type=None, http_method=request.method,
-        http_url=runtime.settings.issuer_url + request.url.path, headers=headers,
+        http_url=runtime.settings.issuer_url + request.scope["path"], headers=headers,
         peer_chain=peer_chain(request.scope), peer_address=request.client.host if request.client else None,
     )
 
