@@ -5,6 +5,7 @@ Everything on the embedded default lives under ``settings.data_dir``::
     keys/token/*.pem        ES256 (or EdDSA) task-token signing keys, mode 0600
     keys/ledger-key.pem     Ed25519 signed-note key of the ledger, mode 0600
     dev-issuer-key.pem      trial-only workload-identity issuer (when enabled)
+    dev-user-issuer-key.pem trial-only end-user issuer (when enabled)
     state.sqlite3           shared state on the embedded default (state_backend = "sqlite"):
                             single-use values, revocations, suspensions, use counts, rates, budgets
     vault-leases.sqlite3    Vault leases handed out (when [vault] is configured), unless the ledger is
@@ -138,7 +139,8 @@ class Runtime:
         state = StateServices.from_settings(settings, store, keys, attestor, clock)
         parents = ParentTokens(keys, settings.issuer_url, state.tokens, clock)
         shared = settings.ledger_storage_url if is_shared(settings.ledger_storage_url) else None
-        vault = (open_vault_issuer(settings.vault, data_dir, ledger, clock, shared, spans=spans)
+        vault = (open_vault_issuer(settings.vault, data_dir, ledger, clock, shared,
+                                   suspended_since=state.tokens.suspended_since, spans=spans)
                  if settings.vault else None)
         approvals = ApprovalDesk(store, ledger, clock, poll_interval=settings.approvals.poll_interval,
                                  notify=_webhook(settings, clock))

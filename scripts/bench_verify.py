@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from nhi_broker_client import BrokerClient, TaskToken, TaskTokenVerifier
 
 from broker.api.app import create_app
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.clock import SystemClock
 from broker.config import Settings
 
@@ -64,11 +64,17 @@ def main() -> None:
         with TestClient(create_app(settings), base_url=settings.issuer_url) as http:
             issuer = DevIssuer.load_or_create(settings.data_dir)
 
+            users = DevUserIssuer.load_or_create(settings.data_dir)
+
             def identity() -> str:
                 return issuer.mint(SUPPORT, "nhi-broker", clock=SystemClock())
 
-            bearer = BrokerClient(settings.issuer_url, identity, dpop=False, http_client=http)
-            bound = BrokerClient(settings.issuer_url, identity, http_client=http)
+            def customer() -> str:  # refunds are for a verified customer (delegated), as the policy requires
+                return users.mint_user(CONTEXT["customer"], "nhi-broker", clock=SystemClock())
+
+            bearer = BrokerClient(settings.issuer_url, actor=identity, user_token=customer, dpop=False,
+                                  http_client=http)
+            bound = BrokerClient(settings.issuer_url, actor=identity, user_token=customer, http_client=http)
             bearer_token = bearer.get_token("payments-api", "payments.refund", RESOURCE, CONTEXT)
             dpop_token = bound.get_token("payments-api", "payments.refund", RESOURCE, CONTEXT)
             verifier = TaskTokenVerifier(settings.issuer_url, "payments-api", http_client=http)

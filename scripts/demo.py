@@ -7,7 +7,9 @@
    the sample policies in ./policies) on a free loopback port;
 2. starts an example orders service whose refund endpoint (audience ``payments-api``) is protected by
    the SDK's :class:`TaskTokenVerifier` (JWKS from the broker, DPoP, intent check);
-3. runs a support assistant, with no LLM, that
+3. runs a support assistant, with no LLM, acting for the signed-in customer c-42 (RFC 8693
+   delegation: the trial user issuer stands in for the shop's login; the sample policy refunds only
+   on behalf of the verified customer it refunds), that
    (a) refunds 20 EUR with a fresh DPoP-bound task token,
    (b) is denied a 500 EUR refund by the intent policy,
    (c) shows that a copied token replayed from another key is refused,
@@ -15,10 +17,10 @@
    (e) asks for a 120 EUR refund, which the policy holds for a person's approval: an approver
        approves it (through the admin API, as the console would), and the assistant's SDK collects
        the token with the approval bound in;
-   (f) acts for a verified end user (RFC 8693 delegation: the trial user issuer stands in for the
-       shop's login): a refund for customer c-42 names c-42 as ``sub`` and the assistant as ``act``;
-       a prompt-injected refund for another customer is refused because the user is verified, and a
-       refund sub-agent gets a narrower token with a nested ``act``, never a wider one.
+   (f) shows who it acts for: a refund for customer c-42 names c-42 as ``sub`` and the assistant as
+       ``act``; a refund asked without the verified user, and a prompt-injected refund for another
+       customer, are refused because the user is verified; a refund sub-agent gets a narrower token
+       with a nested ``act``, never a wider one.
 
 Exit status 0 when every step behaved as described; 1 otherwise. Nothing is left running.
 """
@@ -225,14 +227,22 @@ def run(workdir: Path) -> bool:
         def identity() -> str:
             return issuer.mint(ASSISTANT, "nhi-broker", clock=SystemClock())
 
+        # The shop's login (here the broker's trial user issuer) signed the customer in; the assistant
+        # passes the customer's token on, so the broker verifies who the refund is for.
+        users = DevUserIssuer.load_or_create(workdir / "broker-data")
+
+        def signed_in_user() -> str:
+            return users.mint_user(CUSTOMER, "nhi-broker", clock=SystemClock())
+
         key = DPoPKey.generate()
         say("== nhi-broker demo ==")
         say(f"broker      {broker.url}  (embedded defaults, trial identity issuer)")
         say(f"orders svc  {service.url}  (audience payments-api; verifies task tokens with the broker's JWKS)")
         say(f"assistant   {ASSISTANT}")
+        say(f"            acting for the signed-in customer {CUSTOMER} (trial user issuer)")
         say(f"            DPoP key {key.jkt} (never leaves the assistant)")
         refund_url = f"{service.url}/customers/{CUSTOMER}/orders/{ORDER}/refunds"
-        with BrokerClient(broker.url, identity, dpop_key=key) as assistant:
+        with BrokerClient(broker.url, actor=identity, user_token=signed_in_user, dpop_key=key) as assistant:
             # (a)
             say()
             say(f"(a) refund 20 EUR on order {ORDER} of customer {CUSTOMER}")
@@ -306,7 +316,7 @@ def run(workdir: Path) -> bool:
         # (e)
         say()
         say("(e) refund 120 EUR: above what the assistant may do alone, so a person must approve it")
-        with BrokerClient(broker.url, identity, dpop_key=key) as assistant:
+        with BrokerClient(broker.url, actor=identity, user_token=signed_in_user, dpop_key=key) as assistant:
             try:
                 assistant.get_token("payments-api", "payments.refund", RESOURCE,
                                     {"customer": CUSTOMER, "amount": 120, "currency": "EUR"})
@@ -333,16 +343,19 @@ def run(workdir: Path) -> bool:
         # (f)
         say()
         say(f"(f) act for the verified end user {CUSTOMER} (signed in at the shop; RFC 8693 actor_token)")
-        users = DevUserIssuer.load_or_create(workdir / "broker-data")
-
-        def signed_in_user() -> str:
-            return users.mint_user(CUSTOMER, "nhi-broker", clock=SystemClock())
-
         def claims_of(token: str) -> dict[str, Any]:
             parsed: dict[str, Any] = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
             return parsed
 
         refund_ctx = {"customer": CUSTOMER, "amount": 30, "currency": "EUR"}
+        with BrokerClient(broker.url, identity, dpop=False) as unverified:
+            say(f"    without the user's token the customer is only the assistant's word for {CUSTOMER}")
+            try:
+                unverified.get_token("payments-api", "payments.refund", RESOURCE, refund_ctx)
+                check(False, "the broker issued a refund without a verified end user")
+            except AccessDeniedError as exc:
+                say(f"    broker  DENIED {exc.status} {exc.code} by rule {exc.rule_id}")
+                check(exc.rule_id == "refund-requires-verified-user", "the unverified refund was not refused")
         with BrokerClient(broker.url, actor=identity, user_token=signed_in_user, dpop=False) as assistant:
             delegated = assistant.get_token("payments-api", "payments.refund", RESOURCE, refund_ctx)
             claims = claims_of(delegated.access_token)

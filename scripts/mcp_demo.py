@@ -3,13 +3,15 @@
 
     python scripts/mcp_demo.py        (after `pip install -e . -e './clients/python[mcp]'`)
 
-1. starts ``nhi-broker serve`` on embedded defaults (temporary data dir, trial identity issuer, the
-   sample policies) and the example orders MCP server (scripts/orders_mcp.py) on loopback; the server
+1. starts ``nhi-broker serve`` on embedded defaults (temporary data dir, trial identity and user
+   issuers, the sample policies) and the example orders MCP server (scripts/orders_mcp.py) on loopback; the server
    publishes RFC 9728 metadata naming the broker and needs a task token for every tool call;
-2. drives a scripted assistant (no LLM) through the real MCP client over streamable HTTP. Each tool call
-   gets a fresh task token for exactly its intent, DPoP-bound, attached to that call only:
+2. drives a scripted assistant (no LLM) through the real MCP client over streamable HTTP, acting for the
+   signed-in customer (RFC 8693 delegation: its identity is the actor, the customer's token from the
+   trial user issuer the subject; the sample policy refunds only for the verified customer). Each tool
+   call gets a fresh task token for exactly its intent, DPoP-bound, attached to that call only:
    (a) a 20 EUR refund on the customer's order succeeds;
-   (b) a refund on another customer's order is refused by the broker's policy;
+   (b) a refund on another customer's order is refused by the broker's policy: the user is verified;
    (c) a call whose arguments are altered after its token was issued (as a prompt injection would) is
        refused by the server before the tool runs;
    (d) a 120 EUR refund is held for a person, approved, and completed;
@@ -53,7 +55,7 @@ def entries_since(broker_url: str, start: int) -> list[dict[str, Any]]:
 
 
 async def assistant_story(broker: Broker, mcp_url: str, approver_secret: str, book: OrdersBook,
-                          check: Any, identity: Any) -> dict[str, str]:
+                          check: Any, identity: Any, user_token: Any) -> dict[str, str]:
     """Steps (0)-(d); returns the leaf hashes the ledger step proves."""
     proofs: dict[str, str] = {}
     order = {"customer": CUSTOMER, "order": "ord-1001", "currency": "EUR"}
@@ -74,7 +76,7 @@ async def assistant_story(broker: Broker, mcp_url: str, approver_secret: str, bo
         except MCPError as exc:
             say(f"    MCP client sees error {exc.code}: {exc.message}")
 
-    async with AsyncBrokerClient(broker.url, identity) as tokens, IntentMCPClient(
+    async with AsyncBrokerClient(broker.url, actor=identity, user_token=user_token) as tokens, IntentMCPClient(
         mcp_url, tokens, session_context={"customer": CUSTOMER}
     ) as orders:
         say()
@@ -185,7 +187,7 @@ def _ledger_story(http: httpx.Client, broker_url: str, proofs: dict[str, str], f
 
 
 def run(workdir: Path) -> bool:
-    from broker.attest.dev import DevIssuer
+    from broker.attest.dev import DevIssuer, DevUserIssuer
     from broker.clock import SystemClock
 
     ok = True
@@ -211,15 +213,23 @@ def run(workdir: Path) -> bool:
         def identity() -> str:
             return issuer.mint(ASSISTANT, "nhi-broker", clock=SystemClock())
 
+        # The shop's login (here the trial user issuer) signed the customer in; the assistant passes the
+        # customer's token on with each exchange, so the broker verifies who a refund is for.
+        users = DevUserIssuer.load_or_create(workdir / "broker-data")
+
+        def signed_in_customer() -> str:
+            return users.mint_user(CUSTOMER, "nhi-broker", clock=SystemClock())
+
         metadata = httpx.get(f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp").json()
         first_index = ledger_size(broker.url)
         say("== nhi-broker MCP demo ==")
-        say(f"broker       {broker.url}  (embedded defaults, trial identity issuer)")
+        say(f"broker       {broker.url}  (embedded defaults, trial identity and user issuers)")
         say(f"orders MCP   {mcp_url}  (streamable HTTP; every tool call needs a task token)")
         say(f"             RFC 9728 metadata: authorization_servers={metadata['authorization_servers']}, "
             f"authorization_details_types_supported={metadata['authorization_details_types_supported']}")
-        say(f"assistant    {ASSISTANT}, serving customer {CUSTOMER}")
-        proofs = asyncio.run(assistant_story(broker, mcp_url, approver_secret, book, check, identity))
+        say(f"assistant    {ASSISTANT}, acting for the signed-in customer {CUSTOMER}")
+        proofs = asyncio.run(assistant_story(broker, mcp_url, approver_secret, book, check, identity,
+                                             signed_in_customer))
         ledger_story(broker.url, proofs, first_index, check)
         say()
         made = [f"{r['amount']:g} {r['currency']} on {r['order']}" for r in book.refunds]

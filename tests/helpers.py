@@ -59,6 +59,20 @@ def exchange_form(subject_token: str, audience: str, details: str, **extra: str)
     }
 
 
+def delegated_form(user_token: str, actor_token: str, audience: str, details: str, **extra: str) -> dict[str, str]:
+    """An RFC 8693 delegated exchange (§2.1): the verified end user's token as ``subject_token``, the
+    workload's identity as ``actor_token``. The sample refund rules issue only on such a request."""
+    return exchange_form(user_token, audience, details, actor_token=actor_token, actor_token_type=JWT_TYPE, **extra)
+
+
+def dev_user(data_dir: Path, subject: str = "c-42", **kw: Any) -> str:
+    """A token of end user ``subject`` from the trial user issuer of the broker with this data dir."""
+    from broker.attest.dev import DevUserIssuer
+    from broker.clock import SystemClock
+
+    return DevUserIssuer.load_or_create(data_dir).mint_user(subject, "nhi-broker", clock=SystemClock(), **kw)
+
+
 def form_body(form: dict[str, str]) -> bytes:
     return urllib.parse.urlencode(form).encode()
 

@@ -20,12 +20,12 @@ import httpx
 import jsonschema
 from nhi_broker_client import BrokerClient, BrokerResponseError
 
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.audit import HttpLedgerSource
 from broker.audit._canonical import decode_leaf
 from broker.audit.schema import validate_entry
 from broker.clock import SystemClock
-from tests.helpers import SUPPORT, LiveBroker, exchange_form, form_body, intent
+from tests.helpers import SUPPORT, LiveBroker, delegated_form, exchange_form, form_body, intent
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 ORDER = "customers/c-42/orders/ord-1001"
@@ -45,6 +45,11 @@ def test_every_entry_kind_the_broker_writes_verifies(tmp_path: Path) -> None:
         def identity() -> str:
             return issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
 
+        users = DevUserIssuer.load_or_create(tmp_path / "data")
+
+        def customer() -> str:  # the verified end user refunds are for (delegated exchanges)
+            return users.mint_user("c-42", "nhi-broker", clock=SystemClock())
+
         admin = {"Authorization": f"Bearer {secret}"}
         with httpx.Client(base_url=broker.url) as http:
             def bearer_exchange(details: str, audience: str) -> httpx.Response:
@@ -52,7 +57,7 @@ def test_every_entry_kind_the_broker_writes_verifies(tmp_path: Path) -> None:
                                  headers=FORM)
 
             assert bearer_exchange(intent("orders.read", ORDER, customer="c-42"), "orders-api").status_code == 200
-            with BrokerClient(broker.url, identity) as client:  # DPoP-bound
+            with BrokerClient(broker.url, actor=identity, user_token=customer) as client:  # DPoP-bound
                 client.get_token("payments-api", "payments.refund", ORDER,
                                  {"customer": "c-42", "amount": 20, "currency": "EUR", "conversation": "conv-1"})
                 # The sample budget: 200 EUR of refunds per conversation per day.
@@ -67,7 +72,9 @@ def test_every_entry_kind_the_broker_writes_verifies(tmp_path: Path) -> None:
                         break
                 assert refused is not None and refused.code == "budget_exceeded"
             over = intent("payments.refund", ORDER, customer="c-42", amount=500, currency="EUR")
-            assert bearer_exchange(over, "payments-api").status_code == 403
+            assert bearer_exchange(over, "payments-api").status_code == 403  # no verified user
+            delegated = delegated_form(customer(), identity(), "payments-api", over)
+            assert http.post("/v1/token", content=form_body(delegated), headers=FORM).status_code == 403
             r = http.post("/v1/admin/revocations", headers=admin,
                           json={"scope": "conversation", "value": "conv-1", "reason": "contract test"})
             assert r.status_code == 200, r.text

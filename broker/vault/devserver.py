@@ -91,17 +91,17 @@ def bao_binary() -> str:
     return path
 
 
-def _free_port() -> int:
-    """A free loopback port whose successor is free too: dev mode binds its cluster listener on port + 1."""
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A free port on ``host`` whose successor is free too: dev mode binds its cluster listener on port + 1."""
     for _ in range(50):
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             port = int(s.getsockname()[1])
         if port < 65535:
             with socket.socket() as s, contextlib.suppress(OSError):
-                s.bind(("127.0.0.1", port + 1))
+                s.bind((host, port + 1))
                 return port
-    raise RuntimeError("no free pair of loopback ports")
+    raise RuntimeError(f"no free pair of ports on {host}")
 
 
 def _private_file(path: Path, value: str) -> Path:
@@ -160,20 +160,25 @@ class DevVault:
         postgres_dsn: str = "host=127.0.0.1 port=5432 user=postgres dbname=test",
         policies_dir: Path | None = None,
         timeout: float = 30.0,
+        host: str = "127.0.0.1",
     ) -> DevVault:
-        """Start and configure a dev server; on any failure the process is stopped before raising."""
+        """Start and configure a dev server; on any failure the process is stopped before raising.
+
+        ``host`` is the address it listens on: loopback by default, another local address when
+        brokers on other (network-namespace) hosts must reach it, as in ``tests/replicas``.
+        """
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        port = port or _free_port()
+        port = port or _free_port(host)
         root_token = "root-" + secrets.token_hex(16)
         log = open(workdir / "bao.log", "wb")
         process = subprocess.Popen(
-            [bao_binary(), "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}", "-dev-no-store-token",
+            [bao_binary(), "server", "-dev", f"-dev-listen-address={host}:{port}", "-dev-no-store-token",
              f"-dev-root-token-id={root_token}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env={"PATH": os.environ.get("PATH", ""), "HOME": str(workdir)},
         )
         log.close()
-        vault = cls(addr=f"http://127.0.0.1:{port}", workdir=workdir, process=process, root_token=root_token)
+        vault = cls(addr=f"http://{host}:{port}", workdir=workdir, process=process, root_token=root_token)
         try:
             _private_file(vault.root_token_file, root_token)
             vault._wait_ready(timeout)

@@ -7,7 +7,13 @@ Order for a Vault grant (the credential exists before its entry, so failure must
 2. record the lease in the lease book (``pending``) with the SHA-256 of a fresh release token;
 3. append the ``issuance`` entry (kind, lease id or accessor, TTL - never the secret);
 4. if the append fails, revoke the lease at once, append a ``revocation`` entry if the ledger
-   takes it, and answer 503.
+   takes it, and answer 503;
+5. mark the lease live, then look at the kill switch again: a workload suspended while its request
+   was in flight (after admission, before its lease was in the book, where the suspension's sweep
+   could not see it) gets no credential. The lease is revoked (a ``revocation`` entry, reason
+   ``suspended``) and the answer is 403 ``workload_suspended``. The order makes the race safe: the
+   suspension sets its mark *then* lists open leases, the issuer adds its lease *then* reads the mark,
+   so at least one of them sees the other (both revoking is harmless: one claim wins).
 
 Every revocation (release, expiry sweep, suspension, failed append) is a ``revocation`` entry.
 
@@ -23,13 +29,14 @@ import logging
 import secrets
 import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import anyio
 
 from broker.clock import Clock, SystemClock
 from broker.entries import denial_entry, issuance_entry, revocation_entry
-from broker.errors import InvalidGrant, LedgerUnavailable, TemporarilyUnavailable
+from broker.errors import InvalidGrant, LedgerUnavailable, TemporarilyUnavailable, WorkloadSuspended
 from broker.isolation import Lane
 from broker.models import Grant, Issued, Receipt
 from broker.telemetry import NO_SPANS, Spans
@@ -39,7 +46,7 @@ from .kinds import VaultKind, parse_vault_kind
 from .leases import LeaseBook, LeaseRecord
 from .minter import MintedSecret, RowScope, VaultMinter
 
-__all__ = ["VaultIssuer"]
+__all__ = ["SuspendedSince", "VaultIssuer"]
 
 log = logging.getLogger("nhi_broker.vault")
 
@@ -48,6 +55,11 @@ log = logging.getLogger("nhi_broker.vault")
 BROKER_ACTOR = {"kind": "broker"}
 # RFC 8693 §2.2.1: the token_type of an issued token that is not an OAuth access token.
 NOT_AN_ACCESS_TOKEN = "N_A"
+
+
+# The kill switch as the issuer reads it: when a workload (registry name) was suspended, or ``None``
+# (``broker.state.tokens.TokenState.suspended_since``).
+SuspendedSince = Callable[[str], Awaitable[float | None]]
 
 
 class _Ledger(Protocol):
@@ -84,13 +96,14 @@ class VaultIssuer:
 
     def __init__(
         self, minter: VaultMinter, leases: LeaseBook, ledger: _Ledger, clock: Clock | None = None,
-        *, spans: Spans = NO_SPANS,
+        suspended_since: SuspendedSince | None = None, *, spans: Spans = NO_SPANS,
     ) -> None:
         self.spans = spans
         self.minter = minter
         self.leases = leases
         self.ledger = ledger
         self.clock = clock or SystemClock()
+        self.suspended_since = suspended_since
         settings = minter.settings
         # A call on the Vault lane is at most a login plus one request, each within settings.timeout.
         self.lane = Lane("Vault", settings.concurrency, 2 * settings.timeout + 0.5)
@@ -103,7 +116,7 @@ class VaultIssuer:
     async def issue(
         self, grant: Grant, request_id: str, approval: dict[str, Any] | None = None, *, trace_id: str | None = None
     ) -> Issued:
-        """Steps 1-4 of the module docstring for an allowed Vault grant.
+        """Steps 1-5 of the module docstring for an allowed Vault grant.
 
         ``approval`` (an approved held intent) points the issuance entry at its approval entry;
         ``trace_id`` is the request's W3C trace id, recorded in the issuance (or denial) entry.
@@ -141,6 +154,9 @@ class VaultIssuer:
                 span.set("nhi.ledger.index", receipt.index)
                 span.set("nhi.ledger.leaf_hash", receipt.leaf_hash)
             await self.book_lane.run(self.leases.mark_live, task_id, receipt.leaf_hash)
+            # (5) the kill switch again, now that the lease is in the book (module docstring). A store
+            # that cannot answer fails closed through the except below: the lease is revoked, 503.
+            suspended = self.suspended_since is not None and await self.suspended_since(grant.workload.name) is not None
         except BaseException as exc:
             # The secret exists but will not reach the caller: it must not survive. Shielded, so that a
             # cancelled request (client gone) still revokes.
@@ -155,6 +171,18 @@ class VaultIssuer:
             if isinstance(exc, Exception) and not isinstance(exc, TemporarilyUnavailable):
                 raise LedgerUnavailable("the credential could not be recorded; it was revoked") from None
             raise
+        if suspended:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.lane.run(self._revoke_suspended, record, request_id, receipt.leaf_hash)
+                except TemporarilyUnavailable:
+                    # Still running on its thread, or left to the sweeper once the lease is due.
+                    log.error("revocation of task=%s of a suspended workload is late (the Vault lane is busy)",
+                              task_id)
+            raise WorkloadSuspended(
+                f"workload {grant.workload.name!r} was suspended by an operator while this request was in "
+                "flight; its credential was revoked"
+            )
         log.info("issued vault %s task=%s workload=%s rule=%s index=%d",
                  kind.family, task_id, grant.workload.name, grant.rule_id, receipt.index)
         extra = {"task_id": task_id, "release_token": release_token, "vault": minted.extra}
@@ -180,6 +208,15 @@ class VaultIssuer:
         except Exception as exc:
             # The row stays open and expires with the task: the sweeper retries.
             log.error("could not revoke unrecorded task=%s: %s", record.task_id, type(exc).__name__)
+
+    def _revoke_suspended(self, record: LeaseRecord, request_id: str, issuance: str) -> None:
+        """Revoke a lease issued to a workload suspended meanwhile (step 5); the suspension may have
+        revoked it already (then its claim won and this is a no-op)."""
+        try:
+            self._revoke(record, "suspended", request_id, issuance=issuance)
+        except Exception as exc:
+            # Not handed out either way; the row stays open and the sweeper revokes it at expiry.
+            log.error("could not revoke task=%s of a suspended workload: %s", record.task_id, type(exc).__name__)
 
     def _leases_has(self, task_id: str) -> bool:
         try:

@@ -9,7 +9,7 @@ from broker.clock import Clock
 from broker.telemetry import NO_SPANS, Spans
 
 from .identity import VaultIdentity
-from .issuer import VaultIssuer
+from .issuer import SuspendedSince, VaultIssuer
 from .leases import LeaseBook
 from .minter import VaultMinter
 from .settings import VaultSettings
@@ -27,16 +27,18 @@ def open_lease_book(data_dir: Path, shared_url: str | None, timeout: float = 10.
 
 
 def open_vault_issuer(settings: VaultSettings, data_dir: Path, ledger: Any, clock: Clock,
-                      shared_url: str | None = None, *, spans: Spans = NO_SPANS) -> VaultIssuer:
+                      shared_url: str | None = None, suspended_since: SuspendedSince | None = None, *,
+                      spans: Spans = NO_SPANS) -> VaultIssuer:
     """A :class:`VaultIssuer` with its lease book, sweeping in the background.
 
     The book lives in PostgreSQL when ``shared_url`` names one (the ledger's database, so every
-    replica shares it), else under ``data_dir``. Nothing here talks to Vault: the broker starts
-    while Vault is down and fails closed per request.
+    replica shares it), else under ``data_dir``. ``suspended_since`` is the kill switch, read again
+    once a lease is live (a workload suspended mid-request gets no credential). Nothing here talks to
+    Vault: the broker starts while Vault is down and fails closed per request.
     """
     identity = VaultIdentity(settings, clock)
     # The lease book's SQLite busy timeout fits in its lane's deadline (VaultIssuer.book_lane).
     book = open_lease_book(data_dir, shared_url, timeout=settings.timeout)
-    issuer = VaultIssuer(VaultMinter(identity), book, ledger, clock, spans=spans)
+    issuer = VaultIssuer(VaultMinter(identity), book, ledger, clock, suspended_since=suspended_since, spans=spans)
     issuer.start_sweeper(settings.sweep_interval)
     return issuer

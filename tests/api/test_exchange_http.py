@@ -18,7 +18,7 @@ from jwcrypto import jwt as jwcrypto_jwt
 
 from broker.ledger.checkpoint import verify_checkpoint
 from broker.ledger.merkle import leaf_hash, verify_consistency, verify_inclusion
-from tests.helpers import SUPPORT, LiveBroker, exchange_form, intent
+from tests.helpers import SUPPORT, LiveBroker, delegated_form, intent
 
 NHI = str(Path(sys.executable).with_name("nhi-broker"))
 REFUND_20 = intent("payments.refund", "customers/c-42/orders/ord-1001", customer="c-42", amount=20, currency="EUR")
@@ -28,6 +28,17 @@ def dev_identity(broker: LiveBroker, spiffe_id: str = SUPPORT) -> str:
     out = subprocess.run([NHI, "dev", "identity", spiffe_id, "--data-dir", str(broker.data_dir)],
                          capture_output=True, text=True, check=True, timeout=60)
     return out.stdout.strip()
+
+
+def dev_user(broker: LiveBroker, subject: str = "c-42") -> str:
+    out = subprocess.run([NHI, "dev", "user", subject, "--data-dir", str(broker.data_dir)],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.strip()
+
+
+def refund_form(broker: LiveBroker, details: str = REFUND_20) -> dict[str, str]:
+    """A refund for the verified end user c-42 (delegated: the sample refund rules need the user)."""
+    return delegated_form(dev_user(broker), dev_identity(broker), "payments-api", details)
 
 
 def checkpoint(broker: LiveBroker, verifier_key: str) -> tuple[int, bytes]:
@@ -42,8 +53,7 @@ def test_exchange_verify_and_prove(live_broker: LiveBroker) -> None:
     verifier_key = meta["ledger_verifier_key"]
     size_before, root_before = checkpoint(live_broker, verifier_key)
 
-    r = httpx.post(live_broker.url + "/v1/token", data=exchange_form(dev_identity(live_broker), "payments-api",
-                                                                      REFUND_20))
+    r = httpx.post(live_broker.url + "/v1/token", data=refund_form(live_broker))
     assert r.status_code == 200, r.text
     body = r.json()
     token = body["access_token"]
@@ -57,7 +67,7 @@ def test_exchange_verify_and_prove(live_broker: LiveBroker) -> None:
     claims = json.loads(verified.claims)
     assert header["typ"] == "at+jwt"
     assert header["kid"] == keyset.get_key(header["kid"]).thumbprint()  # kid = RFC 7638 thumbprint
-    assert claims["sub"] == SUPPORT
+    assert claims["sub"] == "c-42" and claims["act"] == {"sub": SUPPORT}  # for the verified customer
     assert claims["client_id"] == "support-assistant"
     assert claims["owner"]
     assert claims["authorization_details"] == json.loads(REFUND_20)
@@ -120,7 +130,7 @@ def test_granian_names_the_broker_not_itself_in_server(tmp_path: Path) -> None:
         for r in (httpx.get(broker.url + "/healthz"), httpx.post(broker.url + "/v1/token", data={"a": "b"}),
                   httpx.get(broker.url + "/no/such/path")):
             assert r.headers.get_list("server") == ["nhi-broker"], r.headers
-        r = httpx.post(broker.url + "/v1/token", data=exchange_form(dev_identity(broker), "payments-api", REFUND_20))
+        r = httpx.post(broker.url + "/v1/token", data=refund_form(broker))
         assert r.status_code == 200, r.text
     finally:
         broker.stop()
@@ -130,7 +140,7 @@ def test_granian_names_the_broker_not_itself_in_server(tmp_path: Path) -> None:
 def test_granian_serves_the_same_exchange(tmp_path: Path, workers: int) -> None:
     broker = LiveBroker(tmp_path / "data", workers=workers, server="granian")
     try:
-        r = httpx.post(broker.url + "/v1/token", data=exchange_form(dev_identity(broker), "payments-api", REFUND_20))
+        r = httpx.post(broker.url + "/v1/token", data=refund_form(broker))
         assert r.status_code == 200, r.text
         assert r.json()["receipt"]["index"] >= 0
         assert r.headers.get_list("server") == ["nhi-broker"]

@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
 from broker.api.app import create_app
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.audit import WitnessSigner
 from broker.clock import FixedClock, SystemClock
 from broker.config import Settings
 from broker.operators import hash_secret
 from tests.dpop.dpop_helpers import new_key, proof
-from tests.helpers import POLICIES, SUPPORT, LiveBroker, exchange_form, form_body, intent
+from tests.helpers import POLICIES, SUPPORT, LiveBroker, delegated_form, dev_user, exchange_form, form_body, intent
 from tests.state.conftest import SHARED_REDIS, drop_prefix, unique_prefix
 
 ADMIN = "admin-token-0123456789"
@@ -156,8 +156,10 @@ DETAIL_CASES = [
 @pytest.mark.parametrize("case", DETAIL_CASES, ids=lambda c: c.name)
 def test_authorization_details(app: tuple[TestClient, DevIssuer], case: Case) -> None:
     c, issuer = app
-    subject = issuer.mint(SUPPORT, "nhi-broker", clock=SystemClock())
-    r = c.post("/v1/token", content=form_body(exchange_form(subject, "payments-api", case.details)), headers=FORM)
+    actor = issuer.mint(SUPPORT, "nhi-broker", clock=SystemClock())
+    # Refunds are delegated: the verified end user c-42 (the sample refund rules need one).
+    user = dev_user(c.app.state.runtime.settings.data_dir)  # type: ignore[attr-defined]
+    r = c.post("/v1/token", content=form_body(delegated_form(user, actor, "payments-api", case.details)), headers=FORM)
     if case.status == 200:
         assert r.status_code == 200, r.text
         return
@@ -364,11 +366,14 @@ def test_rate_limit_answers_retry_after(tmp_path: Path) -> None:
     with TestClient(create_app(s, clock=clock), raise_server_exceptions=False) as c:
         issuer = DevIssuer.load_or_create(s.data_dir)
 
+        users = DevUserIssuer.load_or_create(s.data_dir)
+
         def refund(conversation: str) -> Any:
-            subject = issuer.mint(SUPPORT, "nhi-broker", clock=clock)
+            actor = issuer.mint(SUPPORT, "nhi-broker", clock=clock)
+            user = users.mint_user("c-42", "nhi-broker", clock=clock)
             ctx = {"customer": "c-42", "amount": 5, "currency": "EUR", "conversation": conversation}
-            return c.post("/v1/token", data=exchange_form(subject, "payments-api",
-                                                          intent("payments.refund", RESOURCE, **ctx)))
+            return c.post("/v1/token", data=delegated_form(user, actor, "payments-api",
+                                                           intent("payments.refund", RESOURCE, **ctx)))
 
         assert refund("a").status_code == 200
         assert refund("b").status_code == 200

@@ -52,7 +52,9 @@ MAX_FAIL_SECONDS = 15.0
 CONCURRENT = 60
 GOOD_ISS = "https://good-issuer.example"
 HANGING_ISS = "https://hanging-issuer.example"
-REFUND = intent("payments.refund", "customers/c-42/orders/ord-1001", customer="c-42", amount=20, currency="EUR")
+# An intent the sample policy issues on a plain exchange (a refund would need a verified end user,
+# and this broker trusts no user issuer).
+READ = intent("orders.read", "customers/c-42/orders/ord-1001", customer="c-42")
 KB = intent("kb.config.read", "kb/config")
 VAULT_TOKEN = "urn:nhi-broker:token-type:vault-token"
 PROBED = ("/healthz", "/.well-known/jwks.json", "/.well-known/oauth-authorization-server")
@@ -155,8 +157,8 @@ class Setup:
     good: Issuer
     hanging: Issuer
 
-    def exchange(self, client: httpx.Client, issuer: Issuer, spiffe_id: str = SUPPORT, audience: str = "payments-api",
-                 details: str = REFUND, **extra: str) -> httpx.Response:
+    def exchange(self, client: httpx.Client, issuer: Issuer, spiffe_id: str = SUPPORT, audience: str = "orders-api",
+                 details: str = READ, **extra: str) -> httpx.Response:
         return client.post(self.broker.url + "/v1/token",
                            data=exchange_form(issuer.token(spiffe_id), audience, details, **extra))
 

@@ -18,7 +18,7 @@ from broker.api.app import create_app
 from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
 from broker.config import Settings
-from tests.helpers import POLICIES, SUPPORT, TRIAGE, exchange_form, form_body, intent
+from tests.helpers import POLICIES, SUPPORT, TRIAGE, delegated_form, dev_user, exchange_form, form_body, intent
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 READ = intent("orders.read", "customers/c-42/orders/ord-1001", customer="c-42")
@@ -67,8 +67,13 @@ def forged(issuer: DevIssuer, settings: Settings, **overrides: Any) -> str:
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid, "typ": "JWT"})
 
 
-def test_refund_within_limit_is_issued(client: TestClient, issuer: DevIssuer) -> None:
-    r = post(client, exchange_form(identity(issuer), "payments-api", REFUND_20))
+def refund_form(issuer: DevIssuer, settings: Settings, details: str, customer: str = "c-42") -> dict[str, str]:
+    """A refund exchange for the verified end user ``customer`` (the sample refund rules need one)."""
+    return delegated_form(dev_user(settings.data_dir, customer), identity(issuer), "payments-api", details)
+
+
+def test_refund_within_limit_is_issued(client: TestClient, issuer: DevIssuer, settings: Settings) -> None:
+    r = post(client, refund_form(issuer, settings, REFUND_20))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["token_type"] == "Bearer"
@@ -148,8 +153,12 @@ def bad_inputs(issuer: DevIssuer, settings: Settings) -> list[tuple[str, Any, di
             issuer, "spiffe://example.org/ns/evil/sa/impostor")}, FORM, 403, "access_denied", "not registered"),
         ("audience not allowed for workload", {**good, "audience": "tickets-api"}, FORM, 400, "invalid_target",
          ""),
-        ("over-limit refund", exchange_form(identity(issuer), "payments-api", REFUND_500), FORM, 403,
-         "access_denied", ""),
+        ("over-limit refund", refund_form(issuer, settings, REFUND_500), FORM, 403,
+         "access_denied", "no rule allows payments.refund"),
+        ("refund without a verified end user", exchange_form(identity(issuer), "payments-api", REFUND_20), FORM,
+         403, "access_denied", "denied by rule refund-requires-verified-user"),
+        ("refund for another customer than the verified user", refund_form(issuer, settings, REFUND_20, "c-77"),
+         FORM, 403, "access_denied", "denied by rule refund-other-customer"),
         ("triage may not reach payments", exchange_form(identity(issuer, TRIAGE), "payments-api", REFUND_20), FORM,
          400, "invalid_target", "not registered for workload"),
     ]
@@ -187,10 +196,10 @@ def test_identity_token_is_single_use(client: TestClient, issuer: DevIssuer) -> 
     assert "already been used" in r.json()["error_description"]
 
 
-def test_denials_and_issuances_are_ledger_entries(client: TestClient, issuer: DevIssuer) -> None:
+def test_denials_and_issuances_are_ledger_entries(client: TestClient, issuer: DevIssuer, settings: Settings) -> None:
     before = client.get("/v1/ledger/checkpoint").text.splitlines()[1]
-    assert post(client, exchange_form(identity(issuer), "payments-api", REFUND_500)).status_code == 403
-    ok = post(client, exchange_form(identity(issuer), "payments-api", REFUND_20))
+    assert post(client, refund_form(issuer, settings, REFUND_500)).status_code == 403
+    ok = post(client, refund_form(issuer, settings, REFUND_20))
     size = int(before)
     entries = client.get("/v1/ledger/entries", params={"start": size, "end": size + 2}).json()["entries"]
     denial, issuance = entries[0]["entry"], entries[1]["entry"]

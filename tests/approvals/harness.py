@@ -10,11 +10,11 @@ from typing import Any
 import jwt
 from fastapi.testclient import TestClient
 
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.clock import FixedClock
 from broker.config import Settings
 from broker.operators import hash_secret
-from tests.helpers import POLICIES, SUPPORT, exchange_form, intent
+from tests.helpers import POLICIES, SUPPORT, delegated_form, exchange_form, intent
 from tests.state.conftest import SHARED_REDIS
 
 CIBA = "urn:openid:params:grant-type:ciba"
@@ -60,12 +60,22 @@ class Harness:
         self.settings = settings
         self.clock = clock
         self.issuer = DevIssuer.load_or_create(settings.data_dir)
+        self.users = DevUserIssuer.load_or_create(settings.data_dir)
 
     def identity(self, spiffe_id: str = SUPPORT) -> str:
         return self.issuer.mint(spiffe_id, "nhi-broker", ttl=300, clock=self.clock)
 
-    def exchange(self, details: str, spiffe_id: str = SUPPORT) -> Any:
-        return self.client.post("/v1/token", data=exchange_form(self.identity(spiffe_id), "payments-api", details))
+    def user(self, subject: str = "c-42") -> str:
+        """A token of the verified end user ``subject`` (trial user issuer)."""
+        return self.users.mint_user(subject, "nhi-broker", ttl=300, clock=self.clock)
+
+    def exchange(self, details: str, spiffe_id: str = SUPPORT, user: str | None = "c-42") -> Any:
+        """An exchange at payments-api; delegated for end user ``user`` (refunds need one), plain if ``None``."""
+        if user is None:
+            form = exchange_form(self.identity(spiffe_id), "payments-api", details)
+        else:
+            form = delegated_form(self.user(user), self.identity(spiffe_id), "payments-api", details)
+        return self.client.post("/v1/token", data=form)
 
     def hold(self, amount: Any = 120) -> str:
         r = self.exchange(refund(amount))

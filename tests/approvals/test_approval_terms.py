@@ -15,7 +15,7 @@ from broker.audit.schema import validate_entry
 from broker.clock import FixedClock
 from tests.approvals.harness import APRIL, DANA, Harness, approval_settings, claims, refund
 from tests.dpop.dpop_helpers import new_key, proof
-from tests.helpers import POLICIES, exchange_form
+from tests.helpers import POLICIES, delegated_form
 
 TERMS = '[[review]]\nrule = "refund-review-eur"\napprovers = "refund-approvers"\napprovals = {n}\nmax_wait = 900\n'
 
@@ -80,7 +80,7 @@ def test_a_dpop_held_request_is_collected_with_the_same_key_only(owner_may_appro
     h = owner_may_approve
     htu = h.settings.issuer_url + "/v1/token"
     key, other = new_key(), new_key()
-    r = h.client.post("/v1/token", data=exchange_form(h.identity(), "payments-api", refund(120)),
+    r = h.client.post("/v1/token", data=delegated_form(h.user(), h.identity(), "payments-api", refund(120)),
                       headers={"DPoP": proof(key, htu=htu, iat=h.clock.now())})
     rid = r.json()["auth_req_id"]
     assert h.decide(rid, "approve").status_code == 200

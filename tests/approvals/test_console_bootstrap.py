@@ -21,7 +21,7 @@ from broker.operators import hash_secret
 from tests.approvals.console_browser import WIDTHS, assert_no_horizontal_overflow, open_browser, shoot
 from tests.approvals.harness import OPERATORS, refund
 from tests.approvals.test_console_browser import _toml_operators, follow, identity, sign_in
-from tests.helpers import LiveBroker, exchange_form
+from tests.helpers import LiveBroker, delegated_form, dev_user
 
 _LINE = re.compile(r"^    (admin|approver|auditor)\s+(nhi-console-[A-Za-z0-9_-]{43})(?:\s+\(groups: ([^)]*)\))?$", re.M)
 
@@ -89,7 +89,8 @@ def test_bootstrap_sign_ins_do_not_open_the_admin_api(embedded: LiveBroker) -> N
 
 @pytest.mark.parametrize("width", WIDTHS, ids=lambda w: f"{w}px")
 def test_bootstrap_approver_decides_in_the_browser(embedded: LiveBroker, width: int, tmp_path: Path) -> None:
-    r = httpx.post(embedded.url + "/v1/token", data=exchange_form(identity(embedded), "payments-api", refund(120)))
+    r = httpx.post(embedded.url + "/v1/token",  # a refund for the verified customer c-42 (delegated)
+                   data=delegated_form(dev_user(embedded.data_dir), identity(embedded), "payments-api", refund(120)))
     assert r.status_code == 200, r.text
     rid = r.json()["auth_req_id"]
     browser: WebDriver = open_browser(width)

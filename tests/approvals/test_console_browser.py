@@ -33,7 +33,7 @@ from broker.attest.dev import DevIssuer
 from broker.audit import HttpLedgerSource, prove_attribution, verify_ledger
 from broker.clock import SystemClock
 from tests.approvals.harness import APRIL, AUDREY, CIBA, JWT_TYPE, OPERATORS, claims, refund
-from tests.helpers import REPO, SUPPORT, LiveBroker, exchange_form
+from tests.helpers import REPO, SUPPORT, LiveBroker, delegated_form, dev_user
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -124,7 +124,8 @@ def test_refund_approved_in_the_browser_is_issued_and_verified_in_the_ledger(
     broker: LiveBroker, browser: WebDriver, tmp_path: Path
 ) -> None:
     # (1) the assistant asks for a 120 EUR refund: held for review, CIBA-style.
-    r = httpx.post(broker.url + "/v1/token", data=exchange_form(identity(broker), "payments-api", refund(120)))
+    r = httpx.post(broker.url + "/v1/token",
+                   data=delegated_form(dev_user(broker.data_dir), identity(broker), "payments-api", refund(120)))
     assert r.status_code == 200, r.text
     held = r.json()
     rid = held["auth_req_id"]

@@ -114,7 +114,8 @@ def test_approver_sees_why_history_and_budget(live: tuple[LiveBroker, Scenario],
     follow(browser, link)
     assert_no_horizontal_overflow(browser)
     assert browser.find_element(By.ID, "rule-id").text == "refund-review-eur"
-    assert browser.find_element(By.ID, "rule-condition").text == "amount > 50 && amount < 500 && currency == 'EUR'"
+    assert browser.find_element(By.ID, "rule-condition").text == (
+        "amount > 50 && amount < 500 && currency == 'EUR' && customer == user.sub")
     clauses = browser.find_element(By.ID, "clauses").text
     assert "✓ amount > 50 (amount = 120)" in clauses.replace("  ", " ")
     history = browser.find_element(By.ID, "history").text

@@ -9,13 +9,13 @@ import pytest
 
 from broker.approvals import is_owner
 from broker.errors import PolicyLoadError
-from broker.models import Intent, ReviewTerms, WorkloadIdentity
+from broker.models import EndUser, Intent, ReviewTerms, WorkloadIdentity
 from broker.policy import load_policies
 from broker.policy.reviews import parse_reviews
 from tests.helpers import POLICIES, SUPPORT
 
-REVIEW_LINE = ('p, refund-agent, payments-api, payments.refund, customers/{customer}/orders/*, '
-               '"amount > 50 && amount < 500 && currency == \'EUR\'", review, refund-review-eur, 120, jwt\n')
+# The verified end user the refunds below are for (the sample refund rules need one, and the customer).
+CUSTOMER = EndUser(issuer="https://login.example.org", subject="c-1")
 
 
 def policy_dir(tmp_path: Path, extra_lines: str = "", approvals: str | None = None) -> Path:
@@ -34,7 +34,8 @@ def decide(directory: Path, amount: float) -> tuple[str, str | None]:
     identity = WorkloadIdentity(SUPPORT, "test", "dev", SUPPORT, "sha256:" + "0" * 64, 0)
     workload = policies.resolve_workload(identity)
     d = policies.decide(workload, "payments-api", Intent("payments.refund", "customers/c-1/orders/o-1",
-                                                        {"customer": "c-1", "amount": amount, "currency": "EUR"}))
+                                                        {"customer": "c-1", "amount": amount, "currency": "EUR"}),
+                        CUSTOMER)
     return d.effect, d.rule_id
 
 

@@ -21,7 +21,7 @@ from jwcrypto import jwk as jwcrypto_jwk
 from jwcrypto import jwt as jwcrypto_jwt
 
 from broker.attest.wimse import token_hash
-from tests.helpers import SUPPORT, LiveBroker, intent
+from tests.helpers import JWT_TYPE, SUPPORT, LiveBroker, dev_user, intent
 
 WIT_TYPE = "urn:nhi-broker:token-type:wimse-wit"
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -59,14 +59,17 @@ def make_wpt(broker: LiveBroker, wit: str, *, key: Any = WORKLOAD_KEY, alg: str 
     return jwt.encode(body, key, algorithm=alg, headers={"typ": "wpt+jwt"})
 
 
-def form(wit: str) -> dict[str, str]:
-    return {"grant_type": EXCHANGE, "subject_token": wit, "subject_token_type": WIT_TYPE,
-            "audience": "payments-api", "authorization_details": REFUND_20}
+def form(broker: LiveBroker, wit: str) -> dict[str, str]:
+    """A refund for the verified customer c-42 (RFC 8693 delegation; the sample refund rules need the
+    user): the WIT is the actor, proven by the WPT; the customer's token (trial user issuer) the subject."""
+    return {"grant_type": EXCHANGE, "subject_token": dev_user(broker.data_dir), "subject_token_type": JWT_TYPE,
+            "actor_token": wit, "actor_token_type": WIT_TYPE, "audience": "payments-api",
+            "authorization_details": REFUND_20}
 
 
 def post(broker: LiveBroker, wit: str, proofs: list[str], **headers: str) -> httpx.Response:
     pairs = [("workload-proof-token", proof) for proof in proofs] + list(headers.items())
-    return httpx.post(broker.url + "/v1/token", data=form(wit), headers=httpx.Headers(pairs))
+    return httpx.post(broker.url + "/v1/token", data=form(broker, wit), headers=httpx.Headers(pairs))
 
 
 def test_a_valid_pair_gets_a_task_token(broker: LiveBroker) -> None:
@@ -77,7 +80,8 @@ def test_a_valid_pair_gets_a_task_token(broker: LiveBroker) -> None:
     verified = jwcrypto_jwt.JWT(jwt=r.json()["access_token"], key=jwcrypto_jwk.JWKSet.from_json(json.dumps(jwks)),
                                 algs=["ES256"], check_claims={"iss": broker.url, "aud": "payments-api", "exp": None})
     claims = json.loads(verified.claims)
-    assert claims["sub"] == SUPPORT and claims["client_id"] == "support-assistant"
+    assert claims["sub"] == "c-42" and claims["act"] == {"sub": SUPPORT}
+    assert claims["client_id"] == "support-assistant"
     index = r.json()["receipt"]["index"]
     page = httpx.get(broker.url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
     assert page["entries"][0]["entry"]["workload"]["attestation"] == "wimse"

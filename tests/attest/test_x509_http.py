@@ -15,10 +15,12 @@ import json
 import ssl
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -33,7 +35,7 @@ from nhi_broker_client import (
 )
 
 from tests.attest.x509_factory import Authority, pem, xfcc_value
-from tests.helpers import SUPPORT, LiveBroker, intent
+from tests.helpers import JWT_TYPE, SUPPORT, LiveBroker, dev_user, intent
 
 X509_TYPE = "urn:nhi-broker:token-type:x509-svid"
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -47,6 +49,14 @@ ROTATED = Authority.root("example.org", now=NOW)  # the trust domain's next CA, 
 def form(spiffe_id: str = SUPPORT) -> dict[str, str]:
     return {"grant_type": EXCHANGE, "subject_token": spiffe_id, "subject_token_type": X509_TYPE,
             "audience": "payments-api", "authorization_details": REFUND_20}
+
+
+def refund_form(broker: LiveBroker, spiffe_id: str = SUPPORT) -> dict[str, str]:
+    """A refund for the verified customer c-42 (RFC 8693 delegation; the sample refund rules need the user):
+    the workload's X.509-SVID is the actor, the customer's token (trial user issuer) the subject."""
+    return {"grant_type": EXCHANGE, "subject_token": dev_user(broker.data_dir), "subject_token_type": JWT_TYPE,
+            "actor_token": spiffe_id, "actor_token_type": X509_TYPE, "audience": "payments-api",
+            "authorization_details": REFUND_20}
 
 
 def thumbprint(certificate: x509.Certificate) -> str:
@@ -107,11 +117,11 @@ def test_svid_forwarded_by_a_trusted_proxy_gets_a_certificate_bound_token(proxie
     broker, _ = proxied
     intermediate = ORG.intermediate()
     leaf = intermediate.leaf(SUPPORT)
-    r = httpx.post(broker.url + "/v1/token", data=form(), headers=xfcc(leaf, intermediate.cert))
+    r = httpx.post(broker.url + "/v1/token", data=refund_form(broker), headers=xfcc(leaf, intermediate.cert))
     assert r.status_code == 200, r.text
     body = r.json()
     claims = verify_independently(broker, body["access_token"])
-    assert claims["sub"] == SUPPORT
+    assert claims["sub"] == "c-42" and claims["act"] == {"sub": SUPPORT}
     assert claims["cnf"] == {"x5t#S256": thumbprint(leaf)}  # RFC 8705 §3.1
     entry = ledger_entry(broker, body["receipt"]["index"])
     assert entry["workload"]["attestation"] == "x509-svid"
@@ -178,7 +188,7 @@ def test_rotated_bundle_is_followed_without_restart(proxied: tuple[LiveBroker, P
     org_bundle.write_bytes(pem(ORG.cert, ROTATED.cert))
     deadline = time.monotonic() + 15
     while True:
-        r = httpx.post(broker.url + "/v1/token", data=form(), headers=xfcc(leaf))
+        r = httpx.post(broker.url + "/v1/token", data=refund_form(broker), headers=xfcc(leaf))
         if r.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.2)  # the broker reloads on its own schedule (refresh_interval = 1 s)
@@ -224,7 +234,7 @@ def test_svid_over_mutual_tls_terminated_by_the_broker(terminating: tuple[LiveBr
     broker, etc = terminating
     cert, x5t = client_files(etc, ORG, SUPPORT)
     with mtls_client(etc, cert) as client:
-        r = client.post(broker.url + "/v1/token", data=form())
+        r = client.post(broker.url + "/v1/token", data=refund_form(broker))
         assert r.status_code == 200, r.text
         claims = verify_independently(broker, r.json()["access_token"], verify=server_ca(etc))
         assert claims["cnf"] == {"x5t#S256": x5t}
@@ -261,11 +271,14 @@ def test_sdk_over_mutual_tls_and_the_resource_side_binding_check(terminating: tu
     broker, etc = terminating
     cert, x5t = client_files(etc, ORG, SUPPORT)
     other, _ = client_files(etc, ORG, SUPPORT)
-    with BrokerClient(broker.url, SUPPORT, subject_token_type=X509_SVID_TOKEN_TYPE, dpop=False, client_cert=cert,
+    # The SVID-attested assistant acts for the verified customer c-42 (actor_token_type = the SVID's type).
+    with BrokerClient(broker.url, actor=SUPPORT, user_token=partial(dev_user, broker.data_dir),
+                      subject_token_type=X509_SVID_TOKEN_TYPE, dpop=False, client_cert=cert,
                       ca_file=str(etc / "server-ca.pem")) as client:
         token = client.get_token("payments-api", "payments.refund", "customers/c-42/orders/ord-1001",
                                  {"customer": "c-42", "amount": 20, "currency": "EUR"})
     assert token.token_type == "Bearer"
+    assert jwt.decode(token.access_token, options={"verify_signature": False})["act"] == {"sub": SUPPORT}
     with TaskTokenVerifier(broker.url, "payments-api", http_client=httpx.Client(verify=server_ca(etc))) as verifier:
         presented = Path(cert[0]).read_text()
         verified = verifier.verify(token.access_token, scheme="Bearer", client_certificate=presented)

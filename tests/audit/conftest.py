@@ -12,7 +12,7 @@ import pytest
 
 from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
-from tests.helpers import SUPPORT, TRIAGE, LiveBroker, exchange_form, intent
+from tests.helpers import SUPPORT, TRIAGE, LiveBroker, delegated_form, dev_user, exchange_form, intent
 
 REFUND = intent("payments.refund", "customers/c-42/orders/ord-1001", customer="c-42", amount=20, currency="EUR")
 # Another customer's order: no rule allows it, so the broker records a denial.
@@ -35,15 +35,21 @@ class Ledger:
     issued: list[Issued] = field(default_factory=list)
 
 
-def exchange(broker: LiveBroker, spiffe_id: str, details: str, audience: str = "payments-api") -> httpx.Response:
-    """One token exchange with a fresh trial identity (minted in-process from the broker's data dir)."""
+def exchange(broker: LiveBroker, spiffe_id: str, details: str, audience: str = "payments-api",
+             user: str | None = None) -> httpx.Response:
+    """One token exchange with a fresh trial identity (minted in-process from the broker's data dir);
+    delegated for the verified end user ``user`` when given (refunds need one)."""
     subject = DevIssuer.load_or_create(broker.data_dir).mint(spiffe_id, "nhi-broker", clock=SystemClock())
-    return httpx.post(broker.url + "/v1/token", data=exchange_form(subject, audience, details), timeout=30)
+    if user is None:
+        form = exchange_form(subject, audience, details)
+    else:
+        form = delegated_form(dev_user(broker.data_dir, user), subject, audience, details)
+    return httpx.post(broker.url + "/v1/token", data=form, timeout=30)
 
 
 def populate(broker: LiveBroker, issued: list[Issued], n: int = 6) -> None:
     for i in range(n):
-        r = exchange(broker, SUPPORT, REFUND)
+        r = exchange(broker, SUPPORT, REFUND, user="c-42")
         assert r.status_code == 200, r.text
         body = r.json()
         issued.append(Issued(body["access_token"], body["receipt"]["index"], body["receipt"]["leaf_hash"]))

@@ -205,7 +205,7 @@ def test_consistency_and_witness(broker_on_copy: tuple[LiveBroker, Ledger], tmp_
         "audit", "consistency", "--url", broker.url, "--verifier-key", ledger.verifier_key, "--state", str(state)
     )
     assert first.returncode == 0 and "first checkpoint recorded" in first.stdout, first.stderr
-    assert exchange(broker, SUPPORT, REFUND).status_code == 200
+    assert exchange(broker, SUPPORT, REFUND, user="c-42").status_code == 200
     assert exchange(broker, TRIAGE, FOREIGN, audience="orders-api").status_code in (400, 403)
     second = nhi(
         "audit", "consistency", "--url", broker.url, "--verifier-key", ledger.verifier_key, "--state", str(state)

@@ -39,7 +39,7 @@ def test_rotation_keeps_old_history_verifiable(ledger_copy: WrittenLedger, tmp_p
 
     broker = LiveBroker(ledger_copy.data_dir)
     try:
-        assert exchange(broker, SUPPORT, REFUND).status_code == 200
+        assert exchange(broker, SUPPORT, REFUND, user="c-42").status_code == 200
         source = HttpLedgerSource(broker.url)
         # The auditor trusts only the old key; the ledger's endorsement carries it to the new one.
         verified = verify_ledger(source, old_key)

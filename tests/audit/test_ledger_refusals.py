@@ -254,7 +254,7 @@ def test_prove_consistency_and_witness_follow_a_rotation(ledger_copy: WrittenLed
     new_key = rotated.stdout.split("new verifier key  ")[1].split()[0]
     broker = LiveBroker(ledger_copy.data_dir)
     try:
-        r = exchange(broker, SUPPORT, REFUND)
+        r = exchange(broker, SUPPORT, REFUND, user="c-42")
         assert r.status_code == 200
         token = r.json()["access_token"]
         args = ["--url", broker.url, "--verifier-key", old_key]

@@ -13,10 +13,12 @@ from tests.audit.conftest import Ledger
 from tests.audit.test_audit_cli import nhi
 from tests.helpers import POLICIES
 
-SMALL = ('"amount > 0 && amount <= 50 && currency == \'EUR\'", allow, refund-small-eur',
-         '"amount > 0 && amount <= 10 && currency == \'EUR\'", allow, refund-small-eur')
-REVIEW = ('"amount > 50 && amount < 500 && currency == \'EUR\'", review, refund-review-eur',
-          '"amount > 10 && amount < 500 && currency == \'EUR\'", review, refund-review-eur')
+SMALL = ('"amount > 0 && amount <= 50 && currency == \'EUR\' && customer == user.sub", allow, refund-small-eur',
+         '"amount > 0 && amount <= 10 && currency == \'EUR\' && customer == user.sub", allow, refund-small-eur')
+REVIEW = ('"amount > 50 && amount < 500 && currency == \'EUR\' && customer == user.sub", review, refund-review-eur',
+          '"amount > 10 && amount < 500 && currency == \'EUR\' && customer == user.sub", review, refund-review-eur')
+# The recorded refunds are delegated (ledger member `user`): a candidate that no longer checks the
+# customer against the verified user must not change them, one that needs another user must deny them.
 
 
 def _candidate(tmp_path: Path, *edits: tuple[str, str]) -> Path:
@@ -69,6 +71,21 @@ def test_replay_of_the_recorded_policies_changes_nothing(ledger_copy: Ledger, tm
     assert "unchanged 8, changed 0" in r.stdout
 
 
+def test_replay_decides_with_the_recorded_verified_user(ledger_copy: Ledger, tmp_path: Path) -> None:
+    bundle = _bundle(ledger_copy, tmp_path)
+    source = BundleLedgerSource(bundle)
+    # The six refunds were for the verified user c-42 of the trial user issuer: a rule that wants
+    # another issuer's users no longer allows them ...
+    other_issuer = (SMALL[0], SMALL[0].replace("customer == user.sub", "user.iss == 'https://login.example.org'"))
+    report = replay_ledger(source, ledger_copy.verifier_key, load_policies(_candidate(tmp_path / "a", other_issuer)))
+    assert report.transitions == {"allow → deny": 6}
+    # ... and one that asks for the same user, spelled differently, changes nothing.
+    same_user = (SMALL[0], SMALL[0].replace("customer == user.sub", "user.sub == 'c-42' && user.delegated == true"))
+    report = replay_ledger(BundleLedgerSource(bundle), ledger_copy.verifier_key,
+                           load_policies(_candidate(tmp_path / "b", same_user)))
+    assert report.transitions == {} and report.replayed == 8
+
+
 def test_replay_refuses_an_unverified_ledger_and_bad_input(ledger_copy: Ledger, tmp_path: Path) -> None:
     import base64
 
@@ -105,6 +122,8 @@ def _refund(index: int, customer: str, user_sub: str | None, kind: str, rule: st
     return entry
 
 
+RULE_REQUIRES_USER = ('p, refund-agent, payments-api, payments.refund, **, "user.delegated == false", deny, '
+                      'refund-requires-verified-user, -, -\n')
 DELEGATED = [
     _refund(0, "c-42", "c-42", "issuance", "refund-small-eur"),        # the verified customer's own refund
     _refund(1, "c-42", "c-99", "denial", "refund-other-customer"),     # another customer's refund: denied
@@ -118,27 +137,33 @@ def _replay(policies_dir: Path, entries: list[dict[str, object]]) -> ReplayRepor
 
 
 def test_replay_decides_delegated_requests_with_the_recorded_user(tmp_path: Path) -> None:
-    # Under the recorded policies nothing changes: the user terms come back from the entry.
+    # The sample policy requires the verified customer: the delegated requests replay unchanged (the
+    # user terms come back from the entry), the refund recorded without a user would now be denied.
     report = _replay(POLICIES, DELEGATED)
-    assert (report.replayed, report.unchanged, report.changed) == (3, 3, 0), report.lines()
-    # A candidate that requires delegation (customer == user.sub) changes only the undelegated refund.
-    candidate = _candidate(tmp_path, ("\"amount > 0 && amount <= 50 && currency == 'EUR'\", allow, refund-small-eur",
-                                      "\"amount > 0 && amount <= 50 && currency == 'EUR' && customer == user.sub\", "
-                                      "allow, refund-small-eur"))
-    report = _replay(candidate, DELEGATED)
+    assert (report.replayed, report.unchanged, report.changed) == (3, 2, 1), report.lines()
     assert report.transitions == {"allow → deny": 1}, report.lines()
-    (change,) = report.by_rule["refund-small-eur (no longer matches)"].examples["allow → deny"]
+    (change,) = report.by_rule["refund-requires-verified-user"].examples["allow → deny"]
     assert change.index == 2
+    # A candidate without that requirement changes nothing: entry 1 is still another customer's refund
+    # for the recorded user c-99 (refund-other-customer), entry 2 a plain refund allowed again.
+    candidate = _candidate(
+        tmp_path,
+        (RULE_REQUIRES_USER, ""),
+        ("\"amount > 0 && amount <= 50 && currency == 'EUR' && customer == user.sub\", allow, refund-small-eur",
+         "\"amount > 0 && amount <= 50 && currency == 'EUR'\", allow, refund-small-eur"),
+    )
+    report = _replay(candidate, DELEGATED)
+    assert (report.replayed, report.unchanged, report.changed) == (3, 3, 0), report.lines()
 
 
 def test_replay_counts_delegated_requests_under_unrecorded_user_claims(tmp_path: Path) -> None:
     # Entries keep the user's issuer and subject, not its mapped claims: a rule reading user.tenant
     # cannot be re-decided for a delegated request, and the report says so instead of guessing.
-    candidate = _candidate(tmp_path, ("\"amount > 0 && amount <= 50 && currency == 'EUR'\", allow, refund-small-eur",
-                                      "\"amount > 0 && amount <= 50 && currency == 'EUR' && user.tenant == 'eu'\", "
-                                      "allow, refund-small-eur"))
+    candidate = _candidate(tmp_path, ("&& customer == user.sub\", allow, refund-small-eur",
+                                      "&& customer == user.sub && user.tenant == 'eu'\", allow, refund-small-eur"))
     report = _replay(candidate, DELEGATED)
     assert report.not_replayable == {"delegated request under rules naming user.tenant": 2}, report.lines()
+    # The refund recorded without a user is replayed: denied for want of a verified user.
     assert report.replayed == 1 and report.transitions == {"allow → deny": 1}
     # Other actions' rules do not read user.tenant: their delegated requests replay as before.
     read = {"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/o-1",

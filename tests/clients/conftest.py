@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.clock import SystemClock
 from tests.helpers import POLICIES, SUPPORT, LiveBroker
 
@@ -36,3 +36,11 @@ def identity(broker: LiveBroker) -> Callable[[], str]:
     """A fresh single-use workload identity JWT of the support assistant per call (the trial issuer)."""
     issuer = DevIssuer.load_or_create(broker.data_dir)
     return lambda: issuer.mint(SUPPORT, "nhi-broker", clock=SystemClock())
+
+
+@pytest.fixture(scope="package")
+def customer(broker: LiveBroker) -> Callable[[], str]:
+    """A fresh token of the signed-in customer c-42 per call (the trial user issuer): refunds are
+    delegated (``BrokerClient(actor=identity, user_token=customer)``), the sample policy needs it."""
+    users = DevUserIssuer.load_or_create(broker.data_dir)
+    return lambda: users.mint_user("c-42", "nhi-broker", clock=SystemClock())

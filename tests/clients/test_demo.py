@@ -17,6 +17,7 @@ def test_demo_runs_and_shows_each_step() -> None:
         "(a) refund 20 EUR",
         "issued a DPoP-bound task token",
         "200 REFUNDED 20 EUR on ord-1001",
+        "by c-42 (owner Dana Reyes",  # the verified customer the refund is for
         "(b) refund 500 EUR",
         "broker  DENIED 403 access_denied",
         "403 insufficient_scope: context 'amount' differs from the grant",
@@ -31,6 +32,7 @@ def test_demo_runs_and_shows_each_step() -> None:
         "issued after approval by april",
         "orders  200 REFUNDED 120 EUR on ord-1001",
         "(f) act for the verified end user c-42",
+        "DENIED 403 access_denied by rule refund-requires-verified-user",
         'broker  issued: sub=c-42 act={"sub": "spiffe://example.org/ns/support/sa/support-assistant"}',
         "DENIED 403 access_denied by rule refund-other-customer: the user is verified as c-42",
         '"act": {"sub": "spiffe://example.org/ns/support/sa/support-assistant"}}',

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from mcp.shared.exceptions import MCPError
 from nhi_broker_client import AccessDeniedError, AsyncBrokerClient, IntentMismatchError, TaskToken, ToolIntent
 from nhi_broker_client.mcp import INTENT_REFUSED, TOKEN_REFUSED, IntentMCPClient, ToolCallPending
 
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.clock import SystemClock
 from scripts.demo import prove
 from scripts.orders_mcp import OrdersBook, create_orders_mcp
@@ -117,9 +118,13 @@ def _fresh_book(request: pytest.FixtureRequest) -> None:
 @asynccontextmanager
 async def assistant(broker: LiveBroker, identity: Callable[[], str], url: str,
                     **client_options: Any) -> AsyncIterator[IntentMCPClient]:
-    async with AsyncBrokerClient(broker.url, identity, **client_options) as tokens, IntentMCPClient(
-        url, tokens, session_context={"customer": "c-42"}
-    ) as client:
+    # The assistant acts for the signed-in customer c-42 (delegated: the sample refund rules need it).
+    users = DevUserIssuer.load_or_create(broker.data_dir)
+    customer = partial(users.mint_user, "c-42", "nhi-broker", clock=SystemClock())
+    async with (
+        AsyncBrokerClient(broker.url, actor=identity, user_token=customer, **client_options) as tokens,
+        IntentMCPClient(url, tokens, session_context={"customer": "c-42"}) as client,
+    ):
         yield client
 
 
@@ -212,7 +217,7 @@ def test_refund_within_the_rule_runs_with_its_own_token(
             return dict(result.structured_content or {}), client.broker.dpop_key.jkt
 
     body, jkt = asyncio.run(scenario())
-    assert body["refunded"] == 20 and body["by"] == SUPPORT and body["owner"].startswith("Dana Reyes")
+    assert body["refunded"] == 20 and body["by"] == "c-42" and body["owner"].startswith("Dana Reyes")
     assert [r["amount"] for r in orders.book.refunds] == [20]
     entry = ledger_entry(broker, body["txn"])  # the token the tool saw points at its issuance entry
     assert entry["kind"] == "issuance" and entry["decision"]["rule"] == "refund-small-eur"

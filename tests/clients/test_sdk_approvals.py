@@ -21,7 +21,7 @@ from nhi_broker_client import (
     BrokerClient,
 )
 
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.clock import SystemClock
 from tests.helpers import SUPPORT, LiveBroker
 
@@ -55,14 +55,23 @@ def identity(broker: LiveBroker) -> Callable[[], str]:
     return lambda: issuer.mint(SUPPORT, "nhi-broker", clock=SystemClock())
 
 
+@pytest.fixture(scope="module")
+def customer(broker: LiveBroker) -> Callable[[], str]:
+    """A fresh token of the signed-in customer c-42 (trial user issuer): refunds are delegated."""
+    users = DevUserIssuer.load_or_create(broker.data_dir)
+    return lambda: users.mint_user("c-42", "nhi-broker", clock=SystemClock())
+
+
 def decide(broker: LiveBroker, auth_req_id: str, verb: str) -> None:
     r = httpx.post(f"{broker.url}/v1/admin/approvals/{auth_req_id}/{verb}", json={"reason": "checked the order"},
                    headers={"Authorization": f"Bearer {APPROVER}"})
     assert r.status_code == 200, r.text
 
 
-def test_held_intent_is_collected_after_approval(broker: LiveBroker, identity: Callable[[], str]) -> None:
-    with BrokerClient(broker.url, identity) as client:
+def test_held_intent_is_collected_after_approval(
+    broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]
+) -> None:
+    with BrokerClient(broker.url, actor=identity, user_token=customer) as client:
         with pytest.raises(ApprovalPending) as held:
             client.get_token("payments-api", "payments.refund", ORDER, refund(120))
         pending = held.value
@@ -78,8 +87,10 @@ def test_held_intent_is_collected_after_approval(broker: LiveBroker, identity: C
     assert claims["cnf"]["jkt"] == client.dpop_key.jkt  # type: ignore[union-attr]
 
 
-def test_denied_intent_raises_access_denied(broker: LiveBroker, identity: Callable[[], str]) -> None:
-    with BrokerClient(broker.url, identity) as client:
+def test_denied_intent_raises_access_denied(
+    broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]
+) -> None:
+    with BrokerClient(broker.url, actor=identity, user_token=customer) as client:
         with pytest.raises(ApprovalPending) as held:
             client.get_token("payments-api", "payments.refund", ORDER, refund(130))
         decide(broker, held.value.auth_req_id, "deny")
@@ -108,17 +119,21 @@ def approve_when_held(broker: LiveBroker, amount: int) -> threading.Thread:
     return thread
 
 
-def test_wait_for_approval_polls_until_approved(broker: LiveBroker, identity: Callable[[], str]) -> None:
+def test_wait_for_approval_polls_until_approved(
+    broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]
+) -> None:
     approver = approve_when_held(broker, 140)
-    with BrokerClient(broker.url, identity) as client:
+    with BrokerClient(broker.url, actor=identity, user_token=customer) as client:
         token = client.get_token("payments-api", "payments.refund", ORDER, refund(140), wait_for_approval=30)
     approver.join()
     assert jwt.decode(token.access_token, options={"verify_signature": False})["approval"]["approvers"] == ["april"]
 
 
-def test_async_wait_for_approval(broker: LiveBroker, identity: Callable[[], str]) -> None:
+def test_async_wait_for_approval(
+    broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]
+) -> None:
     async def main() -> Any:
-        async with AsyncBrokerClient(broker.url, identity) as client:
+        async with AsyncBrokerClient(broker.url, actor=identity, user_token=customer) as client:
             return await client.get_token("payments-api", "payments.refund", ORDER, refund(150),
                                           wait_for_approval=True)
 
@@ -128,8 +143,10 @@ def test_async_wait_for_approval(broker: LiveBroker, identity: Callable[[], str]
     assert token.intent.context["amount"] == 150
 
 
-def test_wait_gives_up_after_its_timeout(broker: LiveBroker, identity: Callable[[], str]) -> None:
-    with BrokerClient(broker.url, identity) as client:
+def test_wait_gives_up_after_its_timeout(
+    broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]
+) -> None:
+    with BrokerClient(broker.url, actor=identity, user_token=customer) as client:
         started = time.monotonic()
         with pytest.raises(ApprovalPending):
             client.get_token("payments-api", "payments.refund", ORDER, refund(160), wait_for_approval=1.5)

@@ -42,8 +42,9 @@ def claims_of(broker: LiveBroker, token: str) -> dict[str, Any]:
     return json.loads(jwcrypto_jwt.JWT(jwt=token, key=keyset, algs=["ES256"]).claims)
 
 
-def test_exchange_gives_a_dpop_bound_token(broker: LiveBroker, identity: Callable[[], str]) -> None:
-    with BrokerClient(broker.url, identity) as client:
+def test_exchange_gives_a_dpop_bound_token(broker: LiveBroker, identity: Callable[[], str],
+                                           customer: Callable[[], str]) -> None:
+    with BrokerClient(broker.url, actor=identity, user_token=customer) as client:
         token = client.get_token("payments-api", "payments.refund", ORDER, REFUND_20)
         assert token.token_type == "DPoP"
         assert "access_token" not in repr(token) and token.access_token not in repr(token)
@@ -64,29 +65,33 @@ def test_exchange_gives_a_dpop_bound_token(broker: LiveBroker, identity: Callabl
 
 
 def test_tokens_are_cached_per_intent_until_shortly_before_expiry(
-    broker: LiveBroker, identity: Callable[[], str]
+    broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]
 ) -> None:
-    with BrokerClient(broker.url, identity, refresh_margin=30) as client:
+    with BrokerClient(broker.url, actor=identity, user_token=customer, refresh_margin=30) as client:
         first = client.get_token("payments-api", "payments.refund", ORDER, REFUND_20)
         assert client.get_token("payments-api", "payments.refund", ORDER, dict(REFUND_20)) is first
         other = client.get_token("orders-api", "orders.read", ORDER, {"customer": "c-42"})
         assert other is not first
         assert client.get_token("payments-api", "payments.refund", ORDER, REFUND_20, fresh=True) is not first
     # The refund rule caps tokens at 120 s: with a 121 s margin every cached token is already too old.
-    with BrokerClient(broker.url, identity, refresh_margin=121) as eager:
+    with BrokerClient(broker.url, actor=identity, user_token=customer, refresh_margin=121) as eager:
         token = eager.get_token("payments-api", "payments.refund", ORDER, REFUND_20)
         assert eager.get_token("payments-api", "payments.refund", ORDER, REFUND_20) is not token
 
 
-def test_errors_are_typed(broker: LiveBroker, identity: Callable[[], str]) -> None:
-    with BrokerClient(broker.url, identity) as client:
+def test_errors_are_typed(broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]) -> None:
+    with BrokerClient(broker.url, actor=identity, user_token=customer) as client:
         with pytest.raises(AccessDeniedError) as denied:
             client.get_token("payments-api", "payments.refund", ORDER, {**REFUND_20, "amount": 500})
         assert denied.value.code == "access_denied" and denied.value.status == 403
+        assert denied.value.rule_id is None  # over every limit: no rule allows it
         with pytest.raises(InvalidRequestError) as target:
             client.get_token("tickets-api", "orders.read", ORDER, {"customer": "c-42"})
         assert target.value.code == "invalid_target"
     with BrokerClient(broker.url, identity, dpop=False) as bearer:
+        with pytest.raises(AccessDeniedError) as unverified:  # a refund is only for a verified customer
+            bearer.get_token("payments-api", "payments.refund", ORDER, REFUND_20)
+        assert unverified.value.rule_id == "refund-requires-verified-user"
         assert bearer.get_token("orders-api", "orders.read", ORDER, {"customer": "c-42"}).token_type == "Bearer"
         with pytest.raises(InvalidDPoPProofError, match="orders-cancel-dpop") as required:
             bearer.get_token("orders-api", "orders.cancel", ORDER, {"customer": "c-42"})
@@ -115,12 +120,15 @@ def test_identity_bound_key(broker: LiveBroker) -> None:
         other_key.get_token(*update)
 
 
-def test_async_client(broker: LiveBroker, identity: Callable[[], str]) -> None:
+def test_async_client(broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]) -> None:
     async def identity_async() -> str:
         return identity()
 
+    async def customer_async() -> str:
+        return customer()
+
     async def run() -> None:
-        async with AsyncBrokerClient(broker.url, identity_async) as client:
+        async with AsyncBrokerClient(broker.url, actor=identity_async, user_token=customer_async) as client:
             token = await client.get_token("payments-api", "payments.refund", ORDER, REFUND_20)
             assert token.token_type == "DPoP"
             assert await client.get_token("payments-api", "payments.refund", ORDER, REFUND_20) is token

@@ -57,8 +57,9 @@ def payments_app(verifier: TaskTokenVerifier) -> FastAPI:
 
 
 @pytest.fixture(scope="module")
-def client(broker: LiveBroker, identity: Callable[[], str]) -> Iterator[BrokerClient]:
-    with BrokerClient(broker.url, identity) as c:
+def client(broker: LiveBroker, identity: Callable[[], str], customer: Callable[[], str]) -> Iterator[BrokerClient]:
+    # Refunds are delegated: the assistant acts for the verified customer c-42.
+    with BrokerClient(broker.url, actor=identity, user_token=customer) as c:
         yield c
 
 
@@ -226,8 +227,9 @@ def test_audience_issuer_expiry_and_typ(broker: LiveBroker, client: BrokerClient
             v.verify(identity(), scheme="Bearer")  # a workload identity JWT is not a task token
 
 
-def test_bearer_tokens_and_require_dpop(broker: LiveBroker, identity: Callable[[], str]) -> None:
-    with BrokerClient(broker.url, identity, dpop=False) as bearer_client:
+def test_bearer_tokens_and_require_dpop(broker: LiveBroker, identity: Callable[[], str],
+                                        customer: Callable[[], str]) -> None:
+    with BrokerClient(broker.url, actor=identity, user_token=customer, dpop=False) as bearer_client:
         token = refund_token(bearer_client)
     with TaskTokenVerifier(broker.url, "payments-api") as v:
         assert _verify(v, token).cnf_jkt is None

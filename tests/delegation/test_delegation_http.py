@@ -109,12 +109,26 @@ def test_delegated_exchange_names_the_user_and_the_actor(broker: LiveBroker) -> 
 
 
 def test_plain_exchange_is_unchanged(broker: LiveBroker) -> None:
-    details = intent("payments.refund", ORDER, **refund_context())
-    r = post(broker, exchange_form(workload(broker), "payments-api", details))
+    details = intent("orders.read", ORDER, customer="c-42")
+    r = post(broker, exchange_form(workload(broker), "orders-api", details))
     assert r.status_code == 200, r.text
-    claims = verify_independently(broker, r.json()["access_token"])
+    claims = verify_independently(broker, r.json()["access_token"], audience="orders-api")
     assert claims["sub"] == SUPPORT and "act" not in claims and "sub_id" not in claims
     assert "user" not in entry_at(broker, r.json()["receipt"]["index"])
+
+
+def test_a_refund_without_a_verified_user_is_denied_by_its_rule(broker: LiveBroker) -> None:
+    # A plain exchange: the customer in the context is only the bot's word, so no refund is issued.
+    r = post(broker, exchange_form(workload(broker), "payments-api", intent("payments.refund", ORDER,
+                                                                           **refund_context())))
+    assert r.status_code == 403, r.text
+    assert r.json()["error"] == "access_denied"
+    assert r.json()["error_description"] == "denied by rule refund-requires-verified-user"
+    assert r.json()["rule_id"] == "refund-requires-verified-user"
+    checkpoint = httpx.get(broker.url + "/v1/ledger/checkpoint").text.splitlines()
+    denial = entry_at(broker, int(checkpoint[1]) - 1)
+    assert denial["kind"] == "denial" and denial["decision"]["rule"] == "refund-requires-verified-user"
+    assert "user" not in denial
 
 
 def test_cross_customer_refund_is_denied_because_the_user_is_verified(broker: LiveBroker) -> None:

@@ -17,7 +17,7 @@ import pytest
 from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
 from broker.operators import hash_secret
-from tests.helpers import SUPPORT, LiveBroker, exchange_form, free_port, intent
+from tests.helpers import SUPPORT, LiveBroker, delegated_form, dev_user, free_port, intent
 
 NHI = str(Path(sys.executable).with_name("nhi-broker"))
 ADMIN, APPROVER, AUDITOR = "admin-secret-0a1b2c3d4e5f", "approver-secret-0a1b2c3d4e5f", "auditor-secret-0a1b2c3d4e"
@@ -63,7 +63,9 @@ def exchange(broker: LiveBroker, amount: int, conversation: str) -> httpx.Respon
     identity = DevIssuer.load_or_create(broker.data_dir).mint(SUPPORT, "nhi-broker", ttl=120, clock=SystemClock())
     details = intent("payments.refund", "customers/c-42/orders/ord-1001", customer="c-42", amount=amount,
                      currency="EUR", conversation=conversation)
-    return httpx.post(broker.url + "/v1/token", data=exchange_form(identity, "payments-api", details))
+    # Delegated for the verified customer c-42: the sample refund rules need one.
+    return httpx.post(broker.url + "/v1/token",
+                      data=delegated_form(dev_user(broker.data_dir), identity, "payments-api", details))
 
 
 def test_workloads_list_and_show(broker: LiveBroker) -> None:

@@ -33,7 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
-from tests.helpers import SUPPORT, LiveBroker, exchange_form, form_body, intent
+from tests.helpers import SUPPORT, LiveBroker, delegated_form, dev_user, exchange_form, form_body, intent
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 ORDER = "customers/c-42/orders/ord-1001"
@@ -81,13 +81,19 @@ def test_json_logs_of_every_process_carry_the_trace_and_never_a_token(tmp_path: 
         sent.append(token)
         return token
 
+    def customer() -> str:  # the verified end user a refund is for (the sample refund rules need one)
+        token = dev_user(tmp_path / "data")
+        sent.append(token)
+        return token
+
     try:
         with httpx.Client(base_url=broker.url) as http:
             def exchange(details: str, audience: str, traceparent: str | None = None,
                          spiffe_id: str = SUPPORT) -> httpx.Response:
                 headers = {**FORM, **({"traceparent": traceparent} if traceparent else {})}
-                return http.post("/v1/token", headers=headers,
-                                 content=form_body(exchange_form(identity(spiffe_id), audience, details)))
+                form = (delegated_form(customer(), identity(spiffe_id), audience, details)  # refunds: for c-42
+                        if audience == "payments-api" else exchange_form(identity(spiffe_id), audience, details))
+                return http.post("/v1/token", headers=headers, content=form_body(form))
 
             # An issuance in the caller's trace: the broker continues it and names its own span.
             tp1, trace1, _ = _traceparent()
@@ -258,13 +264,19 @@ def test_otlp_spans_share_the_trace_id_of_the_ledger_entry_and_the_traceresponse
         sent.append(token)
         return token
 
+    def customer() -> str:  # the verified end user a refund is for (the sample refund rules need one)
+        token = dev_user(tmp_path / "data")
+        sent.append(token)
+        return token
+
     try:
         with httpx.Client(base_url=broker.url) as http:
             def exchange(details: str, audience: str, traceparent: str | None = None,
                          spiffe_id: str = SUPPORT) -> httpx.Response:
                 headers = {**FORM, **({"traceparent": traceparent} if traceparent else {})}
-                return http.post("/v1/token", headers=headers,
-                                 content=form_body(exchange_form(identity(spiffe_id), audience, details)))
+                form = (delegated_form(customer(), identity(spiffe_id), audience, details)  # refunds: for c-42
+                        if audience == "payments-api" else exchange_form(identity(spiffe_id), audience, details))
+                return http.post("/v1/token", headers=headers, content=form_body(form))
 
             tp1, trace1, parent1 = _traceparent()
             issued = exchange(intent("orders.read", ORDER, customer="c-42"), "orders-api", tp1)

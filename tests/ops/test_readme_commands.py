@@ -64,6 +64,9 @@ def test_readme_blocks_run_as_written(tmp_path: Path) -> None:
     assert text.count(">>> block") == len(blocks)
     assert '"access_token"' in text and '"receipt"' in text                # step 2: issued
     assert '"error":"access_denied"' in text                               # step 3: denied at 500 EUR
+    assert "no rule allows payments.refund" in text                        # ... by no rule (over the limit)
+    assert "denied by rule refund-requires-verified-user" in text          # 3b: no verified end user
+    assert "denied by rule refund-other-customer" in text                  # 3b: another customer
     assert "decision  DENY" in text                                        # policy explain
     assert "verified" in text.lower()                                      # step 5: audit verify
     assert (clone / "ledger.bundle").is_file() and (clone / "monitor.json").is_file()

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from conftest import identity, intent, write_policy_dir
 
+from broker.models import EndUser
 from broker.policy import PolicySet, Rule, load_policies
-from broker.policy.engine import plain_enforcer
+from broker.policy.engine import plain_enforcer, policy_context
 
 ROLES = [f"r{i}" for i in range(6)]
 WORKLOAD_NAMES = [f"w{i}" for i in range(6)]
@@ -77,7 +78,8 @@ def random_policy_dir(directory: Path, seed: int, n_rules: int = 150) -> Path:
     return write_policy_dir(directory, policy="\n".join(lines) + "\n", workloads="\n".join(workloads))
 
 
-Request = tuple[str, str, str, str, dict[str, Any]]
+# (workload, audience, action, resource, context, verified end user of a delegated request or None)
+Request = tuple[str, str, str, str, dict[str, Any], EndUser | None]
 
 
 def random_request(rng: random.Random) -> Request:
@@ -94,7 +96,7 @@ def random_request(rng: random.Random) -> Request:
             ctx[key] = rng.choice(values)
     resource = "/".join(rng.choice(SEGMENTS) for _ in range(rng.randint(1, 3)))
     action = rng.choice(ACTIONS) if rng.random() < 0.85 else rng.choice(UNSEEN_ACTIONS)
-    return rng.choice(WORKLOAD_NAMES), rng.choice(AUDIENCES), action, resource, ctx
+    return rng.choice(WORKLOAD_NAMES), rng.choice(AUDIENCES), action, resource, ctx, None
 
 
 def reference(
@@ -127,8 +129,11 @@ def _check_agreement(
     }
     seen = {"allow": 0, "deny-rule": 0, "deny-default": 0}
     caplog.set_level(logging.DEBUG, logger="broker.policy")
-    for name, audience, action, resource, ctx in requests:
-        decision = policy_set.decide(workloads[name], audience, intent(action, resource, **ctx))
+    for name, audience, action, resource, ctx, user in requests:
+        request = intent(action, resource, **ctx)
+        decision = policy_set.decide(workloads[name], audience, request, user)
+        # Plain Casbin and the reference see what rules see: the context plus the user terms.
+        ctx = policy_context(request, user)
         allowed, explain = plain.enforce_ex(name, audience, action, resource, ctx)
         # (1) the same effect as plain Casbin
         assert decision.effect == ("allow" if allowed else "deny"), (name, audience, action, resource, ctx)
@@ -137,9 +142,9 @@ def _check_agreement(
             assert explain[5] == "deny" and decision.rule_id == explain[6]
         # (3) the request path's direct evaluation is what the action bucket's own Casbin enforcer
         # decides, rule for rule (the same check `policy test` and `policy explain` make)
-        assert policy_set.casbin_decision(workloads[name], audience, intent(action, resource, **ctx)) == (
+        assert policy_set.casbin_decision(workloads[name], audience, request, user) == (
             decision.effect, decision.rule_id), (name, audience, action, resource, ctx)
-        assert policy_set.agrees_with_casbin(workloads[name], audience, intent(action, resource, **ctx), decision)
+        assert policy_set.agrees_with_casbin(workloads[name], audience, request, decision, user)
         # (4) the exact outcome the reference evaluation gives
         assert (decision.effect, decision.rule_id, decision.max_ttl) == reference(
             policy_set, name, audience, action, resource, ctx
@@ -188,7 +193,9 @@ def test_samples_agree_with_plain_casbin(samples: PolicySet, caplog: pytest.LogC
                 "customers/all",
             ]
         )
-        requests.append((rng.choice(names), rng.choice(audiences), rng.choice(actions), resource, ctx))
+        # Plain requests and delegated ones (the sample refund rules need the verified user).
+        user = rng.choice([None, *(EndUser("https://login.example.org", c) for c in ("c-1", "c-2"))])
+        requests.append((rng.choice(names), rng.choice(audiences), rng.choice(actions), resource, ctx, user))
     seen = _check_agreement(samples, requests, caplog)
     assert all(count > 0 for count in seen.values()), seen
 

@@ -41,7 +41,7 @@ def test_shipped_samples_pass(samples: PolicySet) -> None:
     assert by_name["support may not export customer data"].rule_id == "no-customer-export"
     assert by_name["refund over the limit is held for review"].rule_id == "refund-review-eur"
     assert by_name["triage is denied refunds by its deny rule"].rule_id == "triage-no-payments"
-    assert by_name["support refunds 20 EUR"].max_ttl == 120
+    assert by_name["support refunds 20 EUR for the verified customer"].max_ttl == 120
 
 
 def test_policy_test_fails_a_case_where_casbin_disagrees(samples: PolicySet, monkeypatch: pytest.MonkeyPatch
@@ -51,7 +51,7 @@ def test_policy_test_fails_a_case_where_casbin_disagrees(samples: PolicySet, mon
     monkeypatch.setattr(PolicySet, "casbin_decision",
                         lambda self, workload, audience, intent, user=None: ("deny", None))
     by_name = {r.name: r for r in run_policy_tests(samples, SAMPLES / "tests.toml")}
-    refund = by_name["support refunds 20 EUR"]
+    refund = by_name["support refunds 20 EUR for the verified customer"]
     assert not refund.passed and "Casbin disagree" in refund.message
 
 
@@ -95,6 +95,10 @@ def test_cli_explain(capsys: pytest.CaptureFixture[str]) -> None:
         "customers/c-1/orders/o-1",
         "--context",
         '{"customer": "c-1", "amount": 75, "currency": "EUR"}',
+        "--user-sub",
+        "c-1",
+        "--user-iss",
+        "https://login.example.org",
     ]
     assert run(argv) == 0
     out = capsys.readouterr().out
@@ -102,9 +106,14 @@ def test_cli_explain(capsys: pytest.CaptureFixture[str]) -> None:
     assert "REVIEW: held for review by rule refund-review-eur" in out
     assert "held for 1 approval(s) by group refund-approvers, waiting at most 900s" in out
 
-    argv[-1] = '{"customer": "c-1", "amount": 25, "currency": "EUR"}'
+    argv[argv.index("--context") + 1] = '{"customer": "c-1", "amount": 25, "currency": "EUR"}'
     assert run(argv) == 0
     assert "ALLOW: allowed by rule refund-small-eur" in capsys.readouterr().out
+    # Without the verified user, the refund is refused by the rule that requires one.
+    assert run(argv[:argv.index("--user-sub")]) == 0
+    out = capsys.readouterr().out
+    assert "DENY: denied by rule refund-requires-verified-user" in out
+    assert "user      (none: not a delegated request" in out
 
 
 def test_cli_explain_notes_an_unregistered_audience(capsys: pytest.CaptureFixture[str]) -> None:

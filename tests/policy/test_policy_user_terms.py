@@ -4,12 +4,14 @@ the grammar, fail-closed evaluation, decisions of the sample policies, ``policy 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from conftest import WORKLOADS, identity, intent, write_policy_dir
 
-from broker.errors import PolicyDenied, PolicyLoadError
+from broker.errors import InvalidAuthorizationDetails, PolicyDenied, PolicyLoadError
+from broker.intent import parse_authorization_details
 from broker.models import EndUser
 from broker.policy import PolicySet, load_policies
 from broker.policy._conditions import ConditionError, compile_condition
@@ -52,9 +54,15 @@ def test_sample_policy_ties_a_delegated_refund_to_the_verified_user(samples: Pol
     with pytest.raises(PolicyDenied) as denied:
         samples.authorize(who, workload, "payments-api", other, USER)
     assert denied.value.rule_id == "refund-other-customer"
-    # The bot cannot smuggle a user term in through the context (context keys have no dots) ...
-    assert samples.decide(workload, "payments-api", intent("payments.refund", "customers/c-2002/orders/o-1",
-                                                              customer="c-2002", amount=20, currency="EUR")).allowed
+    # Without a verified user no refund is issued at all, whatever the context says ...
+    plain = samples.decide(workload, "payments-api", intent("payments.refund", "customers/c-2002/orders/o-1",
+                                                            customer="c-2002", amount=20, currency="EUR"))
+    assert (plain.effect, plain.rule_id) == ("deny", "refund-requires-verified-user")
+    # ... the bot cannot smuggle a user term in through the context (context keys have no dots) ...
+    with pytest.raises(InvalidAuthorizationDetails):
+        parse_authorization_details(json.dumps([{"type": "intent", "action": "payments.refund",
+                                                 "resource": "customers/c-2002/orders/o-1",
+                                                 "context": {"customer": "c-2002", "user.sub": "c-2002"}}]))
     # ... and a plain request never matches a rule that names a user term.
     executor = identity("spiffe://example.org/ns/payments/sa/refund-executor")
     assert not samples.decide(samples.resolve_workload(executor), "payments-api", own).allowed

@@ -4,12 +4,16 @@ Each replica runs in its own network namespace with its own address; PostgreSQL 
 servers listening on the bridge that joins them (see ``hosts.py``). Under load spread over all three,
 one replica is SIGKILLed and restarted and PostgreSQL is restarted; then the test proves that every
 acknowledged receipt is in the one verified tree, that every checkpoint any replica served is
-consistent with the final one, that no index is missing or duplicated, and that a suspension made on
-one replica takes effect on the others within a second.
+consistent with the final one, that no index is missing or duplicated, and that the ledger verifies
+with an independent RFC 6962 / C2SP verifier (``independent_tlog``, no broker code). With a real
+OpenBao on the bridge: a Vault lease issued through one replica is released through another, and a
+suspension made on one replica revokes another replica's lease and takes effect everywhere within a
+second.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import hvac.exceptions
 import psycopg
 import pytest
 
@@ -34,7 +39,9 @@ from broker.audit.monitor import check_consistency, save_state
 from broker.clock import SystemClock
 from broker.ledger import root_from_leaf_hashes, verify_checkpoint
 from broker.operators import hash_secret
+from broker.vault.devserver import DevVault
 from tests.helpers import POLICIES, SUPPORT, exchange_form, intent
+from tests.replicas import independent_tlog
 from tests.replicas.hosts import Network, Postgres, Redis, cannot_create_namespaces
 
 REASON = cannot_create_namespaces()
@@ -46,6 +53,8 @@ RS_AUTH = ("orders-api", RS_SECRET)
 ORIGIN = "replicas.example.test/ledger"
 PORT = 8080
 READ = intent("orders.read", "customers/c-42/orders/ord-1001", customer="c-42")
+ORDERS_DB = intent("orders.query", "customers/c-1001/orders", customer="c-1001")
+DB_CREDS = "urn:nhi-broker:token-type:vault-db-creds"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -120,6 +129,14 @@ class Cluster:
     ledger_url: str
     replicas: list[Replica]
     issuer: DevIssuer
+    vault: DevVault
+
+    def lease_ttl(self, lease_id: str) -> int | None:
+        """What OpenBao says is left of a lease; ``None`` once it no longer knows it (revoked)."""
+        try:
+            return int(self.vault.client().sys.read_lease(lease_id)["data"]["ttl"])
+        except hvac.exceptions.InvalidRequest:
+            return None
 
 
 @pytest.fixture
@@ -135,6 +152,10 @@ def cluster() -> Iterator[Cluster]:
         cleanups.append(pg.close)
         redis_server = Redis(root, net.gateway, 6379)
         cleanups.append(redis_server.close)
+        # A real OpenBao on the bridge, reachable from every host; its database engine manages users of
+        # this machine's PostgreSQL (the demo orders database), as in tests/vault.
+        vault = DevVault.start(root / "openbao", host=net.gateway)
+        cleanups.append(vault.stop)
         ledger_url = pg.create_database("broker")
         upgraded = subprocess.run([str(Path(sys.executable).with_name("nhi-broker")), "db", "upgrade", "--url",
                                    ledger_url], capture_output=True, text=True, timeout=60)
@@ -148,6 +169,9 @@ def cluster() -> Iterator[Cluster]:
             f'[[operators]]\nname = "alice"\nrole = "admin"\ntoken_sha256 = "{hash_secret(ADMIN)}"\n'
             f'[[introspection_clients]]\nclient_id = "orders-api"\nsecret_sha256 = "{hash_secret(RS_SECRET)}"\n'
             'audiences = ["orders-api"]\n'
+            # One lease book for every replica: in the ledger's PostgreSQL.
+            f'[vault]\naddr = "{vault.addr}"\napprole_role_id = "{vault.role_id}"\n'
+            f'approle_secret_id_file = "{vault.secret_id_file}"\nsweep_interval = 3600\n'
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("NHI_BROKER_")}
         replicas = [Replica(net, i, root, config, env) for i in range(3)]
@@ -161,7 +185,8 @@ def cluster() -> Iterator[Cluster]:
             r.start()
         for r in replicas[1:]:
             r.wait_ready()
-        yield Cluster(net, pg, redis_server, ledger_url, replicas, DevIssuer.load_or_create(replicas[0].data_dir))
+        yield Cluster(net, pg, redis_server, ledger_url, replicas, DevIssuer.load_or_create(replicas[0].data_dir),
+                      vault)
     finally:
         for cleanup in reversed(cleanups):
             try:
@@ -311,22 +336,89 @@ def test_three_replicas_on_three_hosts(cluster: Cluster, tmp_path: Path) -> None
                               capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
-    # (7) a suspension on one replica: the other replicas' tokens go inactive within a second.
-    with httpx.Client(timeout=10) as http:
+    # (6b) ... and with an independent verifier (RFC 6962/9162 + C2SP, no broker code): the signed
+    # checkpoint, the tree recomputed from the leaves any replica serves, inclusion proofs of the
+    # acknowledged receipts and consistency proofs of every served checkpoint, from all three replicas.
+    independent = verify_independently(c, key, final_note, hashes, receipts, served)
+    print(json.dumps({"independently_verified": independent}))
+
+    with httpx.Client(timeout=30) as http:
+        # (8) Vault across replicas: a lease issued through A is released through B (one lease book).
+        def vault_lease(replica: Replica) -> tuple[dict[str, object], str]:
+            identity = c.issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
+            r = http.post(replica.url + "/v1/token", data=exchange_form(identity, "orders-db", ORDERS_DB,
+                                                                          requested_token_type=DB_CREDS))
+            assert r.status_code == 200, r.text
+            index = r.json()["receipt"]["index"]
+            entry = http.get(b.url + "/v1/ledger/entries", params={"start": index, "end": index + 1}).json()
+            lease_id = str(entry["entries"][0]["entry"]["credential"]["lease_id"])
+            assert c.lease_ttl(lease_id), "OpenBao does not know the lease"
+            return r.json(), lease_id
+
+        issued, lease_id = vault_lease(a)
+        released = http.post(b.url + "/v1/credentials/release", data={"release_token": issued["release_token"]})
+        assert released.status_code == 200 and released.json()["state"] == "revoked", released.text
+        assert c.lease_ttl(lease_id) is None  # revoked in OpenBao, through the other replica
+        again = http.post(killed.url + "/v1/credentials/release", data={"release_token": issued["release_token"]})
+        assert again.status_code == 200 and again.json()["state"] == "revoked", again.text  # idempotent on a third
+
+        # (7) a suspension on B: A's open lease is revoked, and every replica's tokens go inactive
+        # within a second.
+        _, open_lease = vault_lease(a)
         identity = c.issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
         token = http.post(killed.url + "/v1/token", data=exchange_form(identity, "orders-api", READ)).json()
         token = token["access_token"]
-        assert http.post(b.url + "/v1/introspect", data={"token": token}, auth=RS_AUTH).json()["active"]
+        assert http.post(a.url + "/v1/introspect", data={"token": token}, auth=RS_AUTH).json()["active"]
         started = time.monotonic()
-        r = http.post(a.url + "/v1/admin/workloads/support-assistant/suspend", json={"reason": "drill"},
+        r = http.post(b.url + "/v1/admin/workloads/support-assistant/suspend", json={"reason": "drill"},
                       headers={"Authorization": f"Bearer {ADMIN}"})
         assert r.status_code == 200, r.text
+        assert r.json()["vault_leases_revoked"] == 1, r.text  # A's lease, revoked by B's kill switch
+        assert c.lease_ttl(open_lease) is None
         elapsed = wait_for(
             lambda: all(not http.post(x.url + "/v1/introspect", data={"token": token}, auth=RS_AUTH).json()["active"]
-                        for x in (b, killed)),
+                        for x in (a, killed)),
             1.0, "the suspension to reach every replica")
         print(json.dumps({"suspension_visible_on_every_replica_s": round(elapsed + 0.0, 3)}))
         identity = c.issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
-        refused = http.post(b.url + "/v1/token", data=exchange_form(identity, "orders-api", READ))
+        refused = http.post(a.url + "/v1/token", data=exchange_form(identity, "orders-api", READ))
         assert refused.status_code == 403 and refused.json()["error"] == "workload_suspended"
         assert time.monotonic() - started < 5
+
+
+def verify_independently(c: Cluster, key: str, final_note: str, stored: list[bytes],
+                         receipts: set[tuple[int, str]], served: list[str]) -> dict[str, int]:
+    """Step (6b): the whole ledger through ``independent_tlog``; what was checked, counted."""
+    final = independent_tlog.verify_checkpoint(final_note, key, ORIGIN)
+    replicas = c.replicas
+    with httpx.Client(timeout=30) as http:
+        leaves: list[bytes] = []
+        page = 1000
+        for start in range(0, final.size, page):
+            replica = replicas[(start // page) % len(replicas)]
+            got = http.get(replica.url + "/v1/ledger/entries",
+                           params={"start": start, "end": min(start + page, final.size)}).json()["entries"]
+            leaves += [independent_tlog.leaf_hash(base64.b64decode(e["leaf"])) for e in got]
+        assert leaves == stored  # the leaves served hash to what PostgreSQL stores
+        assert independent_tlog.tree_hash(leaves) == final.root
+        # Inclusion: every acknowledged receipt when there are few, else an even sample of 200.
+        chosen = sorted(receipts)
+        chosen = chosen[:: max(1, len(chosen) // 200)]
+        for n, (index, leaf) in enumerate(chosen):
+            replica = replicas[n % len(replicas)]
+            proof = http.get(replica.url + "/v1/ledger/proof/inclusion",
+                             params={"leaf_hash": leaf, "tree_size": final.size}).json()
+            assert proof["index"] == index
+            independent_tlog.verify_inclusion(bytes.fromhex(leaf), index, final.size,
+                                              [base64.b64decode(h) for h in proof["audit_path"]], final.root)
+        # Consistency: every checkpoint any replica served, signature checked here too.
+        for n, note in enumerate(served):
+            old = independent_tlog.verify_checkpoint(note, key, ORIGIN)
+            if old.size == 0:
+                continue
+            replica = replicas[n % len(replicas)]
+            proof = http.get(replica.url + "/v1/ledger/proof/consistency",
+                             params={"first": old.size, "second": final.size}).json()
+            independent_tlog.verify_consistency(old.size, final.size, old.root, final.root,
+                                                [base64.b64decode(h) for h in proof["proof"]])
+    return {"entries": final.size, "inclusion_proofs": len(chosen), "consistency_proofs": len(served)}

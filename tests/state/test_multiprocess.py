@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.attest.dev import DevIssuer
+from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.clock import SystemClock
 from broker.operators import hash_secret
-from tests.helpers import POLICIES, SUPPORT, LiveBroker, exchange_form, intent
+from tests.helpers import POLICIES, SUPPORT, LiveBroker, delegated_form, exchange_form, intent
 from tests.state.conftest import SHARED_REDIS, drop_prefix, unique_prefix
 
 ADMIN = "mp-admin-token-0123456789"
@@ -70,6 +70,7 @@ class Pair:
             self.a.stop()
             raise
         self.issuer = DevIssuer.load_or_create(data)
+        self.users = DevUserIssuer.load_or_create(data)
         self.http = httpx.Client(timeout=20)
 
     def stop(self) -> None:
@@ -78,8 +79,10 @@ class Pair:
         self.b.stop()
 
     def exchange(self, url: str, details: str) -> httpx.Response:
+        """A refund, delegated for the verified customer c-42 (the sample refund rules need one)."""
         identity = self.issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
-        return self.http.post(url + "/v1/token", data=exchange_form(identity, "payments-api", details))
+        user = self.users.mint_user("c-42", "nhi-broker", clock=SystemClock())
+        return self.http.post(url + "/v1/token", data=delegated_form(user, identity, "payments-api", details))
 
     def active(self, url: str, token: str) -> bool:
         r = self.http.post(url + "/v1/introspect", data={"token": token}, auth=RS_AUTH)

@@ -22,7 +22,7 @@ from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
 from broker.config import Settings
 from broker.operators import hash_secret
-from tests.helpers import POLICIES, SUPPORT, TRIAGE, exchange_form, intent
+from tests.helpers import POLICIES, SUPPORT, TRIAGE, delegated_form, dev_user, exchange_form, intent
 from tests.state.conftest import SHARED_REDIS, OwnRedis
 
 ADMIN, AUDITOR, APPROVER = "admin-token-0123456789", "auditor-token-0123456789", "approver-token-0123456789"
@@ -79,7 +79,12 @@ class Harness:
         self.issuer = DevIssuer.load_or_create(settings.data_dir)
 
     def exchange(self, audience: str, details: str, spiffe_id: str = SUPPORT) -> Any:
+        """An exchange; at payments-api (refunds) delegated for the verified customer c-42, as the sample
+        refund rules require."""
         identity = self.issuer.mint(spiffe_id, "nhi-broker", ttl=300, clock=SystemClock())
+        if audience == "payments-api":
+            return self.client.post("/v1/token", data=delegated_form(dev_user(self.settings.data_dir), identity,
+                                                                     audience, details))
         return self.client.post("/v1/token", data=exchange_form(identity, audience, details))
 
     def token(self, audience: str, details: str, spiffe_id: str = SUPPORT) -> str:
@@ -114,7 +119,8 @@ def test_single_use_refund_token_is_consumed_at_introspection(harness: Harness) 
     body = r.json()
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
     assert body["active"] is True
-    assert body["sub"] == SUPPORT and body["client_id"] == "support-assistant"
+    assert body["sub"] == "c-42" and body["act"] == {"sub": SUPPORT}  # for the verified customer
+    assert body["client_id"] == "support-assistant"
     assert body["owner"] == "Dana Reyes <dana.reyes@example.com>"
     assert body["authorization_details"][0]["action"] == "payments.refund"
     assert len(body["txn"]) == 64

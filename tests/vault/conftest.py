@@ -20,7 +20,7 @@ from broker.clock import SystemClock
 from broker.config import Settings
 from broker.runtime import Runtime
 from broker.vault.devserver import DEMO_DATABASE, DevVault
-from tests.helpers import POLICIES, exchange_form, form_body
+from tests.helpers import POLICIES, delegated_form, dev_user, exchange_form, form_body
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 DB_CREDS = "urn:nhi-broker:token-type:vault-db-creds"
@@ -57,8 +57,13 @@ class VaultBroker:
     def identity(self, spiffe_id: str) -> str:
         return self.issuer.mint(spiffe_id, "nhi-broker", ttl=300, clock=SystemClock())
 
-    def exchange(self, spiffe_id: str, audience: str, details: str, **extra: str) -> Any:
-        form = exchange_form(self.identity(spiffe_id), audience, details, **extra)
+    def exchange(self, spiffe_id: str, audience: str, details: str, user: str | None = None, **extra: str) -> Any:
+        """An exchange; delegated for the verified end user ``user`` when given (refunds need one)."""
+        if user is None:
+            form = exchange_form(self.identity(spiffe_id), audience, details, **extra)
+        else:
+            form = delegated_form(dev_user(self.runtime.settings.data_dir, user), self.identity(spiffe_id), audience,
+                                  details, **extra)
         return self.client.post("/v1/token", content=form_body(form), headers=FORM)
 
     def release(self, release_token: str) -> Any:

@@ -104,7 +104,7 @@ def test_a_suspension_on_one_replica_ends_the_other_replicas_tokens_and_leases_w
 
 def test_an_approval_decided_on_one_replica_is_collected_by_a_poll_on_the_other(replicas) -> None:
     a, b = replicas
-    held = a.exchange(SUPPORT, "payments-api", refund(120))
+    held = a.exchange(SUPPORT, "payments-api", refund(120), user="c-42")
     assert held.status_code == 200, held.text
     auth_req_id = held.json()["auth_req_id"]
     decided = a.client.post(f"/v1/admin/approvals/{auth_req_id}/approve", json={"reason": "checked"},
@@ -115,3 +115,23 @@ def test_an_approval_decided_on_one_replica_is_collected_by_a_poll_on_the_other(
                                               "subject_token_type": "urn:ietf:params:oauth:token-type:jwt"})
     assert polled.status_code == 200, polled.text
     assert polled.json()["access_token"]
+
+
+def test_a_suspension_on_one_replica_while_the_other_is_minting_leaves_no_credential(
+    replicas, dev_vault: DevVault
+) -> None:
+    # The race of tests/vault/test_vault_suspension_race.py across replicas: A's request is held right
+    # after OpenBao minted its secret, B throws the kill switch (shared Redis mark, shared lease book).
+    from tests.vault.test_vault_suspension_race import held, suspend_while_in_flight
+
+    a, b = replicas
+    minter = held(a)
+    suspended, answer = suspend_while_in_flight(a, b, minter, bearer(ADMIN_SECRET))
+    assert suspended.status_code == 200, suspended.text
+    assert suspended.json()["vault_leases_revoked"] == 0  # A's lease was not in the shared book yet
+    assert answer.status_code == 403 and answer.json()["error"] == "workload_suspended", answer.text
+    (lease_id,) = minter.lease_ids
+    assert lease_ttl(dev_vault, lease_id) is None
+    revocations = [e for e in b.entries() if e["kind"] == "revocation"]
+    assert [(e["revocation"]["credential"]["lease_id"], e["revocation"]["reason"]) for e in revocations] == [
+        (lease_id, "suspended")]

@@ -148,8 +148,9 @@ class _Exchanger:
         self, subject_token: str, audience: str, intent: Intent, *, actor_token: str | None = None,
         subject_token_type: str | None = None,
     ) -> tuple[dict[str, str], dict[str, str]]:
-        """The token-exchange form. With ``actor_token`` (RFC 8693 §2.1) the workload is the actor and
-        ``subject_token`` the end user's token, or the parent task token of a sub-agent."""
+        """The token-exchange form. With ``actor_token`` (RFC 8693 §2.1) the workload is the actor (its
+        identity keeps the workload's token type, e.g. an X.509-SVID) and ``subject_token`` the end
+        user's token, or the parent task token of a sub-agent."""
         form = {
             "grant_type": TOKEN_EXCHANGE,
             "subject_token": subject_token,
@@ -159,7 +160,7 @@ class _Exchanger:
         }
         if actor_token is not None:
             form["actor_token"] = actor_token
-            form["actor_token_type"] = JWT_TOKEN_TYPE
+            form["actor_token_type"] = self.subject_token_type
         return form, self._headers()
 
     def poll_request(self, subject_token: str, pending: ApprovalPending) -> tuple[dict[str, str], dict[str, str]]:
@@ -292,7 +293,9 @@ class BrokerClient:
     Mutual TLS (RFC 8705): ``client_cert`` = ``(cert_file, key_file)`` of the workload's X.509-SVID
     (leaf first, then intermediates) and ``ca_file`` the broker's server CA; with
     ``subject_token_type=X509_SVID_TOKEN_TYPE`` and ``identity`` = the SVID's SPIFFE ID the broker
-    attests the certificate and binds the task token to it (``cnf.x5t#S256``).
+    attests the certificate and binds the task token to it (``cnf.x5t#S256``). ``subject_token_type``
+    is the workload identity's type, also when it is the ``actor``: an SVID-attested assistant acting
+    for a verified user sends ``actor_token_type`` = the X.509-SVID type.
 
     Tracing (W3C Trace Context): each exchange sends ``traceparent`` (a string, or a callable asked
     per exchange, e.g. the current prompt's), else the active OpenTelemetry span's when
@@ -424,7 +427,7 @@ class BrokerClient:
         if parent is not None:
             subject_token, actor_token, subject_type = parent, workload, ACCESS_TOKEN_TYPE
         elif user is not None:
-            subject_token, actor_token = user, workload
+            subject_token, actor_token, subject_type = user, workload, JWT_TOKEN_TYPE
         for first_try in (True, False):
             form, headers = self._core.request(subject_token, audience, intent, actor_token=actor_token,
                                                subject_token_type=subject_type)
@@ -554,7 +557,7 @@ class AsyncBrokerClient:
         if parent is not None:
             subject_token, actor_token, subject_type = parent, workload, ACCESS_TOKEN_TYPE
         elif user is not None:
-            subject_token, actor_token = user, workload
+            subject_token, actor_token, subject_type = user, workload, JWT_TOKEN_TYPE
         for first_try in (True, False):
             form, headers = self._core.request(subject_token, audience, intent, actor_token=actor_token,
                                                subject_token_type=subject_type)
