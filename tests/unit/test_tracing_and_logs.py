@@ -109,36 +109,27 @@ def test_query_values_are_cut_from_access_lines(target: str, logged: str) -> Non
 
 
 def test_access_records_in_json_have_their_fields_and_no_query_values() -> None:
-    import logging.config
+    # The handler is built from the process configuration's own parts and fed uvicorn's access record
+    # directly: the process-wide logging state that earlier tests leave behind plays no part (a real
+    # two-worker serve is checked end to end in tests/ops/test_observability.py).
+    from broker.logs import RedactQueryStrings, logging_config
 
-    from broker.logs import logging_config
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level, {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate,
-                                                logging.getLogger(n).level) for n in ("uvicorn.access", "httpx")})
-    stream = io.StringIO()
     config = logging_config("json")
-    config["handlers"]["stderr"] = {**config["handlers"]["stderr"], "stream": stream}
-    del config["handlers"]["stderr"]["class"]
-    config["handlers"]["stderr"]["()"] = lambda stream: logging.StreamHandler(stream)
-    logging.config.dictConfig(config)
-    try:
-        logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET",
-                                                  "/healthz?access_token=SECRET", "1.1", 200)
-        logging.getLogger("httpx").info("HTTP Request: POST https://hooks.example/T0/SECRET")
-    finally:
-        root.handlers[:], level, loggers = saved
-        root.setLevel(level)
-        for name, (handlers, propagate, own_level) in loggers.items():
-            logger = logging.getLogger(name)
-            logger.handlers[:], logger.propagate = handlers, propagate
-            logger.setLevel(own_level)
-    lines = stream.getvalue().splitlines()
-    # Threads left by earlier tests may log to the root handler meanwhile: only the access line counts,
-    # but no line may carry the secret.
-    assert not any("SECRET" in line for line in lines)
-    (record,) = [r for r in map(json.loads, lines) if r["logger"] == "uvicorn.access"]
-    assert record["url_path"] == "/healthz?access_token="
+    assert config["formatters"]["broker"] == {"()": "broker.logs.JsonFormatter"}
+    assert config["handlers"]["stderr"]["filters"] == ["redact"]
+    assert config["filters"]["redact"] == {"()": "broker.logs.RedactQueryStrings"}
+    assert config["root"]["handlers"] == ["stderr"]
+    assert config["loggers"]["uvicorn.access"] == {"handlers": [], "propagate": True}
+    assert config["loggers"]["httpx"] == {"level": "WARNING"}  # its INFO lines carry webhook URLs
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactQueryStrings())
+    handler.handle(logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                                     ("127.0.0.1:5", "GET", "/healthz?access_token=SECRET", "1.1", 200), None))
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert "SECRET" not in line and record["url_path"] == "/healthz?access_token="
     assert record["http_method"] == "GET" and record["status"] == 200 and record["client"] == "127.0.0.1:5"
 
 
