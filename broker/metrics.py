@@ -103,8 +103,21 @@ class BrokerMetrics:
             registry=self._registry, multiprocess_mode="max",
         )
         self._lag_max = self._blocked_max = 0.0
+        # The labelled children of the request metrics, by (route, method, status): a few dozen at
+        # most (route templates x standard methods x the statuses the broker answers).
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         if not self._multiprocess:
             self._registry.register(self._live)
+
+    def record_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One served HTTP request: counted by route template, method and status, timed by route."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.latency.labels(route))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def record_loop_lag(self, lag: float, blocked: float) -> None:
         """One event-loop lag sample and its blocked part (from :class:`~broker.looplag.LoopLagMonitor`)."""
@@ -160,5 +173,4 @@ class MetricsMiddleware:
                 # The method is the client's text: only the standard ones become label values, so a
                 # client inventing methods cannot grow the number of time series.
                 method = scope["method"] if scope["method"] in _METHODS else "other"
-                metrics.requests.labels(template, method, str(status)).inc()
-                metrics.latency.labels(template).observe(time.perf_counter() - start)
+                metrics.record_request(template, method, status, time.perf_counter() - start)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker import heap
 from broker.approvals import ApprovalDesk, WebhookNotifier
 from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.attest.jwks import JwksSource
@@ -176,9 +177,13 @@ class Runtime:
         return runtime
 
     def install_policies(self, policies: PolicySet) -> None:
-        """Serve ``policies`` from now on: one assignment each, so a request sees one set or the other."""
+        """Serve ``policies`` from now on: one assignment each, so a request sees one set or the other.
+
+        The replaced set may have been frozen at start-up (:mod:`broker.heap`): released, so the
+        collector reclaims it."""
         self.broker.policies = policies
         self.policies = policies
+        heap.release()
 
     async def reload_policies(self, trigger: str, actor: dict[str, Any] | None = None) -> ReloadOutcome:
         """Lint, swap and record the policy directory's set (:mod:`broker.reload`); raises

@@ -47,9 +47,10 @@ class TraceContext:
         """Continue the caller's trace if ``traceparent`` is one valid header, else start a new one."""
         values = [traceparent] if isinstance(traceparent, str) else list(traceparent or [])
         parsed = parse_traceparent(values[0]) if len(values) == 1 else None
-        span_id = secrets.token_hex(8)
+        fresh = secrets.token_hex(24)  # one read of the OS CSPRNG: the span id and, if new, the trace id
+        span_id = fresh[:16]
         if parsed is None:
-            return cls(trace_id=secrets.token_hex(16), span_id=span_id)
+            return cls(trace_id=fresh[16:], span_id=span_id)
         trace_id, parent_id, flags = parsed
         return cls(trace_id=trace_id, span_id=span_id, parent_id=parent_id, sampled=bool(flags & 1))
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from broker import __version__
+from broker import __version__, heap
 from broker.api.errors import install_error_handlers
 from broker.api.routes import admin, approvals, health, introspect, ledger, metrics, token, wellknown
 from broker.api.routes.credentials import router as credentials_router
@@ -32,13 +32,17 @@ SETTINGS_ENV = "NHI_BROKER_SETTINGS_JSON"
 
 
 def create_app(
-    settings: Settings, *, runtime: Runtime | None = None, clock: Clock | None = None, tls: ServerTls | None = None
+    settings: Settings, *, runtime: Runtime | None = None, clock: Clock | None = None, tls: ServerTls | None = None,
+    serving: bool = False,
 ) -> FastAPI:
     """A FastAPI app for ``settings``; the runtime is opened in the lifespan unless given.
 
     ``tls`` is the SSL context of a broker that terminates mutual TLS itself: rotated trust bundles'
     new roots are added to it. With ``otlp_endpoint`` set, requests and the exchange's steps are
     OpenTelemetry spans (:mod:`broker.telemetry`), exported until the app shuts down.
+
+    ``serving``: this app is the process's one app (``nhi-broker serve``): once started, what start-up
+    built is frozen out of the cycle collector's walks (:mod:`broker.heap`).
     """
     spans = runtime.spans if runtime is not None else spans_from_settings(settings)
 
@@ -63,6 +67,8 @@ def create_app(
         # SIGHUP reloads the policy directory here (the supervisor hands it to one worker).
         syncer = asyncio.create_task(live.run_live_sync(live.settings.live_sync_interval))
         remove_sighup = install_sighup(live)
+        if serving:
+            heap.settle()
         try:
             yield
         finally:
@@ -105,4 +111,4 @@ def create_app(
 
 def app_from_environment() -> FastAPI:
     """uvicorn factory for worker processes: settings come from ``$NHI_BROKER_SETTINGS_JSON``."""
-    return create_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]))
+    return create_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]), serving=True)

@@ -145,7 +145,7 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
     if sock is None:
         common.update(host=settings.host, port=settings.port)
     if settings.workers == 1:
-        one = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
+        one = uvicorn.Server(uvicorn.Config(create_app(settings, serving=True), **common))
         one.run(sockets=[sock] if sock is not None else None)
         return bool(one.started)
     config = uvicorn.Config("broker.api.app:app_from_environment", factory=True, workers=settings.workers, **common)

@@ -48,6 +48,8 @@ MAX_OWNER_LEN = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REQUIRED_KEYS = frozenset({"name", "spiffe_id", "owner", "roles", "audiences", "attestation"})
 _WORKLOAD_KEYS = _REQUIRED_KEYS | {"delegators"}
+#: How many (SPIFFE ID, method) answers a registry keeps (WorkloadRegistry.resolve).
+_RESOLVED_MAX = 4096
 _HEADER_RE = re.compile(r"\s*\[\[\s*workload\s*\]\]\s*(?:#.*)?")
 
 
@@ -84,6 +86,9 @@ class WorkloadRegistry:
         self._by_name = {e.name: e for e in entries}
         self._exact = {e.spiffe_id: e for e in entries if e.pattern_prefix is None}
         self._patterns = {e.pattern_prefix: e for e in entries if e.pattern_prefix is not None}
+        # resolve() is a pure function of (SPIFFE ID, method) over these immutable entries, asked twice
+        # per exchange: its answers (a workload or the refusal) are kept, up to _RESOLVED_MAX of them.
+        self._resolved: dict[tuple[str, str], RegisteredWorkload | UnregisteredWorkload] = {}
 
     def __iter__(self) -> Iterator[RegistryEntry]:
         return iter(self._entries)
@@ -111,17 +116,29 @@ class WorkloadRegistry:
         The identity must be a valid SPIFFE ID, match an entry, and have been attested with a
         method the entry allows.
         """
-        spiffe_id = identity.spiffe_id
+        key = (identity.spiffe_id, identity.method)
+        known = self._resolved.get(key)
+        if known is None:
+            known = self._resolve(*key)
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.clear()  # a flood of distinct IDs only costs the memo, never memory
+            self._resolved[key] = known
+        if isinstance(known, UnregisteredWorkload):
+            raise UnregisteredWorkload(known.description)
+        return known
+
+    def _resolve(self, spiffe_id: str, method: str) -> RegisteredWorkload | UnregisteredWorkload:
+        """:meth:`resolve`'s answer, the refusal returned rather than raised."""
         try:
             parsed = parse_spiffe_id(spiffe_id)
         except ValueError:
-            raise UnregisteredWorkload("workload identity is not a valid SPIFFE ID") from None
+            return UnregisteredWorkload("workload identity is not a valid SPIFFE ID")
         entry = self.lookup(spiffe_id) if parsed.path else None
         if entry is None:
-            raise UnregisteredWorkload(f"workload {spiffe_id} is not registered")
-        if identity.method not in entry.attestation:
-            raise UnregisteredWorkload(
-                f"workload {spiffe_id} may not authenticate with attestation method {identity.method!r}"
+            return UnregisteredWorkload(f"workload {spiffe_id} is not registered")
+        if method not in entry.attestation:
+            return UnregisteredWorkload(
+                f"workload {spiffe_id} may not authenticate with attestation method {method!r}"
             )
         return entry.registered(spiffe_id)
 
