@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from broker import __version__, heap
+from broker.affinity import claim_cpu
 from broker.api.errors import install_error_handlers
 from broker.api.routes import admin, approvals, health, introspect, ledger, metrics, token, wellknown
 from broker.api.routes.credentials import router as credentials_router
@@ -111,4 +112,7 @@ def create_app(
 
 def app_from_environment() -> FastAPI:
     """uvicorn factory for worker processes: settings come from ``$NHI_BROKER_SETTINGS_JSON``."""
-    return create_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]), serving=True)
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    if settings.worker_cpu_affinity != "off":  # before the app starts its storage threads
+        claim_cpu(settings.data_dir, settings.workers, only_if_one_each=settings.worker_cpu_affinity == "auto")
+    return create_app(settings, serving=True)
