@@ -5,12 +5,11 @@ Minting is two steps so that the ledger entry is durable before a signature exis
 (which records ``claims_sha256`` of the prepared claims); :meth:`TaskTokenMinter.sign` adds ``txn``
 (the entry's leaf hash) and signs. If the append fails, nothing was ever signed.
 
-The claims are serialised once: the RFC 8785 canonical bytes that ``claims_sha256`` digests are
-also the JWS payload, with ``txn`` spliced in before the closing brace (any JSON serialisation of
-the claims is a valid payload; resource servers and ``audit prove`` parse it, drop ``txn`` and
-canonicalise again). The header segment is fixed per key, and the ES256 signature is
-cryptography's DER signature converted to the raw ``r || s`` of RFC 7518 §3.4. The result is an
-ordinary compact JWS that pyjwt verifies (``tests/unit/test_task_token_mint.py``).
+The JWS is assembled here rather than by ``jwt.encode``, with the bytes pyjwt writes: the header
+segment (sorted members) is fixed per key and built once, the payload is the claims as
+``json.dumps(separators=(",", ":"))`` in insertion order, and the ES256 signature is cryptography's
+DER signature converted to the raw ``r || s`` of RFC 7518 §3.4. pyjwt and the SDK's verifier verify
+the result (``tests/unit/test_task_token_mint.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -69,6 +68,8 @@ class _RandomPool:
 
 _RANDOM = _RandomPool()
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+# json.dumps(claims, separators=(",", ":")) as jwt.encode writes the payload, without a new encoder per call.
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"))
 _P256_BYTES = 32
 
 
@@ -91,24 +92,11 @@ def _der_to_raw_p256(der: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class PreparedToken:
-    """The claims of a task token before it is signed (no ``txn`` yet).
-
-    ``claims`` must not change after :meth:`claims_sha256` or :meth:`TaskTokenMinter.sign` first
-    serialised them: both use the same canonical bytes, so the token carries what the ledger committed to.
-    """
+    """The claims of a task token before it is signed (no ``txn`` yet)."""
 
     claims: dict[str, Any]
     kid: str
     alg: str
-    _canonical: bytes | None = field(default=None, init=False, repr=False, compare=False)
-
-    def canonical_claims(self) -> bytes:
-        """The RFC 8785 canonical UTF-8 bytes of :attr:`claims` (computed once)."""
-        canonical = self._canonical
-        if canonical is None:
-            canonical = canonical_json(self.claims)
-            object.__setattr__(self, "_canonical", canonical)
-        return canonical
 
     @property
     def jti(self) -> str:
@@ -120,7 +108,7 @@ class PreparedToken:
 
     def claims_sha256(self) -> str:
         """SHA-256 of the RFC 8785 canonical claims without ``txn``: what the ledger commits to."""
-        return "sha256:" + hashlib.sha256(self.canonical_claims()).hexdigest()
+        return "sha256:" + hashlib.sha256(canonical_json(self.claims)).hexdigest()
 
 
 class TaskTokenMinter:
@@ -210,12 +198,7 @@ class TaskTokenMinter:
     def sign(self, prepared: PreparedToken, txn: str) -> str:
         """Sign the prepared claims with ``txn`` (the ledger leaf hash) added."""
         key, header = self._header(prepared.kid, prepared.alg)
-        canonical = prepared.canonical_claims()
-        if "txn" in prepared.claims or canonical == b"{}":
-            payload = canonical_json(dict(prepared.claims, txn=txn))
-        else:
-            # Canonical bytes end with the object's closing brace; txn is one more member.
-            payload = b"".join((canonical[:-1], b',"txn":', canonical_json(txn), b"}"))
+        payload = _PAYLOAD_ENCODER.encode(dict(prepared.claims, txn=txn)).encode("utf-8")
         signing_input = header + base64.urlsafe_b64encode(payload).rstrip(b"=")
         private_key = key.private_key
         if isinstance(private_key, ec.EllipticCurvePrivateKey):  # ES256 on P-256 (checked by _header)

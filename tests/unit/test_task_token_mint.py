@@ -1,5 +1,5 @@
-"""broker.mint.jwt: task tokens built without pyjwt's encoder are ordinary compact JWS that pyjwt and the
-SDK's TaskTokenVerifier accept, and the digest the ledger records is that of the signed claims."""
+"""broker.mint.jwt: task tokens built without pyjwt's encoder have the header and payload bytes jwt.encode
+writes, pyjwt and the SDK's TaskTokenVerifier accept them, and the ledger's digest is of the signed claims."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from nhi_broker_client import TaskTokenVerifier
 
 from broker.clock import FixedClock
 from broker.jcs import canonical_json
-from broker.mint.jwt import PreparedToken, TaskTokenMinter, _der_to_raw_p256, _RandomPool
+from broker.mint.jwt import TaskTokenMinter, _der_to_raw_p256, _RandomPool
 from broker.mint.keys import KeySet
 from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
 from broker.strict_json import loads_strict
@@ -79,9 +79,10 @@ def test_pyjwt_verifies_and_the_digest_is_of_the_signed_claims(
     without_txn = {k: v for k, v in claims.items() if k != "txn"}
     assert digest == "sha256:" + hashlib.sha256(canonical_json(without_txn)).hexdigest()
     assert digest == "sha256:" + hashlib.sha256(canonical_json(prepared.claims)).hexdigest()
-    # The header bytes are the ones pyjwt writes; the payload is strict JSON without duplicate names.
-    reference = jwt.encode({}, key.private_key, algorithm=prepared.alg, headers={"typ": "at+jwt", "kid": key.kid})
-    assert token.split(".")[0] == reference.split(".")[0]
+    # The header and payload bytes are the ones jwt.encode writes (only the signature differs).
+    reference = jwt.encode({**prepared.claims, "txn": TXN}, key.private_key, algorithm=prepared.alg,
+                           headers={"typ": "at+jwt", "kid": key.kid})
+    assert token.split(".")[:2] == reference.split(".")[:2]
     assert loads_strict(segments(token)[1]) == claims
 
 
@@ -121,14 +122,6 @@ def test_der_to_raw_of_real_signatures() -> None:
         der = key.sign(b"%d" % i, ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         assert _der_to_raw_p256(der) == r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def test_prepared_token_serialises_once() -> None:
-    prepared = PreparedToken(claims={"iss": "x", "iat": 1}, kid="k", alg="ES256")
-    first = prepared.canonical_claims()
-    assert first == b'{"iat":1,"iss":"x"}'
-    assert prepared.canonical_claims() is first
-    assert prepared == PreparedToken(claims={"iss": "x", "iat": 1}, kid="k", alg="ES256")
 
 
 def test_random_pool_never_repeats_and_a_child_forgets_it() -> None:
