@@ -422,7 +422,8 @@ class RedisStateStore:
         if lane.worker is not None:
             lane.worker.cancel()
             await asyncio.wait([lane.worker])
-        await self._drop(lane.connection)
+        with contextlib.suppress(Exception):  # already broken: nothing more to release
+            await lane.connection.disconnect()
 
 
 def _text(value: bytes | str) -> str:
