@@ -274,11 +274,14 @@ class RedisStateStore:
                     answered += 1
                     if not future.done():
                         future.set_result(reply)
-        except (redis.RedisError, OSError) as exc:  # OSError: TimeoutError (asyncio.timeout) among them
-            if isinstance(exc, redis.TimeoutError | redis.ConnectionError | TimeoutError | ConnectionError):
+        except Exception as exc:
+            # OSError: the batch's timeout (TimeoutError) among them. Anything else is not Redis being
+            # away (redis-py's own errors, or a bug): fail closed all the same, without the window.
+            if isinstance(exc, redis.TimeoutError | redis.ConnectionError | OSError):
                 self._failing_fast_until = time.monotonic() + self._fail_fast
             # The type only: messages can carry the URL.
-            log.warning("redis state store unavailable (%s): failing closed", type(exc).__name__)
+            log.log(logging.WARNING if isinstance(exc, redis.RedisError | OSError) else logging.ERROR,
+                    "redis state store unavailable (%s): failing closed", type(exc).__name__)
             await self._drop(conn)
             _fail(batch[answered:], f"state store unavailable: {type(exc).__name__}")
         except BaseException:
