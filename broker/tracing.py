@@ -14,13 +14,14 @@ repeated header is ignored, never an error (§3.2.2.x: "the vendor MUST ignore t
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.csprng import random_hex
 
 if TYPE_CHECKING:
     from broker.telemetry import Spans
@@ -47,7 +48,7 @@ class TraceContext:
         """Continue the caller's trace if ``traceparent`` is one valid header, else start a new one."""
         values = [traceparent] if isinstance(traceparent, str) else list(traceparent or [])
         parsed = parse_traceparent(values[0]) if len(values) == 1 else None
-        fresh = secrets.token_hex(24)  # one read of the OS CSPRNG: the span id and, if new, the trace id
+        fresh = random_hex(24)  # the span id and, if new, the trace id
         span_id = fresh[:16]
         if parsed is None:
             return cls(trace_id=fresh[16:], span_id=span_id)

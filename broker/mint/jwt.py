@@ -17,8 +17,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from broker.clock import Clock, SystemClock
+from broker.csprng import random_bytes
 from broker.jcs import canonical_json
 from broker.mint.keys import KeySet, SigningKey, b64url
 from broker.models import Grant
@@ -36,37 +35,6 @@ __all__ = ["ACCESS_TOKEN_TYPE", "JWT_TOKEN_TYPE", "PreparedToken", "TaskTokenMin
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 
-
-class _RandomPool:
-    """Random bytes from the OS CSPRNG, read 4 KiB at a time and never handed out twice.
-
-    One ``os.urandom`` call per token releases the GIL, and on a busy event loop every release is a
-    hand-off to another thread; reading ahead makes that once per 256 tokens. A forked child forgets
-    the parent's bytes (two processes must never mint the same ``jti``).
-    """
-
-    _SIZE = 4096
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = b""
-        self._at = 0
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer, self._at = b"", 0
-
-    def take(self, n: int) -> bytes:
-        with self._lock:
-            at = self._at
-            if at + n > len(self._buffer):
-                self._buffer, at = os.urandom(max(self._SIZE, n)), 0
-            self._at = at + n
-            return self._buffer[at : at + n]
-
-
-_RANDOM = _RandomPool()
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 # json.dumps(claims, separators=(",", ":")) as jwt.encode writes the payload, without a new encoder per call.
 _PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -150,7 +118,7 @@ class TaskTokenMinter:
             "iat": now,
             "nbf": now,
             "exp": exp,
-            "jti": b64url(_RANDOM.take(16)),  # 128 random bits
+            "jti": b64url(random_bytes(16)),  # 128 random bits
             "client_id": grant.workload.name,
             "owner": grant.workload.owner,
             "authorization_details": [grant.intent.to_json()],

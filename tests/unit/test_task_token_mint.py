@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from nhi_broker_client import TaskTokenVerifier
 
 from broker.clock import FixedClock
+from broker.csprng import RandomPool
 from broker.jcs import canonical_json
-from broker.mint.jwt import TaskTokenMinter, _der_to_raw_p256, _RandomPool
+from broker.mint.jwt import TaskTokenMinter, _der_to_raw_p256
 from broker.mint.keys import KeySet
 from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
 from broker.strict_json import loads_strict
@@ -125,7 +126,7 @@ def test_der_to_raw_of_real_signatures() -> None:
 
 
 def test_random_pool_never_repeats_and_a_child_forgets_it() -> None:
-    pool = _RandomPool()
+    pool = RandomPool()
     seen = {pool.take(16) for _ in range(1000)}
     assert len(seen) == 1000 and all(len(b) == 16 for b in seen)
     read, write = os.pipe()

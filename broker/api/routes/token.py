@@ -25,6 +25,7 @@ from broker.api.forms import read_form, required
 from broker.attest.evidence import Evidence
 from broker.attest.methods.wimse import WIT_TOKEN_TYPE, WPT_HEADER
 from broker.attest.methods.x509_svid import X509_SVID_TOKEN_TYPE, XFCC_HEADER
+from broker.csprng import random_bytes
 from broker.dpop import CheckedDPoPProof, InvalidDPoPProof
 from broker.errors import (
     InvalidRequest,
@@ -211,7 +212,7 @@ async def token(request: Request, runtime: RuntimeDep) -> Response:
     An intent held for review is answered as OpenID CIBA acknowledges a request (``auth_req_id``,
     ``expires_in``, ``interval``); poll with ``grant_type=urn:openid:params:grant-type:ciba``.
     """
-    request_id = uuid.uuid4().hex
+    request_id = uuid.UUID(bytes=random_bytes(16), version=4).hex
     form = await read_form(request, runtime.settings.max_body_bytes)
     headers = {**NO_STORE, "X-Request-Id": request_id}
     outcome: Issued | Held
