@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-__all__ = ["release", "settle"]
+__all__ = ["release", "settle", "thaw"]
 
 #: Set by :func:`release`; the collector's callback freezes again after the next full collection. A
 #: plain flag, not a lock: a collection may start in any thread at any allocation, inside this module too.
@@ -43,6 +43,13 @@ def release() -> None:
     if gc.get_freeze_count() == 0:
         return
     _refreeze_pending = True
+    gc.unfreeze()
+
+
+def thaw() -> None:
+    """Unfreeze everything for good (no freeze after the next collection): a process that stops serving."""
+    global _refreeze_pending
+    _refreeze_pending = False
     gc.unfreeze()
 
 

@@ -26,10 +26,12 @@ class _Cycle:
 
 @pytest.fixture
 def thawed() -> Iterator[None]:
-    """Each test leaves the test process as it found it: nothing frozen."""
-    gc.unfreeze()
+    """Each test leaves the test process as it found it: nothing frozen, no freeze pending."""
+    heap.thaw()
     yield
-    gc.unfreeze()
+    heap.thaw()
+    gc.collect()
+    assert gc.get_freeze_count() == 0
 
 
 def test_settle_collects_garbage_then_freezes_the_survivors(thawed: None) -> None:
@@ -55,6 +57,14 @@ def test_a_frozen_cycle_is_not_collected_until_released(thawed: None) -> None:
     gc.collect()
     assert old_ref() is None  # the next full collection reclaims it...
     assert gc.get_freeze_count() > 0  # ...and freezes the survivors again
+
+
+def test_thaw_cancels_a_pending_freeze(thawed: None) -> None:
+    heap.settle()
+    heap.release()
+    heap.thaw()
+    gc.collect()
+    assert gc.get_freeze_count() == 0
 
 
 def test_release_without_settle_changes_nothing(thawed: None) -> None:
