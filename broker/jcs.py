@@ -20,6 +20,7 @@ against each other on random and adversarial values.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import rfc8785
@@ -29,23 +30,75 @@ __all__ = ["CanonicalizationError", "canonical_json"]
 CanonicalizationError = rfc8785.CanonicalizationError
 
 _MAX_EXACT = 2**53 - 1
-_SCALARS = (str, bool, type(None))
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
+def _plain_object(value: dict[Any, Any]) -> bool:
+    # One pass, scalars checked inline (no call per member): this runs twice per token exchange.
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if -_MAX_EXACT <= item <= _MAX_EXACT:
+                continue
+            return False
+        if kind is dict:
+            if _plain_object(item):
+                continue
+            return False
+        if kind is list:
+            if _plain_array(item):
+                continue
+            return False
+        return False
+    return True
+
+
+def _plain_array(value: list[Any]) -> bool:
+    for item in value:
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if -_MAX_EXACT <= item <= _MAX_EXACT:
+                continue
+            return False
+        if kind is dict:
+            if _plain_object(item):
+                continue
+            return False
+        if kind is list:
+            if _plain_array(item):
+                continue
+            return False
+        return False
+    return True
+
+
+def _astral_key(value: Any) -> bool:
+    """Some member name in ``value`` holds a character above U+FFFF."""
+    if type(value) is dict:
+        return any(_ASTRAL.search(key) is not None or _astral_key(item) for key, item in value.items())
+    if type(value) is list:
+        return any(_astral_key(item) for item in value)
+    return False
+
+
 def _plain(value: Any) -> bool:
+    """``value`` is in the subset where :data:`_encoder` writes the RFC 8785 bytes (module docstring)."""
     kind = type(value)
-    if kind in _SCALARS:
+    if kind is dict:
+        return _plain_object(value)
+    if kind is list:
+        return _plain_array(value)
+    if kind is str or kind is bool or value is None:
         return True
     if kind is int:
         return bool(-_MAX_EXACT <= value <= _MAX_EXACT)
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str or (key and max(key) > "\uffff") or not _plain(item):
-                return False
-        return True
-    if kind is list:
-        return all(_plain(item) for item in value)
     return False
 
 
@@ -56,10 +109,14 @@ def canonical_json(value: Any) -> bytes:
     exactly, and :class:`RecursionError` for nesting deeper than the interpreter allows.
     """
     if _plain(value):
-        try:
-            return _encoder.encode(value).encode("utf-8")
-        except UnicodeEncodeError:
-            pass  # a lone surrogate: the reference encoder names the error
+        text = _encoder.encode(value)
+        # Keys sort alike unless one holds a character above U+FFFF: look for keys only when the
+        # text holds such a character at all (rare; one C-speed scan otherwise).
+        if text.isascii() or _ASTRAL.search(text) is None or not _astral_key(value):
+            try:
+                return text.encode("utf-8")
+            except UnicodeEncodeError:
+                pass  # a lone surrogate: the reference encoder names the error
     try:
         return rfc8785.dumps(value)
     except UnicodeEncodeError:  # rfc8785 lets this escape for a lone surrogate in a key

@@ -91,3 +91,34 @@ def test_known_encodings(value: Any, expected: bytes) -> None:
 def test_what_json_cannot_carry_is_refused(value: Any, error: type[Exception]) -> None:
     with pytest.raises(error):
         canonical_json(value)
+
+
+# RFC 8785 §3.2.4 (sample canonicalisation): the input, and without its numbers (which takes the fast path).
+RFC8785_INPUT = {
+    "numbers": [333333333.33333329, 1e30, 4.50, 2e-3, 0.000000000000000000000000001],
+    "string": "\u20ac$\u000f\u000aA'\u0042\u0022\u005c\\\"/",
+    "literals": [None, True, False],
+}
+RFC8785_OUTPUT = (
+    '{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'
+    '"string":"\u20ac$\\u000f\\nA\'B\\"\\\\\\\\\\"/"}'
+).encode()
+
+
+def test_rfc8785_sample() -> None:
+    assert canonical_json(RFC8785_INPUT) == RFC8785_OUTPUT
+    without_numbers = {k: v for k, v in RFC8785_INPUT.items() if k != "numbers"}
+    expected = RFC8785_OUTPUT.replace(b'"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],', b"")
+    assert canonical_json(without_numbers) == expected == rfc8785.dumps(without_numbers)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"\U0001f600": {"\ue000": 1, "a": "\U0001f600"}},  # an astral key below the top level
+        {"a": ["\U0001f600", {"\U0001f600": 1, "\ufb33": 2}]},  # ... inside an array
+        {"a": "\U0001f600", "\ufb33": "x", "\u20ac": "y"},  # astral in a value only: same bytes either way
+    ],
+)
+def test_astral_characters_in_values_and_nested_keys(value: Any) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value)
