@@ -12,12 +12,12 @@ escaping) produces exactly the RFC 8785 bytes (:mod:`broker.jcs`):
   no fractions or exponents (ECMAScript number formatting, §3.2.2.3, differs from Python's ``repr``).
 
 The leaf is parsed by pydantic-core's JSON parser (Rust, about twice as fast as :mod:`json`), and
-the value is kept only if it is in that subset *and* re-encodes to the leaf byte for byte. That
-also makes the parser's own leniencies irrelevant: whatever it returned, a value whose canonical
-encoding *is* the leaf is the leaf's one meaning, so a duplicate member name (which a parser
-collapses), a non-standard constant, a number out of range or a non-canonical escape all fail the
-comparison or the subset check. Anything else goes to ``decode_entry``, which gives the reference
-answer and the precise error.
+the value is kept only if it is in that subset (:func:`broker.jcs._plain_object`: exact types,
+integers in range, no float) *and* re-encodes to the leaf byte for byte. Whatever the parser
+returned, a value whose canonical encoding *is* the leaf is the leaf's one meaning, so the
+parser's own leniencies do not matter: a duplicate member name (which a parser collapses), a
+non-standard constant, ``-0`` or a non-canonical escape all fail the subset check or the comparison.
+Anything else goes to ``decode_entry``, which gives the reference answer and the precise error.
 """
 
 from __future__ import annotations
