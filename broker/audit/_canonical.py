@@ -8,12 +8,13 @@ escaping) produces exactly the RFC 8785 bytes (:mod:`broker.jcs`):
 - only ASCII bytes (so member names sort the same by code point and by UTF-16 code unit,
   RFC 8785 §3.2.3, and no string needs more than the short escapes and ``\\u00xx``, which both
   encoders write identically, in lower-case hex, §3.2.2.2);
-- objects, arrays, strings, booleans, null and integers within ±(2**53 - 1) (I-JSON's exact range);
-  no fractions or exponents (ECMAScript number formatting, §3.2.2.3, differs from Python's ``repr``).
+- objects, arrays, strings, booleans, null, integers within ±(2**53 - 1) (I-JSON's exact range)
+  and floats whose shortest form has no exponent and no trailing ``.0`` (``20.5``; ECMAScript
+  number formatting, §3.2.2.3, differs from Python's ``repr`` only for the others).
 
 The leaf is parsed by pydantic-core's JSON parser (Rust, about twice as fast as :mod:`json`), and
-the value is kept only if it is in that subset (:func:`broker.jcs._plain_object`: exact types,
-integers in range, no float) *and* re-encodes to the leaf byte for byte. Whatever the parser
+the value is kept only if it is in that subset (:func:`broker.jcs._plain_object`, exact types)
+*and* re-encodes to the leaf byte for byte. Whatever the parser
 returned, a value whose canonical encoding *is* the leaf is the leaf's one meaning, so the
 parser's own leniencies do not matter: a duplicate member name (which a parser collapses), a
 non-standard constant, ``-0`` or a non-canonical escape all fail the subset check or the comparison.

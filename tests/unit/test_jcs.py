@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 from typing import Any
 
 import pytest
@@ -60,9 +61,31 @@ def test_random_values_match_the_reference_encoder(seed: int) -> None:
         assert fast(value) == reference(value), value
 
 
+def random_float(rng: random.Random) -> float:
+    return rng.choice([
+        lambda: rng.uniform(-1e6, 1e6),
+        lambda: round(rng.uniform(-1000, 1000), rng.randint(0, 4)),
+        lambda: rng.uniform(-1, 1) * 10.0 ** rng.randint(-30, 30),
+        lambda: struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0],  # any double, NaN included
+        lambda: float(rng.randint(-(2**60), 2**60)),
+    ])()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_floats_match_the_reference_encoder(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(4000):
+        value = {"f": random_float(rng), "g": [random_float(rng), "x"]}
+        assert fast(value) == reference(value), value
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
+        ({"amount": 20.5, "p": [0.001, -3.25, 123456789.125, 0.1, 1e-4, 1.5e15]},
+         b'{"amount":20.5,"p":[0.001,-3.25,123456789.125,0.1,0.0001,1500000000000000]}'),
+        ({"f": 20.0, "g": 5e-324, "h": -0.0, "i": 1e16, "j": 1.7976931348623157e308},
+         b'{"f":20,"g":5e-324,"h":0,"i":10000000000000000,"j":1.7976931348623157e+308}'),
         # RFC 8785 §3.2.3: keys sort by UTF-16 code units, so U+1F600 (D83D DE00) sorts before U+E000.
         ({"\ue000": 1, "\U0001f600": 2}, '{"\U0001f600":2,"\ue000":1}'.encode()),
         ({"b": [], "a": {}, "c": ""}, b'{"a":{},"b":[],"c":""}'),
