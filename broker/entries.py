@@ -1,7 +1,8 @@
 """Ledger entries: the JSON objects that become leaves (RFC 8785 canonical form, see docs/ledger.md).
 
-Every entry is built through its frozen model in :mod:`broker.ledger.schema` — the same models
-``audit`` validates with — so the broker cannot write an entry an auditor would refuse: a bad
+Every entry is validated by its frozen model in :mod:`broker.ledger.schema` — the same models
+``audit`` validates with; issuances and denials first by the exact check compiled from that model
+(:mod:`broker.ledger.exact`) — so the broker cannot write an entry an auditor would refuse: a bad
 member raises :class:`ValueError` here, before anything is appended. Entries carry hashes,
 identifiers and decisions — never a token or a secret.
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from broker.audit.schema import _validated_model
 from broker.ledger.exact import exact_check
 from broker.ledger.schema import ENTRY_MODELS
 
@@ -177,6 +178,7 @@ def test_what_the_check_accepts_the_model_accepts_unchanged(seed: int) -> None:
                 continue
             accepted += 1
             assert _same(candidate.model_validate(entry).to_json(), entry), entry
+            _validated_model(entry)  # the auditor's envelope steps and model accept it too
     assert accepted > 100 and refused > 1000  # both sides of the check are exercised
 
 
