@@ -15,7 +15,7 @@ every later ``encode()`` of the value would fail).
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 import math
 import re
@@ -102,6 +102,18 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
+# One decoder of each kind, built once (``json.loads`` with hooks builds a new one per call); a
+# decoder keeps no state between documents, and the standard library shares its default one too.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_members, parse_constant=_refuse_constant, parse_int=_parse_int,
+    parse_float=_parse_float,
+)
+_DECIMAL_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_members, parse_constant=_refuse_constant, parse_int=_parse_int,
+    parse_float=_parse_decimal,
+)
+
+
 def loads_strict(data: bytes | str, *, decimals: bool = False) -> Any:
     """Parse ``data`` (UTF-8 bytes or text) as I-JSON, or raise :class:`StrictJSONError`.
 
@@ -113,10 +125,9 @@ def loads_strict(data: bytes | str, *, decimals: bool = False) -> Any:
     except UnicodeDecodeError:
         raise StrictJSONError("not_utf8", "not UTF-8") from None
     try:
-        value = json.loads(
-            text, object_pairs_hook=_unique_members, parse_constant=_refuse_constant, parse_int=_parse_int,
-            parse_float=_parse_decimal if decimals else _parse_float,
-        )
+        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = (_DECIMAL_DECODER if decimals else _DECODER).decode(text)
     except _Duplicate as dup:
         raise StrictJSONError("duplicate", f"duplicate member name {dup.name!r}", dup.name) from None
     except _Constant as const:
@@ -130,19 +141,38 @@ def loads_strict(data: bytes | str, *, decimals: bool = False) -> Any:
     except ValueError:
         # Anything else the parser may raise is still refused input, never a server error.
         raise StrictJSONError("invalid", "not valid JSON") from None
-    if _SURROGATE_HINT.search(text) is not None and _has_surrogate(value):
+    # ASCII text without an escape cannot hold a surrogate (isascii is O(1)); otherwise look closer.
+    if (
+        ("\\u" in text or not text.isascii())
+        and _SURROGATE_HINT.search(text) is not None
+        and _has_surrogate(value)
+    ):
         raise StrictJSONError("surrogate", "a string holds an unpaired UTF-16 surrogate")
     return value
 
 
+# base64url -> base64 for binascii; "+", "/" and "=" are not base64url, so they become a byte that
+# strict decoding refuses.
+_URLSAFE_TO_STD = bytes.maketrans(b"-_+/=", b"+/!!!")
+# The last character of a canonical encoding leaves no unused bits set (RFC 4648 §3.5): with two
+# characters in the last group its value is a multiple of 16, with three a multiple of 4.
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_CANONICAL_LAST = {2: frozenset(_ALPHABET[::16]), 3: frozenset(_ALPHABET[::4])}
+
+
 def b64url_decode_canonical(segment: str) -> bytes | None:
     """Decode unpadded base64url, or ``None`` unless ``segment`` is its one canonical encoding."""
-    if not isinstance(segment, str) or len(segment) % 4 == 1:
+    if not isinstance(segment, str):
+        return None
+    tail = len(segment) % 4
+    if tail == 1 or not segment.isascii():
+        return None
+    if tail and segment[-1] not in _CANONICAL_LAST[tail]:
         return None
     try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except ValueError:
+        # Strict mode refuses any character outside the alphabet (and misplaced padding).
+        return binascii.a2b_base64(
+            segment.encode("ascii").translate(_URLSAFE_TO_STD) + b"=" * (-len(segment) % 4), strict_mode=True
+        )
+    except binascii.Error:
         return None
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
-        return None
-    return raw

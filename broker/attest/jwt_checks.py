@@ -5,7 +5,9 @@ Workload identity tokens (:mod:`broker.attest.verifier`) and end-user tokens
 decoding, compact JWS only, strict JSON without duplicate names, an algorithm allow-list (never
 ``none`` or ``HS*``), no header parameter that lets the token choose its own key, an explicit ``typ``
 allow-list, integer NumericDates checked against the injected clock, and a lifetime cap. pyjwt checks
-the signature, ``iss``, ``aud`` and required claims; everything it does not check is here
+the signature (``jwt.decode``, or :func:`verify_signature` with pyjwt's algorithms — ES256 on P-256
+makes pyjwt's own calls to cryptography directly), ``iss``, ``aud`` and required claims
+(:func:`verify_claims` where no ``jwt.decode`` runs); everything it does not check is here
 (DESIGN "Library notes"). ``label`` names the token in error descriptions (``subject_token``,
 ``actor_token``); no description ever contains the token.
 """
@@ -18,6 +20,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from broker.attest.issuers import ALLOWED_ALGORITHMS
 from broker.errors import AttestationError
@@ -45,6 +51,7 @@ ACCEPTED_JWT_TYP = frozenset({"jwt", "jose", "application/jwt", "application/jos
 _KID_RE = re.compile(r"[\x20-\x7e]{1,256}")
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
 _MAX_NUMERIC_DATE = 2**53
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 def printable(name: Any) -> str:
@@ -59,8 +66,8 @@ def check_shape(token: Any, max_bytes: int, label: str) -> str:
     """The size cap (before any decoding) and the compact JWS shape; returns the token."""
     if not isinstance(token, str):
         raise AttestationError(f"{label} must be a string")
-    # Characters first, so a huge string is never encoded.
-    if len(token) > max_bytes or len(token.encode("utf-8", "surrogatepass")) > max_bytes:
+    # Characters first, so a huge string is never encoded (nor an ASCII one: its length is its size).
+    if len(token) > max_bytes or (not token.isascii() and len(token.encode("utf-8", "surrogatepass")) > max_bytes):
         raise AttestationError(f"{label} exceeds {max_bytes} bytes")
     if _COMPACT_JWS_RE.fullmatch(token) is None:
         raise AttestationError(f"{label} is not a compact JWS")
@@ -88,10 +95,31 @@ def _json_object(segment: str, what: str, dup_label: str, label: str) -> dict[st
     return value
 
 
+# Header segments parsed before (an issuer's tokens share one header): segment -> parsed header. Pure
+# function of the segment; only headers that parsed are kept; the memo is cleared when it is full.
+_HEADER_MEMO: dict[str, dict[str, Any]] = {}
+_HEADER_MEMO_SIZE = 256
+_HEADER_MEMO_MAX_CHARS = 1024
+
+
+def _header_object(segment: str, label: str) -> dict[str, Any]:
+    known = _HEADER_MEMO.get(segment)
+    if known is not None:
+        return dict(known)  # callers get their own copy, the memo's stays as parsed
+    header = _json_object(segment, "header", "header parameter", label)
+    if len(segment) <= _HEADER_MEMO_MAX_CHARS and all(
+        type(value) in (str, int, bool) or value is None for value in header.values()
+    ):  # flat headers only, so the copy above is a full copy
+        if len(_HEADER_MEMO) >= _HEADER_MEMO_SIZE:
+            _HEADER_MEMO.clear()
+        _HEADER_MEMO[segment] = dict(header)
+    return header
+
+
 def peek_unverified(token: str, label: str = "subject_token") -> tuple[dict[str, Any], dict[str, Any]]:
     """The token's header and claims, parsed strictly but NOT verified: use only to pick issuer and key."""
     header_segment, payload_segment, signature_segment = token.split(".")
-    _unverified_header = _json_object(header_segment, "header", "header parameter", label)
+    _unverified_header = _header_object(header_segment, label)
     _unverified_claims = _json_object(payload_segment, "payload", "claim", label)
     if b64url_decode_canonical(signature_segment) is None:
         raise AttestationError(f"{label} signature is not base64url")
@@ -100,11 +128,14 @@ def peek_unverified(token: str, label: str = "subject_token") -> tuple[dict[str,
 
 def verify_signature(token: str, key: Any, alg: str, label: str = "subject_token") -> None:
     """The JWS signature of ``token`` (already through :func:`check_shape` and :func:`peek_unverified`)
-    under ``key``, with pyjwt's implementation of the one allow-listed ``alg``; raises on any failure.
+    under ``key``, with the one allow-listed ``alg``; raises on any failure.
 
-    This is the signature step of ``jwt.decode`` (the same algorithm object, key preparation and
-    minimum key length) without parsing the token a second time: the claims that
-    :func:`peek_unverified` parsed strictly from these very bytes are then the verified claims.
+    This is the signature step of ``jwt.decode`` without parsing the token a second time: the claims
+    that :func:`peek_unverified` parsed strictly from these very bytes are then the verified claims.
+    Every algorithm uses pyjwt's implementation (the same algorithm object, key preparation and
+    minimum key length) except ES256 with a P-256 public key, the common case, which makes the very
+    calls pyjwt's ``ECAlgorithm.verify`` makes (a 64-byte ``r || s``, as DER, verified by cryptography
+    with ECDSA over SHA-256) without rebuilding the algorithm's objects for every token.
     """
     signing_input, _, signature_segment = token.rpartition(".")
     signature = b64url_decode_canonical(signature_segment)
@@ -112,12 +143,21 @@ def verify_signature(token: str, key: Any, alg: str, label: str = "subject_token
         raise AttestationError(f"{label} signature is not base64url")
     if alg not in ALLOWED_ALGORITHMS:
         raise AttestationError("algorithm is not allowed")
-    with pyjwt_errors(label):
-        algorithm = jwt.get_algorithm_by_name(alg)
-        prepared = algorithm.prepare_key(key)
-        if algorithm.check_key_length(prepared):
-            raise jwt.exceptions.InvalidKeyError("key is too short")
-        valid = algorithm.verify(signing_input.encode("ascii"), prepared, signature)
+    if alg == "ES256" and isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        valid = len(signature) == 64  # RFC 7518 §3.4: r and s, 32 bytes each
+        if valid:
+            der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+            try:
+                key.verify(der, signing_input.encode("ascii"), _ECDSA_SHA256)
+            except InvalidSignature:
+                valid = False
+    else:
+        with pyjwt_errors(label):
+            algorithm = jwt.get_algorithm_by_name(alg)
+            prepared = algorithm.prepare_key(key)
+            if algorithm.check_key_length(prepared):
+                raise jwt.exceptions.InvalidKeyError("key is too short")
+            valid = algorithm.verify(signing_input.encode("ascii"), prepared, signature)
     if not valid:
         raise AttestationError("signature verification failed")
 

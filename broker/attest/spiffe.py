@@ -10,6 +10,10 @@ A SPIFFE ID is ``spiffe://<trust domain><path>``:
 - the whole ID is at most 2048 bytes.
 
 Every check uses :func:`re.fullmatch`: ``$`` would accept a trailing newline.
+
+:func:`parse_spiffe_id` is a pure function of its input and an exchange parses the same ID several
+times (attestation, registry, policy), so it remembers the last :data:`_MEMO_SIZE` valid IDs it
+parsed (an exact ``str``; refused input is never remembered). :class:`SpiffeId` is immutable.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ __all__ = [
 MAX_SPIFFE_ID_BYTES = 2048
 
 _SCHEME = "spiffe://"
+#: How many valid SPIFFE IDs :func:`parse_spiffe_id` remembers (cleared when full: bounded memory).
+_MEMO_SIZE = 4096
+_MEMO_MAX_CHARS = 512
+_memo: dict[str, SpiffeId] = {}
 _TRUST_DOMAIN_RE = re.compile(r"[a-z0-9._-]+")
 _SEGMENT_RE = re.compile(r"[a-zA-Z0-9._-]+")
 
@@ -107,6 +115,20 @@ class SpiffeId:
 
 def parse_spiffe_id(value: str) -> SpiffeId:
     """Parse ``value`` as a SPIFFE ID; raise :class:`ValueError` with the precise reason it is not one."""
+    if type(value) is str:  # not a subclass: its own __eq__/__hash__ could make the memo lie
+        known = _memo.get(value)
+        if known is not None:
+            return known
+        parsed = _parse(value)
+        if len(value) <= _MEMO_MAX_CHARS:
+            if len(_memo) >= _MEMO_SIZE:
+                _memo.clear()
+            _memo[value] = parsed
+        return parsed
+    return _parse(value)
+
+
+def _parse(value: str) -> SpiffeId:
     if not isinstance(value, str):
         raise ValueError("SPIFFE ID must be a string")
     if not value:

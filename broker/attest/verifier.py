@@ -11,8 +11,9 @@ numbered steps below in order and raises at the first failure:
   reached (fail closed: 503, never an allow).
 
 The token is parsed once, strictly (no duplicate names, canonical base64url), and the signature is
-checked with pyjwt's implementation of the allow-listed algorithm over exactly those bytes
-(:func:`~broker.attest.jwt_checks.verify_signature`); ``iss``, ``aud``, required claims, claim types,
+checked with the allow-listed algorithm over exactly those bytes
+(:func:`~broker.attest.jwt_checks.verify_signature`: pyjwt's implementation, or for ES256 the same
+cryptography calls made directly); ``iss``, ``aud``, required claims, claim types,
 time (against the injected :class:`~broker.clock.Clock`), lifetime, ``typ`` and size are checked
 here, inside the same private function, so no caller can skip them (DESIGN "Library notes").
 """

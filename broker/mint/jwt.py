@@ -4,26 +4,90 @@ Minting is two steps so that the ledger entry is durable before a signature exis
 :meth:`TaskTokenMinter.prepare` fixes every claim but ``txn``; the caller appends the ledger entry
 (which records ``claims_sha256`` of the prepared claims); :meth:`TaskTokenMinter.sign` adds ``txn``
 (the entry's leaf hash) and signs. If the append fails, nothing was ever signed.
+
+The JWS is assembled here rather than by ``jwt.encode``, with the bytes pyjwt writes: the header
+segment (sorted members) is fixed per key and built once, the payload is the claims as
+``json.dumps(separators=(",", ":"))`` in insertion order, and the ES256 signature is cryptography's
+DER signature converted to the raw ``r || s`` of RFC 7518 §3.4. pyjwt and the SDK's verifier verify
+the result (``tests/unit/test_task_token_mint.py``).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import secrets
+import json
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from broker.clock import Clock, SystemClock
 from broker.jcs import canonical_json
-from broker.mint.keys import KeySet, b64url
+from broker.mint.keys import KeySet, SigningKey, b64url
 from broker.models import Grant
 
 __all__ = ["ACCESS_TOKEN_TYPE", "JWT_TOKEN_TYPE", "PreparedToken", "TaskTokenMinter"]
 
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+
+class _RandomPool:
+    """Random bytes from the OS CSPRNG, read 4 KiB at a time and never handed out twice.
+
+    One ``os.urandom`` call per token releases the GIL, and on a busy event loop every release is a
+    hand-off to another thread; reading ahead makes that once per 256 tokens. A forked child forgets
+    the parent's bytes (two processes must never mint the same ``jti``).
+    """
+
+    _SIZE = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer, self._at = b"", 0
+
+    def take(self, n: int) -> bytes:
+        with self._lock:
+            at = self._at
+            if at + n > len(self._buffer):
+                self._buffer, at = os.urandom(max(self._SIZE, n)), 0
+            self._at = at + n
+            return self._buffer[at : at + n]
+
+
+_RANDOM = _RandomPool()
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+# json.dumps(claims, separators=(",", ":")) as jwt.encode writes the payload, without a new encoder per call.
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_P256_BYTES = 32
+
+
+def _der_to_raw_p256(der: bytes) -> bytes:
+    """RFC 7518 §3.4: the DER ``ECDSA-Sig-Value`` OpenSSL returns as ``r || s``, 32 bytes each.
+
+    A P-256 signature is at most 72 bytes, so the DER lengths are single bytes: read them directly;
+    anything else goes through cryptography's DER decoder.
+    """
+    size = len(der)
+    if size > 8 and der[0] == 0x30 and der[1] == size - 2 and der[2] == 0x02:
+        end_r = 4 + der[3]
+        if end_r + 2 < size and der[end_r] == 0x02 and der[end_r + 1] == size - end_r - 2:
+            r = int.from_bytes(der[4:end_r], "big")
+            s = int.from_bytes(der[end_r + 2 :], "big")
+            return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
 
 
 @dataclass(frozen=True)
@@ -55,6 +119,8 @@ class TaskTokenMinter:
         self._issuer = issuer
         self._default_ttl = default_ttl
         self._clock = clock or SystemClock()
+        # kid -> (key, "<header segment>."): the header of a key's tokens never changes.
+        self._headers: dict[str, tuple[SigningKey, bytes]] = {}
 
     def prepare(
         self, grant: Grant, *, cnf_jkt: str | None = None, extra_claims: dict[str, Any] | None = None
@@ -84,7 +150,7 @@ class TaskTokenMinter:
             "iat": now,
             "nbf": now,
             "exp": exp,
-            "jti": b64url(secrets.token_bytes(16)),
+            "jti": b64url(_RANDOM.take(16)),  # 128 random bits
             "client_id": grant.workload.name,
             "owner": grant.workload.owner,
             "authorization_details": [grant.intent.to_json()],
@@ -109,8 +175,34 @@ class TaskTokenMinter:
         active = self._keys.active
         return PreparedToken(claims=claims, kid=active.kid, alg=active.alg)
 
+    def _header(self, kid: str, alg: str) -> tuple[SigningKey, bytes]:
+        cached = self._headers.get(kid)
+        if cached is not None and cached[0].alg == alg:
+            return cached
+        key = next(k for k in self._keys.keys if k.kid == kid)
+        private_key = key.private_key
+        # What pyjwt's prepare_key checked at every encode: the key fits the algorithm (and curve).
+        fits = (
+            isinstance(private_key, ec.EllipticCurvePrivateKey) and isinstance(private_key.curve, ec.SECP256R1)
+            if alg == "ES256"
+            else alg == "EdDSA" and isinstance(private_key, ed25519.Ed25519PrivateKey)
+        )
+        if key.alg != alg or not fits:
+            raise ValueError(f"key {kid} cannot sign {alg}")
+        # The bytes pyjwt writes for these headers: sorted members, no whitespace (RFC 9068 §2.1 typ).
+        header = json.dumps({"alg": alg, "kid": kid, "typ": "at+jwt"}, separators=(",", ":"), sort_keys=True)
+        cached = (key, base64.urlsafe_b64encode(header.encode("ascii")).rstrip(b"=") + b".")
+        self._headers[kid] = cached
+        return cached
+
     def sign(self, prepared: PreparedToken, txn: str) -> str:
         """Sign the prepared claims with ``txn`` (the ledger leaf hash) added."""
-        key = next(k for k in self._keys.keys if k.kid == prepared.kid)
-        claims = dict(prepared.claims, txn=txn)
-        return jwt.encode(claims, key.private_key, algorithm=prepared.alg, headers={"typ": "at+jwt", "kid": key.kid})
+        key, header = self._header(prepared.kid, prepared.alg)
+        payload = _PAYLOAD_ENCODER.encode(dict(prepared.claims, txn=txn)).encode("utf-8")
+        signing_input = header + base64.urlsafe_b64encode(payload).rstrip(b"=")
+        private_key = key.private_key
+        if isinstance(private_key, ec.EllipticCurvePrivateKey):  # ES256 on P-256 (checked by _header)
+            signature = _der_to_raw_p256(private_key.sign(signing_input, _ECDSA_SHA256))
+        else:  # EdDSA (Ed25519): the signature is already raw
+            signature = private_key.sign(signing_input)
+        return (signing_input + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode("ascii")

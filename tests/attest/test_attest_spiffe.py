@@ -167,3 +167,34 @@ def test_template_partial_segment_dot_value_is_fine() -> None:
     # "u-." is an ordinary segment; only whole "." / ".." segments are dot segments.
     t = SpiffeIdTemplate.compile("spiffe://example.org/u-{sub}")
     assert str(t.render({"sub": "."})) == "spiffe://example.org/u-."
+
+
+def test_memo_returns_the_same_parse_and_never_remembers_a_refusal() -> None:
+    from broker.attest import spiffe
+
+    value = "spiffe://memo.example/ns/a/sa/b"
+    first = parse_spiffe_id(value)
+    assert parse_spiffe_id(value) is first  # remembered
+    for _ in range(2):  # a refused ID is refused again, with its reason
+        with pytest.raises(ValueError, match="trailing slash"):
+            parse_spiffe_id(value + "/")
+    assert value + "/" not in spiffe._memo
+
+
+def test_memo_is_bounded_and_ignores_str_subclasses() -> None:
+    from broker.attest import spiffe
+
+    for i in range(spiffe._MEMO_SIZE + 10):
+        parse_spiffe_id(f"spiffe://bound.example/w{i}")
+    assert len(spiffe._memo) <= spiffe._MEMO_SIZE
+
+    class Sneaky(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = str.__hash__
+
+    with pytest.raises(ValueError, match="scheme"):
+        parse_spiffe_id(Sneaky("https://bound.example/w1"))
+    assert parse_spiffe_id(Sneaky("spiffe://bound.example/sneaky")) == SpiffeId("bound.example", "/sneaky")
+    assert not any(type(key) is not str for key in spiffe._memo)

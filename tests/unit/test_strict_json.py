@@ -53,3 +53,41 @@ def test_b64url_is_canonical_or_refused(segment: str, expected: bytes | None) ->
     assert b64url_decode_canonical(segment) == expected
     if expected is not None:
         assert base64.urlsafe_b64encode(expected).rstrip(b"=").decode() == segment
+
+
+def _b64url_reference(segment: str) -> bytes | None:
+    """Decode and re-encode: canonical iff the round trip gives the segment back."""
+    if len(segment) % 4 == 1:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except ValueError:
+        return None
+    return raw if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == segment else None
+
+
+def test_b64url_matches_decode_and_reencode_on_random_segments() -> None:
+    import random
+
+    rng = random.Random(4648)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    hostile = alphabet + "+/= \n\t.!%\x00é\udcff\u0100"
+    for _ in range(50_000):
+        pool = alphabet if rng.random() < 0.7 else hostile
+        segment = "".join(rng.choice(pool) for _ in range(rng.randrange(0, 12)))
+        assert b64url_decode_canonical(segment) == _b64url_reference(segment), repr(segment)
+    for size in range(40):
+        data = rng.randbytes(size)
+        segment = base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        assert b64url_decode_canonical(segment) == data
+
+
+def test_bom_and_surrogates_still_refused() -> None:
+    with pytest.raises(StrictJSONError) as bom:
+        loads_strict("\ufeff{}")
+    assert bom.value.reason == "invalid"
+    for text in ('{"a":"\\udfff"}', '["\\uD800x"]', '{"\\ud83d":1}', "[\"\ud800\"]"):
+        with pytest.raises(StrictJSONError) as caught:
+            loads_strict(text)
+        assert caught.value.reason == "surrogate"
+    assert loads_strict('["\\ud83d\\ude00", "\\u00e9"]') == ["\U0001f600", "é"]
