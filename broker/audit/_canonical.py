@@ -3,55 +3,45 @@
 ``decode_entry`` re-encodes every leaf with the pure-Python ``rfc8785`` package, about 100 µs
 for a typical 1 KiB entry: a minute and a half for a million entries. Most leaves sit in a
 subset of JSON where the C-accelerated :mod:`json` encoder (sorted keys, no whitespace, no ASCII
-escaping) produces exactly the RFC 8785 bytes:
+escaping) produces exactly the RFC 8785 bytes (:mod:`broker.jcs`):
 
 - only ASCII bytes (so member names sort the same by code point and by UTF-16 code unit,
   RFC 8785 §3.2.3, and no string needs more than the short escapes and ``\\u00xx``, which both
   encoders write identically, in lower-case hex, §3.2.2.2);
-- no fractions or exponents (ECMAScript number formatting, §3.2.2.3, differs from Python's
-  ``repr``), no integers of 16 digits or more (I-JSON's exact range), no ``NaN``/``Infinity``.
+- objects, arrays, strings, booleans, null, integers within ±(2**53 - 1) (I-JSON's exact range)
+  and floats whose shortest form has no exponent and no trailing ``.0`` (``20.5``; ECMAScript
+  number formatting, §3.2.2.3, differs from Python's ``repr`` only for the others).
 
-If a leaf is in that subset *and* re-encodes to itself byte for byte, it is canonical and has no
-duplicate member names (a duplicate would be dropped by the parser and the bytes would differ).
+The leaf is parsed by pydantic-core's JSON parser (Rust, about twice as fast as :mod:`json`), and
+the value is kept only if it is in that subset (:func:`broker.jcs._plain_object`, exact types)
+*and* re-encodes to the leaf byte for byte. Whatever the parser
+returned, a value whose canonical encoding *is* the leaf is the leaf's one meaning, so the
+parser's own leniencies do not matter: a duplicate member name (which a parser collapses), a
+non-standard constant, ``-0`` or a non-canonical escape all fail the subset check or the comparison.
 Anything else goes to ``decode_entry``, which gives the reference answer and the precise error.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from pydantic_core import from_json
+
+from broker.jcs import _encoder, _plain_object
 from broker.ledger.canonical import decode_entry
 
 __all__ = ["decode_leaf"]
 
-
-class _OutsideFastPath(Exception):
-    pass
-
-
-def _refuse(_text: str) -> Any:
-    raise _OutsideFastPath
-
-
-def _small_int(text: str) -> int:
-    if len(text) > 15:  # |n| <= 999,999,999,999,999 < 2**53: exact in every JSON reader
-        raise _OutsideFastPath
-    return int(text)
-
-
-_decoder = json.JSONDecoder(parse_float=_refuse, parse_int=_small_int, parse_constant=_refuse)
-_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_encode = _encoder.encode
 
 
 def decode_leaf(leaf: bytes) -> dict[str, Any]:
     """The entry of a canonical leaf; raises :class:`~broker.errors.VerificationError` otherwise."""
-    if isinstance(leaf, bytes) and leaf.isascii():
-        text = leaf.decode("ascii")
+    if type(leaf) is bytes and leaf.isascii():
         try:
-            entry = _decoder.decode(text)
-            if type(entry) is dict and _encode(entry) == text:
+            entry = from_json(leaf)
+            if type(entry) is dict and _plain_object(entry) and _encode(entry) == leaf.decode("ascii"):
                 return entry
-        except (_OutsideFastPath, ValueError, RecursionError):
+        except (ValueError, RecursionError):
             pass
     return decode_entry(leaf)

@@ -46,7 +46,13 @@ from pydantic import (
     model_validator,
 )
 
-from broker.intent import ACTION_RE, CONTEXT_KEY_RE, RESOURCE_SEGMENT_RE, is_valid_resource
+from broker.intent import (
+    ACTION_RE,
+    CONTEXT_KEY_RE,
+    MAX_RESOURCE_LEN,
+    MAX_RESOURCE_SEGMENTS,
+    RESOURCE_SEGMENT_RE,
+)
 from broker.mint.keys import jwk_thumbprint
 
 __all__ = [
@@ -234,7 +240,15 @@ SpiffeId = Annotated[StrictStr, AfterValidator(_spiffe), WithJsonSchema(
     {"type": "string", "pattern": _schema_pattern(_SPIFFE_RE), "maxLength": _MAX_SPIFFE_BYTES,
      "description": "a SPIFFE ID; no '.' or '..' path segment"})]
 
-_valid_resource = lru_cache(maxsize=65536)(is_valid_resource)
+# is_valid_resource as one expression: 1-16 segments, none of which can hold a "/" (nor be "." or
+# "..", which the segment grammar excludes), at most MAX_RESOURCE_LEN characters. Most resources
+# are new (an order, a customer), so a cache of past answers rarely helps.
+_RESOURCE_RE = re.compile(
+    f"(?:{RESOURCE_SEGMENT_RE.pattern})(?:/(?:{RESOURCE_SEGMENT_RE.pattern})){{0,{MAX_RESOURCE_SEGMENTS - 1}}}")
+
+
+def _valid_resource(value: str) -> bool:
+    return len(value) <= MAX_RESOURCE_LEN and _RESOURCE_RE.fullmatch(value) is not None
 
 
 def _resource(value: str) -> str:
@@ -284,6 +298,8 @@ def _context(value: dict[str, Any]) -> dict[str, Any]:
     for key, member in value.items():
         if not isinstance(key, str) or CONTEXT_KEY_RE.fullmatch(key) is None:
             raise MemberProblem("is not a lower-case identifier", str(key))
+        if type(member) is str:
+            continue  # the common case, valid as it is
         items = member if isinstance(member, list) else [member]
         for item in items:
             if isinstance(member, list) and not isinstance(item, str):

@@ -3,19 +3,36 @@
 Each store owns one connection on one dedicated thread (:class:`~broker.serial.SerialExecutor`); the
 event loop hands it jobs and awaits them, so a file another process holds locked stalls only the
 callers of this store, each for at most ``timeout`` seconds, and then they fail closed (503).
+
+Group commit. The writes that queued while the thread was busy run as one group: one
+``BEGIN IMMEDIATE`` .. ``COMMIT`` (a job of several statements inside its own ``SAVEPOINT``, so its
+failure undoes only its own effects), answered after the commit with one hand-over to the loop. Under
+load that is one write transaction per group instead of one per request.
+
+Taking turns across processes. Worker processes sharing the file take turns through an exclusive
+``flock`` on ``<file>-write.lock`` around each write transaction, taken on the store's thread: a
+process waiting for its turn sleeps in the kernel and wakes the moment the other's commit returns.
+Without it, the loser of the race for SQLite's write lock polls with SQLite's back-off (1, 2, 5, 10,
+15 ms ...), and measured under 2 workers that stretched 4 % of the transactions by 1 to 385 ms. The
+turn is held only around one transaction, whose wait for SQLite's own lock (a process that does not
+take turns, such as a ``sqlite3`` shell) is bounded by ``timeout``; the kernel drops it when a
+process dies. Reads do not take turns: WAL lets them read the last commit while a write is running.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from broker.clock import Clock, SystemClock
 from broker.errors import StoreUnavailable
-from broker.serial import ExecutorClosed, SerialExecutor
+from broker.serial import ExecutorClosed, Failed, Pending, SerialExecutor
 from broker.state.store import Check, ConsumeOnce, CountUp, valid_prefix
 
 __all__ = ["SqliteStateStore"]
@@ -104,29 +121,55 @@ def _passes(conn: sqlite3.Connection, check: Check, now: float) -> bool:
     return row is None
 
 
+# How a job touches the file: READ runs on its own outside any write transaction; WRITE is one
+# statement (atomic on its own: a statement that fails leaves nothing behind); MULTI is several
+# statements that must stand or fall together (its own SAVEPOINT inside the group's transaction).
+_READ, _WRITE, _MULTI = 0, 1, 2
+
+
+class _Job:
+    __slots__ = ("kind", "work")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], kind: int) -> None:
+        self.work = work
+        self.kind = kind
+
+
+class _GroupLost(Exception):
+    """SQLite rolled the whole transaction back (I/O error, disk full): every job in it is undone."""
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    log.warning("sqlite state store unavailable (%s): failing closed", type(exc).__name__)
+    return StoreUnavailable(f"state store unavailable: {type(exc).__name__}")
+
+
 class SqliteStateStore:
     """Shared state in one SQLite file (WAL).
 
-    Uniqueness comes from primary keys and every update is one statement, so two processes racing on
-    the same key get exactly one winner. Commits use ``synchronous=NORMAL``: durable across a process
-    crash; a power loss may forget the last moments of state, which lives only as long as short-lived
-    tokens (budgets and revocations included: prefer Redis with persistence when that matters).
+    Uniqueness comes from primary keys and every check-and-update is one statement, so two processes
+    racing on the same key get exactly one winner. Commits use ``synchronous=NORMAL``: durable across
+    a process crash; a power loss may forget the last moments of state, which lives only as long as
+    short-lived tokens (budgets and revocations included: prefer Redis with persistence when that
+    matters). A caller is answered only after the transaction holding its write committed.
     """
 
-    def __init__(self, path: Path | str, clock: Clock | None = None, *, timeout: float = 1.0) -> None:
+    def __init__(self, path: Path | str, clock: Clock | None = None, *, timeout: float = 1.0,
+                 max_group: int = 256) -> None:
         self._path = str(path)
         self._clock = clock or SystemClock()
         # A caller waits at most this long (SQLite's busy handler included) before it fails closed.
         self._timeout = timeout
         self._connection: sqlite3.Connection | None = None
+        self._turn_fd: int | None = None
         self._writes = 0
         # One connection on one thread per store: SQLite serialises writers anyway, and per-thread
         # connections would contend through SQLite's sleeping busy handler (milliseconds per collision).
-        self._thread = SerialExecutor("state-sqlite")
+        self._thread = SerialExecutor("state-sqlite", runner=self._run_group, max_group=max_group)
         try:
             self._thread.call(lambda: self._guarded(lambda conn: conn.executescript(_SCHEMA)))
         except BaseException:
-            self._thread.close()
+            self._thread.close(final=self._close_connection)
             raise
 
     def _conn(self) -> sqlite3.Connection:
@@ -134,35 +177,135 @@ class SqliteStateStore:
         if self._connection is None:
             conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                if self._turn_fd is None:
+                    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+                    self._turn_fd = os.open(self._path + "-write.lock", flags, 0o600)
+            except BaseException:
+                conn.close()
+                raise
             self._connection = conn
         return self._connection
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold this file's cross-process write turn (see the module docstring); on the store's thread."""
+        fd = self._turn_fd
+        if fd is None:
+            raise sqlite3.OperationalError("state store is closed")
+        # Blocks until the process holding the turn commits (bounded: see the module docstring).
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _guarded(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         try:
             return work(self._conn())
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             conn = self._connection
             if conn is not None and conn.in_transaction:
                 conn.rollback()
-            log.warning("sqlite state store unavailable (%s): failing closed", type(exc).__name__)
-            raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
 
-    async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _run_group(self, group: Sequence[Pending]) -> list[object]:
+        """The executor's runner: reads one by one, each run of consecutive writes as one transaction."""
+        outcomes: list[object] = [None] * len(group)
+        i = 0
+        while i < len(group):
+            job: _Job = group[i].job
+            if job.kind == _READ:
+                if group[i].claim():
+                    try:
+                        outcomes[i] = self._guarded(job.work)
+                    except BaseException as exc:
+                        outcomes[i] = Failed(exc)
+                i += 1
+                continue
+            j = i + 1
+            while j < len(group) and group[j].job.kind != _READ:
+                j += 1
+            outcomes[i:j] = self._write_group(group[i:j])
+            i = j
+        return outcomes
+
+    def _write_group(self, group: Sequence[Pending]) -> list[object]:
+        outcomes: list[object] = [None] * len(group)
+        try:
+            conn = self._conn()
+            with self._turn():
+                conn.execute("BEGIN IMMEDIATE")  # waits up to ``timeout`` for SQLite's write lock
+                try:
+                    written = 0
+                    # Alone in its transaction, a job needs no savepoint: an error undoes the transaction.
+                    alone = len(group) == 1
+                    for i, pending in enumerate(group):
+                        if pending.claim():  # after the wait for the lock: skip callers who gave up
+                            outcomes[i] = self._write_one(conn, pending.job, alone)
+                            written += 1
+                    if conn.in_transaction:  # not if the job alone in it failed
+                        if written:
+                            self._wrote(conn, written)
+                        conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.rollback()
+                    raise
+        except (sqlite3.Error, OSError, _GroupLost) as exc:
+            # Nothing of the group was committed: every caller in it fails closed.
+            failed = Failed(_unavailable(exc.__cause__ or exc if isinstance(exc, _GroupLost) else exc))
+            for pending in group:
+                if not pending.claimed:
+                    pending.claim()
+            return [failed] * len(group)
+        return outcomes
+
+    @staticmethod
+    def _write_one(conn: sqlite3.Connection, job: _Job, alone: bool) -> object:
+        """One job inside the group's transaction; its outcome (a :class:`Failed` undid its effects)."""
+        if alone:
+            try:
+                return job.work(conn)
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.rollback()  # the transaction holds nothing else
+                return Failed(_unavailable(exc) if isinstance(exc, sqlite3.Error) else exc)
+        savepoint = job.kind == _MULTI
+        if savepoint:
+            conn.execute("SAVEPOINT job")
+        try:
+            result = job.work(conn)
+        except BaseException as exc:
+            if not conn.in_transaction:
+                raise _GroupLost from exc
+            if savepoint:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+            return Failed(_unavailable(exc) if isinstance(exc, sqlite3.Error) else exc)
+        if savepoint:
+            conn.execute("RELEASE job")
+        return result
+
+    async def _run(self, work: Callable[[sqlite3.Connection], _T], kind: int) -> _T:
         try:
             # The margin lets SQLite's own busy timeout answer first when the file is locked.
-            return await self._thread.run(lambda: self._guarded(work), self._timeout + 0.25)
+            result: _T = await self._thread.run(_Job(work, kind), self._timeout + 0.25)
         except TimeoutError:
             log.warning("sqlite state store did not answer within %.1f s: failing closed", self._timeout)
             raise StoreUnavailable("state store unavailable: it did not answer in time") from None
         except ExecutorClosed:
             raise StoreUnavailable("state store unavailable: it is closed") from None
+        return result
 
-    def _wrote(self, conn: sqlite3.Connection, now: float) -> None:
-        self._writes += 1
-        if self._writes % _PURGE_EVERY == 0:
+    def _wrote(self, conn: sqlite3.Connection, count: int) -> None:
+        before = self._writes
+        self._writes += count
+        if self._writes // _PURGE_EVERY != before // _PURGE_EVERY:
+            now = self._clock.now()
             conn.execute("DELETE FROM single_use WHERE expires_at <= ?", (now,))
             conn.execute("DELETE FROM counters WHERE expires_at <= ?", (now,))
             conn.execute("DELETE FROM marks WHERE expires_at <= ?", (now,))
@@ -177,11 +320,9 @@ class SqliteStateStore:
         now = self._clock.now()
 
         def work(conn: sqlite3.Connection) -> int | None:
-            total = _count_up(conn, CountUp(namespace, key, amount, limit, expires_at), now)
-            self._wrote(conn, now)
-            return total
+            return _count_up(conn, CountUp(namespace, key, amount, limit, expires_at), now)
 
-        return await self._run(work)
+        return await self._run(work, _WRITE)
 
     async def run_checks(self, checks: Sequence[Check]) -> int | None:
         todo, failed = valid_prefix(checks)
@@ -190,25 +331,14 @@ class SqliteStateStore:
         now = self._clock.now()
 
         def work(conn: sqlite3.Connection) -> int | None:
-            # One job and one write transaction: atomic, and one hop to the store's thread.
-            if len(todo) > 1:
-                conn.execute("BEGIN IMMEDIATE")
-            result = failed
-            try:
-                for index, check in enumerate(todo):
-                    if not _passes(conn, check, now):
-                        result = index
-                        break
-            except BaseException:
-                if conn.in_transaction:
-                    conn.rollback()
-                raise
-            if conn.in_transaction:
-                conn.execute("COMMIT")
-            self._wrote(conn, now)
-            return result
+            # One job, atomic (a failed check changes nothing; an error undoes the job's savepoint),
+            # inside its group's write transaction: one hop to the store's thread.
+            for index, check in enumerate(todo):
+                if not _passes(conn, check, now):
+                    return index
+            return failed
 
-        return await self._run(work)
+        return await self._run(work, _MULTI if len(todo) > 1 else _WRITE)
 
     async def set_mark(self, namespace: str, key: str, value: float, expires_at: float | None) -> None:
         now = self._clock.now()
@@ -217,9 +347,8 @@ class SqliteStateStore:
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(_SET_MARK, params)
-            self._wrote(conn, now)
 
-        await self._run(work)
+        await self._run(work, _WRITE)
 
     async def get_marks(self, items: Sequence[tuple[str, str]]) -> list[float | None]:
         if not items:
@@ -243,7 +372,7 @@ class SqliteStateStore:
                 conn.execute("COMMIT")
             return [found.get(item) for item in items]
 
-        return await self._run(work)
+        return await self._run(work, _READ)
 
     async def delete_mark(self, namespace: str, key: str) -> bool:
         now = self._clock.now()
@@ -254,7 +383,7 @@ class SqliteStateStore:
             ).fetchall()
             return bool(rows) and (rows[0][0] is None or rows[0][0] > now)
 
-        return await self._run(work)
+        return await self._run(work, _WRITE)
 
     async def put_record(self, namespace: str, key: str, value: str, expires_at: float) -> bool:
         now = self._clock.now()
@@ -266,10 +395,9 @@ class SqliteStateStore:
                 "expires_at = excluded.expires_at WHERE records.expires_at <= ?",
                 (namespace, key, value, float(expires_at), now),
             )
-            self._wrote(conn, now)
             return cur.rowcount == 1
 
-        return await self._run(work)
+        return await self._run(work, _WRITE)
 
     async def get_record(self, namespace: str, key: str) -> tuple[str, int] | None:
         now = self._clock.now()
@@ -281,7 +409,7 @@ class SqliteStateStore:
             ).fetchone()
             return None if row is None else (str(row[0]), int(row[1]))
 
-        return await self._run(work)
+        return await self._run(work, _READ)
 
     async def swap_record(self, namespace: str, key: str, version: int, value: str, expires_at: float) -> bool:
         now = self._clock.now()
@@ -292,10 +420,9 @@ class SqliteStateStore:
                 "WHERE namespace = ? AND key = ? AND version = ? AND expires_at > ?",
                 (value, float(expires_at), namespace, key, int(version), now),
             )
-            self._wrote(conn, now)
             return cur.rowcount == 1
 
-        return await self._run(work)
+        return await self._run(work, _WRITE)
 
     async def list_records(self, namespace: str, limit: int) -> list[tuple[str, str, int]]:
         now = self._clock.now()
@@ -308,19 +435,27 @@ class SqliteStateStore:
             ).fetchall()
             return [(str(k), str(v), int(n)) for k, v, n in rows]
 
-        return await self._run(work)
+        return await self._run(work, _READ)
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone(), _READ)
 
     async def close(self) -> None:
-        await self._thread.aclose(final=self._close_connection)
+        await self._thread.aclose(final=self._close_connection, timeout=self._close_timeout())
 
     def close_now(self) -> None:
         """:meth:`close` for synchronous shutdown code (never on the event loop)."""
-        self._thread.close(final=self._close_connection)
+        self._thread.close(final=self._close_connection, timeout=self._close_timeout())
+
+    def _close_timeout(self) -> float:
+        # What is queued finishes first, each group within ``timeout`` once it has its turn; a sibling
+        # process stopped while holding the turn (SIGSTOP, a debugger) must not hang shutdown forever.
+        return 4 * self._timeout + 5.0
 
     def _close_connection(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+        if self._turn_fd is not None:
+            os.close(self._turn_fd)
+            self._turn_fd = None

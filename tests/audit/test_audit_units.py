@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,23 @@ LEAVES = [
     b'{"a":NaN}',
     b"[1]",
     b"\xff",
+    b'{"a":9007199254740992}',  # 2**53: outside I-JSON's exact range
+    b'{"a":-9007199254740991}',
+    b'{"a":999999999999999,"b":[1000000000000000]}',
+    b'{"a":1e400}',
+    b'{"a":1E2}',
+    b'{"a":[1,2.5]}',
+    b'{"a":"\\u0041"}',
+    b'{"a":"\\u001F"}',
+    b'{"a":"\\u001f"}',
+    b'{"a":{"b":1,"b":1}}',
+    b'{"a":"x:1.5","b":"[12345678901234567"}',  # number look-alikes inside strings
+    b'{"a":true,"b":false,"c":null,"d":[],"e":{}}',
+    b'{"a":1}\n',
+    b' {"a":1}',
+    b'{"a":"\\ud800"}',
+    b'{"\\ud83d\\ude00":1}',
+    b'{"a":' * 300 + b"1" + b"}" * 300,  # deeper than pydantic-core's parser goes
 ]
 
 
@@ -166,6 +184,39 @@ def test_fast_canonical_path_agrees_with_reference(leaf: bytes) -> None:
     except VerificationError as exc:
         got = type(exc)
     assert got == expected
+
+
+def test_fast_canonical_path_agrees_with_reference_on_random_leaves() -> None:
+    rng = random.Random(11)
+    pieces = ["a", "b", "é", "\x01", '"', "\\", "1", ":", ".", "[", "e"]
+
+    def value(depth: int) -> Any:
+        roll = rng.random()
+        if depth > 3 or roll < 0.5:
+            return rng.choice([
+                "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4))), rng.randint(-(2**53 - 1), 2**53 - 1),
+                rng.randint(-9, 9), True, False, None, 1.5, -0.0, 2**53 - 1, 10**15,
+            ])
+        if roll < 0.8:
+            return {"".join(rng.choice(pieces[:4]) for _ in range(rng.randint(0, 3))): value(depth + 1)
+                    for _ in range(rng.randint(0, 4))}
+        return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+
+    for _ in range(3000):
+        leaf = rfc8785.dumps({"k": value(0), "v": value(0)})
+        if rng.random() < 0.3:  # flip, drop or repeat one byte
+            at = rng.randrange(len(leaf))
+            leaf = rng.choice([leaf[:at] + leaf[at + 1 :], leaf[:at] + leaf[at : at + 1] * 2 + leaf[at + 1 :],
+                               leaf[:at] + bytes([rng.randrange(32, 127)]) + leaf[at + 1 :]])
+        try:
+            expected: Any = decode_entry(leaf)
+        except VerificationError as exc:
+            expected = type(exc)
+        try:
+            got: Any = decode_leaf(leaf)
+        except VerificationError as exc:
+            got = type(exc)
+        assert repr(got) == repr(expected), leaf
 
 
 ORIGIN = "test.example/ledger"

@@ -86,3 +86,22 @@ def test_denial_entries_keep_the_model_path() -> None:
             "decision": {"effect": "deny", "rule": None, "policy_version": SHA, "error": "access_denied",
                          "reason": "no rule allows it"}}
     assert _validated(DenialEntry, data) == DenialEntry.model_validate(data).to_json()
+
+
+def test_the_schema_resource_rule_is_the_intent_rule() -> None:
+    # broker.ledger.schema checks a resource with one regular expression; it must answer exactly as
+    # broker.intent.is_valid_resource, which decides what a token may carry.
+    import random
+
+    from broker.intent import is_valid_resource
+    from broker.ledger.schema import _valid_resource
+
+    rng = random.Random(7)
+    alphabet = "a/./-_~:@Z09é \x00"
+    samples = ["", "/", "a", "a/", "/a", "a//b", ".", "..", "a/./b", "a/../b", ".a", "a.", "a.b", "a" * 128,
+               "a" * 129, "/".join(["a"] * 16), "/".join(["a"] * 17), "/".join(["a" * 31] * 16) + "b",
+               "/".join(["a" * 128] * 4), "/".join(["a" * 127] * 5)]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
+    samples += ["/".join("a" * rng.randint(0, 130) for _ in range(rng.randint(1, 18))) for _ in range(2000)]
+    for sample in samples:
+        assert _valid_resource(sample) == is_valid_resource(sample), sample
