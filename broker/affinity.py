@@ -6,9 +6,14 @@ different CPUs, each hand-off wakes a sleeping CPU and the GIL changes hands acr
 2-core virtual machine under ``scripts/bench_exchange.py`` that cost more than the work handed over.
 With ``worker_cpu_affinity = "on"`` and at least as many usable CPUs as workers, each worker takes
 one CPU of the set it may run on (:func:`os.sched_getaffinity`) and keeps to it, with every thread it
-starts afterwards. ``"auto"`` (the default) does so only when there are exactly as many usable CPUs as
-workers (one worker per CPU, e.g. ``workers = 2`` on a 2-core machine): on a larger shared host a pinned
-worker could not move away from a CPU that other programs keep busy.
+starts afterwards.
+
+It is off by default, because a pinned worker cannot move away from a CPU that another program keeps
+busy: measured on the 2-core machine with ``scripts/bench_exchange.py --compare-openbao`` (OpenBao's
+server still working in the background after its own run), p99 at 32 connections was 515 and 861 ms
+pinned against 44 ms unpinned; the cross-process append turn of the ledger waits for a preempted
+holder. On a host that runs nothing else busy, pinning saves the cross-core hand-offs (see
+docs/decisions.md for both measurements).
 
 A worker claims its CPU by holding an exclusive ``flock`` on ``<data_dir>/workers/cpu-<n>.lock`` for
 its whole life: the kernel drops the lock when the process ends, so a worker that replaces a dead one
@@ -31,20 +36,19 @@ log = logging.getLogger("nhi_broker.affinity")
 _held: list[int] = []
 
 
-def claim_cpu(data_dir: Path, workers: int, *, only_if_one_each: bool = False) -> int | None:
+def claim_cpu(data_dir: Path, workers: int) -> int | None:
     """Pin the calling process to a CPU no other worker of ``data_dir`` holds; that CPU, or ``None``.
 
     ``None`` (nothing changed) when pinning cannot help or cannot be done: one worker, fewer usable
-    CPUs than workers (or, with ``only_if_one_each``, any other number than ``workers``), a platform
-    without CPU affinity, or every CPU already claimed. Call it before the process starts the threads
-    that should share its CPU.
+    CPUs than workers, a platform without CPU affinity, or every CPU already claimed. Call it before
+    the process starts the threads that should share its CPU.
     """
     if _held:
         return os.sched_getaffinity(0).pop()
     if workers < 2 or not hasattr(os, "sched_setaffinity") or not hasattr(os, "sched_getaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < workers or (only_if_one_each and len(allowed) != workers):
+    if len(allowed) < workers:
         return None
     locks = data_dir / "workers"
     locks.mkdir(mode=0o700, parents=True, exist_ok=True)

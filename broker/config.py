@@ -50,10 +50,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Bind address; anything but loopback turns the trial issuer off.")
     port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes sharing the port.")
-    worker_cpu_affinity: Literal["auto", "on", "off"] = Field(
-        "auto", description="on: with several workers and at least as many usable CPUs, each worker keeps to "
-        "one CPU with its threads (broker.affinity); auto: on when there are exactly as many CPUs as workers; "
-        "off: the kernel places them.",
+    worker_cpu_affinity: Literal["on", "off"] = Field(
+        "off", description="on: with several workers and at least as many usable CPUs, each worker keeps to one "
+        "CPU with its threads (broker.affinity; for hosts that run nothing else busy); off: the kernel places them.",
     )
     public_url: str | None = Field(None, description="Issuer URL; defaults to http(s)://host:port.")
     audience: str = Field("nhi-broker", description="The `aud` subject tokens must carry for this broker.")

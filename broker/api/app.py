@@ -113,6 +113,6 @@ def create_app(
 def app_from_environment() -> FastAPI:
     """uvicorn factory for worker processes: settings come from ``$NHI_BROKER_SETTINGS_JSON``."""
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    if settings.worker_cpu_affinity != "off":  # before the app starts its storage threads
-        claim_cpu(settings.data_dir, settings.workers, only_if_one_each=settings.worker_cpu_affinity == "auto")
+    if settings.worker_cpu_affinity == "on":  # before the app starts its storage threads
+        claim_cpu(settings.data_dir, settings.workers)
     return create_app(settings, serving=True)
