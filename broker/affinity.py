@@ -11,8 +11,8 @@ starts afterwards.
 It is off by default, because a pinned worker cannot move away from a CPU that another program keeps
 busy: measured on the 2-core machine with ``scripts/bench_exchange.py --compare-openbao`` (OpenBao's
 server still working in the background after its own run), p99 at 32 connections was 515 and 861 ms
-pinned against 44 ms unpinned; the cross-process append turn of the ledger waits for a preempted
-holder. On a host that runs nothing else busy, pinning saves the cross-core hand-offs (see
+pinned against 44 ms unpinned (probably a preempted worker holding the ledger's cross-process
+append turn). On a host that runs nothing else busy, pinning saves the cross-core hand-offs (see
 docs/decisions.md for both measurements).
 
 A worker claims its CPU by holding an exclusive ``flock`` on ``<data_dir>/workers/cpu-<n>.lock`` for
