@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import rfc8785
@@ -40,10 +41,15 @@ _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys
 
 
 def _plain_object(value: dict[Any, Any]) -> bool:
-    # One pass, scalars checked inline (no call per member): this runs twice per token exchange.
-    for key, item in value.items():
+    for key in value:
         if type(key) is not str:
             return False
+    return _plain_values(value.values())
+
+
+def _plain_values(values: Iterable[Any]) -> bool:
+    # One pass, scalars checked inline (no call per member): this runs twice per token exchange.
+    for item in values:
         kind = type(item)
         if kind is str or kind is bool or item is None:
             continue
@@ -60,32 +66,7 @@ def _plain_object(value: dict[Any, Any]) -> bool:
                 continue
             return False
         if kind is list:
-            if _plain_array(item):
-                continue
-            return False
-        return False
-    return True
-
-
-def _plain_array(value: list[Any]) -> bool:
-    for item in value:
-        kind = type(item)
-        if kind is str or kind is bool or item is None:
-            continue
-        if kind is int:
-            if -_MAX_EXACT <= item <= _MAX_EXACT:
-                continue
-            return False
-        if kind is float:
-            if _plain_float(item):
-                continue
-            return False
-        if kind is dict:
-            if _plain_object(item):
-                continue
-            return False
-        if kind is list:
-            if _plain_array(item):
+            if _plain_values(item):
                 continue
             return False
         return False
@@ -115,7 +96,7 @@ def _plain(value: Any) -> bool:
     if kind is dict:
         return _plain_object(value)
     if kind is list:
-        return _plain_array(value)
+        return _plain_values(value)
     if kind is str or kind is bool or value is None:
         return True
     if kind is int:
