@@ -97,7 +97,7 @@ async def test_marks_expire_and_delete(store: StateStore) -> None:
 
 
 async def test_racing_stores_never_pass_a_limit(backend: str, tmp_path: Path, redis_prefix: str) -> None:
-    """Four stores (four connections: SQLite threads or Redis pools) race on one budget and one jti."""
+    """Four stores (four connections: SQLite threads or Redis connections) race on one budget and one jti."""
     stores = [make_store(backend, tmp_path, redis_prefix) for _ in range(4)]
 
     async def spend(i: int) -> list[int | None]:
