@@ -118,6 +118,11 @@ class SerialExecutor:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def queued(self) -> int:
+        """Jobs handed over and not yet taken by the thread (a snapshot: the thread may take one now)."""
+        return self._queue.qsize()
+
     def submit(self, job: Callable[[], _T]) -> Future[_T]:
         """Queue ``job`` to run on its own (not through the runner); its future completes with the
         job's result or exception."""

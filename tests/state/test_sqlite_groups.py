@@ -43,7 +43,11 @@ def holding_turn(db: Path) -> Iterator[None]:
 async def queued_behind_turn(db: Path, store: SqliteStateStore) -> asyncio.Task[bool]:
     """A job that now waits on the store's thread for the held turn; what queues next forms one group."""
     plug = asyncio.create_task(store.consume_once("plug", "p", far()))
-    await asyncio.sleep(0.2)  # the thread took the plug and waits for the turn
+    await asyncio.sleep(0)  # one step of the task: the plug is handed to the store's thread
+    deadline = time.monotonic() + 10
+    while store._thread.queued:  # until the thread took it (it then waits for the turn)
+        assert time.monotonic() < deadline, "the store's thread never took the job"
+        await asyncio.sleep(0.005)
     assert not plug.done()
     return plug
 
@@ -65,7 +69,8 @@ async def test_a_failing_job_undoes_only_itself_in_its_group(tmp_path: Path) -> 
                                                         ConsumeOnce("jti", ["not", "a", "key"], far())]))  # type: ignore[arg-type]
             refused = [asyncio.create_task(store.run_checks([ConsumeOnce("jti", f"good-{i}", far())]))
                        for i in range(3)]
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0)  # one step of each task: all 14 jobs are queued behind the plug
+            assert store._thread.queued == 14
         assert await plug is True
         assert await asyncio.gather(*good) == [None] * 10
         with pytest.raises(StoreUnavailable):
