@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +28,7 @@ from broker.mint.keys import KeySet
 from broker.models import Grant, Intent, RegisteredWorkload, WorkloadIdentity
 from broker.strict_json import loads_strict
 
-NOW = int(time.time())  # the tokens are also checked by pyjwt, on its own clock
+NOW = 1_800_000_000
 ISSUER = "http://127.0.0.1"
 SPIFFE = "spiffe://example.org/ns/support/sa/support-assistant"
 TXN = "ab" * 32
@@ -74,7 +73,8 @@ def test_pyjwt_verifies_and_the_digest_is_of_the_signed_claims(
     public = key.private_key.public_key()
     header = jwt.get_unverified_header(token)
     assert header == {"alg": prepared.alg, "kid": prepared.kid, "typ": "at+jwt"}
-    claims = jwt.decode(token, public, algorithms=[prepared.alg], audience="orders-api", issuer=ISSUER)
+    claims = jwt.decode(token, public, algorithms=[prepared.alg], audience="orders-api", issuer=ISSUER,
+                        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})
     assert claims == {**prepared.claims, "txn": TXN}
     # What `audit prove` recomputes from a token: the canonical claims without txn.
     without_txn = {k: v for k, v in claims.items() if k != "txn"}
