@@ -450,7 +450,7 @@ class Broker:
         receipt = await self._append(entry)
         # (4) sign, binding the leaf hash.
         with self.spans.span("mint") as span:
-            token = self.minter.sign(prepared, txn=receipt.leaf_hash)
+            token = await self.minter.sign_batched(prepared, txn=receipt.leaf_hash)
             span.set("nhi.credential.kind", "jwt")
             span.set("nhi.credential.jti", prepared.jti)
         log.info(
