@@ -53,6 +53,7 @@ from broker.errors import (
     PolicyDenied,
     TemporarilyUnavailable,
 )
+from broker.logs import log_fast
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
 from broker.models import (
     Delegation,
@@ -453,8 +454,8 @@ class Broker:
             token = await self.minter.sign_batched(prepared, txn=receipt.leaf_hash)
             span.set("nhi.credential.kind", "jwt")
             span.set("nhi.credential.jti", prepared.jti)
-        log.info(
-            "issued jti=%s workload=%s action=%s rule=%s index=%d",
+        log_fast(  # every exchange: without logging's stack walk for the caller (broker.logs)
+            log, logging.INFO, "issued jti=%s workload=%s action=%s rule=%s index=%d",
             prepared.jti, grant.workload.name, grant.intent.action, grant.rule_id, receipt.index,
         )
         return Issued(
