@@ -68,6 +68,7 @@ class StorageProcesses:
         self._directory = directory
         self._stopping = threading.Event()
         self._watchers: list[threading.Thread] = []
+        self._exported = False
 
     @classmethod
     def start(cls, settings: Settings) -> StorageProcesses | None:
@@ -82,6 +83,15 @@ class StorageProcesses:
             targets["ledger"] = settings.ledger_storage_url
         if not targets:
             return None
+        processes = cls.launch(targets)
+        os.environ[SOCKETS_ENV] = json.dumps(processes.sockets)
+        processes._exported = True
+        return processes
+
+    @classmethod
+    def launch(cls, targets: dict[str, str]) -> StorageProcesses:
+        """Start one storage process per ``{kind: file}`` (``state``: a SQLite state file; ``ledger``: a
+        ledger storage URL), each on its own socket (:attr:`sockets`), watched and restarted."""
         directory = Path(tempfile.mkdtemp(prefix="nhi-broker-storage-"))  # mode 0700
         children: list[_Child] = []
         processes = cls(children, directory)
@@ -91,18 +101,21 @@ class StorageProcesses:
                 listener.bind(str(directory / f"{kind}.sock"))
                 listener.listen(128)
                 children.append(_Child(kind, target, listener))
-            processes._watchers = [threading.Thread(target=processes._watch, args=(child,),
-                                                    name=f"storaged-{child.kind}", daemon=True) for child in children]
             for child in children:
                 processes._spawn(child)
         except BaseException:
             processes.stop()
             raise
-        os.environ[SOCKETS_ENV] = json.dumps({child.kind: str(directory / f"{child.kind}.sock")
-                                              for child in children})
+        processes._watchers = [threading.Thread(target=processes._watch, args=(child,),
+                                                name=f"storaged-{child.kind}", daemon=True) for child in children]
         for watcher in processes._watchers:
             watcher.start()
         return processes
+
+    @property
+    def sockets(self) -> dict[str, str]:
+        """The socket path of each storage process, by kind."""
+        return {child.kind: str(self._directory / f"{child.kind}.sock") for child in self._children}
 
     def _spawn(self, child: _Child) -> None:
         """Start ``child``'s process and wait until it has opened its file (:class:`ConfigError` if not)."""
@@ -180,7 +193,8 @@ class StorageProcesses:
                     child.process.kill()
                     child.process.wait()
             child.listener.close()
-        os.environ.pop(SOCKETS_ENV, None)
+        if self._exported:
+            os.environ.pop(SOCKETS_ENV, None)
         shutil.rmtree(self._directory, ignore_errors=True)
 
     @property
