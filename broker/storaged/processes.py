@@ -63,8 +63,9 @@ class _Child:
 class StorageProcesses:
     """The running storage processes of one ``serve``; :meth:`stop` ends them (idempotent)."""
 
-    def __init__(self, children: list[_Child], directory: Path) -> None:
+    def __init__(self, children: list[_Child], directory: Path, log_format: str = "text") -> None:
         self._children = children
+        self._log_format = log_format
         self._directory = directory
         self._stopping = threading.Event()
         self._watchers: list[threading.Thread] = []
@@ -83,18 +84,18 @@ class StorageProcesses:
             targets["ledger"] = settings.ledger_storage_url
         if not targets:
             return None
-        processes = cls.launch(targets)
+        processes = cls.launch(targets, log_format=settings.log_format)
         os.environ[SOCKETS_ENV] = json.dumps(processes.sockets)
         processes._exported = True
         return processes
 
     @classmethod
-    def launch(cls, targets: dict[str, str]) -> StorageProcesses:
+    def launch(cls, targets: dict[str, str], *, log_format: str = "text") -> StorageProcesses:
         """Start one storage process per ``{kind: file}`` (``state``: a SQLite state file; ``ledger``: a
         ledger storage URL), each on its own socket (:attr:`sockets`), watched and restarted."""
         directory = Path(tempfile.mkdtemp(prefix="nhi-broker-storage-"))  # mode 0700
         children: list[_Child] = []
-        processes = cls(children, directory)
+        processes = cls(children, directory, log_format)
         try:
             for kind, target in targets.items():
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -125,7 +126,7 @@ class StorageProcesses:
             process = subprocess.Popen(
                 [sys.executable, "-m", "broker.storaged", child.kind, "--path", child.target,
                  "--listen-fd", str(child.listener.fileno()), "--control-fd", str(control_read),
-                 "--ready-fd", str(ready_write)],
+                 "--ready-fd", str(ready_write), "--log-format", self._log_format],
                 pass_fds=(child.listener.fileno(), control_read, ready_write), stdin=subprocess.DEVNULL,
             )
         finally:

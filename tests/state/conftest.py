@@ -22,8 +22,10 @@ from tests.helpers import free_port, storage_processes_by_dir
 
 #: The shared development Redis; every test uses its own key prefix and deletes its keys.
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
-#: "storaged": the SQLite file served by a real storage process (broker.storaged), as under `serve --workers 2`.
-BACKENDS = ["sqlite", "redis", "storaged"]
+BACKENDS = ["sqlite", "redis"]
+#: Store-level suites also run "storaged": the SQLite file served by a real storage process
+#: (broker.storaged), as each worker of `serve --workers 2` uses it.
+STORE_BACKENDS = [*BACKENDS, "storaged"]
 # The storage process each "storaged" test runs, by the test's tmp_path (started and stopped by `backend`);
 # kept in tests.helpers because pytest may import this conftest twice (as a conftest and as a module).
 _STORAGE_PROCESSES: dict[Path, StorageProcesses] = storage_processes_by_dir()
@@ -65,17 +67,22 @@ def make_store(backend: str, tmp_path: Path, prefix: str) -> StateStore:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "storaged":
-        processes = StorageProcesses.launch({"state": str(tmp_path / "state.sqlite3")})
-        _STORAGE_PROCESSES[tmp_path] = processes
-        try:
-            yield "storaged"
-        finally:
-            del _STORAGE_PROCESSES[tmp_path]
-            processes.stop()
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def store_backend(name: str, tmp_path: Path) -> Iterator[str]:
+    """Body of a ``backend`` fixture over :data:`STORE_BACKENDS`: runs the storage process "storaged" needs."""
+    if name != "storaged":
+        yield name
         return
-    yield str(request.param)
+    processes = StorageProcesses.launch({"state": str(tmp_path / "state.sqlite3")})
+    _STORAGE_PROCESSES[tmp_path] = processes
+    try:
+        yield name
+    finally:
+        del _STORAGE_PROCESSES[tmp_path]
+        processes.stop()
 
 
 @pytest.fixture

@@ -53,12 +53,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """The app's own backends (a worker under `serve --workers 2` is covered by the serve tests)."""
-    return str(request.param)
-
-
 def state_settings(data_dir: Path, backend: str, prefix: str, policies: Path = POLICIES) -> Settings:
     return Settings(
         data_dir=data_dir, policies_dir=policies, state_backend=backend, redis_url=SHARED_REDIS, redis_prefix=prefix,

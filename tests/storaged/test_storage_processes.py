@@ -24,10 +24,7 @@ from broker.storaged.processes import StorageProcesses
 from broker.storaged.wire import MAX_FRAME, FrameReader, WireError, encode
 
 ORIGIN = "test.example/ledger"
-
-
 pytestmark = pytest.mark.anyio
-
 
 
 def far() -> float:
@@ -180,9 +177,9 @@ async def test_unknown_operations_are_refused_by_name(processes: StorageProcesse
     store = RemoteStateStore(processes.sockets["state"], SystemClock())
     try:
         with pytest.raises(StoreUnavailable, match="malformed call"):
-            await store._call("drop_table", "single_use")  # noqa: SLF001 -- what a confused peer could send
+            await store._call("drop_table", "single_use")  # what a confused peer could send
         with pytest.raises(StoreUnavailable, match="malformed call"):
-            await store._call("run_checks", [(9, "ns", "key")], None)  # noqa: SLF001
+            await store._call("run_checks", [(9, "ns", "key")], None)
         await store.ping()
     finally:
         await store.close()
