@@ -221,6 +221,12 @@ class Ledger:
         process's writer thread; :meth:`append` (start-up, CLI) keeps using the thread."""
         self._remote = StorageChannel(socket_path, timeout=self._append_timeout, unavailable=_ledger_unavailable)
 
+    async def ping_writer(self) -> None:
+        """Raise :class:`LedgerUnavailable` unless the storage process appends go to answers (a no-op
+        when this process writes itself: its writer thread cannot be unreachable)."""
+        if self._remote is not None:
+            await self._remote.call("ping", ())
+
     async def append_async(self, entry: dict[str, Any]) -> Receipt:
         """:meth:`append` for asyncio callers; the event loop is never blocked on the fsync.
 

@@ -116,7 +116,8 @@ class StateHandler:
 
 
 class LedgerHandler:
-    """Ledger appends: ``("append", (leaf,))`` answers the leaf's index once its batch is fsynced."""
+    """Ledger appends: ``("append", (leaf,))`` answers the leaf's index once its batch is fsynced;
+    ``("ping", ())`` answers ``None``."""
 
     def __init__(self, storage: LedgerStorage, *, max_batch: int = 1024) -> None:
         self._storage = storage
@@ -126,6 +127,9 @@ class LedgerHandler:
         replies: list[Reply] = []
         todo: list[tuple[int, bytes]] = []
         for call_id, op, args in calls:
+            if op == "ping" and not args:
+                replies.append((call_id, True, None))
+                continue
             if op != "append" or len(args) != 1 or not isinstance(args[0], bytes):
                 replies.append((call_id, False, _MALFORMED))
                 continue
