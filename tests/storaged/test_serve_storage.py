@@ -110,3 +110,41 @@ def alive(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+
+
+def test_a_locked_state_file_fails_exchanges_closed_and_never_stalls_the_workers(tmp_path: Path) -> None:
+    """Another process holds the state file's write lock: the state process waits (SQLite's 1 s busy
+    timeout), exchanges get 503 and cost no credential, and the workers keep answering everything else
+    at once; once the lock is gone, exchanges are issued again."""
+    from tests.api.test_loop_lag import sqlite_write_lock
+
+    data = tmp_path / "data"
+    broker = LiveBroker(data, workers=2)
+    try:
+        issuer = DevIssuer.load_or_create(data)
+        details = intent("orders.read", ORDER, customer="c-42")
+
+        def post(_: int) -> tuple[int, str, float]:
+            token = issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
+            started = time.monotonic()
+            answer = httpx.post(broker.url + "/v1/token", headers=FORM, timeout=30,
+                                content=form_body(exchange_form(token, "orders-api", details)))
+            return answer.status_code, answer.json().get("error", ""), time.monotonic() - started
+
+        with sqlite_write_lock(data / "state.sqlite3"):
+            with ThreadPoolExecutor(6) as pool:
+                pending = [pool.submit(post, i) for i in range(6)]
+                health: list[float] = []
+                while not all(p.done() for p in pending):
+                    started = time.monotonic()
+                    assert httpx.get(broker.url + "/healthz", timeout=10).status_code == 200
+                    health.append(time.monotonic() - started)
+                    time.sleep(0.05)
+                refused = [p.result() for p in pending]
+        assert [(status, error) for status, error, _ in refused] == [(503, "temporarily_unavailable")] * 6
+        assert max(took for _, _, took in refused) < 10
+        # A worker blocked on the file would hold /healthz for the busy timeout (1 s) or longer.
+        assert health and max(health) < 0.5, health
+        assert post(0)[0] == 200
+    finally:
+        broker.stop()
