@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,6 +72,17 @@ def checks_from_wire(wire: Sequence[Sequence[Any]]) -> list[Check]:
     return checks
 
 
+class _Call(Pending):
+    """A job of a batch: its caller waits in another process, so it is always run (it cannot give up
+    here; its reply is simply dropped if it did)."""
+
+    __slots__ = ()
+
+    def claim(self) -> bool:
+        self.claimed = True
+        return True
+
+
 class StateHandler:
     """The SQLite state file's operations (:data:`broker.state.sqlite.OPERATIONS`); ``args`` start with
     the caller's clock time, so expiry is judged as the worker saw it."""
@@ -95,7 +105,7 @@ class StateHandler:
             except (KeyError, IndexError, TypeError, ValueError):
                 replies.append((call_id, False, _MALFORMED))
                 continue
-            group.append(Pending(job, Future()))
+            group.append(_Call(job, None))
             ids.append(call_id)
         for start in range(0, len(group), self._max_group):
             chunk = group[start:start + self._max_group]
