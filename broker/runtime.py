@@ -46,7 +46,9 @@ from broker.pipeline import Broker
 from broker.policy import PolicySet, load_policies
 from broker.reload import PolicyReloader, ReloadOutcome, policy_file_digests
 from broker.state import StateStore, open_store
+from broker.state.remote import RemoteStateStore
 from broker.state.services import StateServices
+from broker.storaged.processes import sockets_from_environment
 from broker.telemetry import NO_SPANS, Spans
 from broker.vault.issuer import VaultIssuer
 from broker.vault.wiring import open_vault_issuer
@@ -110,7 +112,16 @@ class Runtime:
             raise
         # Opening checks integrity: a corrupt, cut-short or rewritten ledger stops the start, loudly.
         ledger = Ledger(storage, signer, settings.ledger_origin, clock)
-        store = open_store(settings, clock)
+        # Under `nhi-broker serve` with several workers, one storage process per SQLite file writes
+        # for all of them (broker.storaged); otherwise this process's own threads do.
+        sockets = sockets_from_environment()
+        if "ledger" in sockets:
+            ledger.append_through(sockets["ledger"])
+        store: StateStore
+        if "state" in sockets and settings.state_backend == "sqlite":
+            store = RemoteStateStore(sockets["state"], clock)
+        else:
+            store = open_store(settings, clock)
         issuers = list(settings.trust)
         dev_issuer = None
         sources = {}

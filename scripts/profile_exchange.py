@@ -2,7 +2,7 @@
 """CPU per token exchange inside one process: the broker's ASGI app driven without HTTP or wrk.
 
     .venv/bin/python scripts/profile_exchange.py [--exchanges 4000] [--callers 16] [--state sqlite|redis]
-                                                 [--profile cprofile|none] [--sort tottime]
+                                                 [--storaged] [--profile cprofile|none] [--sort tottime]
 
 Builds the app as ``nhi-broker serve`` does (embedded defaults in a temporary directory, the repository's
 policies), pre-mints one identity token per exchange and sends ``POST /v1/token`` straight into the app
@@ -11,7 +11,9 @@ ledger writer and the state store's thread included) per exchange. CPU per excha
 the machine's load than a wrk rate does, so it is the figure to compare before and after a change on a
 busy machine; ``scripts/bench_exchange.py`` remains the measurement that counts (HTTP, 2 workers,
 OpenBao side by side). With ``--profile cprofile`` the event-loop thread is profiled deterministically
-(inflates small functions; use it to find calls, not to weigh them).
+(inflates small functions; use it to find calls, not to weigh them). With ``--storaged`` the app
+writes through storage processes (:mod:`broker.storaged`) as each worker of ``serve --workers 2``
+does; their CPU is counted too, and printed apart.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import cProfile
 import gc
 import json
+import os
 import pstats
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from broker.api.app import create_app  # noqa: E402
 from broker.attest.dev import DevIssuer  # noqa: E402
 from broker.clock import SystemClock  # noqa: E402
 from broker.config import Settings  # noqa: E402
+from broker.storaged.processes import SOCKETS_ENV, StorageProcesses  # noqa: E402
 
 WORKLOAD = "spiffe://example.org/ns/support/sa/support-assistant"
 INTENT = [{"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/ord-1001",
@@ -91,7 +95,33 @@ async def run(args: argparse.Namespace) -> None:
     per_caller = args.exchanges // args.callers
     warm = 200
     pool = iter(bodies(work, per_caller * args.callers + warm))
+    storage = None
+    if args.storaged:
+        targets = {"ledger": settings.ledger_storage_url}
+        if args.state == "sqlite":
+            targets["state"] = str(work / "state.sqlite3")
+        storage = StorageProcesses.launch(targets)
+        os.environ[SOCKETS_ENV] = json.dumps(storage.sockets)
     app = create_app(settings)
+    try:
+        await drive(app, args, pool, per_caller, warm, storage)
+    finally:
+        if storage is not None:
+            storage.stop()
+
+
+def children_cpu(storage: Any) -> float:
+    """CPU seconds the storage processes used so far (0 without them)."""
+    if storage is None:
+        return 0.0
+    total = 0.0
+    for pid in storage.pids.values():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def drive(app: Any, args: argparse.Namespace, pool: Any, per_caller: int, warm: int, storage: Any) -> None:
     async with app.router.lifespan_context(app):
         async def caller(n: int) -> int:
             refused = 0
@@ -102,16 +132,18 @@ async def run(args: argparse.Namespace) -> None:
         await caller(warm)
         gc.collect()
         profiler = cProfile.Profile() if args.profile == "cprofile" else None
-        wall0, cpu0 = time.perf_counter(), time.process_time()
+        wall0, cpu0, side0 = time.perf_counter(), time.process_time(), children_cpu(storage)
         if profiler is not None:
             profiler.enable()
         refused = sum(await asyncio.gather(*(caller(per_caller) for _ in range(args.callers))))
         if profiler is not None:
             profiler.disable()
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        side = children_cpu(storage) - side0
     n = per_caller * args.callers
-    print(f"{n} exchanges ({args.state} state, {args.callers} callers): {n / wall:,.0f}/s, "
-          f"CPU {cpu * 1e6 / n:,.0f} µs per exchange, non-200 {refused}")
+    apart = f" (storage processes {side * 1e6 / n:,.0f})" if storage is not None else ""
+    print(f"{n} exchanges ({args.state} state{', storage processes' if storage else ''}, {args.callers} callers): "
+          f"{n / wall:,.0f}/s, CPU {(cpu + side) * 1e6 / n:,.0f} µs per exchange{apart}, non-200 {refused}")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
 
@@ -122,6 +154,7 @@ def main() -> int:
     parser.add_argument("--callers", type=int, default=16)
     parser.add_argument("--state", choices=["sqlite", "redis"], default="sqlite")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--storaged", action="store_true", help="write through storage processes (serve's workers)")
     parser.add_argument("--profile", choices=["cprofile", "none"], default="none")
     parser.add_argument("--sort", default="tottime", help="pstats order (tottime, cumtime)")
     parser.add_argument("--top", type=int, default=40)

@@ -136,3 +136,11 @@ class LiveBroker:
                 self.proc.wait()
         self._log.close()
         return self.output()
+
+
+_STORAGE_PROCESSES: dict[Path, Any] = {}
+
+
+def storage_processes_by_dir() -> dict[Path, Any]:
+    """One registry per test session of the storage processes fixtures started, by directory."""
+    return _STORAGE_PROCESSES

@@ -27,6 +27,7 @@ import socket
 from typing import Any
 
 from broker.config import Settings
+from broker.storaged.processes import StorageProcesses
 
 __all__ = ["SERVERS", "granian_app", "run"]
 
@@ -93,13 +94,23 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
 
     ``sock`` is the listening socket ``nhi-broker serve`` bound before recording the start (uvicorn
     serves on it; granian binds its own, so it is closed just before). Returns whether it served.
+    With several workers on embedded SQLite, the storage processes (:mod:`broker.storaged`) start
+    first and stop after the workers.
     """
-    from broker.api.app import SETTINGS_ENV, create_app
-    from broker.metrics import prepare_multiprocess_dir
-
     if server not in SERVERS:
         raise ValueError(f"unknown HTTP server {server!r}")
+    storage = StorageProcesses.start(settings)
+    try:
+        return _serve(settings, server, access_log=access_log, sock=sock)
+    finally:
+        if storage is not None:
+            storage.stop()
+
+
+def _serve(settings: Settings, server: str, *, access_log: bool, sock: socket.socket | None) -> bool:
+    from broker.api.app import SETTINGS_ENV, create_app
     from broker.logs import logging_config
+    from broker.metrics import prepare_multiprocess_dir
 
     log_level = "info" if access_log else "warning"
     # Applied by uvicorn and granian in every worker process: the broker's, the server's and the

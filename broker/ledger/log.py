@@ -41,8 +41,9 @@ from broker.ledger.merkle import (
 from broker.ledger.storage import DuplicateLeaf, LedgerCorrupt, LedgerStorage, MissingEntry, TileRootStorage
 from broker.ledger.tiles import TILE_WIDTH, entry_bundle, parse_tile_path, tile_hashes
 from broker.models import Receipt
+from broker.storaged.client import StorageChannel
 
-__all__ = ["MAX_ENTRIES_PER_CALL", "Ledger"]
+__all__ = ["MAX_ENTRIES_PER_CALL", "Ledger", "append_distinct"]
 
 MAX_ENTRIES_PER_CALL = 1000
 _CATCH_UP_CHUNK = 65_536  # leaf hashes read per query when catching up (2 MiB)
@@ -78,6 +79,39 @@ def _settle(outcomes: list[tuple[asyncio.Future[Receipt], Receipt | BaseExceptio
             waiter.set_exception(outcome)
         else:
             waiter.set_result(outcome)
+
+
+def append_distinct(storage: LedgerStorage, distinct: dict[bytes, bytes]) -> tuple[dict[bytes, int], int, list[bytes]]:
+    """Append ``distinct`` (leaf hash -> leaf) to ``storage`` in one transaction.
+
+    Returns the index of every leaf (an identical entry already logged answers its existing index),
+    the first index written, and the hashes written there in order. Raises
+    :class:`~broker.errors.LedgerUnavailable` when the storage cannot make them durable.
+    """
+    indexes: dict[bytes, int] = {}
+    todo = dict(distinct)
+    for _ in range(_DUPLICATE_RETRIES):
+        try:
+            first = storage.append_batch(list(todo.values()))
+        except DuplicateLeaf:
+            # Rare: an identical entry is already logged (maybe by another process just now).
+            # Answer its index and append the rest; retry in case of a fresh race.
+            for digest in list(todo):
+                found = storage.index_of(digest)
+                if found is not None:
+                    indexes[digest] = found
+                    del todo[digest]
+            if not todo:
+                return indexes, 0, []
+            continue
+        for offset, digest in enumerate(todo):
+            indexes[digest] = first + offset
+        return indexes, first, list(todo)
+    raise LedgerUnavailable("ledger write kept colliding with identical entries")
+
+
+def _ledger_unavailable(reason: str) -> LedgerUnavailable:
+    return LedgerUnavailable(reason if reason.startswith("ledger") else f"ledger unavailable: {reason}")
 
 
 _STOP = object()
@@ -129,6 +163,7 @@ class Ledger:
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._state_lock = threading.Lock()
         self._closed = False
+        self._remote: StorageChannel | None = None
         try:
             self.check_integrity(tail_tiles=tail_tiles, sample_tiles=sample_tiles, rng=rng)
         except BaseException:
@@ -180,13 +215,36 @@ class Ledger:
             # not issue, which errs on the side of an extra ledger entry, never a missing one.
             raise LedgerUnavailable("ledger write timed out") from None
 
+    def append_through(self, socket_path: str) -> None:
+        """Send :meth:`append_async` calls to the ledger's storage process listening on ``socket_path``
+        (:mod:`broker.storaged`: one writer for every worker of ``nhi-broker serve``) instead of this
+        process's writer thread; :meth:`append` (start-up, CLI) keeps using the thread."""
+        self._remote = StorageChannel(socket_path, timeout=self._append_timeout, unavailable=_ledger_unavailable)
+
+    async def ping_writer(self) -> None:
+        """Raise :class:`LedgerUnavailable` unless the storage process appends go to answers (a no-op
+        when this process writes itself: its writer thread cannot be unreachable)."""
+        if self._remote is not None:
+            await self._remote.call("ping", ())
+
     async def append_async(self, entry: dict[str, Any]) -> Receipt:
         """:meth:`append` for asyncio callers; the event loop is never blocked on the fsync.
 
         The writer thread resolves the waiting coroutines of a batch with one hand-over to the loop
-        (not one per entry), which keeps the per-append cost on the loop small under load.
+        (not one per entry), which keeps the per-append cost on the loop small under load. With a
+        storage process (:meth:`append_through`) the entry goes to it, batched with every other
+        call of this event-loop turn, and no thread is involved.
         """
         leaf = encode_entry(entry)
+        remote = self._remote
+        if remote is not None:
+            if self._closed:
+                raise LedgerUnavailable("ledger is closed")
+            digest = leaf_hash(leaf)
+            index = int(await remote.call("append", (leaf,)))
+            self._last_commit_at = self._clock.now()
+            self._note_appended(index, digest)
+            return Receipt(index=index, leaf_hash=digest.hex())
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Receipt] = loop.create_future()
         # No thread lock on the loop: put, then look whether the ledger closed meanwhile. If it did,
@@ -276,28 +334,11 @@ class Ledger:
 
     def _store(self, distinct: dict[bytes, bytes]) -> dict[bytes, int]:
         """Append the distinct leaves; the index of each (existing ones for identical entries)."""
-        indexes: dict[bytes, int] = {}
-        todo = dict(distinct)
-        for _ in range(_DUPLICATE_RETRIES):
-            try:
-                first = self._storage.append_batch(list(todo.values()))
-            except DuplicateLeaf:
-                # Rare: an identical entry is already logged (maybe by another process just now).
-                # Answer its index and append the rest; retry in case of a fresh race.
-                for digest in list(todo):
-                    found = self._storage.index_of(digest)
-                    if found is not None:
-                        indexes[digest] = found
-                        del todo[digest]
-                if not todo:
-                    return indexes
-                continue
+        indexes, first, appended = append_distinct(self._storage, distinct)
+        if appended:
             self._last_commit_at = self._clock.now()
-            for offset, digest in enumerate(todo):
-                indexes[digest] = first + offset
-            self._advance_tree(first, list(todo))
-            return indexes
-        raise LedgerUnavailable("ledger write kept colliding with identical entries")
+            self._advance_tree(first, appended)
+        return indexes
 
     def _advance_tree(self, first: int, hashes: list[bytes]) -> None:
         # Saves a read-back when nobody else appended in between; otherwise the next reader
@@ -308,6 +349,19 @@ class Ledger:
             if self._tree.size == first:
                 self._tree.extend(hashes)
                 self._record_tiles()
+        finally:
+            self._tree_lock.release()
+
+    def _note_appended(self, index: int, digest: bytes) -> None:
+        """Extend the tree by a leaf another process appended at ``index``, when it is the next one.
+
+        Called on the event loop: never waits for the tree lock and never writes (the tile roots it
+        completes are recorded by the next read's catch-up, on a reader thread)."""
+        if not self._tree_lock.acquire(blocking=False):
+            return
+        try:
+            if self._tree.size == index:
+                self._tree.extend([digest])
         finally:
             self._tree_lock.release()
 
@@ -562,6 +616,8 @@ class Ledger:
             self._closed = True
             self._queue.put(_STOP)
         self._writer.join()
+        if self._remote is not None:
+            self._remote.close()
         self._storage.close()
 
     def __enter__(self) -> Ledger:

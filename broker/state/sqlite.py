@@ -35,7 +35,7 @@ from broker.errors import StoreUnavailable
 from broker.serial import ExecutorClosed, Failed, Pending, SerialExecutor
 from broker.state.store import Check, ConsumeOnce, CountUp, valid_prefix
 
-__all__ = ["SqliteStateStore"]
+__all__ = ["OPERATIONS", "SqliteStateFile", "SqliteStateStore", "job_for"]
 
 log = logging.getLogger("nhi_broker.state")
 
@@ -144,36 +144,135 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"state store unavailable: {type(exc).__name__}")
 
 
-class SqliteStateStore:
-    """Shared state in one SQLite file (WAL).
+def _check_and_mark(conn: sqlite3.Connection, now: float, todo: Sequence[Check], failed: int | None) -> int | None:
+    # One job, atomic (a failed check changes nothing; an error undoes the job's savepoint), inside its
+    # group's write transaction.
+    for index, check in enumerate(todo):
+        if not _passes(conn, check, now):
+            return index
+    return failed
 
-    Uniqueness comes from primary keys and every check-and-update is one statement, so two processes
-    racing on the same key get exactly one winner. Commits use ``synchronous=NORMAL``: durable across
-    a process crash; a power loss may forget the last moments of state, which lives only as long as
-    short-lived tokens (budgets and revocations included: prefer Redis with persistence when that
-    matters). A caller is answered only after the transaction holding its write committed.
+
+def _count_up_op(conn: sqlite3.Connection, now: float, namespace: str, key: str, amount: int, limit: int,
+                 expires_at: float) -> int | None:
+    return _count_up(conn, CountUp(namespace, key, amount, limit, expires_at), now)
+
+
+def _set_mark(conn: sqlite3.Connection, now: float, namespace: str, key: str, value: float,
+              expires_at: float | None) -> None:
+    conn.execute(_SET_MARK, {"ns": namespace, "key": key, "value": float(value),
+                             "expires_at": None if expires_at is None else float(expires_at), "now": now})
+
+
+def _get_marks(conn: sqlite3.Connection, now: float, items: Sequence[tuple[str, str]]) -> list[float | None]:
+    found: dict[tuple[str, str], float] = {}
+    # One read transaction: the answers are a consistent snapshot.
+    conn.execute("BEGIN")
+    try:
+        for namespace, key in items:
+            row = conn.execute(
+                "SELECT value FROM marks WHERE namespace = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (namespace, key, now),
+            ).fetchone()
+            if row is not None:
+                found[(namespace, key)] = float(row[0])
+    finally:
+        conn.execute("COMMIT")
+    return [found.get((namespace, key)) for namespace, key in items]
+
+
+def _delete_mark(conn: sqlite3.Connection, now: float, namespace: str, key: str) -> bool:
+    rows = conn.execute(
+        "DELETE FROM marks WHERE namespace = ? AND key = ? RETURNING expires_at", (namespace, key)
+    ).fetchall()
+    return bool(rows) and (rows[0][0] is None or rows[0][0] > now)
+
+
+def _put_record(conn: sqlite3.Connection, now: float, namespace: str, key: str, value: str,
+                expires_at: float) -> bool:
+    cur = conn.execute(
+        "INSERT INTO records (namespace, key, value, version, expires_at) VALUES (?, ?, ?, 1, ?) "
+        "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, version = 1, "
+        "expires_at = excluded.expires_at WHERE records.expires_at <= ?",
+        (namespace, key, value, float(expires_at), now),
+    )
+    return cur.rowcount == 1
+
+
+def _get_record(conn: sqlite3.Connection, now: float, namespace: str, key: str) -> tuple[str, int] | None:
+    row = conn.execute(
+        "SELECT value, version FROM records WHERE namespace = ? AND key = ? AND expires_at > ?",
+        (namespace, key, now),
+    ).fetchone()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
+def _swap_record(conn: sqlite3.Connection, now: float, namespace: str, key: str, version: int, value: str,
+                 expires_at: float) -> bool:
+    cur = conn.execute(
+        "UPDATE records SET value = ?, version = version + 1, expires_at = ? "
+        "WHERE namespace = ? AND key = ? AND version = ? AND expires_at > ?",
+        (value, float(expires_at), namespace, key, int(version), now),
+    )
+    return cur.rowcount == 1
+
+
+def _list_records(conn: sqlite3.Connection, now: float, namespace: str, limit: int) -> list[tuple[str, str, int]]:
+    rows = conn.execute(
+        "SELECT key, value, version FROM records WHERE namespace = ? AND expires_at > ? "
+        "ORDER BY expires_at, key LIMIT ?",
+        (namespace, now, int(limit)),
+    ).fetchall()
+    return [(str(k), str(v), int(n)) for k, v, n in rows]
+
+
+def _ping(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute("SELECT 1").fetchone()
+
+
+#: The store's operations by name: (how the job touches the file, ``work(conn, now, *args)``). The
+#: threaded store and the storage process (:mod:`broker.storaged`) run the same work functions.
+OPERATIONS: dict[str, tuple[int, Callable[..., Any]]] = {
+    "run_checks": (_MULTI, _check_and_mark),  # _WRITE when there is one check (see job_for)
+    "count_up": (_WRITE, _count_up_op),
+    "set_mark": (_WRITE, _set_mark),
+    "get_marks": (_READ, _get_marks),
+    "delete_mark": (_WRITE, _delete_mark),
+    "put_record": (_WRITE, _put_record),
+    "get_record": (_READ, _get_record),
+    "swap_record": (_WRITE, _swap_record),
+    "list_records": (_READ, _list_records),
+    "ping": (_READ, _ping),
+}
+
+
+def job_for(op: str, now: float, args: tuple[Any, ...]) -> _Job:
+    """The job running operation ``op`` at clock time ``now`` (:class:`KeyError` for an unknown one)."""
+    kind, work = OPERATIONS[op]
+    if op == "run_checks" and len(args[0]) == 1:
+        kind = _WRITE  # one statement is atomic on its own: no savepoint needed
+    return _Job(lambda conn: work(conn, now, *args), kind)
+
+
+class SqliteStateFile:
+    """The state file's one connection and the group-commit logic, for the one thread that uses it.
+
+    Not thread-safe: :class:`SqliteStateStore` drives it from its own thread, the storage process
+    (:mod:`broker.storaged`) from its only thread.
     """
 
-    def __init__(self, path: Path | str, clock: Clock | None = None, *, timeout: float = 1.0,
-                 max_group: int = 256) -> None:
+    def __init__(self, path: Path | str, clock: Clock, timeout: float) -> None:
         self._path = str(path)
-        self._clock = clock or SystemClock()
-        # A caller waits at most this long (SQLite's busy handler included) before it fails closed.
+        self._clock = clock
         self._timeout = timeout
         self._connection: sqlite3.Connection | None = None
         self._turn_fd: int | None = None
         self._writes = 0
-        # One connection on one thread per store: SQLite serialises writers anyway, and per-thread
-        # connections would contend through SQLite's sleeping busy handler (milliseconds per collision).
-        self._thread = SerialExecutor("state-sqlite", runner=self._run_group, max_group=max_group)
-        try:
-            self._thread.call(lambda: self._guarded(lambda conn: conn.executescript(_SCHEMA)))
-        except BaseException:
-            self._thread.close(final=self._close_connection)
-            raise
+
+    def create_schema(self) -> None:
+        self.guarded(lambda conn: conn.executescript(_SCHEMA))
 
     def _conn(self) -> sqlite3.Connection:
-        # Only ever called on the store's thread.
         if self._connection is None:
             conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None,
                                    check_same_thread=False)
@@ -192,7 +291,7 @@ class SqliteStateStore:
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
-        """Hold this file's cross-process write turn (see the module docstring); on the store's thread."""
+        """Hold this file's cross-process write turn (see the module docstring)."""
         fd = self._turn_fd
         if fd is None:
             raise sqlite3.OperationalError("state store is closed")
@@ -203,7 +302,8 @@ class SqliteStateStore:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _guarded(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    def guarded(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` outside any group; SQLite and OS errors become :class:`StoreUnavailable`."""
         try:
             return work(self._conn())
         except (sqlite3.Error, OSError) as exc:
@@ -212,8 +312,8 @@ class SqliteStateStore:
                 conn.rollback()
             raise _unavailable(exc) from None
 
-    def _run_group(self, group: Sequence[Pending]) -> list[object]:
-        """The executor's runner: reads one by one, each run of consecutive writes as one transaction."""
+    def run_group(self, group: Sequence[Pending]) -> list[object]:
+        """A :data:`~broker.serial.Runner`: reads one by one, each run of consecutive writes as one transaction."""
         outcomes: list[object] = [None] * len(group)
         i = 0
         while i < len(group):
@@ -221,7 +321,7 @@ class SqliteStateStore:
             if job.kind == _READ:
                 if group[i].claim():
                     try:
-                        outcomes[i] = self._guarded(job.work)
+                        outcomes[i] = self.guarded(job.work)
                     except BaseException as exc:
                         outcomes[i] = Failed(exc)
                 i += 1
@@ -290,17 +390,6 @@ class SqliteStateStore:
             conn.execute("RELEASE job")
         return result
 
-    async def _run(self, work: Callable[[sqlite3.Connection], _T], kind: int) -> _T:
-        try:
-            # The margin lets SQLite's own busy timeout answer first when the file is locked.
-            result: _T = await self._thread.run(_Job(work, kind), self._timeout + 0.25)
-        except TimeoutError:
-            log.warning("sqlite state store did not answer within %.1f s: failing closed", self._timeout)
-            raise StoreUnavailable("state store unavailable: it did not answer in time") from None
-        except ExecutorClosed:
-            raise StoreUnavailable("state store unavailable: it is closed") from None
-        return result
-
     def _wrote(self, conn: sqlite3.Connection, count: int) -> None:
         before = self._writes
         self._writes += count
@@ -311,151 +400,105 @@ class SqliteStateStore:
             conn.execute("DELETE FROM marks WHERE expires_at <= ?", (now,))
             conn.execute("DELETE FROM records WHERE expires_at <= ?", (now,))
 
-    async def consume_once(self, namespace: str, key: str, expires_at: float) -> bool:
-        return await self.run_checks([ConsumeOnce(namespace, key, expires_at)]) is None
-
-    async def count_up(self, namespace: str, key: str, amount: int, limit: int, expires_at: float) -> int | None:
-        if amount < 0 or amount > limit:
-            return None
-        now = self._clock.now()
-
-        def work(conn: sqlite3.Connection) -> int | None:
-            return _count_up(conn, CountUp(namespace, key, amount, limit, expires_at), now)
-
-        return await self._run(work, _WRITE)
-
-    async def run_checks(self, checks: Sequence[Check]) -> int | None:
-        todo, failed = valid_prefix(checks)
-        if not todo:
-            return failed
-        now = self._clock.now()
-
-        def work(conn: sqlite3.Connection) -> int | None:
-            # One job, atomic (a failed check changes nothing; an error undoes the job's savepoint),
-            # inside its group's write transaction: one hop to the store's thread.
-            for index, check in enumerate(todo):
-                if not _passes(conn, check, now):
-                    return index
-            return failed
-
-        return await self._run(work, _MULTI if len(todo) > 1 else _WRITE)
-
-    async def set_mark(self, namespace: str, key: str, value: float, expires_at: float | None) -> None:
-        now = self._clock.now()
-        params = {"ns": namespace, "key": key, "value": float(value),
-                  "expires_at": None if expires_at is None else float(expires_at), "now": now}
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(_SET_MARK, params)
-
-        await self._run(work, _WRITE)
-
-    async def get_marks(self, items: Sequence[tuple[str, str]]) -> list[float | None]:
-        if not items:
-            return []
-        now = self._clock.now()
-
-        def work(conn: sqlite3.Connection) -> list[float | None]:
-            found: dict[tuple[str, str], float] = {}
-            # One read transaction: the answers are a consistent snapshot.
-            conn.execute("BEGIN")
-            try:
-                for namespace, key in items:
-                    row = conn.execute(
-                        "SELECT value FROM marks WHERE namespace = ? AND key = ? "
-                        "AND (expires_at IS NULL OR expires_at > ?)",
-                        (namespace, key, now),
-                    ).fetchone()
-                    if row is not None:
-                        found[(namespace, key)] = float(row[0])
-            finally:
-                conn.execute("COMMIT")
-            return [found.get(item) for item in items]
-
-        return await self._run(work, _READ)
-
-    async def delete_mark(self, namespace: str, key: str) -> bool:
-        now = self._clock.now()
-
-        def work(conn: sqlite3.Connection) -> bool:
-            rows = conn.execute(
-                "DELETE FROM marks WHERE namespace = ? AND key = ? RETURNING expires_at", (namespace, key)
-            ).fetchall()
-            return bool(rows) and (rows[0][0] is None or rows[0][0] > now)
-
-        return await self._run(work, _WRITE)
-
-    async def put_record(self, namespace: str, key: str, value: str, expires_at: float) -> bool:
-        now = self._clock.now()
-
-        def work(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "INSERT INTO records (namespace, key, value, version, expires_at) VALUES (?, ?, ?, 1, ?) "
-                "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, version = 1, "
-                "expires_at = excluded.expires_at WHERE records.expires_at <= ?",
-                (namespace, key, value, float(expires_at), now),
-            )
-            return cur.rowcount == 1
-
-        return await self._run(work, _WRITE)
-
-    async def get_record(self, namespace: str, key: str) -> tuple[str, int] | None:
-        now = self._clock.now()
-
-        def work(conn: sqlite3.Connection) -> tuple[str, int] | None:
-            row = conn.execute(
-                "SELECT value, version FROM records WHERE namespace = ? AND key = ? AND expires_at > ?",
-                (namespace, key, now),
-            ).fetchone()
-            return None if row is None else (str(row[0]), int(row[1]))
-
-        return await self._run(work, _READ)
-
-    async def swap_record(self, namespace: str, key: str, version: int, value: str, expires_at: float) -> bool:
-        now = self._clock.now()
-
-        def work(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE records SET value = ?, version = version + 1, expires_at = ? "
-                "WHERE namespace = ? AND key = ? AND version = ? AND expires_at > ?",
-                (value, float(expires_at), namespace, key, int(version), now),
-            )
-            return cur.rowcount == 1
-
-        return await self._run(work, _WRITE)
-
-    async def list_records(self, namespace: str, limit: int) -> list[tuple[str, str, int]]:
-        now = self._clock.now()
-
-        def work(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
-            rows = conn.execute(
-                "SELECT key, value, version FROM records WHERE namespace = ? AND expires_at > ? "
-                "ORDER BY expires_at, key LIMIT ?",
-                (namespace, now, int(limit)),
-            ).fetchall()
-            return [(str(k), str(v), int(n)) for k, v, n in rows]
-
-        return await self._run(work, _READ)
-
-    async def ping(self) -> None:
-        await self._run(lambda conn: conn.execute("SELECT 1").fetchone(), _READ)
-
-    async def close(self) -> None:
-        await self._thread.aclose(final=self._close_connection, timeout=self._close_timeout())
-
-    def close_now(self) -> None:
-        """:meth:`close` for synchronous shutdown code (never on the event loop)."""
-        self._thread.close(final=self._close_connection, timeout=self._close_timeout())
-
-    def _close_timeout(self) -> float:
-        # What is queued finishes first, each group within ``timeout`` once it has its turn; a sibling
-        # process stopped while holding the turn (SIGSTOP, a debugger) must not hang shutdown forever.
-        return 4 * self._timeout + 5.0
-
-    def _close_connection(self) -> None:
+    def close(self) -> None:
+        """Close the connection and the turn's file (on the thread that uses this file)."""
         if self._connection is not None:
             self._connection.close()
             self._connection = None
         if self._turn_fd is not None:
             os.close(self._turn_fd)
             self._turn_fd = None
+
+
+class SqliteStateStore:
+    """Shared state in one SQLite file (WAL).
+
+    Uniqueness comes from primary keys and every check-and-update is one statement, so two processes
+    racing on the same key get exactly one winner. Commits use ``synchronous=NORMAL``: durable across
+    a process crash; a power loss may forget the last moments of state, which lives only as long as
+    short-lived tokens (budgets and revocations included: prefer Redis with persistence when that
+    matters). A caller is answered only after the transaction holding its write committed.
+    """
+
+    def __init__(self, path: Path | str, clock: Clock | None = None, *, timeout: float = 1.0,
+                 max_group: int = 256) -> None:
+        self._clock = clock or SystemClock()
+        # A caller waits at most this long (SQLite's busy handler included) before it fails closed.
+        self._timeout = timeout
+        self._file = SqliteStateFile(path, self._clock, timeout)
+        # One connection on one thread per store: SQLite serialises writers anyway, and per-thread
+        # connections would contend through SQLite's sleeping busy handler (milliseconds per collision).
+        self._thread = SerialExecutor("state-sqlite", runner=self._file.run_group, max_group=max_group)
+        try:
+            self._thread.call(self._file.create_schema)
+        except BaseException:
+            self._thread.close(final=self._file.close)
+            raise
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        job = job_for(op, self._clock.now(), args)
+        try:
+            # The margin lets SQLite's own busy timeout answer first when the file is locked.
+            return await self._thread.run(job, self._timeout + 0.25)
+        except TimeoutError:
+            log.warning("sqlite state store did not answer within %.1f s: failing closed", self._timeout)
+            raise StoreUnavailable("state store unavailable: it did not answer in time") from None
+        except ExecutorClosed:
+            raise StoreUnavailable("state store unavailable: it is closed") from None
+
+    async def consume_once(self, namespace: str, key: str, expires_at: float) -> bool:
+        return await self.run_checks([ConsumeOnce(namespace, key, expires_at)]) is None
+
+    async def count_up(self, namespace: str, key: str, amount: int, limit: int, expires_at: float) -> int | None:
+        if amount < 0 or amount > limit:
+            return None
+        result: int | None = await self._call("count_up", namespace, key, int(amount), int(limit), float(expires_at))
+        return result
+
+    async def run_checks(self, checks: Sequence[Check]) -> int | None:
+        todo, failed = valid_prefix(checks)
+        if not todo:
+            return failed
+        result: int | None = await self._call("run_checks", todo, failed)
+        return result
+
+    async def set_mark(self, namespace: str, key: str, value: float, expires_at: float | None) -> None:
+        await self._call("set_mark", namespace, key, value, expires_at)
+
+    async def get_marks(self, items: Sequence[tuple[str, str]]) -> list[float | None]:
+        if not items:
+            return []
+        result: list[float | None] = await self._call("get_marks", items)
+        return result
+
+    async def delete_mark(self, namespace: str, key: str) -> bool:
+        return bool(await self._call("delete_mark", namespace, key))
+
+    async def put_record(self, namespace: str, key: str, value: str, expires_at: float) -> bool:
+        return bool(await self._call("put_record", namespace, key, value, expires_at))
+
+    async def get_record(self, namespace: str, key: str) -> tuple[str, int] | None:
+        result: tuple[str, int] | None = await self._call("get_record", namespace, key)
+        return result
+
+    async def swap_record(self, namespace: str, key: str, version: int, value: str, expires_at: float) -> bool:
+        return bool(await self._call("swap_record", namespace, key, version, value, expires_at))
+
+    async def list_records(self, namespace: str, limit: int) -> list[tuple[str, str, int]]:
+        result: list[tuple[str, str, int]] = await self._call("list_records", namespace, limit)
+        return result
+
+    async def ping(self) -> None:
+        await self._call("ping")
+
+    async def close(self) -> None:
+        await self._thread.aclose(final=self._file.close, timeout=self._close_timeout())
+
+    def close_now(self) -> None:
+        """:meth:`close` for synchronous shutdown code (never on the event loop)."""
+        self._thread.close(final=self._file.close, timeout=self._close_timeout())
+
+    def _close_timeout(self) -> float:
+        # What is queued finishes first, each group within ``timeout`` once it has its turn; a sibling
+        # process stopped while holding the turn (SIGSTOP, a debugger) must not hang shutdown forever.
+        return 4 * self._timeout + 5.0

@@ -14,13 +14,21 @@ import redis
 
 from broker.clock import SystemClock
 from broker.state.redis import RedisStateStore
+from broker.state.remote import RemoteStateStore
 from broker.state.sqlite import SqliteStateStore
 from broker.state.store import StateStore
-from tests.helpers import free_port
+from broker.storaged.processes import StorageProcesses
+from tests.helpers import free_port, storage_processes_by_dir
 
 #: The shared development Redis; every test uses its own key prefix and deletes its keys.
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 BACKENDS = ["sqlite", "redis"]
+#: Store-level suites also run "storaged": the SQLite file served by a real storage process
+#: (broker.storaged), as each worker of `serve --workers 2` uses it.
+STORE_BACKENDS = [*BACKENDS, "storaged"]
+# The storage process each "storaged" test runs, by the test's tmp_path (started and stopped by `backend`);
+# kept in tests.helpers because pytest may import this conftest twice (as a conftest and as a module).
+_STORAGE_PROCESSES: dict[Path, StorageProcesses] = storage_processes_by_dir()
 
 
 def unique_prefix() -> str:
@@ -53,12 +61,28 @@ def make_store(backend: str, tmp_path: Path, prefix: str) -> StateStore:
         # A roomier timeout than the broker's 0.5 s: racing tests open many connections at once on a
         # shared, busy machine; what they check is atomicity, not the fail-fast window.
         return RedisStateStore(SHARED_REDIS, prefix=prefix, clock=SystemClock(), timeout=3.0)
+    if backend == "storaged":
+        return RemoteStateStore(_STORAGE_PROCESSES[tmp_path].sockets["state"], clock=SystemClock(), timeout=3.0)
     return SqliteStateStore(tmp_path / "state.sqlite3", clock=SystemClock())
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def store_backend(name: str, tmp_path: Path) -> Iterator[str]:
+    """Body of a ``backend`` fixture over :data:`STORE_BACKENDS`: runs the storage process "storaged" needs."""
+    if name != "storaged":
+        yield name
+        return
+    processes = StorageProcesses.launch({"state": str(tmp_path / "state.sqlite3")})
+    _STORAGE_PROCESSES[tmp_path] = processes
+    try:
+        yield name
+    finally:
+        del _STORAGE_PROCESSES[tmp_path]
+        processes.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -19,9 +19,15 @@ from broker.errors import StoreUnavailable
 from broker.state.redis import RedisStateStore
 from broker.state.store import ConsumeOnce, CountUp, NoMark, StateStore
 from broker.state.tokens import TokenState
-from tests.state.conftest import SHARED_REDIS, OwnRedis, make_store
+from tests.state.conftest import SHARED_REDIS, STORE_BACKENDS, OwnRedis, make_store, store_backend
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Both backends, and the SQLite file through a storage process (broker.storaged)."""
+    yield from store_backend(str(request.param), tmp_path)
 
 
 def far() -> float:

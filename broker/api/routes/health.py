@@ -21,7 +21,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Every backend answers: state store and ledger")
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """Readiness: the state store answers a ping and the ledger its size."""
+    """Readiness: the state store answers a ping, the ledger its size (and its storage process, if any, a ping)."""
     checks: dict[str, str] = {}
     try:
         await runtime.store.ping()
@@ -30,6 +30,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
         checks["state"] = exc.description
     try:
         await runtime.lanes.ledger.run(runtime.ledger.size)
+        await runtime.ledger.ping_writer()
         checks["ledger"] = "ok"
     except BrokerError as exc:
         checks["ledger"] = exc.description

@@ -1,0 +1,204 @@
+"""The storage processes of ``nhi-broker serve``: started before the workers, restarted if they die.
+
+With several worker processes on embedded SQLite, each file gets one storage process
+(:mod:`broker.storaged.server`): ``state`` for the SQLite state store, ``ledger`` for the SQLite
+ledger's appends. The supervisor binds their Unix sockets itself, in a fresh directory only this user
+can enter, and hands each child its listening socket: a worker can connect before the child is ready,
+and a child that died is replaced on the same socket while the workers' calls fail closed (503) for
+the moment it takes. Workers learn the sockets from ``$NHI_STORAGE_SOCKETS``
+(:func:`sockets_from_environment`). The children end when the supervisor closes their control pipe
+(:meth:`StorageProcesses.stop`, after the workers stopped) or exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.config import Settings
+from broker.errors import ConfigError
+from broker.ledger.engines import is_shared
+
+__all__ = ["SOCKETS_ENV", "StorageProcesses", "sockets_from_environment"]
+
+log = logging.getLogger("nhi_broker.storaged")
+
+#: ``{"state": path, "ledger": path}`` (either may be absent) for the worker processes.
+SOCKETS_ENV = "NHI_STORAGE_SOCKETS"
+_READY_TIMEOUT = 60.0
+_STOP_TIMEOUT = 30.0
+
+
+def sockets_from_environment() -> dict[str, str]:
+    """The storage sockets ``nhi-broker serve`` gave this worker (empty when it runs none)."""
+    raw = os.environ.get(SOCKETS_ENV)
+    if not raw:
+        return {}
+    sockets = json.loads(raw)
+    return {kind: str(path) for kind, path in sockets.items() if kind in ("state", "ledger")}
+
+
+@dataclass
+class _Child:
+    kind: str
+    target: str
+    listener: socket.socket
+    process: subprocess.Popen[bytes] | None = None
+    control: int | None = None
+    restarts: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class StorageProcesses:
+    """The running storage processes of one ``serve``; :meth:`stop` ends them (idempotent)."""
+
+    def __init__(self, children: list[_Child], directory: Path, log_format: str = "text") -> None:
+        self._children = children
+        self._log_format = log_format
+        self._directory = directory
+        self._stopping = threading.Event()
+        self._watchers: list[threading.Thread] = []
+        self._exported = False
+
+    @classmethod
+    def start(cls, settings: Settings) -> StorageProcesses | None:
+        """Start the storage processes ``settings`` call for; ``None`` when there is none to run
+        (one worker, or Redis state with a PostgreSQL ledger). Sets :data:`SOCKETS_ENV`."""
+        if settings.workers < 2:
+            return None
+        targets: dict[str, str] = {}
+        if settings.state_backend == "sqlite":
+            targets["state"] = str(settings.data_dir.resolve() / "state.sqlite3")
+        if not is_shared(settings.ledger_storage_url):
+            targets["ledger"] = settings.ledger_storage_url
+        if not targets:
+            return None
+        processes = cls.launch(targets, log_format=settings.log_format)
+        os.environ[SOCKETS_ENV] = json.dumps(processes.sockets)
+        processes._exported = True
+        return processes
+
+    @classmethod
+    def launch(cls, targets: dict[str, str], *, log_format: str = "text") -> StorageProcesses:
+        """Start one storage process per ``{kind: file}`` (``state``: a SQLite state file; ``ledger``: a
+        ledger storage URL), each on its own socket (:attr:`sockets`), watched and restarted."""
+        directory = Path(tempfile.mkdtemp(prefix="nhi-broker-storage-"))  # mode 0700
+        children: list[_Child] = []
+        processes = cls(children, directory, log_format)
+        try:
+            for kind, target in targets.items():
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(str(directory / f"{kind}.sock"))
+                listener.listen(128)
+                children.append(_Child(kind, target, listener))
+            for child in children:
+                processes._spawn(child)
+        except BaseException:
+            processes.stop()
+            raise
+        processes._watchers = [threading.Thread(target=processes._watch, args=(child,),
+                                                name=f"storaged-{child.kind}", daemon=True) for child in children]
+        for watcher in processes._watchers:
+            watcher.start()
+        return processes
+
+    @property
+    def sockets(self) -> dict[str, str]:
+        """The socket path of each storage process, by kind."""
+        return {child.kind: str(self._directory / f"{child.kind}.sock") for child in self._children}
+
+    def _spawn(self, child: _Child) -> None:
+        """Start ``child``'s process and wait until it has opened its file (:class:`ConfigError` if not)."""
+        control_read, control_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "broker.storaged", child.kind, "--path", child.target,
+                 "--listen-fd", str(child.listener.fileno()), "--control-fd", str(control_read),
+                 "--ready-fd", str(ready_write), "--log-format", self._log_format],
+                pass_fds=(child.listener.fileno(), control_read, ready_write), stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(control_read)
+            os.close(ready_write)
+        try:
+            readable, _, _ = select.select([ready_read], [], [], _READY_TIMEOUT)
+            ready = os.read(ready_read, 16) if readable else b""
+        finally:
+            os.close(ready_read)
+        if ready != b"ready\n":
+            os.close(control_write)
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            raise ConfigError(f"the {child.kind} storage process did not start (exit status {process.returncode})")
+        child.process = process
+        child.control = control_write
+        child.started_at = time.monotonic()
+
+    def _watch(self, child: _Child) -> None:
+        """Replace ``child``'s process whenever it ends before :meth:`stop`."""
+        delay = 0.2
+        while not self._stopping.is_set():
+            process = child.process
+            if process is None:
+                return
+            status = process.wait()
+            if self._stopping.is_set():
+                return
+            log.error("the %s storage process exited (status %s): restarting it; its callers fail closed meanwhile",
+                      child.kind, status)
+            if child.control is not None:
+                os.close(child.control)
+                child.control = None
+            if time.monotonic() - child.started_at > 10:
+                delay = 0.2
+            while not self._stopping.wait(delay):
+                try:
+                    self._spawn(child)
+                    child.restarts += 1
+                    break
+                except (ConfigError, OSError) as exc:
+                    log.error("the %s storage process cannot restart (%s): retrying", child.kind, exc)
+                    delay = min(delay * 2, 5.0)
+
+    def stop(self) -> None:
+        """End the storage processes after what they already read (call it once the workers stopped)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        for child in self._children:
+            if child.control is not None:
+                os.close(child.control)  # EOF: the child answers what it read and exits
+                child.control = None
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        for child in self._children:
+            if child.process is not None:
+                try:
+                    child.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.error("the %s storage process did not stop in time: killing it", child.kind)
+                    child.process.kill()
+                    child.process.wait()
+            child.listener.close()
+        if self._exported:
+            os.environ.pop(SOCKETS_ENV, None)
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The current process id of each storage process (for tests and operators)."""
+        return {child.kind: child.process.pid for child in self._children if child.process is not None}

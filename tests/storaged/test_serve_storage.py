@@ -1,0 +1,150 @@
+"""`nhi-broker serve --workers 2` on embedded SQLite: its storage processes, from start to stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from broker.attest.dev import DevIssuer
+from broker.clock import SystemClock
+from broker.ledger import SqliteLedgerStorage, leaf_hash
+from tests.helpers import SUPPORT, LiveBroker, exchange_form, form_body, intent
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+ORDER = "customers/c-42/orders/ord-1001"
+
+
+def storage_processes(group: int) -> dict[str, int]:
+    """The storage processes (kind -> pid) in process group ``group``."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if os.getpgid(int(entry.name)) != group or b"broker.storaged" not in argv:
+                continue
+            state = (entry / "status").read_text()
+        except (OSError, ProcessLookupError):
+            continue
+        if "zombie" not in state:
+            found[argv[argv.index(b"broker.storaged") + 1].decode()] = int(entry.name)
+    return found
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_two_workers_write_through_storage_processes_that_end_with_serve(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    broker = LiveBroker(data, workers=2)
+    try:
+        kinds = storage_processes(broker.proc.pid)
+        assert set(kinds) == {"state", "ledger"}
+        issuer = DevIssuer.load_or_create(data)
+        tokens = [issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock()) for _ in range(40)]
+        details = intent("orders.read", ORDER, customer="c-42")
+
+        def post(token: str) -> httpx.Response:
+            return httpx.post(broker.url + "/v1/token", headers=FORM,
+                              content=form_body(exchange_form(token, "orders-api", details)), timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, tokens))
+        assert [a.status_code for a in answers] == [200] * 40
+        # A replayed identity token is refused: the single-use record went through the state process.
+        replay = post(tokens[0])
+        assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant", replay.text
+        # The state storage process dies: the supervisor replaces it and the broker serves on.
+        os.kill(kinds["state"], signal.SIGKILL)
+        wait_for(lambda: storage_processes(broker.proc.pid).get("state") not in (None, kinds["state"]))
+        fresh = issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
+        wait_for(lambda: httpx.get(broker.url + "/readyz", timeout=5).status_code == 200)
+        assert post(fresh).status_code == 200
+        assert post(tokens[1]).status_code == 400  # still remembered after the restart
+    finally:
+        output = broker.stop()
+    # Stopping serve ends its storage processes; nothing is left behind.
+    assert storage_processes(broker.proc.pid) == {}, output
+    assert "Traceback" not in output, output
+    storage = SqliteLedgerStorage(data / "ledger.sqlite3")
+    try:
+        leaves = storage.entries(0, storage.size())
+    finally:
+        storage.close()
+    issued = {a.json()["access_token"] for a in answers}
+    assert len(issued) == 40
+    assert len({leaf_hash(leaf) for leaf in leaves}) == len(leaves)
+    assert sum(b'"kind":"jwt"' in leaf for leaf in leaves) == 41
+
+
+def test_a_killed_supervisor_takes_its_storage_processes_along(tmp_path: Path) -> None:
+    broker = LiveBroker(tmp_path / "data", workers=2)
+    try:
+        kinds = storage_processes(broker.proc.pid)
+        assert set(kinds) == {"state", "ledger"}
+        os.kill(broker.proc.pid, signal.SIGKILL)
+        broker.proc.wait()
+        # Their control pipe closed with the supervisor: they exit on their own.
+        wait_for(lambda: not any(alive(pid) for pid in kinds.values()))
+    finally:
+        broker.stop()
+        try:
+            os.killpg(broker.proc.pid, signal.SIGKILL)  # the orphaned HTTP workers
+        except ProcessLookupError:
+            pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_a_locked_state_file_fails_exchanges_closed_and_never_stalls_the_workers(tmp_path: Path) -> None:
+    """Another process holds the state file's write lock: the state process waits (SQLite's 1 s busy
+    timeout), exchanges get 503 and cost no credential, and the workers keep answering everything else
+    at once; once the lock is gone, exchanges are issued again."""
+    from tests.api.test_loop_lag import sqlite_write_lock
+
+    data = tmp_path / "data"
+    broker = LiveBroker(data, workers=2)
+    try:
+        issuer = DevIssuer.load_or_create(data)
+        details = intent("orders.read", ORDER, customer="c-42")
+
+        def post(_: int) -> tuple[int, str, float]:
+            token = issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
+            started = time.monotonic()
+            answer = httpx.post(broker.url + "/v1/token", headers=FORM, timeout=30,
+                                content=form_body(exchange_form(token, "orders-api", details)))
+            return answer.status_code, answer.json().get("error", ""), time.monotonic() - started
+
+        with sqlite_write_lock(data / "state.sqlite3"):
+            with ThreadPoolExecutor(6) as pool:
+                pending = [pool.submit(post, i) for i in range(6)]
+                health: list[float] = []
+                while not all(p.done() for p in pending):
+                    started = time.monotonic()
+                    assert httpx.get(broker.url + "/healthz", timeout=10).status_code == 200
+                    health.append(time.monotonic() - started)
+                    time.sleep(0.05)
+                refused = [p.result() for p in pending]
+        assert [(status, error) for status, error, _ in refused] == [(503, "temporarily_unavailable")] * 6
+        assert max(took for _, _, took in refused) < 10
+        # A worker blocked on the file would hold /healthz for the busy timeout (1 s) or longer.
+        assert health and max(health) < 0.5, health
+        assert post(0)[0] == 200
+    finally:
+        broker.stop()
