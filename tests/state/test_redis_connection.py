@@ -110,6 +110,16 @@ async def test_scripts_run_by_digest_and_again_by_body_after_a_script_flush(own_
         await store.close()
 
 
+async def closed_by_redis(store: RedisStateStore) -> None:
+    """Wait until the end of the stream Redis sent has reached the store's idle connection."""
+    lane = store._lane
+    assert lane is not None
+    deadline = time.monotonic() + 10
+    while not await lane.connection.can_read():
+        assert time.monotonic() < deadline, "the connection never saw Redis close it"
+        await asyncio.sleep(0.005)
+
+
 async def test_a_connection_redis_closed_while_idle_is_replaced_without_a_failed_call(own_redis: OwnRedis) -> None:
     store = RedisStateStore(own_redis.url, prefix="t:")  # the default fail-fast window: a failure would show
     try:
@@ -117,12 +127,12 @@ async def test_a_connection_redis_closed_while_idle_is_replaced_without_a_failed
         client = redis.Redis.from_url(own_redis.url)
         assert client.client_kill_filter(_type="normal", skipme=True) == 1
         client.close()
-        await asyncio.sleep(0.05)
+        await closed_by_redis(store)
         assert await store.consume_once("jti", "b", far())
         assert not await store.consume_once("jti", "a", far())
         own_redis.stop()
         own_redis.start()  # a fresh, empty server
-        await asyncio.sleep(0.05)
+        await closed_by_redis(store)
         assert await store.consume_once("jti", "a", far())
     finally:
         await store.close()
