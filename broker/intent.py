@@ -46,6 +46,9 @@ MAX_CONTEXT_STRING = 256
 MAX_CONTEXT_LIST = 32
 #: The context keys that carry money (:mod:`broker.money`).
 AMOUNT_KEY, CURRENCY_KEY = "amount", "currency"
+# A whole resource in one match: 1..MAX_RESOURCE_SEGMENTS segments (none can hold a "/").
+_RESOURCE_RE = re.compile(
+    f"(?:{RESOURCE_SEGMENT_RE.pattern})(?:/(?:{RESOURCE_SEGMENT_RE.pattern})){{0,{MAX_RESOURCE_SEGMENTS - 1}}}")
 
 
 def is_valid_action(action: object) -> bool:
@@ -55,12 +58,8 @@ def is_valid_action(action: object) -> bool:
 
 def is_valid_resource(resource: object) -> bool:
     """True when ``resource`` is ``/``-separated safe segments such as ``orders/ord-1``."""
-    if not isinstance(resource, str) or not resource or len(resource) > MAX_RESOURCE_LEN:
-        return False
-    segments = resource.split("/")
-    if len(segments) > MAX_RESOURCE_SEGMENTS:
-        return False
-    return all(RESOURCE_SEGMENT_RE.fullmatch(s) is not None for s in segments)
+    return (isinstance(resource, str) and 0 < len(resource) <= MAX_RESOURCE_LEN
+            and _RESOURCE_RE.fullmatch(resource) is not None)
 
 
 def _check_scalar(key: str, value: Any) -> Any:

@@ -84,3 +84,30 @@ def test_valid_resources(resource: str) -> None:
 @pytest.mark.parametrize("resource", ["", "..", ".", "a/..", "a/.hidden", "a/b.", "a\\b", "a b", "a/*", "a?b", None])
 def test_invalid_resources(resource: object) -> None:
     assert not is_valid_resource(resource)
+
+
+def _resource_by_segments(resource: object) -> bool:
+    """The segment-by-segment definition is_valid_resource had before it became one expression."""
+    from broker.intent import MAX_RESOURCE_LEN, MAX_RESOURCE_SEGMENTS, RESOURCE_SEGMENT_RE
+
+    if not isinstance(resource, str) or not resource or len(resource) > MAX_RESOURCE_LEN:
+        return False
+    segments = resource.split("/")
+    if len(segments) > MAX_RESOURCE_SEGMENTS:
+        return False
+    return all(RESOURCE_SEGMENT_RE.fullmatch(s) is not None for s in segments)
+
+
+def test_is_valid_resource_is_the_segment_by_segment_rule() -> None:
+    import random
+
+    rng = random.Random(8)
+    alphabet = "a/./-_~:@Z09é \x00\n"
+    samples: list[object] = [None, 7, b"a", "", "/", "a", "a/", "/a", "a//b", ".", "..", "a/./b", "a/../b", ".a",
+                             "a.", "a.b", "a\n", "a/b\n", "a" * 128, "a" * 129, "/".join(["a"] * 16),
+                             "/".join(["a"] * 17), "/".join(["a" * 31] * 16) + "b", "/".join(["a" * 128] * 4),
+                             "/".join(["a" * 127] * 5), "/".join(["a" * 127] * 4) + "/b"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
+    samples += ["/".join("a" * rng.randint(0, 130) for _ in range(rng.randint(1, 18))) for _ in range(2000)]
+    for sample in samples:
+        assert is_valid_resource(sample) == _resource_by_segments(sample), sample

@@ -135,6 +135,14 @@ _ANSWER_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separato
 _NO_STORE_RAW = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in NO_STORE.items()]
 
 
+def _uses_evidence(form: dict[str, str], runtime: RuntimeDep) -> bool:
+    """Whether a request method verifies this exchange's subject or actor token: only a method reads the
+    :class:`Evidence` (``Broker._workload``), so an exchange of identity JWTs skips building it."""
+    attestor = runtime.broker.attestor
+    return (attestor.request_method(form.get("subject_token_type")) is not None
+            or attestor.request_method(form.get("actor_token_type")) is not None)
+
+
 class JsonAnswer(Response):
     """A 200 JSON answer built in one step: what Starlette's ``JSONResponse`` sends (compact UTF-8
     JSON, no NaN), without its header plumbing, which the token endpoint paid on every exchange.
@@ -179,7 +187,7 @@ def _poll_request(form: dict[str, str], request_id: str) -> PollRequest:
     )
 
 
-def _exchange_request(form: dict[str, str], request_id: str, evidence: Evidence, trace_id: str | None
+def _exchange_request(form: dict[str, str], request_id: str, evidence: Evidence | None, trace_id: str | None
                       ) -> ExchangeRequest:
     grant_type = required(form, "grant_type")
     if grant_type != TOKEN_EXCHANGE_GRANT:
@@ -238,7 +246,8 @@ async def token(request: Request, runtime: RuntimeDep) -> Response:
         outcome = await runtime.broker.redeem(dataclasses.replace(poll, dpop_checked=proof) if proof else poll)
     else:
         # The form's parameters are checked before the DPoP header, as they always were.
-        exchange = _exchange_request(form, request_id, _evidence(request, runtime), current_trace_id())
+        evidence = _evidence(request, runtime) if _uses_evidence(form, runtime) else None
+        exchange = _exchange_request(form, request_id, evidence, current_trace_id())
         proof = _dpop_proof(request, runtime)
         if proof is not None:
             exchange = dataclasses.replace(exchange, dpop_checked=proof)
