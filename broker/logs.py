@@ -22,13 +22,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import re
+import time
 from typing import Any
 from urllib.parse import parse_qsl
 
 from broker.tracing import current_trace
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "RedactQueryStrings", "configure_logging", "logging_config"]
+__all__ = [
+    "LOG_FORMATS",
+    "JsonFormatter",
+    "RedactQueryStrings",
+    "TextFormatter",
+    "configure_logging",
+    "log_fast",
+    "logging_config",
+]
 
 LOG_FORMATS = ("text", "json")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -38,6 +48,36 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName", "color_message"}
 _ACCESS_LOGGER = "uvicorn.access"
 _NUMBER = re.compile(r"[0-9]{1,20}")
+# json.dumps(out, ensure_ascii=False, separators=(",", ":")) without a new encoder for every record.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def log_fast(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
+    """``logger.log(level, msg, *args)`` for a line written on every request: the same record to the same
+    handlers, without the stack walk that finds the caller's file and line (no broker format shows them;
+    the record says ``(unknown file)`` as with ``logging._srcfile = None``)."""
+    if logger.isEnabledFor(level):
+        logger.handle(logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, args, None,
+                                        "(unknown function)"))
+
+
+_utc_second: tuple[int, str] = (-1, "")  # the last second _utc_millis formatted, and its text
+
+
+def _utc_millis(created: float) -> str:
+    """``datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")``, the date and time
+    of day formatted once per second: the same rounding (to the microsecond, half to even) and text."""
+    global _utc_second
+    fraction, whole = math.modf(created)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second += 1
+        micros -= 1_000_000
+    cached = _utc_second
+    if cached[0] != second:
+        cached = _utc_second = (second, dt.datetime.fromtimestamp(second, tz=dt.UTC).isoformat()[:-6])
+    return f"{cached[1]}.{micros // 1000:03d}+00:00"
 
 
 def redact_target(target: str) -> str:
@@ -63,12 +103,32 @@ class RedactQueryStrings(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """The text format (``%(asctime)s %(levelname)s %(name)s: %(message)s``), its time's date and
+    seconds formatted once per second (``logging.Formatter.formatTime`` calls ``strftime`` per record)."""
+
+    def __init__(self, fmt: str = _TEXT_FORMAT, datefmt: str | None = None) -> None:
+        super().__init__(fmt, datefmt)
+        self._second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            cached = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+            self._second = cached
+        msec_format = self.default_msec_format
+        return cached[1] if msec_format is None else msec_format % (cached[1], record.msecs)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record (see the module docstring)."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": dt.datetime.fromtimestamp(record.created, tz=dt.UTC).isoformat(timespec="milliseconds"),
+            "time": _utc_millis(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -81,13 +141,15 @@ class JsonFormatter(logging.Formatter):
         if record.name == _ACCESS_LOGGER and isinstance(record.args, tuple) and len(record.args) == 5:
             client, method, target, _version, status = record.args
             out.update(http_method=method, url_path=target, status=status, client=client)
-        for key, value in vars(record).items():
-            if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
+        attributes = vars(record)
+        if not attributes.keys() <= _RESERVED:  # extra fields (most records have none)
+            for key, value in attributes.items():
+                if key not in _RESERVED and not key.startswith("_"):
+                    out[key] = value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
         if record.exc_info:
             # The exception's type; a traceback (and a message that may quote input) is for a debugger.
             out["error"] = f"{record.exc_info[0].__name__ if record.exc_info[0] else 'Exception'}"
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+        return _JSON_ENCODER.encode(out)
 
 
 def logging_config(log_format: str = "text", level: str = "INFO") -> dict[str, Any]:
@@ -99,7 +161,7 @@ def logging_config(log_format: str = "text", level: str = "INFO") -> dict[str, A
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     formatter: dict[str, Any] = ({"()": "broker.logs.JsonFormatter"} if log_format == "json"
-                                 else {"format": _TEXT_FORMAT})
+                                 else {"()": "broker.logs.TextFormatter"})
     propagate = {"handlers": [], "propagate": True}
     return {
         "version": 1,

@@ -53,6 +53,7 @@ from broker.errors import (
     PolicyDenied,
     TemporarilyUnavailable,
 )
+from broker.logs import log_fast
 from broker.mint.jwt import ACCESS_TOKEN_TYPE, PreparedToken, TaskTokenMinter
 from broker.models import (
     Delegation,
@@ -450,11 +451,11 @@ class Broker:
         receipt = await self._append(entry)
         # (4) sign, binding the leaf hash.
         with self.spans.span("mint") as span:
-            token = self.minter.sign(prepared, txn=receipt.leaf_hash)
+            token = await self.minter.sign_batched(prepared, txn=receipt.leaf_hash)
             span.set("nhi.credential.kind", "jwt")
             span.set("nhi.credential.jti", prepared.jti)
-        log.info(
-            "issued jti=%s workload=%s action=%s rule=%s index=%d",
+        log_fast(  # every exchange: without logging's stack walk for the caller (broker.logs)
+            log, logging.INFO, "issued jti=%s workload=%s action=%s rule=%s index=%d",
             prepared.jti, grant.workload.name, grant.intent.action, grant.rule_id, receipt.index,
         )
         return Issued(

@@ -42,6 +42,7 @@ from broker.attest.methods import REGISTRY
 from broker.attest.methods.base import AttestationMethod, TokenMethod, VerifiedJwt
 from broker.attest.template import SpiffeIdTemplate
 from broker.clock import Clock
+from broker.cpu_batch import TurnBatch
 from broker.errors import AttestationError, ConfigError, InvalidRequest, ReplayDetected
 from broker.models import WorkloadIdentity
 from broker.state.store import ConsumeOnce, StateStore
@@ -109,6 +110,8 @@ class Attestor:
         self._max_token_bytes = max_token_bytes
         # Request methods configured for this broker; the registry's own instances refuse as unconfigured.
         self._request_methods = {method.name: method for method in request_methods}
+        # The signature checks of the requests that reach step (7) in one event-loop turn run back to back.
+        self._signatures = TurnBatch()
 
     def request_method(self, token_type: str | None) -> AttestationMethod | None:
         """The request method (X.509-SVID, WIMSE) a token type selects, ``None`` for a JWT.
@@ -188,7 +191,7 @@ class Attestor:
         key.check_algorithm(alg)
 
         # (7)+(8) Signature, iss, aud, required claims; then types, time and lifetime.
-        claims = self._decode(subject_token, _unverified_claims, key.key, alg, cfg, label)
+        claims = await self._decode(subject_token, _unverified_claims, key.key, alg, cfg, label)
         exp = claims["exp"]
 
         # (9) A key the identity token is bound to (RFC 7800 cnf): rules may demand DPoP with it.
@@ -219,12 +222,13 @@ class Attestor:
         single_use = ConsumeOnce(JTI_NAMESPACE, f"{cfg.issuer}\x00{jti}", exp + cfg.leeway) if cfg.require_jti else None
         return identity, single_use
 
-    def _decode(
+    async def _decode(
         self, token: str, _unverified_claims: dict[str, Any], key: Any, alg: str, cfg: IssuerConfig, label: str
     ) -> dict[str, Any]:
         # (7) The signature with the one allow-listed alg over the exact bytes the claims were strictly
         # parsed from (pyjwt's algorithm, not a second parse), then exact iss, our aud, required claims.
-        verify_signature(token, key, alg, label)
+        # Run in this turn's batch of signature checks (broker.cpu_batch): same call, same errors.
+        await self._signatures.run(verify_signature, token, key, alg, label)
         claims = _unverified_claims  # verified from here on
         verify_claims(claims, issuer=cfg.issuer, audience=cfg.audience, required=("iss", "aud", "exp", "sub"))
 

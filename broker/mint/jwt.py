@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from broker.clock import Clock, SystemClock
+from broker.cpu_batch import TurnBatch
 from broker.csprng import random_bytes
 from broker.jcs import canonical_json
 from broker.mint.keys import KeySet, SigningKey, b64url
@@ -89,6 +90,7 @@ class TaskTokenMinter:
         self._clock = clock or SystemClock()
         # kid -> (key, "<header segment>."): the header of a key's tokens never changes.
         self._headers: dict[str, tuple[SigningKey, bytes]] = {}
+        self._signatures = TurnBatch()
 
     def prepare(
         self, grant: Grant, *, cnf_jkt: str | None = None, extra_claims: dict[str, Any] | None = None
@@ -174,3 +176,7 @@ class TaskTokenMinter:
         else:  # EdDSA (Ed25519): the signature is already raw
             signature = private_key.sign(signing_input)
         return (signing_input + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode("ascii")
+
+    async def sign_batched(self, prepared: PreparedToken, txn: str) -> str:
+        """:meth:`sign`, run with the other signatures of this event-loop turn (:mod:`broker.cpu_batch`)."""
+        return await self._signatures.run(self.sign, prepared, txn)

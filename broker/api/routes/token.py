@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -131,20 +130,37 @@ def _evidence(request: Request, runtime: RuntimeDep) -> Evidence:
     )
 
 
+# json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")) without a new encoder per call.
+_ANSWER_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_NO_STORE_RAW = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in NO_STORE.items()]
+
+
 class JsonAnswer(Response):
     """A 200 JSON answer built in one step: what Starlette's ``JSONResponse`` sends (compact UTF-8
-    JSON, no NaN), without its header plumbing, which the token endpoint paid on every exchange."""
+    JSON, no NaN), without its header plumbing, which the token endpoint paid on every exchange.
+    Its headers: ``Cache-Control``/``Pragma`` (:data:`~broker.api.errors.NO_STORE`), ``X-Request-Id``
+    and, when given, ``DPoP-Nonce``."""
 
     media_type = "application/json"
 
-    def __init__(self, content: dict[str, Any], headers: dict[str, str]) -> None:
+    def __init__(self, content: dict[str, Any], request_id: str, dpop_nonce: str | None = None) -> None:
         self.status_code = 200
         self.background = None
-        self.body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        self.body = _ANSWER_ENCODER.encode(content).encode()
         self.raw_headers = [(b"content-length", str(len(self.body)).encode("latin-1")),
-                            (b"content-type", b"application/json")]
-        self.raw_headers.extend((name.lower().encode("latin-1"), value.encode("latin-1"))
-                                for name, value in headers.items())
+                            (b"content-type", b"application/json"), *_NO_STORE_RAW,
+                            (b"x-request-id", request_id.encode("latin-1"))]
+        if dpop_nonce is not None:
+            self.raw_headers.append((b"dpop-nonce", dpop_nonce.encode("latin-1")))
+
+
+def _request_id() -> str:
+    """A random (version 4) UUID as 32 hex digits: ``uuid.UUID(bytes=random_bytes(16), version=4).hex``
+    (the version nibble and the RFC 4122 variant bits set), without building the UUID."""
+    raw = bytearray(random_bytes(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    return raw.hex()
 
 
 def _poll_request(form: dict[str, str], request_id: str) -> PollRequest:
@@ -212,9 +228,8 @@ async def token(request: Request, runtime: RuntimeDep) -> Response:
     An intent held for review is answered as OpenID CIBA acknowledges a request (``auth_req_id``,
     ``expires_in``, ``interval``); poll with ``grant_type=urn:openid:params:grant-type:ciba``.
     """
-    request_id = uuid.UUID(bytes=random_bytes(16), version=4).hex
+    request_id = _request_id()
     form = await read_form(request, runtime.settings.max_body_bytes)
-    headers = {**NO_STORE, "X-Request-Id": request_id}
     outcome: Issued | Held
     if form.get("grant_type") == CIBA_GRANT:
         poll = dataclasses.replace(_poll_request(form, request_id), evidence=_evidence(request, runtime),
@@ -231,7 +246,7 @@ async def token(request: Request, runtime: RuntimeDep) -> Response:
     if isinstance(outcome, Held):
         held = {"auth_req_id": outcome.auth_req_id, "expires_in": outcome.expires_in, "interval": outcome.interval,
                 "rule_id": outcome.grant.rule_id}
-        return JsonAnswer(held, headers)
+        return JsonAnswer(held, request_id)
     issued = outcome
     payload = {
         "access_token": issued.access_token,
@@ -243,6 +258,4 @@ async def token(request: Request, runtime: RuntimeDep) -> Response:
         "receipt": {"index": issued.receipt.index, "leaf_hash": issued.receipt.leaf_hash},
     }
     nonce = runtime.dpop.fresh_nonce() if runtime.dpop else None
-    if nonce is not None:
-        headers["DPoP-Nonce"] = nonce
-    return JsonAnswer(payload, headers)
+    return JsonAnswer(payload, request_id, nonce)
