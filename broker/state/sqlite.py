@@ -25,6 +25,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,7 @@ from broker.errors import StoreUnavailable
 from broker.serial import ExecutorClosed, Failed, Pending, SerialExecutor
 from broker.state.store import Check, ConsumeOnce, CountUp, valid_prefix
 
-__all__ = ["OPERATIONS", "SqliteStateFile", "SqliteStateStore", "job_for"]
+__all__ = ["OPERATIONS", "SqliteOperations", "SqliteStateFile", "SqliteStateStore", "job_for"]
 
 log = logging.getLogger("nhi_broker.state")
 
@@ -410,41 +411,14 @@ class SqliteStateFile:
             self._turn_fd = None
 
 
-class SqliteStateStore:
-    """Shared state in one SQLite file (WAL).
+class SqliteOperations(ABC):
+    """The :class:`~broker.state.store.StateStore` methods as calls of :data:`OPERATIONS`: subclasses
+    say where an operation runs (:meth:`_call`): on this process's store thread, or in the state
+    storage process (:class:`~broker.state.remote.RemoteStateStore`)."""
 
-    Uniqueness comes from primary keys and every check-and-update is one statement, so two processes
-    racing on the same key get exactly one winner. Commits use ``synchronous=NORMAL``: durable across
-    a process crash; a power loss may forget the last moments of state, which lives only as long as
-    short-lived tokens (budgets and revocations included: prefer Redis with persistence when that
-    matters). A caller is answered only after the transaction holding its write committed.
-    """
-
-    def __init__(self, path: Path | str, clock: Clock | None = None, *, timeout: float = 1.0,
-                 max_group: int = 256) -> None:
-        self._clock = clock or SystemClock()
-        # A caller waits at most this long (SQLite's busy handler included) before it fails closed.
-        self._timeout = timeout
-        self._file = SqliteStateFile(path, self._clock, timeout)
-        # One connection on one thread per store: SQLite serialises writers anyway, and per-thread
-        # connections would contend through SQLite's sleeping busy handler (milliseconds per collision).
-        self._thread = SerialExecutor("state-sqlite", runner=self._file.run_group, max_group=max_group)
-        try:
-            self._thread.call(self._file.create_schema)
-        except BaseException:
-            self._thread.close(final=self._file.close)
-            raise
-
+    @abstractmethod
     async def _call(self, op: str, *args: Any) -> Any:
-        job = job_for(op, self._clock.now(), args)
-        try:
-            # The margin lets SQLite's own busy timeout answer first when the file is locked.
-            return await self._thread.run(job, self._timeout + 0.25)
-        except TimeoutError:
-            log.warning("sqlite state store did not answer within %.1f s: failing closed", self._timeout)
-            raise StoreUnavailable("state store unavailable: it did not answer in time") from None
-        except ExecutorClosed:
-            raise StoreUnavailable("state store unavailable: it is closed") from None
+        """Run operation ``op`` (a key of :data:`OPERATIONS`) with ``args`` at this clock's time."""
 
     async def consume_once(self, namespace: str, key: str, expires_at: float) -> bool:
         return await self.run_checks([ConsumeOnce(namespace, key, expires_at)]) is None
@@ -490,6 +464,43 @@ class SqliteStateStore:
 
     async def ping(self) -> None:
         await self._call("ping")
+
+
+class SqliteStateStore(SqliteOperations):
+    """Shared state in one SQLite file (WAL).
+
+    Uniqueness comes from primary keys and every check-and-update is one statement, so two processes
+    racing on the same key get exactly one winner. Commits use ``synchronous=NORMAL``: durable across
+    a process crash; a power loss may forget the last moments of state, which lives only as long as
+    short-lived tokens (budgets and revocations included: prefer Redis with persistence when that
+    matters). A caller is answered only after the transaction holding its write committed.
+    """
+
+    def __init__(self, path: Path | str, clock: Clock | None = None, *, timeout: float = 1.0,
+                 max_group: int = 256) -> None:
+        self._clock = clock or SystemClock()
+        # A caller waits at most this long (SQLite's busy handler included) before it fails closed.
+        self._timeout = timeout
+        self._file = SqliteStateFile(path, self._clock, timeout)
+        # One connection on one thread per store: SQLite serialises writers anyway, and per-thread
+        # connections would contend through SQLite's sleeping busy handler (milliseconds per collision).
+        self._thread = SerialExecutor("state-sqlite", runner=self._file.run_group, max_group=max_group)
+        try:
+            self._thread.call(self._file.create_schema)
+        except BaseException:
+            self._thread.close(final=self._file.close)
+            raise
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        job = job_for(op, self._clock.now(), args)
+        try:
+            # The margin lets SQLite's own busy timeout answer first when the file is locked.
+            return await self._thread.run(job, self._timeout + 0.25)
+        except TimeoutError:
+            log.warning("sqlite state store did not answer within %.1f s: failing closed", self._timeout)
+            raise StoreUnavailable("state store unavailable: it did not answer in time") from None
+        except ExecutorClosed:
+            raise StoreUnavailable("state store unavailable: it is closed") from None
 
     async def close(self) -> None:
         await self._thread.aclose(final=self._file.close, timeout=self._close_timeout())

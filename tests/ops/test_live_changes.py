@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,7 +26,7 @@ from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
 from broker.ledger import NoteVerifier, SqliteLedgerStorage
 from broker.operators import hash_secret
-from tests.helpers import POLICIES, SUPPORT, LiveBroker, exchange_form, intent
+from tests.helpers import POLICIES, SUPPORT, LiveBroker, exchange_form, intent, wait_until
 from tests.state.conftest import SHARED_REDIS, drop_prefix, unique_prefix
 
 NHI = str(Path(sys.executable).with_name("nhi-broker"))
@@ -34,15 +34,6 @@ ADMIN = "live-admin-token-0123456789"
 AUDITOR = "live-auditor-token-0123456789"
 READ_C42 = intent("orders.read", "customers/c-42/orders/ord-1001", customer="c-42")
 FREEZE = "p, support-agent, orders-api, orders.read, customers/c-42/orders/*, , deny, reload-freeze-c42, -, -\n"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Brokers:

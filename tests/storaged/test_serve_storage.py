@@ -13,7 +13,7 @@ import httpx
 from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
 from broker.ledger import SqliteLedgerStorage, leaf_hash
-from tests.helpers import SUPPORT, LiveBroker, exchange_form, form_body, intent
+from tests.helpers import SUPPORT, LiveBroker, exchange_form, form_body, intent, wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 ORDER = "customers/c-42/orders/ord-1001"
@@ -36,13 +36,6 @@ def storage_processes(group: int) -> dict[str, int]:
             found[argv[argv.index(b"broker.storaged") + 1].decode()] = int(entry.name)
     return found
 
-
-def wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def test_two_workers_write_through_storage_processes_that_end_with_serve(tmp_path: Path) -> None:
@@ -67,9 +60,9 @@ def test_two_workers_write_through_storage_processes_that_end_with_serve(tmp_pat
         assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant", replay.text
         # The state storage process dies: the supervisor replaces it and the broker serves on.
         os.kill(kinds["state"], signal.SIGKILL)
-        wait_for(lambda: storage_processes(broker.proc.pid).get("state") not in (None, kinds["state"]))
+        wait_until(lambda: storage_processes(broker.proc.pid).get("state") not in (None, kinds["state"]))
         fresh = issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
-        wait_for(lambda: httpx.get(broker.url + "/readyz", timeout=5).status_code == 200)
+        wait_until(lambda: httpx.get(broker.url + "/readyz", timeout=5).status_code == 200)
         assert post(fresh).status_code == 200
         assert post(tokens[1]).status_code == 400  # still remembered after the restart
     finally:
@@ -96,7 +89,7 @@ def test_a_killed_supervisor_takes_its_storage_processes_along(tmp_path: Path) -
         os.kill(broker.proc.pid, signal.SIGKILL)
         broker.proc.wait()
         # Their control pipe closed with the supervisor: they exit on their own.
-        wait_for(lambda: not any(alive(pid) for pid in kinds.values()))
+        wait_until(lambda: not any(alive(pid) for pid in kinds.values()))
     finally:
         broker.stop()
         try:

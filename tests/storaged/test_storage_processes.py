@@ -22,6 +22,7 @@ from broker.ledger.merkle import root_from_leaf_hashes
 from broker.state.remote import RemoteStateStore
 from broker.storaged.processes import StorageProcesses
 from broker.storaged.wire import MAX_FRAME, FrameReader, WireError, encode
+from tests.helpers import wait_until
 
 ORIGIN = "test.example/ledger"
 pytestmark = pytest.mark.anyio
@@ -48,13 +49,6 @@ def make_ledger(path: Path, socket_path: str | None) -> Ledger:
         ledger.append_through(socket_path)
     return ledger
 
-
-def wait_for(condition, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 # -- frames ---------------------------------------------------------------------------------------
@@ -112,7 +106,7 @@ async def test_a_killed_state_process_is_replaced_and_loses_nothing_committed(pr
         assert await store.consume_once("jti", "before", far()) is True
         old = processes.pids["state"]
         os.kill(old, signal.SIGKILL)
-        await asyncio.to_thread(wait_for, lambda: processes.pids.get("state") not in (None, old))
+        await asyncio.to_thread(wait_until, lambda: processes.pids.get("state") not in (None, old))
         # The connection to the old process is gone: the next call reconnects to the replacement.
         answers = []
         for _ in range(3):
@@ -179,7 +173,7 @@ async def test_unknown_operations_are_refused_by_name(processes: StorageProcesse
         with pytest.raises(StoreUnavailable, match="malformed call"):
             await store._call("drop_table", "single_use")  # what a confused peer could send
         with pytest.raises(StoreUnavailable, match="malformed call"):
-            await store._call("run_checks", [(9, "ns", "key")], None)
+            await store._channel.call("run_checks", (time.time(), [(9, "ns", "key")], None))
         await store.ping()
     finally:
         await store.close()
