@@ -22,6 +22,7 @@ address whose listener accepts connections and never answers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -79,10 +80,13 @@ class BlackHole:
             self._held.append(conn)
 
     def close(self) -> None:
+        # Closing a listening socket does not wake a thread blocked in accept(); shutting it down does.
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
+        self._thread.join(timeout=5)
         for conn in self._held:
             conn.close()
-        self._thread.join(timeout=5)
 
 
 class SwallowingProxy:
