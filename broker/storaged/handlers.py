@@ -72,6 +72,19 @@ def checks_from_wire(wire: Sequence[Sequence[Any]]) -> list[Check]:
     return checks
 
 
+class _CallersClock:
+    """The latest clock time a caller sent (the system's until the first call)."""
+
+    def __init__(self) -> None:
+        self._now = SystemClock().now()
+
+    def saw(self, now: float) -> None:
+        self._now = now
+
+    def now(self) -> float:
+        return self._now
+
+
 class _Call(Pending):
     """A job of a batch: its caller waits in another process, so it is always run (it cannot give up
     here; its reply is simply dropped if it did)."""
@@ -88,7 +101,9 @@ class StateHandler:
     the caller's clock time, so expiry is judged as the worker saw it."""
 
     def __init__(self, path: Path | str, *, timeout: float = 1.0, max_group: int = 256) -> None:
-        self._file = SqliteStateFile(path, SystemClock(), timeout)
+        # Expired rows are purged by the workers' time, as the threaded store purges by its own clock.
+        self._clock = _CallersClock()
+        self._file = SqliteStateFile(path, self._clock, timeout)
         self._file.create_schema()
         self._max_group = max_group
 
@@ -99,6 +114,7 @@ class StateHandler:
         for call_id, op, args in calls:
             try:
                 now, rest = float(args[0]), tuple(args[1:])
+                self._clock.saw(now)
                 if op == "run_checks":
                     rest = (checks_from_wire(rest[0]), rest[1])
                 job = job_for(op, now, rest)

@@ -100,6 +100,19 @@ async def test_two_workers_share_one_state_file(processes: StorageProcesses) -> 
             await store.close()
 
 
+async def test_expired_rows_are_purged_by_the_callers_clock(processes: StorageProcesses) -> None:
+    """The storage process purges expired rows every 1,024 writes by the time its callers send, as the
+    threaded store purges by its own clock: a worker's live single-use value is never purged early."""
+    clock = FixedClock(1_000_000_000)  # long before the storage process's own wall clock
+    store = RemoteStateStore(processes.sockets["state"], clock)
+    try:
+        assert await store.consume_once("jti", "live", 1_000_003_600) is True
+        await asyncio.gather(*(store.consume_once("jti", f"filler-{i}", 1_000_003_600) for i in range(1100)))
+        assert await store.consume_once("jti", "live", 1_000_003_600) is False  # still remembered
+    finally:
+        await store.close()
+
+
 async def test_a_killed_state_process_is_replaced_and_loses_nothing_committed(processes: StorageProcesses) -> None:
     store = RemoteStateStore(processes.sockets["state"], SystemClock(), timeout=5.0)
     try:
