@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,8 +35,8 @@ SPIFFE = "spiffe://example.org/ns/support/sa/support-assistant"
 TXN = "ab" * 32
 
 
-def grant(context: dict[str, Any] | None = None) -> Grant:
-    identity = WorkloadIdentity(SPIFFE, "urn:issuer", "dev", SPIFFE, "sha256:00", NOW + 300)
+def grant(context: dict[str, Any] | None = None, now: int = NOW) -> Grant:
+    identity = WorkloadIdentity(SPIFFE, "urn:issuer", "dev", SPIFFE, "sha256:00", now + 300)
     workload = RegisteredWorkload("support-assistant", SPIFFE, "team-support", (), ("orders-api",))
     intent = Intent("orders.read", "customers/c-42/orders/ord-1001", context or {"customer": "c-42"})
     return Grant(identity, workload, intent, "orders-api", "rule-1", 600, "jwt", "sha256:00")
@@ -64,9 +65,13 @@ CONTEXTS = [
 
 @pytest.mark.parametrize("context", CONTEXTS)
 def test_pyjwt_verifies_and_the_digest_is_of_the_signed_claims(
-    keys: KeySet, minter: TaskTokenMinter, context: dict[str, Any]
+    keys: KeySet, tmp_path: Path, context: dict[str, Any]
 ) -> None:
-    prepared = minter.prepare(grant(context))
+    # Minted at the real time: pyjwt checks exp, iat and nbf on its own clock.
+    now = int(time.time())
+    keys = KeySet(tmp_path / "live-keys", alg=keys.active.alg, clock=FixedClock(now))
+    minter = TaskTokenMinter(keys, ISSUER, clock=FixedClock(now))
+    prepared = minter.prepare(grant(context, now))
     digest = prepared.claims_sha256()
     token = minter.sign(prepared, txn=TXN)
     key = keys.active
@@ -74,7 +79,7 @@ def test_pyjwt_verifies_and_the_digest_is_of_the_signed_claims(
     header = jwt.get_unverified_header(token)
     assert header == {"alg": prepared.alg, "kid": prepared.kid, "typ": "at+jwt"}
     claims = jwt.decode(token, public, algorithms=[prepared.alg], audience="orders-api", issuer=ISSUER,
-                        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})
+                        options={"require": ["exp", "iat", "nbf", "jti"]})
     assert claims == {**prepared.claims, "txn": TXN}
     # What `audit prove` recomputes from a token: the canonical claims without txn.
     without_txn = {k: v for k, v in claims.items() if k != "txn"}
