@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import jwt
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"
@@ -136,6 +137,16 @@ class LiveBroker:
                 self.proc.wait()
         self._log.close()
         return self.output()
+
+
+def verified_claims(token: str, jwks: dict[str, Any], audience: str) -> dict[str, Any]:
+    """The claims of a task token the broker issued, once pyjwt has verified it against the broker's JWKS:
+    signature, ``exp``/``iat``/``nbf`` on the real clock, and ``audience``."""
+    kid = jwt.get_unverified_header(token)["kid"]
+    key = jwt.PyJWK(next(k for k in jwks["keys"] if k["kid"] == kid))
+    claims: dict[str, Any] = jwt.decode(token, key, algorithms=[key.algorithm_name], audience=audience,
+                                        options={"require": ["exp", "iat", "jti"]})
+    return claims
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

@@ -18,7 +18,17 @@ from broker.api.app import create_app
 from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
 from broker.config import Settings
-from tests.helpers import POLICIES, SUPPORT, TRIAGE, delegated_form, dev_user, exchange_form, form_body, intent
+from tests.helpers import (
+    POLICIES,
+    SUPPORT,
+    TRIAGE,
+    delegated_form,
+    dev_user,
+    exchange_form,
+    form_body,
+    intent,
+    verified_claims,
+)
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 READ = intent("orders.read", "customers/c-42/orders/ord-1001", customer="c-42")
@@ -80,7 +90,7 @@ def test_refund_within_limit_is_issued(client: TestClient, issuer: DevIssuer, se
     assert body["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
     assert 0 < body["expires_in"] <= 120  # the refund rule caps the lifetime at 120 s
     assert r.headers["cache-control"] == "no-store"
-    claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+    claims = verified_claims(body["access_token"], client.get("/.well-known/jwks.json").json(), "payments-api")
     assert claims["txn"] == body["receipt"]["leaf_hash"]
     assert claims["authorization_details"] == json.loads(REFUND_20)
 
@@ -207,8 +217,8 @@ def test_denials_and_issuances_are_ledger_entries(client: TestClient, issuer: De
     assert denial["intent"]["context"]["amount"] == 500
     assert denial["workload"]["owner"]
     assert issuance["kind"] == "issuance"
-    assert issuance["credential"]["jti"] == jwt.decode(ok.json()["access_token"],
-                                                       options={"verify_signature": False})["jti"]
+    assert issuance["credential"]["jti"] == verified_claims(
+        ok.json()["access_token"], client.get("/.well-known/jwks.json").json(), "payments-api")["jti"]
     assert ok.json()["access_token"] not in json.dumps(entries)
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 from nhi_broker_client import (
     AccessDeniedError,
@@ -23,7 +22,7 @@ from nhi_broker_client import (
 
 from broker.attest.dev import DevIssuer, DevUserIssuer
 from broker.clock import SystemClock
-from tests.helpers import SUPPORT, LiveBroker
+from tests.helpers import SUPPORT, LiveBroker, verified_claims
 
 ORDER = "customers/c-42/orders/ord-1001"
 APPROVER = secrets.token_urlsafe(32)
@@ -82,7 +81,8 @@ def test_held_intent_is_collected_after_approval(
         time.sleep(pending.interval)
         token = client.collect(pending)
     assert token.token_type == "DPoP" and token.intent.context["amount"] == 120
-    claims = jwt.decode(token.access_token, options={"verify_signature": False})
+    jwks = httpx.get(broker.url + "/.well-known/jwks.json").json()
+    claims = verified_claims(token.access_token, jwks, "payments-api")
     assert claims["approval"]["approvers"] == ["april"]
     assert claims["cnf"]["jkt"] == client.dpop_key.jkt  # type: ignore[union-attr]
 
@@ -126,7 +126,8 @@ def test_wait_for_approval_polls_until_approved(
     with BrokerClient(broker.url, actor=identity, user_token=customer) as client:
         token = client.get_token("payments-api", "payments.refund", ORDER, refund(140), wait_for_approval=30)
     approver.join()
-    assert jwt.decode(token.access_token, options={"verify_signature": False})["approval"]["approvers"] == ["april"]
+    jwks = httpx.get(broker.url + "/.well-known/jwks.json").json()
+    assert verified_claims(token.access_token, jwks, "payments-api")["approval"]["approvers"] == ["april"]
 
 
 def test_async_wait_for_approval(

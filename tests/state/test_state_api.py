@@ -22,7 +22,7 @@ from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
 from broker.config import Settings
 from broker.operators import hash_secret
-from tests.helpers import POLICIES, SUPPORT, TRIAGE, delegated_form, dev_user, exchange_form, intent
+from tests.helpers import POLICIES, SUPPORT, TRIAGE, delegated_form, dev_user, exchange_form, intent, verified_claims
 from tests.state.conftest import SHARED_REDIS, OwnRedis
 
 ADMIN, AUDITOR, APPROVER = "admin-token-0123456789", "auditor-token-0123456789", "approver-token-0123456789"
@@ -228,7 +228,8 @@ def test_rfc7009_revocation(harness: Harness) -> None:
     entry = [e for e in harness.ledger() if e["kind"] == "revocation"][-1]
     assert entry["actor"] == {"kind": "client", "client_id": "payments-api", "auth": "client_secret_basic"}
     assert entry["revocation"]["scope"] == "token"
-    assert entry["revocation"]["jti"] == jwt.decode(token, options={"verify_signature": False})["jti"]
+    jwks = harness.client.get("/.well-known/jwks.json").json()
+    assert entry["revocation"]["jti"] == verified_claims(token, jwks, "orders-api")["jti"]
     assert token not in json.dumps(harness.ledger())
 
 
