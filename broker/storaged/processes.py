@@ -56,7 +56,6 @@ class _Child:
     listener: socket.socket
     process: subprocess.Popen[bytes] | None = None
     control: int | None = None
-    restarts: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -169,7 +168,6 @@ class StorageProcesses:
             while not self._stopping.wait(delay):
                 try:
                     self._spawn(child)
-                    child.restarts += 1
                     break
                 except (ConfigError, OSError) as exc:
                     log.error("the %s storage process cannot restart (%s): retrying", child.kind, exc)

@@ -8,11 +8,8 @@ or restarts the server, and a listener that accepts and never answers (a black h
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -159,35 +156,6 @@ def test_each_event_loop_gets_its_own_connection(redis_prefix: str) -> None:
     assert asyncio.run(store.consume_once("jti", "a", far()))
     assert not asyncio.run(store.consume_once("jti", "a", far()))  # a second loop: a new connection
     asyncio.run(store.close())
-
-
-@pytest.fixture
-def black_hole() -> Iterator[str]:
-    """A URL whose server accepts connections and never answers."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    try:
-        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
-    finally:
-        stop.set()
-        thread.join()
-        for conn in accepted:
-            conn.close()
-        listener.close()
 
 
 async def test_concurrent_calls_into_a_black_hole_cost_one_timeout_together(black_hole: str) -> None:

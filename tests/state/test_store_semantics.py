@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -145,26 +143,9 @@ async def test_redis_fails_closed_and_recovers(own_redis: OwnRedis) -> None:
         await store.close()
 
 
-async def test_a_redis_that_stops_answering_costs_one_timeout_per_backoff_window() -> None:
+async def test_a_redis_that_stops_answering_costs_one_timeout_per_backoff_window(black_hole: str) -> None:
     """A server that accepts connections and never answers (a black hole) must not hold every call."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])  # keep it open, never answer
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    store = RedisStateStore(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", prefix="t:", timeout=0.3,
-                            fail_fast=1.0)
+    store = RedisStateStore(black_hole, prefix="t:", timeout=0.3, fail_fast=1.0)
     try:
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="TimeoutError"):
@@ -180,11 +161,6 @@ async def test_a_redis_that_stops_answering_costs_one_timeout_per_backoff_window
             await store.consume_once("jti", "c", far())  # after the window: it tries again
     finally:
         await store.close()
-        stop.set()
-        thread.join()
-        for conn in accepted:
-            conn.close()
-        listener.close()
 
 
 async def test_redis_publishes_state_events(redis_prefix: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import httpx
@@ -132,7 +132,7 @@ def test_a_locked_state_file_fails_exchanges_closed_and_never_stalls_the_workers
                     started = time.monotonic()
                     assert httpx.get(broker.url + "/healthz", timeout=10).status_code == 200
                     health.append(time.monotonic() - started)
-                    time.sleep(0.05)
+                    wait(pending, timeout=0.05)  # the next probe once an exchange is answered, or in 50 ms
                 refused = [p.result() for p in pending]
         assert [(status, error) for status, error, _ in refused] == [(503, "temporarily_unavailable")] * 6
         assert max(took for _, _, took in refused) < 10
