@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Bind address; anything but loopback turns the trial issuer off.")
     port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes sharing the port; with 2 or more on "
-                         "embedded SQLite, one storage process per file writes for all of them (broker.storaged).")
+                         "embedded SQLite, one storage process writes the files for all of them (broker.storaged).")
     worker_cpu_affinity: Literal["on", "off"] = Field(
         "off", description="on: with several workers and at least as many usable CPUs, each worker keeps to one "
         "CPU with its threads (broker.affinity; for hosts that run nothing else busy); off: the kernel places them.",

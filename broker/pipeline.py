@@ -8,7 +8,9 @@
    caller writes nothing to the state store either;
 2. resolve the workload in the registry and ask the intent policy (a refusal of an attested
    workload is a ``denial`` entry);
-3. fix the task token's claims, append the ``issuance`` entry and wait until it is durable;
+3. fix the task token's claims, append the ``issuance`` entry and wait until it is durable (where one
+   storage process holds the state file and the ledger, in the same round trip as step 2's checks:
+   the entry is built first and appended only if every check passes);
 4. only then sign the token, binding the entry's leaf hash as ``txn``.
 
 If step 3 fails nothing was signed: the caller gets 503 and no credential exists.
@@ -105,9 +107,19 @@ class IntentPolicy(Protocol):
 
 
 class LimitGuard(Protocol):
+    @property
+    def appends_on_admission(self) -> bool: ...
+
+    def token_claims(self, limits: Any) -> dict[str, Any]: ...
+
     async def admit(
         self, grant: Grant, limits: Any, *, count_rate: bool = True, replay: Sequence[ConsumeOnce] = ()
     ) -> dict[str, Any]: ...
+
+    async def admit_and_append(
+        self, grant: Grant, limits: Any, entry: dict[str, Any], *, count_rate: bool = True,
+        replay: Sequence[ConsumeOnce] = (),
+    ) -> Receipt: ...
 
     async def admit_hold(self, grant: Grant, limits: Any, *, replay: Sequence[ConsumeOnce] = ()) -> None: ...
 
@@ -167,6 +179,11 @@ class PollRequest:
     dpop_checked: CheckedDPoPProof | None = None
     evidence: Evidence | None = None
     trace_id: str | None = None
+
+
+#: An admitted request: its grant, its task token's claims (``None`` for a Vault kind), and the
+#: receipt of its issuance entry when admission appended it in the same round trip.
+_Admitted = tuple[Grant, PreparedToken | None, Receipt | None]
 
 
 @dataclass(frozen=True)
@@ -277,7 +294,7 @@ class Broker:
 
     async def _authorize(
         self, principals: _Principals, request: ExchangeRequest
-    ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
+    ) -> _Admitted | _Refusal | _Hold:
         identity, user, delegation = principals.identity, principals.user, principals.delegation
         single_use = principals.single_use
         workload: RegisteredWorkload | None = None
@@ -318,6 +335,13 @@ class Broker:
             # (2b) single use, kill switch, rates and budgets (broker.state.guard) in one store round
             # trip; shared-state outages raise 503.
             counted = request.approval is not None  # its rate was counted when it was held
+            if delegation is None and grant.credential_kind == "jwt" and self.guard.appends_on_admission:
+                # (2b) and (3) in one round trip to the storage process holding the state file and the
+                # ledger: the entry is built first and appended only if every check passes.
+                prepared = self._prepare(request, grant, self.guard.token_claims(limits))
+                entry = self._issuance_entry(request, grant, prepared)
+                receipt = await self._admit_and_append(grant, limits, entry, counted, single_use)
+                return grant, prepared, receipt
             extra = await self.guard.admit(grant, limits, count_rate=not counted, replay=single_use)
             if delegation is not None and self.parents is not None:
                 # Only now, with the child admitted: a wider or refused child leaves the parent's uses.
@@ -326,14 +350,31 @@ class Broker:
             return _Refusal(identity, workload, exc, user=user, delegation=delegation,
                             policy_version=policies.version)
         if grant.credential_kind != "jwt":
-            return grant, None  # a Vault kind: broker.vault mints it
+            return grant, None, None  # a Vault kind: broker.vault mints it
+        return grant, self._prepare(request, grant, extra), None
+
+    def _prepare(self, request: ExchangeRequest, grant: Grant, extra: dict[str, Any]) -> PreparedToken:
+        """The task token's claims: the limits' ``extra`` claims, the approval, a delegated use."""
         if request.approval is not None:
             extra = {**extra, "approval": request.approval.token_claim()}
-        if delegation is not None and delegation.num_uses is not None:
+        if grant.delegation is not None and grant.delegation.num_uses is not None:
             # The child carries on the one use of its parent it consumed (ParentTokens.consume_use).
             extra = {**extra, "num_uses": 1}
         cnf_jkt = request.dpop.jkt if request.dpop else None
-        return grant, self.minter.prepare(grant, cnf_jkt=cnf_jkt, extra_claims=extra)
+        return self.minter.prepare(grant, cnf_jkt=cnf_jkt, extra_claims=extra)
+
+    async def _admit_and_append(
+        self, grant: Grant, limits: Any, entry: dict[str, Any], counted: bool, single_use: Sequence[ConsumeOnce]
+    ) -> Receipt:
+        if not self.spans.enabled:
+            return await self.guard.admit_and_append(grant, limits, entry, count_rate=not counted, replay=single_use)
+        with self.spans.span("ledger.append") as span:
+            span.set("nhi.ledger.kind", entry["kind"])
+            receipt = await self.guard.admit_and_append(grant, limits, entry, count_rate=not counted,
+                                                        replay=single_use)
+            span.set("nhi.ledger.index", receipt.index)
+            span.set("nhi.ledger.leaf_hash", receipt.leaf_hash)
+            return receipt
 
     async def exchange(self, request: ExchangeRequest) -> Issued | Held:
         """Attest, authorize, record and mint; see the module docstring for the order.
@@ -355,12 +396,11 @@ class Broker:
             jkt = request.dpop.jkt if request.dpop else None
             with self.spans.span("approval.hold"):
                 return await self.approvals.hold(outcome.grant, request.request_id, jkt, trace_id=request.trace_id)
-        grant, prepared = outcome
-        return await self._issue(request, grant, prepared)
+        return await self._issue(request, *outcome)
 
     async def _decide(
         self, principals: _Principals, request: ExchangeRequest
-    ) -> tuple[Grant, PreparedToken | None] | _Refusal | _Hold:
+    ) -> _Admitted | _Refusal | _Hold:
         """(2) in its span: the decision's rule and effect as attributes (identifiers, no token)."""
         with self.spans.span("policy") as span:
             outcome = await self._authorize(principals, request)
@@ -416,7 +456,9 @@ class Broker:
         await self.approvals.settle(approval, jti=issued.jti)
         return issued
 
-    async def _issue(self, request: ExchangeRequest, grant: Grant, prepared: PreparedToken | None) -> Issued:
+    async def _issue(
+        self, request: ExchangeRequest, grant: Grant, prepared: PreparedToken | None, receipt: Receipt | None
+    ) -> Issued:
         if prepared is None:
             # A Vault kind: broker.vault.issuer mints, records and revokes on failure.
             if self.vault is None:
@@ -430,25 +472,9 @@ class Broker:
                 issued = await self.vault.issue(grant, request.request_id, approval, trace_id=request.trace_id)
                 span.set("nhi.credential.jti", issued.jti)
                 return issued
-        # (3) durable before the credential exists.
-        credential = {
-            "kind": "jwt",
-            "jti": prepared.jti,
-            "kid": prepared.kid,
-            "iat": prepared.claims["iat"],
-            "exp": prepared.claims["exp"],
-            "claims_sha256": prepared.claims_sha256(),
-        }
-        if request.dpop is not None:
-            credential["cnf_jkt"] = request.dpop.jkt
-        if grant.identity.cnf_x5t_s256 is not None:
-            credential["cnf_x5t_s256"] = grant.identity.cnf_x5t_s256
-        entry = issuance_entry(
-            grant=grant, now=self.clock.now(), request_id=request.request_id, credential=credential,
-            approval=request.approval.ledger_ref() if request.approval is not None else None,
-            trace_id=request.trace_id,
-        )
-        receipt = await self._append(entry)
+        # (3) durable before the credential exists (already, when admission appended it).
+        if receipt is None:
+            receipt = await self._append(self._issuance_entry(request, grant, prepared))
         # (4) sign, binding the leaf hash.
         with self.spans.span("mint") as span:
             token = await self.minter.sign_batched(prepared, txn=receipt.leaf_hash)
@@ -466,6 +492,26 @@ class Broker:
             jti=prepared.jti,
             receipt=receipt,
             grant=grant,
+        )
+
+    def _issuance_entry(self, request: ExchangeRequest, grant: Grant, prepared: PreparedToken) -> dict[str, Any]:
+        """The ``issuance`` entry of the task token ``prepared`` (its claims' hash, not the token)."""
+        credential = {
+            "kind": "jwt",
+            "jti": prepared.jti,
+            "kid": prepared.kid,
+            "iat": prepared.claims["iat"],
+            "exp": prepared.claims["exp"],
+            "claims_sha256": prepared.claims_sha256(),
+        }
+        if request.dpop is not None:
+            credential["cnf_jkt"] = request.dpop.jkt
+        if grant.identity.cnf_x5t_s256 is not None:
+            credential["cnf_x5t_s256"] = grant.identity.cnf_x5t_s256
+        return issuance_entry(
+            grant=grant, now=self.clock.now(), request_id=request.request_id, credential=credential,
+            approval=request.approval.ledger_ref() if request.approval is not None else None,
+            trace_id=request.trace_id,
         )
 
     async def _append(self, entry: dict[str, Any]) -> Receipt:

@@ -112,13 +112,15 @@ class Runtime:
             raise
         # Opening checks integrity: a corrupt, cut-short or rewritten ledger stops the start, loudly.
         ledger = Ledger(storage, signer, settings.ledger_origin, clock)
-        # Under `nhi-broker serve` with several workers, one storage process per SQLite file writes
-        # for all of them (broker.storaged); otherwise this process's own threads do.
+        # Under `nhi-broker serve` with several workers, one storage process writes the embedded SQLite
+        # files for all of them (broker.storaged); otherwise this process's own threads do. Holding
+        # both, it admits an exchange and appends its issuance entry in one call.
         sockets = sockets_from_environment()
+        remote_state = "state" in sockets and settings.state_backend == "sqlite"
         if "ledger" in sockets:
-            ledger.append_through(sockets["ledger"])
+            ledger.append_through(sockets["ledger"], with_state=remote_state and sockets["state"] == sockets["ledger"])
         store: StateStore
-        if "state" in sockets and settings.state_backend == "sqlite":
+        if remote_state:
             store = RemoteStateStore(sockets["state"], clock)
         else:
             store = open_store(settings, clock)
@@ -148,7 +150,7 @@ class Runtime:
             user_issuers, store, clock, max_token_bytes=settings.max_subject_token_bytes, key_sources=user_sources
         ) if user_issuers else None
         minter = TaskTokenMinter(keys, settings.issuer_url, default_ttl=settings.token_ttl, clock=clock)
-        state = StateServices.from_settings(settings, store, keys, attestor, clock)
+        state = StateServices.from_settings(settings, store, keys, attestor, clock, ledger=ledger)
         parents = ParentTokens(keys, settings.issuer_url, state.tokens, clock)
         shared = settings.ledger_storage_url if is_shared(settings.ledger_storage_url) else None
         vault = (open_vault_issuer(settings.vault, data_dir, ledger, clock, shared,

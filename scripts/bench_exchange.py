@@ -498,7 +498,7 @@ def main() -> int:
     lua.write_text(LUA)
     # One file per level: every identity jti is used once; wrk wraps around only if the pool runs dry,
     # and those replays show up as non-200 answers.
-    count = args.tokens or 4000 * args.duration
+    count = args.tokens or 6000 * args.duration
     secret = secrets.token_urlsafe(24)
     prefix = f"nhi-bench-{secrets.token_hex(4)}:"
     config = work / "broker.toml"

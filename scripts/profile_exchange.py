@@ -115,7 +115,7 @@ def children_cpu(storage: Any) -> float:
     if storage is None:
         return 0.0
     total = 0.0
-    for pid in storage.pids.values():
+    for pid in set(storage.pids.values()):  # one process serves both kinds
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total

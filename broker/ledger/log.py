@@ -25,7 +25,7 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from broker.clock import Clock
-from broker.errors import InvalidRequest, LedgerUnavailable, NotFound, VerificationError
+from broker.errors import InvalidRequest, LedgerUnavailable, NotFound, StoreUnavailable, VerificationError
 from broker.ledger.canonical import encode_entry
 from broker.ledger.checkpoint import NoteSigner, sign_checkpoint, verify_checkpoint
 from broker.ledger.cosignature import Cosignature, CosignatureVerifier
@@ -114,6 +114,11 @@ def _ledger_unavailable(reason: str) -> LedgerUnavailable:
     return LedgerUnavailable(reason if reason.startswith("ledger") else f"ledger unavailable: {reason}")
 
 
+def _state_or_ledger_unavailable(reason: str) -> StoreUnavailable | LedgerUnavailable:
+    """A failed ``admit_append``: the state store's error when its checks could not run, else the ledger's."""
+    return StoreUnavailable(reason) if reason.startswith("state store") else _ledger_unavailable(reason)
+
+
 _STOP = object()
 
 
@@ -164,6 +169,7 @@ class Ledger:
         self._state_lock = threading.Lock()
         self._closed = False
         self._remote: StorageChannel | None = None
+        self._remote_has_state = False
         try:
             self.check_integrity(tail_tiles=tail_tiles, sample_tiles=sample_tiles, rng=rng)
         except BaseException:
@@ -215,11 +221,45 @@ class Ledger:
             # not issue, which errs on the side of an extra ledger entry, never a missing one.
             raise LedgerUnavailable("ledger write timed out") from None
 
-    def append_through(self, socket_path: str) -> None:
+    def append_through(self, socket_path: str, *, with_state: bool = False) -> None:
         """Send :meth:`append_async` calls to the ledger's storage process listening on ``socket_path``
         (:mod:`broker.storaged`: one writer for every worker of ``nhi-broker serve``) instead of this
-        process's writer thread; :meth:`append` (start-up, CLI) keeps using the thread."""
+        process's writer thread; :meth:`append` (start-up, CLI) keeps using the thread. ``with_state``:
+        that process also holds the SQLite state file (:meth:`append_if_admitted` is available)."""
         self._remote = StorageChannel(socket_path, timeout=self._append_timeout, unavailable=_ledger_unavailable)
+        self._remote_has_state = with_state
+
+    @property
+    def appends_with_state_checks(self) -> bool:
+        """Whether :meth:`append_if_admitted` can run: the storage process holds the state file too."""
+        return self._remote is not None and self._remote_has_state
+
+    async def append_if_admitted(
+        self, entry: dict[str, Any], checks: list[tuple[Any, ...]], failed: int | None, now: float
+    ) -> Receipt | int:
+        """Run the state ``checks`` and append ``entry`` only if every one passes, in one call to the
+        storage process that holds both files (:attr:`appends_with_state_checks`).
+
+        ``checks`` and ``failed`` are a ``run_checks`` call's (:func:`broker.state.store.valid_prefix`,
+        then :func:`broker.storaged.handlers.checks_to_wire`), judged at clock time ``now``. Returns the
+        index of the check that failed (nothing appended), or the entry's receipt once it is durable.
+        Raises :class:`~broker.errors.StoreUnavailable` when the checks could not run (nothing
+        appended) and :class:`LedgerUnavailable` when the entry could not be made durable (the checks'
+        effects stay: the safe side).
+        """
+        if self._remote is None or not self._remote_has_state:
+            raise RuntimeError("append_if_admitted needs a storage process holding the state file and the ledger")
+        if self._closed:
+            raise LedgerUnavailable("ledger is closed")
+        leaf = encode_entry(entry)
+        digest = leaf_hash(leaf)
+        refused, index = await self._remote.call("admit_append", (now, checks, failed, leaf),
+                                                 unavailable=_state_or_ledger_unavailable)
+        if refused is not None:
+            return int(refused)
+        self._last_commit_at = self._clock.now()
+        self._note_appended(int(index), digest)
+        return Receipt(index=int(index), leaf_hash=digest.hex())
 
     async def ping_writer(self) -> None:
         """Raise :class:`LedgerUnavailable` unless the storage process appends go to answers (a no-op

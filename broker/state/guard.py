@@ -10,6 +10,9 @@ are one atomic store call (:meth:`~broker.state.store.StateStore.run_checks`: on
 Redis, one transaction on SQLite) that refuses to pass any limit, so concurrent requests on any
 number of replicas never exceed a rate or a budget, not even by one cent. A budget
 is charged when the request is admitted; if the ledger then fails, the charge stays (the safe side).
+Where one storage process holds both the SQLite state file and the ledger (``serve`` with several
+workers on embedded SQLite), :meth:`IssuanceGuard.admit_and_append` makes that call and appends the
+issuance entry in one round trip.
 Windows are fixed UTC periods (``floor(now / period)``).
 """
 
@@ -18,15 +21,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from broker.clock import Clock
 from broker.errors import BrokerError, BudgetExceeded, PolicyDenied, RateLimited, ReplayDetected, WorkloadSuspended
 from broker.models import Grant
 from broker.money import CURRENCY_EXPONENTS, to_minor_units
 from broker.policy.limits import Budget, RuleLimits
-from broker.state.store import Check, ConsumeOnce, CountUp, NoMark, StateStore
+from broker.state.store import Check, ConsumeOnce, CountUp, NoMark, StateStore, valid_prefix
 from broker.state.tokens import TokenState
+from broker.storaged.handlers import checks_to_wire
+
+if TYPE_CHECKING:
+    from broker.ledger.log import Ledger
+    from broker.models import Receipt
 
 __all__ = ["IssuanceGuard"]
 
@@ -41,10 +49,22 @@ def _amount(minor: int, currency: str) -> str:
 class IssuanceGuard:
     """Enforces replay, suspensions and the rate and budget limits of ``limits.toml`` at issuance."""
 
-    def __init__(self, store: StateStore, tokens: TokenState, clock: Clock) -> None:
+    def __init__(self, store: StateStore, tokens: TokenState, clock: Clock, *, ledger: Ledger | None = None) -> None:
         self._store = store
         self._tokens = tokens
         self._clock = clock
+        # Only a ledger whose storage process also holds this store's file (Ledger.append_if_admitted).
+        self._ledger = ledger if ledger is not None and ledger.appends_with_state_checks else None
+
+    @property
+    def appends_on_admission(self) -> bool:
+        """Whether :meth:`admit_and_append` is available (admission and entry in one round trip)."""
+        return self._ledger is not None
+
+    @staticmethod
+    def token_claims(limits: RuleLimits | None) -> dict[str, Any]:
+        """The extra task-token claims the rule's limits put in the token (``num_uses``)."""
+        return {"num_uses": limits.uses} if limits is not None and limits.uses is not None else {}
 
     async def admit(
         self, grant: Grant, limits: RuleLimits | None, *, count_rate: bool = True, replay: Sequence[ConsumeOnce] = (),
@@ -56,23 +76,52 @@ class IssuanceGuard:
         ``count_rate=False`` when the request was already counted: an approved intent, whose rate was
         counted when it was held (:meth:`admit_hold`).
         """
+        checks, refusal = self._admission(grant, limits, count_rate, replay, self._clock.now())
+        await self._run(grant, checks, limits)
+        if refusal is not None:
+            raise refusal
+        return self.token_claims(limits)
+
+    async def admit_and_append(
+        self, grant: Grant, limits: RuleLimits | None, entry: dict[str, Any], *, count_rate: bool = True,
+        replay: Sequence[ConsumeOnce] = (),
+    ) -> Receipt:
+        """:meth:`admit`, and append ``entry`` (the issuance, its token built with :meth:`token_claims`)
+        only if admitted, in one storage round trip (:attr:`appends_on_admission`); its receipt.
+
+        Raises as :meth:`admit` does, with nothing appended; :class:`~broker.errors.LedgerUnavailable`
+        when the entry could not be made durable after the checks passed (their effects stay).
+        """
+        if self._ledger is None:
+            raise RuntimeError("admit_and_append needs a ledger sharing the state store's storage process")
         now = self._clock.now()
+        checks, refusal = self._admission(grant, limits, count_rate, replay, now)
+        if refusal is not None:  # refused once the checks before it pass: nothing to append
+            await self._run(grant, checks, limits)
+            raise refusal
+        todo, failed = valid_prefix(checks)
+        if not todo:  # the first check can never pass (a count above its limit): no round trip
+            self._refuse(grant, checks[0], limits)
+        outcome = await self._ledger.append_if_admitted(entry, checks_to_wire(todo), failed, now)
+        if isinstance(outcome, int):
+            self._refuse(grant, checks[outcome], limits)
+        return outcome
+
+    def _admission(
+        self, grant: Grant, limits: RuleLimits | None, count_rate: bool, replay: Sequence[ConsumeOnce], now: float
+    ) -> tuple[list[Check], BrokerError | None]:
+        """The checks of an admission, and the refusal due once they pass (a malformed amount)."""
         # (0) single use, (1) the kill switch beats every allow, (2) request rate per (workload,
         # action), (3) cumulative value budget: one atomic store call, in this order.
         checks: list[Check] = [*replay, self._tokens.not_suspended(grant.workload.name)]
         if limits is not None and count_rate:
             checks += self._rate_checks(grant, limits, now)
-        refusal: BrokerError | None = None
         if limits is not None and limits.budget is not None:
             budget = self._budget_check(grant, limits.budget, now)
             if isinstance(budget, BrokerError):
-                refusal = budget  # a malformed amount is refused once the checks before it passed
-            else:
-                checks.append(budget)
-        await self._run(grant, checks, limits)
-        if refusal is not None:
-            raise refusal
-        return {"num_uses": limits.uses} if limits is not None and limits.uses is not None else {}
+                return checks, budget  # a malformed amount is refused once the checks before it passed
+            checks.append(budget)
+        return checks, None
 
     async def admit_hold(
         self, grant: Grant, limits: RuleLimits | None, *, replay: Sequence[ConsumeOnce] = ()
@@ -92,9 +141,11 @@ class IssuanceGuard:
 
     async def _run(self, grant: Grant, checks: list[Check], limits: RuleLimits | None) -> None:
         failed = await self._store.run_checks(checks)
-        if failed is None:
-            return
-        check = checks[failed]
+        if failed is not None:
+            self._refuse(grant, checks[failed], limits)
+
+    def _refuse(self, grant: Grant, check: Check, limits: RuleLimits | None) -> NoReturn:
+        """The refusal of the admission ``check`` failed."""
         deny = {"rule_id": grant.rule_id, "policy_version": grant.policy_version}
         if isinstance(check, ConsumeOnce):
             raise ReplayDetected("subject_token has already been used")

@@ -25,6 +25,7 @@ from broker.state.tokens import TokenState
 
 if TYPE_CHECKING:
     from broker.config import Settings
+    from broker.ledger.log import Ledger
 
 __all__ = ["StateServices"]
 
@@ -44,13 +45,14 @@ class StateServices:
     def build(
         cls, store: StateStore, keys: KeySet, issuer: str, clock: Clock,
         operators: OperatorAuthenticator, clients: ClientAuthenticator,
-        on_close: tuple[Callable[[], None], ...] = (),
+        on_close: tuple[Callable[[], None], ...] = (), ledger: Ledger | None = None,
     ) -> StateServices:
-        """Assemble the services over ``store``."""
+        """Assemble the services over ``store``; ``ledger`` appends issuance entries with the admission
+        checks when its storage process holds ``store``'s file too (:class:`IssuanceGuard`)."""
         tokens = TokenState(store, clock)
         return cls(
             tokens=tokens,
-            guard=IssuanceGuard(store, tokens, clock),
+            guard=IssuanceGuard(store, tokens, clock, ledger=ledger),
             introspector=Introspector(keys, issuer, tokens, clock),
             operators=operators,
             clients=clients,
@@ -59,7 +61,8 @@ class StateServices:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, store: StateStore, keys: KeySet, attestor: Attestor, clock: Clock
+        cls, settings: Settings, store: StateStore, keys: KeySet, attestor: Attestor, clock: Clock,
+        ledger: Ledger | None = None,
     ) -> StateServices:
         """The services as ``settings`` configure them; ``attestor`` verifies resource servers' identities."""
         # Operators' issuers get their own attestor: an operator's OIDC token never exchanges for a task token.
@@ -70,7 +73,7 @@ class StateServices:
             settings.introspection_clients, attest=partial(attestor.verify, subject_token_type=JWT_TOKEN_TYPE)
         )
         return cls.build(store, keys, settings.issuer_url, clock, operators, clients,
-                         on_close=(op_attestor.close,) if op_attestor else ())
+                         on_close=(op_attestor.close,) if op_attestor else (), ledger=ledger)
 
     def close(self) -> None:
         """Release what the services own (the operators' attestor and its key fetchers)."""

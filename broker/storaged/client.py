@@ -38,8 +38,9 @@ class _Link(asyncio.Protocol):
         self._timeout = timeout
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader()
-        # In call order, so the oldest calls come first (dicts keep insertion order).
-        self._waiting: dict[int, tuple[asyncio.Future[Any], float]] = {}
+        # In call order, so the oldest calls come first (dicts keep insertion order); each call's
+        # error factory (its channel's, or the call's own).
+        self._waiting: dict[int, tuple[asyncio.Future[Any], float, Callable[[str], Exception]]] = {}
         self._outbox: list[tuple[int, str, tuple[Any, ...]]] = []
         self._next_id = 0
         self._sweeping: asyncio.TimerHandle | None = None
@@ -65,7 +66,7 @@ class _Link(asyncio.Protocol):
                 if ok:
                     future.set_result(value)
                 else:
-                    future.set_exception(self._unavailable(str(value)))
+                    future.set_exception(found[2](str(value)))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -74,16 +75,17 @@ class _Link(asyncio.Protocol):
         if self._sweeping is not None:
             self._sweeping.cancel()
             self._sweeping = None
-        for future, _ in waiting.values():
+        for future, _, unavailable in waiting.values():
             if not future.done():
-                future.set_exception(self._unavailable("storage process connection lost"))
+                future.set_exception(unavailable("storage process connection lost"))
 
-    def submit(self, op: str, args: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
+    def submit(self, op: str, args: tuple[Any, ...],
+               unavailable: Callable[[str], Exception] | None = None) -> tuple[int, asyncio.Future[Any]]:
         call_id = self._next_id
         self._next_id = call_id + 1
         loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
-        self._waiting[call_id] = (future, loop.time() + self._timeout)
+        self._waiting[call_id] = (future, loop.time() + self._timeout, unavailable or self._unavailable)
         if not self._outbox:
             loop.call_soon(self._flush)
         self._outbox.append((call_id, op, args))
@@ -99,12 +101,12 @@ class _Link(asyncio.Protocol):
         self._sweeping = None
         now = self._loop.time()
         expired = []
-        for call_id, (_, deadline) in self._waiting.items():
+        for call_id, (_, deadline, _) in self._waiting.items():
             if deadline > now:
                 break  # the rest are younger
             expired.append(call_id)
         for call_id in expired:
-            future, _ = self._waiting.pop(call_id)
+            future = self._waiting.pop(call_id)[0]
             if not future.done():
                 future.set_exception(TimeoutError())
         if self._waiting and not self.closed:
@@ -121,7 +123,7 @@ class _Link(asyncio.Protocol):
             for call_id, _, _ in batch:
                 found = self._waiting.pop(call_id, None)
                 if found is not None and not found[0].done():
-                    found[0].set_exception(self._unavailable(f"storage call not sendable ({type(exc).__name__})"))
+                    found[0].set_exception(found[2](f"storage call not sendable ({type(exc).__name__})"))
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -146,19 +148,21 @@ class StorageChannel:
             weakref.WeakKeyDictionary())
         self._closed = False
 
-    async def call(self, op: str, args: tuple[Any, ...]) -> Any:
-        """Run ``op(*args)`` in the storage process; its result, or the ``unavailable`` error."""
+    async def call(self, op: str, args: tuple[Any, ...], *,
+                   unavailable: Callable[[str], Exception] | None = None) -> Any:
+        """Run ``op(*args)`` in the storage process; its result, or the ``unavailable`` error (the
+        channel's, unless the call names its own: a call that writes two files tells which one failed)."""
         loop = asyncio.get_running_loop()
         link = self._links.get(loop)
         if link is None or link.closed:
             link = await self._open(loop)
-        call_id, future = link.submit(op, args)
+        call_id, future = link.submit(op, args, unavailable)
         try:
             return await future  # the link fails it with TimeoutError after ``timeout`` seconds
         except TimeoutError:
             link.forget(call_id)
             log.warning("storage process did not answer within %.1f s: failing closed", self._timeout)
-            raise self._unavailable("storage process did not answer in time") from None
+            raise (unavailable or self._unavailable)("storage process did not answer in time") from None
         except asyncio.CancelledError:
             link.forget(call_id)
             raise

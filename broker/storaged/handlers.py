@@ -1,14 +1,16 @@
-"""What a storage process does with a batch of calls: the state file's operations, or ledger appends.
+"""What a storage process does with a batch of calls: the state file's operations, ledger appends, and
+both at once for an exchange (``admit_append``).
 
 A handler runs on the storage process's only thread and gets every call that arrived while it was
 busy with the previous batch, from every worker: that is the group commit, across processes, with
-no turn-taking between them.
+no turn-taking between them. :class:`StorageHandler` answers in phases: the state calls' replies
+leave as soon as their transaction committed, before the ledger's fsync.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +23,10 @@ from broker.serial import Failed, Pending
 from broker.state.sqlite import SqliteStateFile, job_for
 from broker.state.store import Check, ConsumeOnce, CountUp, NoMark
 
-__all__ = ["Call", "Handler", "LedgerHandler", "Reply", "StateHandler", "checks_from_wire", "checks_to_wire"]
+__all__ = [
+    "ADMIT_APPEND", "Call", "LedgerHandler", "Reply", "StateHandler", "StorageHandler", "checks_from_wire",
+    "checks_to_wire",
+]
 
 log = logging.getLogger("nhi_broker.storaged")
 
@@ -33,9 +38,12 @@ Reply = tuple[int, bool, Any]
 _MALFORMED = "storage process refused a malformed call"
 
 
-class Handler(Protocol):
-    """Runs one batch of calls; one reply per call, in any order."""
+#: ``("admit_append", (now, checks, failed, leaf))``: ``run_checks`` on the state file, then, only if every
+#: check passed, the ledger entry ``leaf``; answers ``(failed, None)`` or ``(None, index)``.
+ADMIT_APPEND = "admit_append"
 
+
+class _Part(Protocol):
     def handle(self, calls: Sequence[Call]) -> list[Reply]: ...
 
     def close(self) -> None: ...
@@ -142,8 +150,7 @@ class StateHandler:
 
 
 class LedgerHandler:
-    """Ledger appends: ``("append", (leaf,))`` answers the leaf's index once its batch is fsynced;
-    ``("ping", ())`` answers ``None``."""
+    """Ledger appends: ``("append", (leaf,))`` answers the leaf's index once its batch is fsynced."""
 
     def __init__(self, storage: LedgerStorage, *, max_batch: int = 1024) -> None:
         self._storage = storage
@@ -153,9 +160,6 @@ class LedgerHandler:
         replies: list[Reply] = []
         todo: list[tuple[int, bytes]] = []
         for call_id, op, args in calls:
-            if op == "ping" and not args:
-                replies.append((call_id, True, None))
-                continue
             if op != "append" or len(args) != 1 or not isinstance(args[0], bytes):
                 replies.append((call_id, False, _MALFORMED))
                 continue
@@ -178,3 +182,71 @@ class LedgerHandler:
 
     def close(self) -> None:
         self._storage.close()
+
+
+class StorageHandler:
+    """The calls of one batch, for the state file (``state``), the ledger (``ledger``) or both.
+
+    :meth:`handle` yields the replies in phases, each sent as soon as it is ready: first the state
+    calls' (one transaction), then the appends' (one fsync). An ``admit_append`` runs its checks in
+    the state phase; a refused one is answered there and appends nothing, an admitted one is answered
+    once its entry is durable. If the ledger then fails, the checks' effects stay (a consumed ``jti``,
+    a charged budget): the safe side, as when the two are separate calls.
+    """
+
+    def __init__(self, state: StateHandler | None, ledger: LedgerHandler | None) -> None:
+        self._state: _Part | None = state
+        self._ledger: _Part | None = ledger
+
+    def handle(self, calls: Sequence[Call]) -> Iterator[list[Reply]]:
+        state_calls: list[Call] = []
+        ledger_calls: list[Call] = []
+        leaves: dict[int, bytes] = {}
+        refused: list[Reply] = []
+        for call in calls:
+            call_id, op, args = call
+            if op == "ping" and not args:
+                refused.append((call_id, True, None))
+            elif op == "append":
+                ledger_calls.append(call)
+            elif op == ADMIT_APPEND:
+                if len(args) != 4 or not isinstance(args[3], bytes) or self._ledger is None:
+                    refused.append((call_id, False, _MALFORMED))
+                    continue
+                leaves[call_id] = args[3]
+                state_calls.append((call_id, "run_checks", args[:3]))
+            else:
+                state_calls.append(call)
+        replies = refused
+        if state_calls:
+            if self._state is None:
+                replies += [(call_id, False, _MALFORMED) for call_id, _, _ in state_calls]
+            else:
+                for call_id, ok, value in self._state.handle(state_calls):
+                    leaf = leaves.get(call_id)
+                    if leaf is None:
+                        replies.append((call_id, ok, value))
+                    elif not ok:  # nothing appended; the caller hears which file failed
+                        message = str(value)
+                        replies.append((call_id, False, message if message.startswith("state store")
+                                        else f"state store unavailable: {message}"))
+                    elif value is not None:
+                        replies.append((call_id, True, (value, None)))  # refused: nothing appended
+                    else:
+                        ledger_calls.append((call_id, ADMIT_APPEND, (leaf,)))
+        if ledger_calls and self._ledger is None:
+            replies += [(call_id, False, _MALFORMED) for call_id, _, _ in ledger_calls]
+            ledger_calls = []
+        if replies:
+            yield replies
+        if ledger_calls:
+            assert self._ledger is not None
+            admitted = {call_id for call_id, op, _ in ledger_calls if op == ADMIT_APPEND}
+            appends = [(call_id, "append", args) for call_id, _, args in ledger_calls]
+            yield [(call_id, ok, (None, value) if ok and call_id in admitted else value)
+                   for call_id, ok, value in self._ledger.handle(appends)]
+
+    def close(self) -> None:
+        for part in (self._state, self._ledger):
+            if part is not None:
+                part.close()

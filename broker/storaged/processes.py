@@ -1,13 +1,15 @@
-"""The storage processes of ``nhi-broker serve``: started before the workers, restarted if they die.
+"""The storage process of ``nhi-broker serve``: started before the workers, restarted if it dies.
 
-With several worker processes on embedded SQLite, each file gets one storage process
-(:mod:`broker.storaged.server`): ``state`` for the SQLite state store, ``ledger`` for the SQLite
-ledger's appends. The supervisor binds their Unix sockets itself, in a fresh directory only this user
-can enter, and hands each child its listening socket: a worker can connect before the child is ready,
-and a child that died is replaced on the same socket while the workers' calls fail closed (503) for
-the moment it takes. Workers learn the sockets from ``$NHI_STORAGE_SOCKETS``
-(:func:`sockets_from_environment`). The children end when the supervisor closes their control pipe
-(:meth:`StorageProcesses.stop`, after the workers stopped) or exits, however it exits.
+With several worker processes on embedded SQLite, one storage process (:mod:`broker.storaged.server`)
+writes the embedded files for all of them: ``state`` (the SQLite state store) and ``ledger`` (the
+SQLite ledger's appends), whichever the settings use. Holding both, it can admit an exchange and
+record its issuance in one call (``admit_append``). The supervisor binds its Unix socket itself, in a
+fresh directory only this user can enter, and hands the child its listening socket: a worker can
+connect before the child is ready, and a child that died is replaced on the same socket while the
+workers' calls fail closed (503) for the moment it takes. Workers learn the socket of each kind from
+``$NHI_STORAGE_SOCKETS`` (:func:`sockets_from_environment`). The child ends when the supervisor
+closes its control pipe (:meth:`StorageProcesses.stop`, after the workers stopped) or exits, however
+it exits.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ __all__ = ["SOCKETS_ENV", "StorageProcesses", "sockets_from_environment"]
 
 log = logging.getLogger("nhi_broker.storaged")
 
-#: ``{"state": path, "ledger": path}`` (either may be absent) for the worker processes.
+#: ``{"state": path, "ledger": path}`` (either may be absent; both name the one socket) for the workers.
 SOCKETS_ENV = "NHI_STORAGE_SOCKETS"
 _READY_TIMEOUT = 60.0
 _STOP_TIMEOUT = 30.0
@@ -51,8 +53,7 @@ def sockets_from_environment() -> dict[str, str]:
 
 @dataclass
 class _Child:
-    kind: str
-    target: str
+    targets: dict[str, str]
     listener: socket.socket
     process: subprocess.Popen[bytes] | None = None
     control: int | None = None
@@ -60,7 +61,7 @@ class _Child:
 
 
 class StorageProcesses:
-    """The running storage processes of one ``serve``; :meth:`stop` ends them (idempotent)."""
+    """The running storage process of one ``serve``; :meth:`stop` ends it (idempotent)."""
 
     def __init__(self, children: list[_Child], directory: Path, log_format: str = "text") -> None:
         self._children = children
@@ -72,7 +73,7 @@ class StorageProcesses:
 
     @classmethod
     def start(cls, settings: Settings) -> StorageProcesses | None:
-        """Start the storage processes ``settings`` call for; ``None`` when there is none to run
+        """Start the storage process ``settings`` call for; ``None`` when there is none to run
         (one worker, or Redis state with a PostgreSQL ledger). Sets :data:`SOCKETS_ENV`."""
         if settings.workers < 2:
             return None
@@ -90,40 +91,42 @@ class StorageProcesses:
 
     @classmethod
     def launch(cls, targets: dict[str, str], *, log_format: str = "text") -> StorageProcesses:
-        """Start one storage process per ``{kind: file}`` (``state``: a SQLite state file; ``ledger``: a
-        ledger storage URL), each on its own socket (:attr:`sockets`), watched and restarted."""
+        """Start one storage process for ``{kind: file}`` (``state``: a SQLite state file; ``ledger``: a
+        ledger storage URL) on one socket (:attr:`sockets`), watched and restarted."""
+        if not targets or not set(targets) <= {"state", "ledger"}:
+            raise ValueError("storage targets are 'state' and/or 'ledger'")
         directory = Path(tempfile.mkdtemp(prefix="nhi-broker-storage-"))  # mode 0700
         children: list[_Child] = []
         processes = cls(children, directory, log_format)
         try:
-            for kind, target in targets.items():
-                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                listener.bind(str(directory / f"{kind}.sock"))
-                listener.listen(128)
-                children.append(_Child(kind, target, listener))
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(directory / "storage.sock"))
+            listener.listen(128)
+            children.append(_Child(dict(targets), listener))
             for child in children:
                 processes._spawn(child)
         except BaseException:
             processes.stop()
             raise
-        processes._watchers = [threading.Thread(target=processes._watch, args=(child,),
-                                                name=f"storaged-{child.kind}", daemon=True) for child in children]
+        processes._watchers = [threading.Thread(target=processes._watch, args=(child,), name="storaged", daemon=True)
+                               for child in children]
         for watcher in processes._watchers:
             watcher.start()
         return processes
 
     @property
     def sockets(self) -> dict[str, str]:
-        """The socket path of each storage process, by kind."""
-        return {child.kind: str(self._directory / f"{child.kind}.sock") for child in self._children}
+        """The socket path serving each kind (``state``, ``ledger``)."""
+        return {kind: str(self._directory / "storage.sock") for child in self._children for kind in child.targets}
 
     def _spawn(self, child: _Child) -> None:
-        """Start ``child``'s process and wait until it has opened its file (:class:`ConfigError` if not)."""
+        """Start ``child``'s process and wait until it has opened its files (:class:`ConfigError` if not)."""
         control_read, control_write = os.pipe()
         ready_read, ready_write = os.pipe()
+        files = [arg for kind, target in child.targets.items() for arg in (f"--{kind}", target)]
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "broker.storaged", child.kind, "--path", child.target,
+                [sys.executable, "-m", "broker.storaged", *files,
                  "--listen-fd", str(child.listener.fileno()), "--control-fd", str(control_read),
                  "--ready-fd", str(ready_write), "--log-format", self._log_format],
                 pass_fds=(child.listener.fileno(), control_read, ready_write), stdin=subprocess.DEVNULL,
@@ -143,7 +146,7 @@ class StorageProcesses:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            raise ConfigError(f"the {child.kind} storage process did not start (exit status {process.returncode})")
+            raise ConfigError(f"the storage process did not start (exit status {process.returncode})")
         child.process = process
         child.control = control_write
         child.started_at = time.monotonic()
@@ -158,8 +161,8 @@ class StorageProcesses:
             status = process.wait()
             if self._stopping.is_set():
                 return
-            log.error("the %s storage process exited (status %s): restarting it; its callers fail closed meanwhile",
-                      child.kind, status)
+            log.error("the storage process exited (status %s): restarting it; its callers fail closed meanwhile",
+                      status)
             if child.control is not None:
                 os.close(child.control)
                 child.control = None
@@ -170,11 +173,11 @@ class StorageProcesses:
                     self._spawn(child)
                     break
                 except (ConfigError, OSError) as exc:
-                    log.error("the %s storage process cannot restart (%s): retrying", child.kind, exc)
+                    log.error("the storage process cannot restart (%s): retrying", exc)
                     delay = min(delay * 2, 5.0)
 
     def stop(self) -> None:
-        """End the storage processes after what they already read (call it once the workers stopped)."""
+        """End the storage process after what it already read (call it once the workers stopped)."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -188,7 +191,7 @@ class StorageProcesses:
                 try:
                     child.process.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    log.error("the %s storage process did not stop in time: killing it", child.kind)
+                    log.error("the storage process did not stop in time: killing it")
                     child.process.kill()
                     child.process.wait()
             child.listener.close()
@@ -198,5 +201,6 @@ class StorageProcesses:
 
     @property
     def pids(self) -> dict[str, int]:
-        """The current process id of each storage process (for tests and operators)."""
-        return {child.kind: child.process.pid for child in self._children if child.process is not None}
+        """The current process id serving each kind (for tests and operators)."""
+        return {kind: child.process.pid for child in self._children if child.process is not None
+                for kind in child.targets}

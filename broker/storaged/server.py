@@ -1,11 +1,11 @@
 """The storage process's loop: one thread, one handler, every worker's calls batched together.
 
-``nhi-broker serve`` with several workers starts one storage process for the SQLite state file and
-one for the SQLite ledger (:mod:`broker.storaged.processes`); each worker sends its calls over a Unix
-socket. The loop waits for readable sockets, reads what every worker sent, hands all of it to the
-handler as one batch (one transaction; for the ledger one fsync), and writes each worker its
-replies in one frame. While a batch commits, the next one queues in the sockets: group commit
-without threads, locks or turn-taking between workers.
+``nhi-broker serve`` with several workers starts one storage process for its embedded SQLite files,
+the state file and the ledger (:mod:`broker.storaged.processes`); each worker sends its calls over a
+Unix socket. The loop waits for readable sockets, reads what every worker sent, hands all of it to
+the handler as one batch (one state transaction, one ledger fsync), and writes each worker its
+replies of each phase in one frame. While a batch commits, the next one queues in the sockets: group
+commit without threads, locks or turn-taking between workers.
 
 The process stops when its control pipe closes (the supervisor exited or is stopping it), after
 answering what it already read. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a service
@@ -25,9 +25,8 @@ import socket
 import struct
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from broker.storaged.handlers import Call, Handler, Reply
+from broker.storaged.handlers import Call, Reply, StorageHandler
 from broker.storaged.wire import FrameReader, WireError, encode
 
 __all__ = ["StorageServer", "main"]
@@ -53,7 +52,7 @@ class _Peer:
 class StorageServer:
     """Serves ``handler`` on ``listener`` (a bound, listening Unix socket) until ``control_fd`` closes."""
 
-    def __init__(self, listener: socket.socket, handler: Handler, control_fd: int | None = None) -> None:
+    def __init__(self, listener: socket.socket, handler: StorageHandler, control_fd: int | None = None) -> None:
         self._listener = listener
         self._handler = handler
         self._control_fd = control_fd
@@ -138,16 +137,16 @@ class StorageServer:
     def _answer(self, calls: list[tuple[_Peer, Call]]) -> None:
         # The handler sees one sequence number per call (ids are unique per worker, not across them).
         routes = [(peer, call[0]) for peer, call in calls]
-        replies = self._handler.handle([(seq, op, args) for seq, (_, (_, op, args)) in enumerate(calls)])
-        outgoing: dict[int, tuple[_Peer, list[Reply]]] = {}
-        for seq, ok, value in replies:
-            peer, call_id = routes[seq]
-            outgoing.setdefault(id(peer), (peer, []))[1].append((call_id, ok, value))
-        for peer, batch in outgoing.values():
-            if peer.sock.fileno() < 0:
-                continue  # the worker went away meanwhile
-            peer.out += encode(batch)
-            self._send(peer)
+        for replies in self._handler.handle([(seq, op, args) for seq, (_, (_, op, args)) in enumerate(calls)]):
+            outgoing: dict[int, tuple[_Peer, list[Reply]]] = {}
+            for seq, ok, value in replies:
+                peer, call_id = routes[seq]
+                outgoing.setdefault(id(peer), (peer, []))[1].append((call_id, ok, value))
+            for peer, batch in outgoing.values():
+                if peer.sock.fileno() < 0:
+                    continue  # the worker went away meanwhile
+                peer.out += encode(batch)
+                self._send(peer)
 
     def _send(self, peer: _Peer) -> None:
         if peer.sock.fileno() < 0:
@@ -182,31 +181,34 @@ class StorageServer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m broker.storaged {state,ledger} --path FILE --listen-fd N --control-fd N``."""
+    """``python -m broker.storaged [--state FILE] [--ledger URL] --listen-fd N --control-fd N --ready-fd N``."""
     parser = argparse.ArgumentParser(prog="python -m broker.storaged")
-    parser.add_argument("kind", choices=["state", "ledger"])
-    parser.add_argument("--path", required=True, help="the SQLite file (state) or ledger storage URL")
+    parser.add_argument("--state", help="the SQLite state file")
+    parser.add_argument("--ledger", help="the ledger storage URL (sqlite:///...)")
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--log-format", default="text")
     args = parser.parse_args(argv)
+    if args.state is None and args.ledger is None:
+        parser.error("give --state, --ledger or both")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from broker.logs import configure_logging
 
     configure_logging(args.log_format)
     listener = socket.socket(fileno=args.listen_fd)
-    handler: Any
-    if args.kind == "state":
-        from broker.storaged.handlers import StateHandler
+    from broker.ledger.engines import open_ledger_storage
+    from broker.storaged.handlers import LedgerHandler, StateHandler
 
-        handler = StateHandler(args.path)
-    else:
-        from broker.ledger.engines import open_ledger_storage
-        from broker.storaged.handlers import LedgerHandler
-
-        handler = LedgerHandler(open_ledger_storage(args.path))
+    state = StateHandler(args.state) if args.state is not None else None
+    try:
+        ledger = LedgerHandler(open_ledger_storage(args.ledger)) if args.ledger is not None else None
+    except BaseException:
+        if state is not None:
+            state.close()
+        raise
+    handler = StorageHandler(state, ledger)
     try:
         os.write(args.ready_fd, b"ready\n")
         os.close(args.ready_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -13,14 +14,24 @@ import httpx
 from broker.attest.dev import DevIssuer
 from broker.clock import SystemClock
 from broker.ledger import SqliteLedgerStorage, leaf_hash
-from tests.helpers import SUPPORT, LiveBroker, exchange_form, form_body, intent, wait_until
+from tests.helpers import (
+    SUPPORT,
+    LiveBroker,
+    delegated_form,
+    dev_user,
+    exchange_form,
+    form_body,
+    intent,
+    verified_claims,
+    wait_until,
+)
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 ORDER = "customers/c-42/orders/ord-1001"
 
 
 def storage_processes(group: int) -> dict[str, int]:
-    """The storage processes (kind -> pid) in process group ``group``."""
+    """The storage processes in process group ``group``: the pid holding each file (``state``, ``ledger``)."""
     found: dict[str, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -33,7 +44,7 @@ def storage_processes(group: int) -> dict[str, int]:
         except (OSError, ProcessLookupError):
             continue
         if "zombie" not in state:
-            found[argv[argv.index(b"broker.storaged") + 1].decode()] = int(entry.name)
+            found.update({kind: int(entry.name) for kind in ("state", "ledger") if f"--{kind}".encode() in argv})
     return found
 
 
@@ -44,6 +55,7 @@ def test_two_workers_write_through_storage_processes_that_end_with_serve(tmp_pat
     try:
         kinds = storage_processes(broker.proc.pid)
         assert set(kinds) == {"state", "ledger"}
+        assert kinds["state"] == kinds["ledger"]  # one process holds both: admission and entry in one call
         issuer = DevIssuer.load_or_create(data)
         tokens = [issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock()) for _ in range(40)]
         details = intent("orders.read", ORDER, customer="c-42")
@@ -58,7 +70,7 @@ def test_two_workers_write_through_storage_processes_that_end_with_serve(tmp_pat
         # A replayed identity token is refused: the single-use record went through the state process.
         replay = post(tokens[0])
         assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant", replay.text
-        # The state storage process dies: the supervisor replaces it and the broker serves on.
+        # The storage process dies: the supervisor replaces it and the broker serves on.
         os.kill(kinds["state"], signal.SIGKILL)
         wait_until(lambda: storage_processes(broker.proc.pid).get("state") not in (None, kinds["state"]))
         fresh = issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock())
@@ -79,6 +91,45 @@ def test_two_workers_write_through_storage_processes_that_end_with_serve(tmp_pat
     assert len(issued) == 40
     assert len({leaf_hash(leaf) for leaf in leaves}) == len(leaves)
     assert sum(b'"kind":"jwt"' in leaf for leaf in leaves) == 41
+
+
+def test_a_budget_holds_across_workers_when_admission_and_entry_are_one_call(tmp_path: Path) -> None:
+    """Eight 50 EUR refunds of one conversation race over both workers against a 200 EUR budget: the
+    storage process admits exactly four, each with its issuance entry (and the rule's single use in
+    its token); the other four are budget_exceeded denials, and no issuance entry exists for them."""
+    data = tmp_path / "data"
+    broker = LiveBroker(data, workers=2)
+    try:
+        issuer = DevIssuer.load_or_create(data)
+        details = intent("payments.refund", ORDER, customer="c-42", amount=50, currency="EUR", conversation="conv-9")
+        forms = [delegated_form(dev_user(data), issuer.mint(SUPPORT, "nhi-broker", ttl=300, clock=SystemClock()),
+                                "payments-api", details) for _ in range(8)]
+
+        def post(form: dict[str, str]) -> httpx.Response:
+            return httpx.post(broker.url + "/v1/token", headers=FORM, content=form_body(form), timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, forms))
+        jwks = httpx.get(broker.url + "/.well-known/jwks.json", timeout=10).json()
+    finally:
+        output = broker.stop()
+    assert "Traceback" not in output, output
+    issued = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code != 200]
+    assert len(issued) == 4, [a.text for a in answers]
+    assert [(a.status_code, a.json()["error"]) for a in refused] == [(403, "budget_exceeded")] * 4
+    claims = [verified_claims(a.json()["access_token"], jwks, "payments-api") for a in issued]
+    assert [c["num_uses"] for c in claims] == [1] * 4
+    storage = SqliteLedgerStorage(data / "ledger.sqlite3")
+    try:
+        entries = [json.loads(leaf) for leaf in storage.entries(0, storage.size())]
+    finally:
+        storage.close()
+    refunds = [e for e in entries if e.get("intent", {}).get("action") == "payments.refund"]
+    assert sorted(e["credential"]["jti"] for e in refunds if e["kind"] == "issuance") == sorted(c["jti"] for c in claims)
+    for claim, answer in zip(claims, issued, strict=True):
+        assert claim["txn"] == answer.json()["receipt"]["leaf_hash"]
+    assert [e["decision"]["error"] for e in refunds if e["kind"] == "denial"] == ["budget_exceeded"] * 4
 
 
 def test_a_killed_supervisor_takes_its_storage_processes_along(tmp_path: Path) -> None:

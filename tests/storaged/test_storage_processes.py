@@ -19,7 +19,10 @@ from broker.clock import FixedClock, SystemClock
 from broker.errors import LedgerUnavailable, StoreUnavailable
 from broker.ledger import Ledger, NoteSigner, SqliteLedgerStorage, leaf_hash, verify_inclusion
 from broker.ledger.merkle import root_from_leaf_hashes
+from broker.models import Receipt
 from broker.state.remote import RemoteStateStore
+from broker.state.store import ConsumeOnce, CountUp, NoMark
+from broker.storaged.handlers import checks_to_wire
 from broker.storaged.processes import StorageProcesses
 from broker.storaged.wire import MAX_FRAME, FrameReader, WireError, encode
 from tests.helpers import wait_until
@@ -42,11 +45,11 @@ def processes(tmp_path: Path) -> Iterator[StorageProcesses]:
         running.stop()
 
 
-def make_ledger(path: Path, socket_path: str | None) -> Ledger:
+def make_ledger(path: Path, socket_path: str | None, *, with_state: bool = False) -> Ledger:
     signer = NoteSigner(ORIGIN, Ed25519PrivateKey.from_private_bytes(b"\x07" * 32))
     ledger = Ledger(SqliteLedgerStorage(path), signer, ORIGIN, FixedClock(1_800_000_000))
     if socket_path is not None:
-        ledger.append_through(socket_path)
+        ledger.append_through(socket_path, with_state=with_state)
     return ledger
 
 
@@ -229,6 +232,84 @@ async def test_ledger_appends_fail_closed_while_its_process_is_away(processes: S
         processes.stop()
         with pytest.raises(LedgerUnavailable):
             await ledger.append_async({"type": "test", "n": 2})
+    finally:
+        ledger.close()
+
+
+# -- admission and entry in one call ----------------------------------------------------------------
+
+ADMISSIONS = [
+    # (what the checks meet, the checks, the refusal the caller learns (None: admitted, entry appended))
+    ("first use, budget room", [ConsumeOnce("jti", "a", far()), CountUp("budget", "b", 150, 200, far())], None),
+    ("replayed jti", [ConsumeOnce("jti", "a", far()), CountUp("budget", "b", 10, 200, far())], 0),
+    ("budget would pass its limit", [ConsumeOnce("jti", "c", far()), CountUp("budget", "b", 60, 200, far())], 1),
+    ("suspended workload", [ConsumeOnce("jti", "d", far()), NoMark("suspended", "bot")], 1),
+    ("the budget's room is still there", [ConsumeOnce("jti", "e", far()), CountUp("budget", "b", 50, 200, far())],
+     None),
+    ("budget now full", [ConsumeOnce("jti", "f", far()), CountUp("budget", "b", 1, 200, far())], 1),
+]
+
+
+async def test_admission_and_its_entry_are_one_call_and_a_refusal_appends_nothing(
+    processes: StorageProcesses, tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = make_ledger(path, processes.sockets["ledger"], with_state=True)
+    state = RemoteStateStore(processes.sockets["state"], SystemClock())
+    assert ledger.appends_with_state_checks
+    try:
+        await state.set_mark("suspended", "bot", 1.0, None)
+        appended = 0
+        for n, (_, checks, refusal) in enumerate(ADMISSIONS):
+            outcome = await ledger.append_if_admitted({"type": "test", "n": n}, checks_to_wire(checks), None,
+                                                      time.time())
+            if refusal is None:
+                assert isinstance(outcome, Receipt) and outcome.index == appended, ADMISSIONS[n][0]
+                appended += 1
+            else:
+                assert outcome == refusal, ADMISSIONS[n][0]
+            assert SqliteLedgerStorage(path).size() == appended, ADMISSIONS[n][0]
+        # As run_checks: the checks before the failing one kept their effect (a refused request's jti is
+        # burnt), the failing one had none (the budget holds 200 exactly, not 260 or 201).
+        assert await state.run_checks([ConsumeOnce("jti", "c", far())]) == 0
+        assert await state.run_checks([ConsumeOnce("jti", "d", far())]) == 0
+        assert await state.count_up("budget", "b", 0, 200, far()) == 200
+        # A count that can never pass, sent as the call's known failure: checked, refused, nothing appended.
+        outcome = await ledger.append_if_admitted({"type": "test", "n": 99},
+                                                  checks_to_wire([ConsumeOnce("jti", "g", far())]), 1, time.time())
+        assert outcome == 1 and SqliteLedgerStorage(path).size() == appended
+        with pytest.raises(StoreUnavailable, match="malformed call"):
+            await ledger.append_if_admitted({"type": "test", "n": 100}, [(9, "ns", "key")], None, time.time())
+        assert SqliteLedgerStorage(path).size() == appended
+    finally:
+        ledger.close()
+        await state.close()
+
+
+async def test_a_locked_state_file_refuses_the_call_and_appends_nothing(processes: StorageProcesses,
+                                                                       tmp_path: Path) -> None:
+    from tests.api.test_loop_lag import sqlite_write_lock
+
+    path = tmp_path / "ledger.sqlite3"
+    ledger = make_ledger(path, processes.sockets["ledger"], with_state=True)
+    try:
+        checks = checks_to_wire([ConsumeOnce("jti", "locked", far())])
+        await ledger.append_if_admitted({"type": "test", "n": 0}, checks, None, time.time())  # schema in place
+        with sqlite_write_lock(tmp_path / "state.sqlite3"):
+            with pytest.raises(StoreUnavailable, match="state store unavailable"):
+                await ledger.append_if_admitted({"type": "test", "n": 1},
+                                                checks_to_wire([ConsumeOnce("jti", "next", far())]), None, time.time())
+        assert SqliteLedgerStorage(path).size() == 1
+    finally:
+        ledger.close()
+
+
+def test_a_ledger_without_the_state_file_refuses_to_admit(processes: StorageProcesses, tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path / "ledger.sqlite3", processes.sockets["ledger"])
+    try:
+        assert not ledger.appends_with_state_checks
+        with pytest.raises(RuntimeError):
+            asyncio.run(ledger.append_if_admitted({"type": "test"}, [], None, time.time()))
     finally:
         ledger.close()
 
