@@ -126,7 +126,8 @@ def test_a_budget_holds_across_workers_when_admission_and_entry_are_one_call(tmp
     finally:
         storage.close()
     refunds = [e for e in entries if e.get("intent", {}).get("action") == "payments.refund"]
-    assert sorted(e["credential"]["jti"] for e in refunds if e["kind"] == "issuance") == sorted(c["jti"] for c in claims)
+    issuances = [e["credential"]["jti"] for e in refunds if e["kind"] == "issuance"]
+    assert sorted(issuances) == sorted(c["jti"] for c in claims)
     for claim, answer in zip(claims, issued, strict=True):
         assert claim["txn"] == answer.json()["receipt"]["leaf_hash"]
     assert [e["decision"]["error"] for e in refunds if e["kind"] == "denial"] == ["budget_exceeded"] * 4
