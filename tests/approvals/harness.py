@@ -92,6 +92,22 @@ class Harness:
         return self.client.post(f"/v1/admin/approvals/{auth_req_id}/{verb}", json={"reason": reason},
                                 headers=bearer(secret))
 
+    def claims(self, token: str, audience: str = "payments-api") -> dict[str, Any]:
+        """The claims of a task token the app issued, once pyjwt verified its signature against the app's
+        JWKS and its audience; its times are checked against the harness's clock (pyjwt knows only the
+        real one)."""
+        jwks = self.client.get("/.well-known/jwks.json").json()
+        kid = jwt.get_unverified_header(token)["kid"]
+        key = jwt.PyJWK(next(k for k in jwks["keys"] if k["kid"] == kid))
+        claims: dict[str, Any] = jwt.decode(
+            token, key, algorithms=[key.algorithm_name], audience=audience,
+            options={"require": ["exp", "iat", "jti"], "verify_exp": False, "verify_iat": False, "verify_nbf": False},
+        )
+        now = self.clock.now()
+        assert claims["iat"] <= now < claims["exp"], (claims["iat"], now, claims["exp"])
+        assert claims.get("nbf", claims["iat"]) <= now
+        return claims
+
     def ledger(self) -> list[dict[str, Any]]:
         size = int(self.client.get("/v1/ledger/checkpoint").text.splitlines()[1])
         if size == 0:
@@ -103,8 +119,3 @@ class Harness:
         size = int(self.client.get("/v1/ledger/checkpoint").text.splitlines()[1])
         body = self.client.get("/v1/ledger/entries", params={"start": 0, "end": size}).json()
         return [e["leaf_hash"] for e in body["entries"]]
-
-
-def claims(token: str) -> dict[str, Any]:
-    """The claims of a task token, signature unchecked (tests check it elsewhere)."""
-    return jwt.decode(token, options={"verify_signature": False})

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from broker.api.app import create_app
 from broker.audit.schema import validate_entry
 from broker.clock import FixedClock
-from tests.approvals.harness import APRIL, DANA, Harness, approval_settings, claims, refund
+from tests.approvals.harness import APRIL, DANA, Harness, approval_settings, refund
 from tests.dpop.dpop_helpers import new_key, proof
 from tests.helpers import POLICIES, delegated_form
 
@@ -53,7 +53,7 @@ def test_two_approvals_the_owner_second(two_approvals: Harness) -> None:
     h.clock.advance(2)
     r = h.poll(rid)
     assert r.status_code == 200, r.text
-    assert claims(r.json()["access_token"])["approval"]["approvers"] == ["april", "dana.reyes@example.com"]
+    assert h.claims(r.json()["access_token"])["approval"]["approvers"] == ["april", "dana.reyes@example.com"]
     approvals = [e for e in h.ledger() if e["kind"] == "approval"]
     assert [(e["approval"]["approvers"], e["approval"]["final"]) for e in approvals] == [
         (["april"], False), (["april", "dana.reyes@example.com"], True)]
@@ -94,4 +94,4 @@ def test_a_dpop_held_request_is_collected_with_the_same_key_only(owner_may_appro
     right = h.client.post("/v1/token", data={**form, "subject_token": h.identity()},
                           headers={"DPoP": proof(key, htu=htu, iat=h.clock.now())})
     assert right.status_code == 200, right.text
-    assert right.json()["token_type"] == "DPoP" and "jkt" in claims(right.json()["access_token"])["cnf"]
+    assert right.json()["token_type"] == "DPoP" and "jkt" in h.claims(right.json()["access_token"])["cnf"]

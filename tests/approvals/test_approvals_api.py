@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from broker.api.app import create_app
 from broker.audit.schema import validate_entry
 from broker.clock import FixedClock
-from tests.approvals.harness import ADA, APRIL, AUDREY, DANA, OTTO, Harness, approval_settings, bearer, claims, refund
+from tests.approvals.harness import ADA, APRIL, AUDREY, DANA, OTTO, Harness, approval_settings, bearer, refund
 from tests.helpers import TRIAGE
 
 
@@ -58,7 +58,7 @@ def test_over_limit_refund_is_held_approved_and_issued_with_the_approval(harness
     harness.clock.advance(6)
     issued = harness.poll(rid)
     assert issued.status_code == 200, issued.text
-    token_claims = claims(issued.json()["access_token"])
+    token_claims = harness.claims(issued.json()["access_token"])
     approval = token_claims["approval"]
     assert approval["auth_req_id"] == rid and approval["approvers"] == ["april"]
     assert token_claims["authorization_details"][0]["context"]["amount"] == 120

@@ -32,8 +32,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from broker.attest.dev import DevIssuer
 from broker.audit import HttpLedgerSource, prove_attribution, verify_ledger
 from broker.clock import SystemClock
-from tests.approvals.harness import APRIL, AUDREY, CIBA, JWT_TYPE, OPERATORS, claims, refund
-from tests.helpers import REPO, SUPPORT, LiveBroker, delegated_form, dev_user
+from tests.approvals.harness import APRIL, AUDREY, CIBA, JWT_TYPE, OPERATORS, refund
+from tests.helpers import REPO, SUPPORT, LiveBroker, delegated_form, dev_user, verified_claims
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -156,7 +156,8 @@ def test_refund_approved_in_the_browser_is_issued_and_verified_in_the_ledger(
         time.sleep(1.1)
     assert r.status_code == 200, r.text
     token = r.json()["access_token"]
-    token_claims = claims(token)
+    token_claims = verified_claims(token, httpx.get(broker.url + "/.well-known/jwks.json", timeout=10).json(),
+                                   "payments-api")
     assert token_claims["approval"]["approvers"] == ["april"]
     assert token_claims["approval"]["auth_req_id"] == rid
 
