@@ -42,6 +42,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,14 +199,16 @@ def measure(label: str, url: str, lua: Path, bodies: Path, connections: int, arg
 
 def settle(others: list[Callable[[], float]], *, idle: float = 0.05, limit: float = 30.0) -> float:
     """Wait until the other systems on the machine are idle (each under ``idle`` of a core over half a
-    second; at most ``limit`` seconds): OpenBao expires and snapshots in the background after its runs,
-    and a run measured meanwhile would count that against the system under test. Returns the wait."""
+    second; at most ``limit`` seconds) and what they wrote is on disk: OpenBao expires and snapshots in
+    the background after its runs, and the kernel writes back a run's dirty pages for seconds after it;
+    a run measured meanwhile would count that against the system under test. Returns the wait."""
     start = time.monotonic()
     while others and time.monotonic() - start < limit:
         before = [cpu() for cpu in others]
         time.sleep(0.5)
         if all(cpu() - b < idle * 0.5 for cpu, b in zip(others, before, strict=True)):
             break
+    os.sync()
     return time.monotonic() - start
 
 
@@ -263,6 +266,19 @@ def print_rows(rows: list[dict]) -> None:
               f"{row['p99']:>8.2f} {row['bad']:>8} {row['cpu_us']:>10.0f} {row['load']:>5.2f} {ratio:>6} "
               f"{cpu_ratio:>9}")
     sys.stdout.flush()
+
+
+def median_ratios(rows: list[dict]) -> list[str]:
+    """One line per connection count: the median of its runs' ratios to OpenBao, and their range."""
+    lines = []
+    for c in sorted({row["connections"] for row in rows if row.get("ratio") is not None}):
+        ratios = sorted(row["ratio"] for row in rows if row["connections"] == c and row.get("ratio") is not None)
+        cpu = sorted(row["cpu_ratio"] for row in rows if row["connections"] == c and row.get("cpu_ratio") is not None)
+        p99 = sorted(row["p99"] for row in rows if row["connections"] == c and row.get("ratio") is not None)
+        lines.append(f"{c} connections, {len(ratios)} alternating runs each: median ratio to OpenBao "
+                     f"**{statistics.median(ratios):.2f}x** (range {ratios[0]:.2f}-{ratios[-1]:.2f}x), median "
+                     f"CPU ratio {statistics.median(cpu):.2f}x, broker p99 {p99[0]:.1f}-{p99[-1]:.1f} ms")
+    return lines
 
 
 def print_markdown(rows: list[dict], start_load: str) -> None:
@@ -462,6 +478,9 @@ def main() -> int:
     parser.add_argument("--compare-openbao", action="store_true",
                         help="also drive OpenBao's JWT login (bao server, durable raft storage) at the same "
                              "connection counts in this run, and print the broker's ratio to it")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compare-openbao: measure each level this many times, broker and OpenBao "
+                             "alternating, and print the median ratio (this machine's speed drifts between runs)")
     parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     parser.add_argument("--profile-gil", action="store_true", help="with --profile: only samples holding the GIL")
     parser.add_argument("--profile", type=Path, default=None,
@@ -510,16 +529,20 @@ def main() -> int:
     t0 = time.monotonic()
     warm = work / "bodies-warm.txt"
     make_bodies(data_dir, 4000 * args.warmup, warm)
-    pools = []
+    rounds = max(1, args.rounds) if args.compare_openbao else 1
+    # One pool of single-use identity tokens per run: (level, round).
+    pools: dict[tuple[int, int], Path] = {}
     for c in levels:
-        pools.append(work / f"bodies-{c}.txt")
-        make_bodies(data_dir, count, pools[-1])
-    bao_pools = []
+        for r in range(rounds):
+            pools[c, r] = work / f"bodies-{c}-{r}.txt"
+            make_bodies(data_dir, count, pools[c, r])
+    bao_pools: dict[tuple[int, int], Path] = {}
     if args.compare_openbao:
         make_bodies(data_dir, 2000 * args.warmup, work / "bao-warm.txt", openbao=True)
         for c in levels:
-            bao_pools.append(work / f"bao-{c}.txt")
-            make_bodies(data_dir, 2000 * args.duration, bao_pools[-1], openbao=True)
+            for r in range(rounds):
+                bao_pools[c, r] = work / f"bao-{c}-{r}.txt"
+                make_bodies(data_dir, 3000 * args.duration, bao_pools[c, r], openbao=True)
     print(f"pre-minted identity tokens in {time.monotonic() - t0:.1f}s")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -551,28 +574,36 @@ def main() -> int:
               + ("; OpenBao: bao server, integrated raft storage, JWT auth, service tokens" if bao else ""))
         rows: list[dict] = []
         for i, c in enumerate(levels):
-            spy = (start_profile(server.pid, args.duration, args.profile, gil=args.profile_gil)
-                   if args.profile and i == 0 else None)
-            if bao is not None:
-                settle([bao.cpu_seconds])
-            row = measure(label, url, lua, pools[i], c, args, lambda: process_group_cpu(server.pid))
-            if spy is not None:
-                spy.wait(timeout=args.duration + 60)
-            rows.append(row)
-            if bao is not None:
-                settle([lambda: process_group_cpu(server.pid)])
-                anchor = measure(bao_label, bao.addr, lua, bao_pools[i], c, args, bao.cpu_seconds,
-                                 path=LOGIN_PATH, content_type="application/json")
-                row["ratio"] = row["rate"] / anchor["rate"]
-                # Less sensitive to what else the machine runs than the rates: CPU spent per request.
-                row["cpu_ratio"] = anchor["cpu_us"] / row["cpu_us"] if row["cpu_us"] else None
-                rows.append(anchor)
+            for r in range(rounds):
+                spy = (start_profile(server.pid, args.duration, args.profile, gil=args.profile_gil)
+                       if args.profile and i == 0 and r == 0 else None)
+                if bao is not None:
+                    settle([bao.cpu_seconds])
+                row = measure(label, url, lua, pools[c, r], c, args, lambda: process_group_cpu(server.pid))
+                if spy is not None:
+                    spy.wait(timeout=args.duration + 60)
+                rows.append(row)
+                if bao is not None:
+                    settle([lambda: process_group_cpu(server.pid)])
+                    anchor = measure(bao_label, bao.addr, lua, bao_pools[c, r], c, args, bao.cpu_seconds,
+                                     path=LOGIN_PATH, content_type="application/json")
+                    row["ratio"] = row["rate"] / anchor["rate"]
+                    # Less sensitive to what else the machine runs than the rates: CPU spent per request.
+                    row["cpu_ratio"] = anchor["cpu_us"] / row["cpu_us"] if row["cpu_us"] else None
+                    rows.append(anchor)
         print_rows(rows)
+        summary = median_ratios(rows) if rounds > 1 else []
         if args.profile and args.profile.exists():
             print_profile(args.profile)
+        for line in summary:
+            print(line)
         if args.markdown:
             print()
             print_markdown(rows, start_load)
+            if summary:
+                print()
+                for line in summary:
+                    print(f"- {line}")
         if args.introspect:
             make_bodies(data_dir, 1, work / "one.txt")
             seen = bench_introspection(url, work, (work / "one.txt").read_text().strip(), secret, levels, args)
