@@ -12,7 +12,7 @@ the machine's load than a wrk rate does, so it is the figure to compare before a
 busy machine; ``scripts/bench_exchange.py`` remains the measurement that counts (HTTP, 2 workers,
 OpenBao side by side). With ``--profile cprofile`` the event-loop thread is profiled deterministically
 (inflates small functions; use it to find calls, not to weigh them). With ``--storaged`` the app
-writes through storage processes (:mod:`broker.storaged`) as each worker of ``serve --workers 2``
+writes through the storage process (:mod:`broker.storaged`) as each worker of ``serve --workers 2``
 does; their CPU is counted too, and printed apart.
 """
 
@@ -39,7 +39,7 @@ from broker.api.app import create_app  # noqa: E402
 from broker.attest.dev import DevIssuer  # noqa: E402
 from broker.clock import SystemClock  # noqa: E402
 from broker.config import Settings  # noqa: E402
-from broker.storaged.processes import SOCKETS_ENV, StorageProcesses  # noqa: E402
+from broker.storaged.processes import SOCKETS_ENV, StorageProcess  # noqa: E402
 
 WORKLOAD = "spiffe://example.org/ns/support/sa/support-assistant"
 INTENT = [{"type": "intent", "action": "orders.read", "resource": "customers/c-42/orders/ord-1001",
@@ -100,7 +100,7 @@ async def run(args: argparse.Namespace) -> None:
         targets = {"ledger": settings.ledger_storage_url}
         if args.state == "sqlite":
             targets["state"] = str(work / "state.sqlite3")
-        storage = StorageProcesses.launch(targets)
+        storage = StorageProcess.launch(targets)
         os.environ[SOCKETS_ENV] = json.dumps(storage.sockets)
     app = create_app(settings)
     try:
@@ -111,7 +111,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def children_cpu(storage: Any) -> float:
-    """CPU seconds the storage processes used so far (0 without them)."""
+    """CPU seconds the storage process used so far (0 without it)."""
     if storage is None:
         return 0.0
     total = 0.0
@@ -141,8 +141,8 @@ async def drive(app: Any, args: argparse.Namespace, pool: Any, per_caller: int, 
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         side = children_cpu(storage) - side0
     n = per_caller * args.callers
-    apart = f" (storage processes {side * 1e6 / n:,.0f})" if storage is not None else ""
-    print(f"{n} exchanges ({args.state} state{', storage processes' if storage else ''}, {args.callers} callers): "
+    apart = f" (storage process {side * 1e6 / n:,.0f})" if storage is not None else ""
+    print(f"{n} exchanges ({args.state} state{', storage process' if storage else ''}, {args.callers} callers): "
           f"{n / wall:,.0f}/s, CPU {(cpu + side) * 1e6 / n:,.0f} µs per exchange{apart}, non-200 {refused}")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
@@ -154,7 +154,7 @@ def main() -> int:
     parser.add_argument("--callers", type=int, default=16)
     parser.add_argument("--state", choices=["sqlite", "redis"], default="sqlite")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--storaged", action="store_true", help="write through storage processes (serve's workers)")
+    parser.add_argument("--storaged", action="store_true", help="write through the storage process (serve's workers)")
     parser.add_argument("--profile", choices=["cprofile", "none"], default="none")
     parser.add_argument("--sort", default="tottime", help="pstats order (tottime, cumtime)")
     parser.add_argument("--top", type=int, default=40)

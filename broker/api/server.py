@@ -27,7 +27,7 @@ import socket
 from typing import Any
 
 from broker.config import Settings
-from broker.storaged.processes import StorageProcesses
+from broker.storaged.processes import StorageProcess
 
 __all__ = ["SERVERS", "granian_app", "run"]
 
@@ -94,12 +94,12 @@ def run(settings: Settings, server: str, *, access_log: bool = False, sock: sock
 
     ``sock`` is the listening socket ``nhi-broker serve`` bound before recording the start (uvicorn
     serves on it; granian binds its own, so it is closed just before). Returns whether it served.
-    With several workers on embedded SQLite, the storage processes (:mod:`broker.storaged`) start
-    first and stop after the workers.
+    With several workers on embedded SQLite, the storage process (:mod:`broker.storaged`) starts
+    first and stops after the workers.
     """
     if server not in SERVERS:
         raise ValueError(f"unknown HTTP server {server!r}")
-    storage = StorageProcesses.start(settings)
+    storage = StorageProcess.start(settings)
     try:
         return _serve(settings, server, access_log=access_log, sock=sock)
     finally:

@@ -8,7 +8,7 @@ fresh directory only this user can enter, and hands the child its listening sock
 connect before the child is ready, and a child that died is replaced on the same socket while the
 workers' calls fail closed (503) for the moment it takes. Workers learn the socket of each kind from
 ``$NHI_STORAGE_SOCKETS`` (:func:`sockets_from_environment`). The child ends when the supervisor
-closes its control pipe (:meth:`StorageProcesses.stop`, after the workers stopped) or exits, however
+closes its control pipe (:meth:`StorageProcess.stop`, after the workers stopped) or exits, however
 it exits.
 """
 
@@ -32,7 +32,7 @@ from broker.config import Settings
 from broker.errors import ConfigError
 from broker.ledger.engines import is_shared
 
-__all__ = ["SOCKETS_ENV", "StorageProcesses", "sockets_from_environment"]
+__all__ = ["SOCKETS_ENV", "StorageProcess", "sockets_from_environment"]
 
 log = logging.getLogger("nhi_broker.storaged")
 
@@ -60,19 +60,19 @@ class _Child:
     started_at: float = field(default_factory=time.monotonic)
 
 
-class StorageProcesses:
+class StorageProcess:
     """The running storage process of one ``serve``; :meth:`stop` ends it (idempotent)."""
 
-    def __init__(self, children: list[_Child], directory: Path, log_format: str = "text") -> None:
-        self._children = children
+    def __init__(self, directory: Path, log_format: str = "text") -> None:
+        self._child: _Child | None = None
         self._log_format = log_format
         self._directory = directory
         self._stopping = threading.Event()
-        self._watchers: list[threading.Thread] = []
+        self._watcher: threading.Thread | None = None
         self._exported = False
 
     @classmethod
-    def start(cls, settings: Settings) -> StorageProcesses | None:
+    def start(cls, settings: Settings) -> StorageProcess | None:
         """Start the storage process ``settings`` call for; ``None`` when there is none to run
         (one worker, or Redis state with a PostgreSQL ledger). Sets :data:`SOCKETS_ENV`."""
         if settings.workers < 2:
@@ -84,40 +84,37 @@ class StorageProcesses:
             targets["ledger"] = settings.ledger_storage_url
         if not targets:
             return None
-        processes = cls.launch(targets, log_format=settings.log_format)
-        os.environ[SOCKETS_ENV] = json.dumps(processes.sockets)
-        processes._exported = True
-        return processes
+        process = cls.launch(targets, log_format=settings.log_format)
+        os.environ[SOCKETS_ENV] = json.dumps(process.sockets)
+        process._exported = True
+        return process
 
     @classmethod
-    def launch(cls, targets: dict[str, str], *, log_format: str = "text") -> StorageProcesses:
-        """Start one storage process for ``{kind: file}`` (``state``: a SQLite state file; ``ledger``: a
+    def launch(cls, targets: dict[str, str], *, log_format: str = "text") -> StorageProcess:
+        """Start the storage process for ``{kind: file}`` (``state``: a SQLite state file; ``ledger``: a
         ledger storage URL) on one socket (:attr:`sockets`), watched and restarted."""
         if not targets or not set(targets) <= {"state", "ledger"}:
             raise ValueError("storage targets are 'state' and/or 'ledger'")
-        directory = Path(tempfile.mkdtemp(prefix="nhi-broker-storage-"))  # mode 0700
-        children: list[_Child] = []
-        processes = cls(children, directory, log_format)
+        process = cls(Path(tempfile.mkdtemp(prefix="nhi-broker-storage-")), log_format)  # mode 0700
         try:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(directory / "storage.sock"))
+            listener.bind(str(process._directory / "storage.sock"))
             listener.listen(128)
-            children.append(_Child(dict(targets), listener))
-            for child in children:
-                processes._spawn(child)
+            process._child = _Child(dict(targets), listener)
+            process._spawn(process._child)
         except BaseException:
-            processes.stop()
+            process.stop()
             raise
-        processes._watchers = [threading.Thread(target=processes._watch, args=(child,), name="storaged", daemon=True)
-                               for child in children]
-        for watcher in processes._watchers:
-            watcher.start()
-        return processes
+        process._watcher = threading.Thread(target=process._watch, args=(process._child,), name="storaged",
+                                            daemon=True)
+        process._watcher.start()
+        return process
 
     @property
     def sockets(self) -> dict[str, str]:
-        """The socket path serving each kind (``state``, ``ledger``)."""
-        return {kind: str(self._directory / "storage.sock") for child in self._children for kind in child.targets}
+        """The socket path serving each kind (``state``, ``ledger``): one socket for both."""
+        kinds = self._child.targets if self._child is not None else {}
+        return {kind: str(self._directory / "storage.sock") for kind in kinds}
 
     def _spawn(self, child: _Child) -> None:
         """Start ``child``'s process and wait until it has opened its files (:class:`ConfigError` if not)."""
@@ -181,15 +178,14 @@ class StorageProcesses:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        for child in self._children:
+        child = self._child
+        if child is not None:
             if child.control is not None:
                 os.close(child.control)  # EOF: the child answers what it read and exits
                 child.control = None
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        for child in self._children:
             if child.process is not None:
                 try:
-                    child.process.wait(max(0.1, deadline - time.monotonic()))
+                    child.process.wait(_STOP_TIMEOUT)
                 except subprocess.TimeoutExpired:
                     log.error("the storage process did not stop in time: killing it")
                     child.process.kill()
@@ -201,6 +197,8 @@ class StorageProcesses:
 
     @property
     def pids(self) -> dict[str, int]:
-        """The current process id serving each kind (for tests and operators)."""
-        return {kind: child.process.pid for child in self._children if child.process is not None
-                for kind in child.targets}
+        """The current process id serving each kind (for tests and operators): one process for both."""
+        child = self._child
+        if child is None or child.process is None:
+            return {}
+        return {kind: child.process.pid for kind in child.targets}

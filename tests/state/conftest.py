@@ -19,7 +19,7 @@ from broker.state.redis import RedisStateStore
 from broker.state.remote import RemoteStateStore
 from broker.state.sqlite import SqliteStateStore
 from broker.state.store import StateStore
-from broker.storaged.processes import StorageProcesses
+from broker.storaged.processes import StorageProcess
 from tests.helpers import free_port, storage_processes_by_dir
 
 #: The shared development Redis; every test uses its own key prefix and deletes its keys.
@@ -30,7 +30,7 @@ BACKENDS = ["sqlite", "redis"]
 STORE_BACKENDS = [*BACKENDS, "storaged"]
 # The storage process each "storaged" test runs, by the test's tmp_path (started and stopped by `backend`);
 # kept in tests.helpers because pytest may import this conftest twice (as a conftest and as a module).
-_STORAGE_PROCESSES: dict[Path, StorageProcesses] = storage_processes_by_dir()
+_STORAGE_PROCESSES: dict[Path, StorageProcess] = storage_processes_by_dir()
 
 
 def unique_prefix() -> str:
@@ -78,7 +78,7 @@ def store_backend(name: str, tmp_path: Path) -> Iterator[str]:
     if name != "storaged":
         yield name
         return
-    processes = StorageProcesses.launch({"state": str(tmp_path / "state.sqlite3")})
+    processes = StorageProcess.launch({"state": str(tmp_path / "state.sqlite3")})
     _STORAGE_PROCESSES[tmp_path] = processes
     try:
         yield name

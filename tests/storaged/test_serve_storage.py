@@ -1,4 +1,4 @@
-"""`nhi-broker serve --workers 2` on embedded SQLite: its storage processes, from start to stop."""
+"""`nhi-broker serve --workers 2` on embedded SQLite: its storage process, from start to stop."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_two_workers_write_through_storage_processes_that_end_with_serve(tmp_pat
         assert post(tokens[1]).status_code == 400  # still remembered after the restart
     finally:
         output = broker.stop()
-    # Stopping serve ends its storage processes; nothing is left behind.
+    # Stopping serve ends its storage process; nothing is left behind.
     assert storage_processes(broker.proc.pid) == {}, output
     assert "Traceback" not in output, output
     storage = SqliteLedgerStorage(data / "ledger.sqlite3")

@@ -23,7 +23,7 @@ from broker.models import Receipt
 from broker.state.remote import RemoteStateStore
 from broker.state.store import ConsumeOnce, CountUp, NoMark
 from broker.storaged.handlers import checks_to_wire
-from broker.storaged.processes import StorageProcesses
+from broker.storaged.processes import StorageProcess
 from broker.storaged.wire import MAX_FRAME, FrameReader, WireError, encode
 from tests.helpers import wait_until
 
@@ -36,8 +36,8 @@ def far() -> float:
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[StorageProcesses]:
-    running = StorageProcesses.launch({"state": str(tmp_path / "state.sqlite3"),
+def processes(tmp_path: Path) -> Iterator[StorageProcess]:
+    running = StorageProcess.launch({"state": str(tmp_path / "state.sqlite3"),
                                        "ledger": f"sqlite:///{tmp_path / 'ledger.sqlite3'}"})
     try:
         yield running
@@ -83,14 +83,14 @@ def test_bad_frames_are_refused(data: bytes, expected: str | None) -> None:
 
 # -- the state store through its storage process ---------------------------------------------------
 
-def test_sockets_live_in_a_directory_only_this_user_enters(processes: StorageProcesses) -> None:
+def test_sockets_live_in_a_directory_only_this_user_enters(processes: StorageProcess) -> None:
     for path in processes.sockets.values():
         mode = Path(path).parent.stat().st_mode
         assert stat.S_IMODE(mode) == 0o700
         assert stat.S_ISSOCK(Path(path).stat().st_mode)
 
 
-async def test_two_workers_share_one_state_file(processes: StorageProcesses) -> None:
+async def test_two_workers_share_one_state_file(processes: StorageProcess) -> None:
     """Two stores (two workers' connections) racing on one jti and one budget: exactly one winner each."""
     stores = [RemoteStateStore(processes.sockets["state"], SystemClock()) for _ in range(2)]
     try:
@@ -103,7 +103,7 @@ async def test_two_workers_share_one_state_file(processes: StorageProcesses) -> 
             await store.close()
 
 
-async def test_expired_rows_are_purged_by_the_callers_clock(processes: StorageProcesses) -> None:
+async def test_expired_rows_are_purged_by_the_callers_clock(processes: StorageProcess) -> None:
     """The storage process purges expired rows every 1,024 writes by the time its callers send, as the
     threaded store purges by its own clock: a worker's live single-use value is never purged early."""
     clock = FixedClock(1_000_000_000)  # long before the storage process's own wall clock
@@ -116,7 +116,7 @@ async def test_expired_rows_are_purged_by_the_callers_clock(processes: StoragePr
         await store.close()
 
 
-async def test_a_killed_state_process_is_replaced_and_loses_nothing_committed(processes: StorageProcesses) -> None:
+async def test_a_killed_state_process_is_replaced_and_loses_nothing_committed(processes: StorageProcess) -> None:
     store = RemoteStateStore(processes.sockets["state"], SystemClock(), timeout=5.0)
     try:
         assert await store.consume_once("jti", "before", far()) is True
@@ -137,7 +137,7 @@ async def test_a_killed_state_process_is_replaced_and_loses_nothing_committed(pr
         await store.close()
 
 
-async def test_a_hung_state_process_fails_closed_within_the_timeout(processes: StorageProcesses) -> None:
+async def test_a_hung_state_process_fails_closed_within_the_timeout(processes: StorageProcess) -> None:
     store = RemoteStateStore(processes.sockets["state"], SystemClock(), timeout=0.5)
     pid = processes.pids["state"]
     try:
@@ -156,7 +156,7 @@ async def test_a_hung_state_process_fails_closed_within_the_timeout(processes: S
 
 
 async def test_no_storage_process_means_503_at_once(tmp_path: Path) -> None:
-    processes = StorageProcesses.launch({"state": str(tmp_path / "state.sqlite3")})
+    processes = StorageProcess.launch({"state": str(tmp_path / "state.sqlite3")})
     path = processes.sockets["state"]
     processes.stop()
     assert processes.pids == {} or all(not Path(f"/proc/{pid}").exists() for pid in processes.pids.values())
@@ -168,7 +168,7 @@ async def test_no_storage_process_means_503_at_once(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_a_malformed_frame_drops_only_its_own_connection(processes: StorageProcesses) -> None:
+async def test_a_malformed_frame_drops_only_its_own_connection(processes: StorageProcess) -> None:
     store = RemoteStateStore(processes.sockets["state"], SystemClock())
     try:
         await store.ping()
@@ -183,7 +183,7 @@ async def test_a_malformed_frame_drops_only_its_own_connection(processes: Storag
         await store.close()
 
 
-async def test_unknown_operations_are_refused_by_name(processes: StorageProcesses) -> None:
+async def test_unknown_operations_are_refused_by_name(processes: StorageProcess) -> None:
     store = RemoteStateStore(processes.sockets["state"], SystemClock())
     try:
         with pytest.raises(StoreUnavailable, match="malformed call"):
@@ -197,7 +197,7 @@ async def test_unknown_operations_are_refused_by_name(processes: StorageProcesse
 
 # -- ledger appends through its storage process ----------------------------------------------------
 
-async def test_two_workers_append_gapless_and_receipts_verify(processes: StorageProcesses, tmp_path: Path) -> None:
+async def test_two_workers_append_gapless_and_receipts_verify(processes: StorageProcess, tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     workers = [make_ledger(path, processes.sockets["ledger"]) for _ in range(2)]
     try:
@@ -224,7 +224,7 @@ async def test_two_workers_append_gapless_and_receipts_verify(processes: Storage
             ledger.close()
 
 
-async def test_ledger_appends_fail_closed_while_its_process_is_away(processes: StorageProcesses,
+async def test_ledger_appends_fail_closed_while_its_process_is_away(processes: StorageProcess,
                                                                     tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path / "ledger.sqlite3", processes.sockets["ledger"])
     try:
@@ -251,7 +251,7 @@ ADMISSIONS = [
 
 
 async def test_admission_and_its_entry_are_one_call_and_a_refusal_appends_nothing(
-    processes: StorageProcesses, tmp_path: Path,
+    processes: StorageProcess, tmp_path: Path,
 ) -> None:
     path = tmp_path / "ledger.sqlite3"
     ledger = make_ledger(path, processes.sockets["ledger"], with_state=True)
@@ -286,7 +286,7 @@ async def test_admission_and_its_entry_are_one_call_and_a_refusal_appends_nothin
         await state.close()
 
 
-async def test_a_locked_state_file_refuses_the_call_and_appends_nothing(processes: StorageProcesses,
+async def test_a_locked_state_file_refuses_the_call_and_appends_nothing(processes: StorageProcess,
                                                                        tmp_path: Path) -> None:
     from tests.api.test_loop_lag import sqlite_write_lock
 
@@ -304,7 +304,7 @@ async def test_a_locked_state_file_refuses_the_call_and_appends_nothing(processe
         ledger.close()
 
 
-def test_a_ledger_without_the_state_file_refuses_to_admit(processes: StorageProcesses, tmp_path: Path) -> None:
+def test_a_ledger_without_the_state_file_refuses_to_admit(processes: StorageProcess, tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path / "ledger.sqlite3", processes.sockets["ledger"])
     try:
         assert not ledger.appends_with_state_checks
@@ -315,7 +315,7 @@ def test_a_ledger_without_the_state_file_refuses_to_admit(processes: StorageProc
 
 
 def test_stop_ends_every_storage_process(tmp_path: Path) -> None:
-    processes = StorageProcesses.launch({"state": str(tmp_path / "state.sqlite3"),
+    processes = StorageProcess.launch({"state": str(tmp_path / "state.sqlite3"),
                                          "ledger": f"sqlite:///{tmp_path / 'ledger.sqlite3'}"})
     pids = processes.pids
     assert set(pids) == {"state", "ledger"}
