@@ -142,6 +142,9 @@ def test_reload_under_load_loses_no_request_and_records_one_entry(brokers: Broke
         assert outcome["changed"] is True and outcome["recorded"] is True
         # The replica follows (it is another process): its answers turn to 403.
         wait_until(lambda: decisions(brokers, brokers.b.url, 1) == Counter({403: 1}), what="the replica to follow")
+        # So does broker a's other worker, on its own look at the record (live_sync_interval): its log says
+        # when (a new connection lands on either worker, so only the log tells that both have followed).
+        wait_until(lambda: "followed policy generation" in brokers.a.output(), what="a's other worker to follow")
         count = len(answers)
         wait_until(lambda: len(answers) >= count + 30, what="load after the reload")
     finally:
