@@ -34,7 +34,7 @@ refused as a replay whatever the policy says, as if the ``jti`` had been consume
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -366,15 +366,9 @@ class Broker:
     async def _admit_and_append(
         self, grant: Grant, limits: Any, entry: dict[str, Any], counted: bool, single_use: Sequence[ConsumeOnce]
     ) -> Receipt:
-        if not self.spans.enabled:
-            return await self.guard.admit_and_append(grant, limits, entry, count_rate=not counted, replay=single_use)
-        with self.spans.span("ledger.append") as span:
-            span.set("nhi.ledger.kind", entry["kind"])
-            receipt = await self.guard.admit_and_append(grant, limits, entry, count_rate=not counted,
-                                                        replay=single_use)
-            span.set("nhi.ledger.index", receipt.index)
-            span.set("nhi.ledger.leaf_hash", receipt.leaf_hash)
-            return receipt
+        """(2b) and (3) in one round trip, in the ``ledger.append`` span."""
+        appending = self.guard.admit_and_append(grant, limits, entry, count_rate=not counted, replay=single_use)
+        return await _append_traced(self.spans, entry["kind"], appending)
 
     async def exchange(self, request: ExchangeRequest) -> Issued | Held:
         """Attest, authorize, record and mint; see the module docstring for the order.
@@ -516,7 +510,7 @@ class Broker:
 
     async def _append(self, entry: dict[str, Any]) -> Receipt:
         """(3) Append ``entry`` and wait until it is durable (in its span: kind, index, leaf hash)."""
-        return await _append_traced(self.spans, self.ledger, entry)
+        return await _append_traced(self.spans, entry["kind"], self.ledger.append_async(entry))
 
     async def _record_refusal(self, request: ExchangeRequest, refusal: _Refusal) -> None:
         """A ``denial`` entry for an attested workload that was refused."""
@@ -544,12 +538,13 @@ class Broker:
         )
 
 
-async def _append_traced(spans: Spans, ledger: AppendOnlyLog, entry: dict[str, Any]) -> Receipt:
+async def _append_traced(spans: Spans, kind: str, appending: Awaitable[Receipt]) -> Receipt:
+    """Await ``appending`` (an append of a ``kind`` entry) in the ``ledger.append`` span: kind, index, leaf hash."""
     if not spans.enabled:
-        return await ledger.append_async(entry)
+        return await appending
     with spans.span("ledger.append") as span:
-        span.set("nhi.ledger.kind", entry["kind"])
-        receipt = await ledger.append_async(entry)
+        span.set("nhi.ledger.kind", kind)
+        receipt = await appending
         span.set("nhi.ledger.index", receipt.index)
         span.set("nhi.ledger.leaf_hash", receipt.leaf_hash)
         return receipt

@@ -257,9 +257,13 @@ class Ledger:
                                                  unavailable=_state_or_ledger_unavailable)
         if refused is not None:
             return int(refused)
+        return self._appended_remotely(int(index), digest)
+
+    def _appended_remotely(self, index: int, digest: bytes) -> Receipt:
+        """The receipt of a leaf the storage process appended at ``index``; this process's tree follows."""
         self._last_commit_at = self._clock.now()
-        self._note_appended(int(index), digest)
-        return Receipt(index=int(index), leaf_hash=digest.hex())
+        self._note_appended(index, digest)
+        return Receipt(index=index, leaf_hash=digest.hex())
 
     async def ping_writer(self) -> None:
         """Raise :class:`LedgerUnavailable` unless the storage process appends go to answers (a no-op
@@ -281,10 +285,7 @@ class Ledger:
             if self._closed:
                 raise LedgerUnavailable("ledger is closed")
             digest = leaf_hash(leaf)
-            index = int(await remote.call("append", (leaf,)))
-            self._last_commit_at = self._clock.now()
-            self._note_appended(index, digest)
-            return Receipt(index=index, leaf_hash=digest.hex())
+            return self._appended_remotely(int(await remote.call("append", (leaf,))), digest)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Receipt] = loop.create_future()
         # No thread lock on the loop: put, then look whether the ledger closed meanwhile. If it did,
